@@ -1,0 +1,59 @@
+# easyphoto-serve: `make demo` and `make test` work on a fresh machine with Python 3.11.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.easyphoto-setup
+PROTOS := $(wildcard proto/easyphoto/v1/*.proto)
+PROTO_OUT := $(PROTOS:.proto=_pb2.py)
+PORT ?= 50051
+TRAINER_PORT ?= 50052
+BACKEND ?= torch
+MODELS ?= tiny
+EXPORT_DIR ?= build/export
+
+.PHONY: setup proto demo test lint bench serve trainer export clean
+
+# torch==2.13.0 is the CPU wheel; an unpinned torch pulls gigabytes of CUDA packages.
+# open-clip-torch ships OpenAI's CLIP BPE (the SD 1.5 tokenizer); --no-deps keeps torchvision out.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0
+	touch $(STAMP)
+
+setup: $(STAMP) proto
+
+proto: $(PROTO_OUT)
+
+proto/easyphoto/v1/%_pb2.py: proto/easyphoto/v1/%.proto $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto $<
+
+demo: setup
+	$(BIN)/easyphoto demo --out demo-out
+
+test: setup
+	@set +e; $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests collected: failing on purpose"; exit 1; fi; exit $$rc
+
+lint: setup
+	$(BIN)/ruff check cli engines server trainer export tests
+	$(BIN)/ruff format --check cli engines server trainer export tests
+	$(BIN)/mypy cli engines server trainer export
+
+bench: setup
+	$(BIN)/easyphoto bench --out docs/benchmarks.md
+
+serve: setup
+	$(BIN)/easyphoto serve --port $(PORT) --backend $(BACKEND) --models $(MODELS)
+
+trainer: setup
+	$(BIN)/easyphoto trainer --port $(TRAINER_PORT)
+
+export: setup
+	$(BIN)/easyphoto export --models $(MODELS) --out $(EXPORT_DIR)
+
+clean:
+	rm -rf build demo-out proto/easyphoto/v1/*_pb2*.py proto/easyphoto/v1/*_pb2*.pyi .pytest_cache .mypy_cache .ruff_cache

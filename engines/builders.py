@@ -1,0 +1,127 @@
+"""Random-weight families built offline from the shipped SD 1.5 configs, with fixed seeds.
+
+* ``tiny``: the SD 1.5 architecture (same blocks, same 12 ControlNet residuals, VAE factor 8, the
+  real 49 408-token tokenizer) at a few million parameters; builds in about a second. Tests and
+  the demo run on it.
+* ``sd15-random``: full SD 1.5 shapes (860M UNet, 361M per ControlNet) for speed and memory
+  benchmarks only.
+
+Both are random: their images are noise and are never shown as a result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from .family import CONTROLNET_KINDS, ModelFamily
+from .tokenizer import sd15_tokenizer
+
+TINY_SEED = 1234
+
+TINY_UNET = {
+    "block_out_channels": [32, 32, 64, 64],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 4,
+    "sample_size": 8,
+}
+TINY_VAE = {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 64}
+TINY_CONTROLNET = {"conditioning_embedding_out_channels": [8, 16, 16, 16]}
+TINY_TEXT = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "projection_dim": 32,
+}
+TINY_IMAGE_SIZES = (64, 128, 256)
+
+
+def cache_root() -> Path:
+    """Where built families and derived files live (``$EASYPHOTO_CACHE`` or ``~/.cache/easyphoto``)."""
+    return Path(os.environ.get("EASYPHOTO_CACHE", Path.home() / ".cache" / "easyphoto"))
+
+
+def sd15_config(component: str) -> dict[str, Any]:
+    """A shipped SD 1.5 config (``unet``, ``vae``, ``controlnet``, ``text_encoder``, ``scheduler``)."""
+    name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    text = resources.files(__package__).joinpath("configs", "sd15", component, name).read_text()
+    return dict(json.loads(text))
+
+
+def sd15_config_dir() -> Path:
+    return Path(str(resources.files(__package__).joinpath("configs", "sd15")))
+
+
+def _seeded(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def build_family(
+    name: str,
+    overrides: dict[str, dict[str, Any]],
+    seed: int,
+    image_sizes: tuple[int, int, int],
+    cache_dir: Path | None = None,
+) -> ModelFamily:
+    """Builds every module from the SD 1.5 configs with ``overrides`` applied, weights seeded."""
+    cache_dir = cache_dir or cache_root()
+    _seeded(seed)
+    unet = UNet2DConditionModel.from_config({**sd15_config("unet"), **overrides.get("unet", {})})
+    _seeded(seed + 1)
+    vae = AutoencoderKL.from_config({**sd15_config("vae"), **overrides.get("vae", {})})
+    _seeded(seed + 2)
+    text_config = CLIPTextConfig(**{**sd15_config("text_encoder"), **overrides.get("text_encoder", {})})
+    text_encoder = CLIPTextModel(text_config)
+    controlnets: dict[str, ControlNetModel] = {}
+    for index, kind in enumerate(CONTROLNET_KINDS):
+        _seeded(seed + 10 + index)
+        controlnets[kind] = ControlNetModel.from_unet(
+            unet, load_weights_from_unet=True, **overrides.get("controlnet", {})
+        )
+        # from_unet copies the UNet and zero-initialises the ControlNet's output convolutions,
+        # which would make every residual zero; random output layers make the nets matter in tests.
+        _randomize_zero_convs(controlnets[kind], seed + 20 + index)
+    family = ModelFamily(
+        name=name,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=sd15_tokenizer(cache_dir),
+        controlnets=controlnets,
+        scheduler_config=sd15_config("scheduler"),
+        is_random=True,
+        image_sizes=image_sizes,
+        source=f"random:{name}:seed={seed}",
+    )
+    return family.eval()
+
+
+def _randomize_zero_convs(net: ControlNetModel, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    zero_convs = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
+    with torch.no_grad():
+        for conv in zero_convs:
+            for param in conv.parameters():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+
+
+def build_tiny_family(seed: int = TINY_SEED, cache_dir: Path | None = None) -> ModelFamily:
+    overrides = {
+        "unet": TINY_UNET,
+        "vae": TINY_VAE,
+        "controlnet": TINY_CONTROLNET,
+        "text_encoder": TINY_TEXT,
+    }
+    return build_family("tiny", overrides, seed, TINY_IMAGE_SIZES, cache_dir)
+
+
+def build_sd15_random_family(seed: int = TINY_SEED, cache_dir: Path | None = None) -> ModelFamily:
+    return build_family("sd15-random", {}, seed, (256, 512, 1024), cache_dir)

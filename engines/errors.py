@@ -1,0 +1,93 @@
+"""Typed errors shared by both services, each carrying the gRPC status it maps to.
+
+Engines and pipelines raise these; the gRPC layer (:mod:`engines.rpc`) turns them into a status
+with a google.rpc ``BadRequest`` (for a field) or ``ErrorInfo`` (for a reason) attached, so the
+client always learns which field or stage failed and why.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class EasyPhotoError(Exception):
+    """Base of every error a client may see. ``code`` is a grpc.StatusCode name."""
+
+    code: ClassVar[str] = "INTERNAL"
+    reason: ClassVar[str] = "INTERNAL"
+
+    def __init__(self, message: str, *, field: str = "", metadata: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.metadata = dict(metadata or {})
+
+
+class InvalidArgument(EasyPhotoError):
+    code = "INVALID_ARGUMENT"
+    reason = "INVALID_ARGUMENT"
+
+
+class ImageUnreadable(InvalidArgument):
+    reason = "IMAGE_UNREADABLE"
+
+
+class ImageTooLarge(InvalidArgument):
+    reason = "IMAGE_TOO_LARGE"
+
+
+class ImageTooSmall(InvalidArgument):
+    reason = "IMAGE_TOO_SMALL"
+
+
+class NoFace(EasyPhotoError):
+    code = "FAILED_PRECONDITION"
+    reason = "NO_FACE"
+
+
+class FaceTooSmall(EasyPhotoError):
+    code = "FAILED_PRECONDITION"
+    reason = "FACE_TOO_SMALL"
+
+
+class TooManyFaces(InvalidArgument):
+    reason = "TOO_MANY_FACES"
+
+
+class NotFound(EasyPhotoError):
+    code = "NOT_FOUND"
+    reason = "NOT_FOUND"
+
+
+class UnknownUser(NotFound):
+    reason = "UNKNOWN_USER"
+
+
+class UserNotReady(EasyPhotoError):
+    code = "FAILED_PRECONDITION"
+    reason = "USER_NOT_READY"
+
+
+class Cancelled(EasyPhotoError):
+    code = "CANCELLED"
+    reason = "CANCELLED"
+
+
+class DeadlineExceeded(EasyPhotoError):
+    code = "DEADLINE_EXCEEDED"
+    reason = "DEADLINE_EXCEEDED"
+
+
+class EngineUnavailable(EasyPhotoError):
+    code = "UNAVAILABLE"
+    reason = "ENGINE_UNAVAILABLE"
+
+
+class EngineInputError(InvalidArgument):
+    """A tensor handed to an engine does not fit the role's description (a bug upstream or a bad size)."""
+
+    reason = "ENGINE_INPUT"
+
+    def __init__(self, role: str, name: str, problem: str) -> None:
+        super().__init__(f"{role}: input {name!r} {problem}", field=name, metadata={"role": role})
+        self.role = role

@@ -1,0 +1,92 @@
+"""A model family: the SD 1.5-shaped set of torch modules every role is built from.
+
+A family is either *real* (weights a user points at on local disk) or *random* (the tiny seeded
+family for tests and the demo, or full-size SD 1.5 shapes for benchmarks). Random families paint
+noise, never a face: callers must say so wherever they show an output (``family.is_random``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+CONTROLNET_KINDS: tuple[str, ...] = ("canny", "openpose", "color", "tile")
+FAMILY_FILE = "easyphoto_family.json"
+
+
+@dataclass
+class ModelFamily:
+    name: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    controlnets: dict[str, ControlNetModel]
+    scheduler_config: dict[str, Any]
+    is_random: bool
+    # Image sizes (pixels) the family is profiled for: min, opt, max of each side.
+    image_sizes: tuple[int, int, int] = (256, 512, 1024)
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(2 ** (len(self.vae.config.block_out_channels) - 1))
+
+    @property
+    def unet_down_factor(self) -> int:
+        """How much the UNet shrinks its latent: latent sides must be multiples of this."""
+        return int(2 ** (len(self.unet.config.block_out_channels) - 1))
+
+    @property
+    def image_multiple(self) -> int:
+        return self.vae_scale_factor * self.unet_down_factor
+
+    @property
+    def text_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        mods: dict[str, torch.nn.Module] = {
+            "unet": self.unet,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+        }
+        mods.update({f"controlnet_{kind}": net for kind, net in self.controlnets.items()})
+        return mods
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ModelFamily:
+        for module in self.modules().values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    def eval(self) -> ModelFamily:
+        for module in self.modules().values():
+            module.eval().requires_grad_(False)
+        return self
+
+    def save_pretrained(self, directory: Path) -> None:
+        """Writes the diffusers folder layout (``unet/``, ``vae/``, ``controlnet_canny/``, ...)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(directory / "unet")
+        self.vae.save_pretrained(directory / "vae")
+        self.text_encoder.save_pretrained(directory / "text_encoder")
+        self.tokenizer.save_pretrained(directory / "tokenizer")
+        for kind, net in self.controlnets.items():
+            net.save_pretrained(directory / f"controlnet_{kind}")
+        scheduler_dir = directory / "scheduler"
+        scheduler_dir.mkdir(exist_ok=True)
+        (scheduler_dir / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2))
+        meta = {
+            "name": self.name,
+            "is_random": self.is_random,
+            "image_sizes": list(self.image_sizes),
+            "controlnets": sorted(self.controlnets),
+        }
+        (directory / FAMILY_FILE).write_text(json.dumps(meta, indent=2))

@@ -1,0 +1,171 @@
+"""The engine interface the orchestrator and the trainer call, whatever the backend.
+
+A backend runs a role on named tensors (:class:`Backend`). :class:`Engines` is the typed facade
+on top: prompt encoding with a per-prompt cache, VAE encode/decode with diffusers' sampling and
+scaling, ControlNet residuals summed across nets as diffusers' ``MultiControlNetModel`` does, and
+the UNet step. It is the same code over the torch and the triton backend.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from transformers import CLIPTokenizer
+
+from .roles import RoleDescription
+
+Tensors = dict[str, torch.Tensor]
+
+
+class Backend(Protocol):
+    name: str
+
+    @property
+    def roles(self) -> dict[str, RoleDescription]: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def infer(self, role: str, inputs: Tensors) -> Tensors: ...
+
+    def ready(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ControlInput:
+    """One ControlNet of a pass: its kind, its prepared image in [0, 1] (NCHW) and its weight."""
+
+    kind: str
+    image: torch.Tensor
+    scale: float
+
+
+class Engines:
+    def __init__(
+        self,
+        backend: Backend,
+        tokenizer: CLIPTokenizer,
+        vae_scaling_factor: float,
+        prompt_cache_size: int = 256,
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.vae_scaling_factor = vae_scaling_factor
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._prompt_cache_size = prompt_cache_size
+
+    @property
+    def roles(self) -> dict[str, RoleDescription]:
+        return self.backend.roles
+
+    @property
+    def controlnet_kinds(self) -> list[str]:
+        return [name.removeprefix("controlnet_") for name in self.roles if name.startswith("controlnet_")]
+
+    # ---- text ----
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            list(prompts),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return ids.to(torch.int32)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings (B, 77, hidden), cached per prompt string."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            ids = self.tokenize(missing).to(self.backend.device)
+            hidden = self.backend.infer("text_encoder", {"input_ids": ids})["last_hidden_state"]
+            for prompt, row in zip(missing, hidden, strict=True):
+                self._prompt_cache[prompt] = row
+        for prompt in prompts:
+            self._prompt_cache.move_to_end(prompt)
+        while len(self._prompt_cache) > self._prompt_cache_size:
+            self._prompt_cache.popitem(last=False)
+        return torch.stack([self._prompt_cache[p] for p in prompts])
+
+    def clear_prompt_cache(self) -> None:
+        """Needed when the text encoder's weights change (a LoRA on the text encoder)."""
+        self._prompt_cache.clear()
+
+    # ---- VAE ----
+
+    def vae_encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] to UNet-space latents, sampled as diffusers' ``retrieve_latents`` does."""
+        moments = self.backend.infer("vae_encoder", {"images": images})["latent_moments"]
+        latents = DiagonalGaussianDistribution(moments).sample(generator=generator)
+        return latents * self.vae_scaling_factor
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.backend.infer("vae_decoder", {"latents": latents})["images"]
+
+    # ---- denoising ----
+
+    def controlnet(
+        self,
+        control: ControlInput,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        role = f"controlnet_{control.kind}"
+        if role not in self.roles:
+            raise KeyError(f"no ControlNet {control.kind!r} loaded; have {self.controlnet_kinds}")
+        outputs = self.backend.infer(
+            role,
+            {
+                "sample": sample,
+                "timestep": timestep,
+                "encoder_hidden_states": encoder_hidden_states,
+                "controlnet_cond": control.image,
+                "conditioning_scale": torch.tensor([control.scale], dtype=sample.dtype, device=sample.device),
+            },
+        )
+        return [outputs[spec.name] for spec in self.roles[role].outputs]
+
+    def zero_residuals(self, sample: torch.Tensor) -> list[torch.Tensor]:
+        _, _, height, width = sample.shape
+        values = {"batch": sample.shape[0], "latent_height": height, "latent_width": width}
+        unet = self.roles["unet"]
+        return [
+            torch.zeros(spec.resolve(values), dtype=sample.dtype, device=sample.device) for spec in unet.inputs[3:]
+        ]
+
+    def unet(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        residuals: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        unet = self.roles["unet"]
+        inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+        inputs.update({spec.name: r for spec, r in zip(unet.inputs[3:], residuals, strict=True)})
+        return self.backend.infer("unet", inputs)["noise_pred"]
+
+    def predict_noise(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        controls: Sequence[ControlInput],
+    ) -> torch.Tensor:
+        """One model evaluation: every ControlNet, residuals summed in order, then the UNet."""
+        timesteps = timestep.reshape(-1).expand(sample.shape[0]).to(sample.dtype)
+        residuals: list[torch.Tensor] | None = None
+        for control in controls:
+            outputs = self.controlnet(control, sample, timesteps, encoder_hidden_states)
+            residuals = outputs if residuals is None else [a + b for a, b in zip(residuals, outputs, strict=True)]
+        return self.unet(sample, timesteps, encoder_hidden_states, residuals or self.zero_residuals(sample))

@@ -1,0 +1,337 @@
+"""One description per model role: the single source of every name, dtype and shape.
+
+The torch backend, the ONNX exporter, the TensorRT build plan and the Triton config writer all
+read these descriptions; nothing restates a shape elsewhere. A description is derived from the
+loaded family's configs (channel counts, number of ControlNet residuals, text length), so the
+tiny family and SD 1.5 get descriptions of the same form with their own numbers.
+
+Conventions (KServe v2 / Triton names, NCHW):
+* ``timestep`` is per sample, so concurrent requests at different steps can share a UNet batch.
+* ControlNet residual ``i`` is ``down_block_res_{i}``; the mid residual is ``mid_block_res``.
+* ``conditioning_scale`` is an input, so one built engine serves every weight.
+* The VAE encoder returns the raw Gaussian moments (mean, logvar); sampling and the scaling
+  factor happen in :mod:`engines.interface`. The VAE decoder takes UNet-space (scaled) latents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import torch
+from torch import nn
+
+from .errors import EngineInputError
+from .family import ModelFamily
+from .shapes import AxisRange, Dim, DimLike, ProfilePoint, TensorSpec, sym
+
+BATCH = sym("batch")
+LATENT_H = sym("latent_height")
+LATENT_W = sym("latent_width")
+MAX_BATCH = 16
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class RoleDescription:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    axes: dict[str, AxisRange]
+    # Builds the module whose forward takes the inputs positionally, in declared order, and
+    # returns a tuple of the outputs in declared order.
+    build_module: Callable[[ModelFamily], nn.Module]
+    # Whether the role runs in fp16 on GPU (fp32 I/O for floats that must stay exact otherwise).
+    fp16: bool = True
+    # Value ranges for sample inputs that are not standard normal (e.g. token ids, timesteps).
+    sample_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def input(self, name: str) -> TensorSpec:
+        return next(spec for spec in self.inputs if spec.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(spec for spec in self.outputs if spec.name == name)
+
+    def bind(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+        """Checks concrete input shapes against the declaration and profile; returns the symbols' values.
+
+        Raises :class:`EngineInputError` naming the input and what is wrong.
+        """
+        values: dict[str, int] = {}
+        for spec in self.inputs:
+            if spec.name not in shapes:
+                raise EngineInputError(self.name, spec.name, "missing")
+            shape = shapes[spec.name]
+            if len(shape) != len(spec.shape):
+                raise EngineInputError(self.name, spec.name, f"rank {len(shape)}, expected {len(spec.shape)}")
+            for axis, (dim, size) in enumerate(zip(spec.shape, shape, strict=True)):
+                if isinstance(dim, int):
+                    if size != dim:
+                        raise EngineInputError(self.name, spec.name, f"axis {axis} is {size}, expected {dim}")
+                    continue
+                whole = Fraction(size) / dim.scale
+                if whole.denominator != 1:
+                    raise EngineInputError(self.name, spec.name, f"axis {axis} is {size}, not a whole {dim.name}")
+                if values.setdefault(dim.symbol, int(whole)) != int(whole):
+                    raise EngineInputError(
+                        self.name, spec.name, f"axis {axis} gives {dim.symbol}={int(whole)}, other inputs {values[dim.symbol]}"
+                    )
+        extra = set(shapes) - {spec.name for spec in self.inputs}
+        if extra:
+            raise EngineInputError(self.name, sorted(extra)[0], "not an input of this role")
+        for symbol, value in values.items():
+            axis_range = self.axes[symbol]
+            if not axis_range.admits(value):
+                raise EngineInputError(
+                    self.name,
+                    symbol,
+                    f"{symbol}={value} outside the profile [{axis_range.min}, {axis_range.max}]"
+                    f" (multiple of {axis_range.multiple})",
+                )
+        return values
+
+    def manifest(self) -> dict[str, object]:
+        """The JSON form of this description (the engine manifest entry)."""
+
+        def tensor(spec: TensorSpec) -> dict[str, object]:
+            dims = [d if isinstance(d, int) else d.name for d in spec.shape]
+            return {"name": spec.name, "dtype": spec.dtype, "shape": dims}
+
+        return {
+            "name": self.name,
+            "inputs": [tensor(s) for s in self.inputs],
+            "outputs": [tensor(s) for s in self.outputs],
+            "axes": {k: {"min": a.min, "opt": a.opt, "max": a.max, "multiple": a.multiple} for k, a in self.axes.items()},
+            "fp16": self.fp16,
+        }
+
+    def axis_values(self, point: ProfilePoint = "opt") -> dict[str, int]:
+        return {symbol: axis.at(point) for symbol, axis in self.axes.items()}
+
+    def shapes(self, point: ProfilePoint = "opt", values: dict[str, int] | None = None) -> dict[str, tuple]:
+        resolved = {**self.axis_values(point), **(values or {})}
+        return {spec.name: spec.resolve(resolved) for spec in (*self.inputs, *self.outputs)}
+
+    def sample_inputs(
+        self,
+        point: ProfilePoint = "opt",
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        float_dtype: torch.dtype = torch.float32,
+    ) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        shapes = self.shapes(point)
+        samples: dict[str, torch.Tensor] = {}
+        for spec in self.inputs:
+            shape = shapes[spec.name]
+            low, high = self.sample_ranges.get(spec.name, (0.0, 0.0))
+            if spec.dtype in ("int32", "int64"):
+                value = torch.randint(int(low), int(high), shape, generator=generator)
+                samples[spec.name] = value.to(TORCH_DTYPES[spec.dtype])
+            elif spec.name in self.sample_ranges:
+                value = torch.rand(shape, generator=generator) * (high - low) + low
+                samples[spec.name] = value.to(float_dtype)
+            else:
+                samples[spec.name] = torch.randn(shape, generator=generator).to(float_dtype)
+        return {name: tensor.to(device) for name, tensor in samples.items()}
+
+
+# ---- torch modules with the declared signatures -------------------------------------------
+
+
+class TextEncoderModule(nn.Module):
+    def __init__(self, family: ModelFamily) -> None:
+        super().__init__()
+        self.text_encoder = family.text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.text_encoder(input_ids.long(), return_dict=True)
+        return out.last_hidden_state, out.pooler_output
+
+
+class VaeEncoderModule(nn.Module):
+    def __init__(self, family: ModelFamily) -> None:
+        super().__init__()
+        self.encoder = family.vae.encoder
+        self.quant_conv = family.vae.quant_conv
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor]:
+        moments = self.encoder(images)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return (moments,)
+
+
+class VaeDecoderModule(nn.Module):
+    def __init__(self, family: ModelFamily) -> None:
+        super().__init__()
+        self.vae = family.vae
+        self.scaling_factor = float(family.vae.config.scaling_factor)
+
+    def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.vae.decode(latents / self.scaling_factor, return_dict=False)[0],)
+
+
+class UNetModule(nn.Module):
+    def __init__(self, family: ModelFamily) -> None:
+        super().__init__()
+        self.unet = family.unet
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *residuals: torch.Tensor,
+    ) -> tuple[torch.Tensor]:
+        noise = self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            down_block_additional_residuals=list(residuals[:-1]),
+            mid_block_additional_residual=residuals[-1],
+            return_dict=False,
+        )[0]
+        return (noise,)
+
+
+class ControlNetModule(nn.Module):
+    def __init__(self, family: ModelFamily, kind: str) -> None:
+        super().__init__()
+        self.controlnet = family.controlnets[kind]
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        down, mid = self.controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            controlnet_cond=controlnet_cond,
+            conditioning_scale=1.0,
+            return_dict=False,
+        )
+        # Scaling here (not inside the net) keeps the scale a runtime input of the engine.
+        return (*(d * conditioning_scale for d in down), mid * conditioning_scale)
+
+
+# ---- descriptions ---------------------------------------------------------------------------
+
+
+def residual_specs(family: ModelFamily) -> tuple[TensorSpec, ...]:
+    """The ControlNet residuals the UNet takes, in diffusers' order: conv_in, each block's
+    resnets then its downsampler, then the mid block."""
+    channels = list(family.unet.config.block_out_channels)
+    layers = int(family.unet.config.layers_per_block)
+    shapes: list[tuple[int, Fraction]] = [(channels[0], Fraction(1))]
+    for level, width in enumerate(channels):
+        scale = Fraction(1, 2**level)
+        shapes += [(width, scale)] * layers
+        if level < len(channels) - 1:
+            shapes.append((width, scale / 2))
+    specs = [
+        TensorSpec(f"down_block_res_{i}", "float32", (BATCH, c, LATENT_H * s, LATENT_W * s))
+        for i, (c, s) in enumerate(shapes)
+    ]
+    mid_scale = Fraction(1, 2 ** (len(channels) - 1))
+    specs.append(TensorSpec("mid_block_res", "float32", (BATCH, channels[-1], LATENT_H * mid_scale, LATENT_W * mid_scale)))
+    return tuple(specs)
+
+
+def _latent_axes(family: ModelFamily) -> dict[str, AxisRange]:
+    factor = family.vae_scale_factor
+    lo, opt, hi = (size // factor for size in family.image_sizes)
+    multiple = family.unet_down_factor
+    return {
+        "batch": AxisRange(1, 2, MAX_BATCH),
+        "latent_height": AxisRange(lo, opt, hi, multiple),
+        "latent_width": AxisRange(lo, opt, hi, multiple),
+    }
+
+
+def _image_dims(family: ModelFamily) -> tuple[Dim, Dim]:
+    factor = family.vae_scale_factor
+    return LATENT_H * factor, LATENT_W * factor
+
+
+def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
+    """Every role the family can serve, keyed by role name."""
+    latent_axes = _latent_axes(family)
+    image_h, image_w = _image_dims(family)
+    latent_channels = int(family.vae.config.latent_channels)
+    hidden = int(family.text_encoder.config.hidden_size)
+    text = TensorSpec("encoder_hidden_states", "float32", (BATCH, family.text_length, hidden))
+    latent_shape: tuple[DimLike, ...] = (BATCH, latent_channels, LATENT_H, LATENT_W)
+    step_inputs = (
+        TensorSpec("sample", "float32", (BATCH, int(family.unet.config.in_channels), LATENT_H, LATENT_W)),
+        TensorSpec("timestep", "float32", (BATCH,)),
+        text,
+    )
+    timestep_range = {"timestep": (0.0, 999.0)}
+    roles = {
+        "text_encoder": RoleDescription(
+            name="text_encoder",
+            inputs=(TensorSpec("input_ids", "int32", (BATCH, family.text_length)),),
+            outputs=(
+                TensorSpec("last_hidden_state", "float32", (BATCH, family.text_length, hidden)),
+                TensorSpec("pooler_output", "float32", (BATCH, hidden)),
+            ),
+            axes={"batch": AxisRange(1, 2, MAX_BATCH)},
+            build_module=TextEncoderModule,
+            sample_ranges={"input_ids": (0, len(family.tokenizer))},
+        ),
+        "vae_encoder": RoleDescription(
+            name="vae_encoder",
+            inputs=(TensorSpec("images", "float32", (BATCH, 3, image_h, image_w)),),
+            outputs=(TensorSpec("latent_moments", "float32", (BATCH, 2 * latent_channels, LATENT_H, LATENT_W)),),
+            axes=latent_axes,
+            build_module=VaeEncoderModule,
+            sample_ranges={"images": (-1.0, 1.0)},
+        ),
+        "vae_decoder": RoleDescription(
+            name="vae_decoder",
+            inputs=(TensorSpec("latents", "float32", latent_shape),),
+            outputs=(TensorSpec("images", "float32", (BATCH, 3, image_h, image_w)),),
+            axes=latent_axes,
+            build_module=VaeDecoderModule,
+        ),
+        "unet": RoleDescription(
+            name="unet",
+            inputs=(*step_inputs, *residual_specs(family)),
+            outputs=(TensorSpec("noise_pred", "float32", (BATCH, int(family.unet.config.out_channels), LATENT_H, LATENT_W)),),
+            axes=latent_axes,
+            build_module=UNetModule,
+            sample_ranges=timestep_range,
+        ),
+    }
+    for kind in family.controlnets:
+        name = f"controlnet_{kind}"
+        control_channels = int(family.controlnets[kind].config.in_channels)
+        roles[name] = RoleDescription(
+            name=name,
+            inputs=(
+                TensorSpec("sample", "float32", (BATCH, control_channels, LATENT_H, LATENT_W)),
+                *step_inputs[1:],
+                TensorSpec("controlnet_cond", "float32", (BATCH, 3, image_h, image_w)),
+                TensorSpec("conditioning_scale", "float32", (1,)),
+            ),
+            outputs=residual_specs(family),
+            axes=latent_axes,
+            build_module=lambda fam, kind=kind: ControlNetModule(fam, kind),  # type: ignore[misc]
+            sample_ranges={**timestep_range, "controlnet_cond": (0.0, 1.0), "conditioning_scale": (0.5, 1.0)},
+        )
+    return roles

@@ -1,0 +1,94 @@
+"""Symbolic tensor shapes shared by every consumer of a model description.
+
+A dimension is either a fixed int or a :class:`Dim`: a named symbol times a rational scale
+(``Dim("latent_height", Fraction(1, 2))`` is half the latent height). Profiles give each symbol
+a min/opt/max value; concrete shapes, ONNX ``dim_param`` names and TensorRT optimisation
+profiles are all derived from the same declaration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal
+
+DType = Literal["float32", "float16", "int32", "int64", "uint8", "bool"]
+ProfilePoint = Literal["min", "opt", "max"]
+PROFILE_POINTS: tuple[ProfilePoint, ...] = ("min", "opt", "max")
+
+
+@dataclass(frozen=True)
+class Dim:
+    symbol: str
+    scale: Fraction = Fraction(1)
+
+    def resolve(self, values: dict[str, int]) -> int:
+        value = self.scale * values[self.symbol]
+        if value.denominator != 1:
+            raise ValueError(f"{self.name} is not whole for {self.symbol}={values[self.symbol]}")
+        return int(value)
+
+    @property
+    def name(self) -> str:
+        """The ONNX dim_param name: ``latent_height``, ``8*latent_height``, ``latent_height/2``."""
+        if self.scale == 1:
+            return self.symbol
+        if self.scale.denominator == 1:
+            return f"{self.scale.numerator}*{self.symbol}"
+        if self.scale.numerator == 1:
+            return f"{self.symbol}/{self.scale.denominator}"
+        return f"{self.scale.numerator}*{self.symbol}/{self.scale.denominator}"
+
+    def __mul__(self, factor: int | Fraction) -> Dim:
+        return Dim(self.symbol, self.scale * factor)
+
+    def __truediv__(self, divisor: int) -> Dim:
+        return Dim(self.symbol, self.scale / divisor)
+
+
+DimLike = int | Dim
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: DType
+    shape: tuple[DimLike, ...]
+
+    def resolve(self, values: dict[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else d.resolve(values) for d in self.shape)
+
+    def dynamic_axes(self) -> dict[int, str]:
+        """``{axis: dim_param}`` for the axes that vary (the form torch.onnx.export takes)."""
+        return {i: d.name for i, d in enumerate(self.shape) if isinstance(d, Dim)}
+
+    @property
+    def symbols(self) -> set[str]:
+        return {d.symbol for d in self.shape if isinstance(d, Dim)}
+
+
+@dataclass(frozen=True)
+class AxisRange:
+    """Allowed values of one symbol: the optimisation profile of an engine along that axis."""
+
+    min: int
+    opt: int
+    max: int
+    # Values must be multiples of this (e.g. latent sizes divisible by the UNet's down factor).
+    multiple: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"profile needs min <= opt <= max, got {self}")
+        if any(v % self.multiple for v in (self.min, self.opt, self.max)):
+            raise ValueError(f"profile values must be multiples of {self.multiple}: {self}")
+
+    def at(self, point: ProfilePoint) -> int:
+        return {"min": self.min, "opt": self.opt, "max": self.max}[point]
+
+    def admits(self, value: int) -> bool:
+        return self.min <= value <= self.max and value % self.multiple == 0
+
+
+def sym(symbol: str) -> Dim:
+    return Dim(symbol)
