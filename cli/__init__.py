@@ -1,1 +1,1 @@
-"""See README.md."""
+"""The easyphoto command line."""

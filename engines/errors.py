@@ -91,3 +91,8 @@ class EngineInputError(InvalidArgument):
     def __init__(self, role: str, name: str, problem: str) -> None:
         super().__init__(f"{role}: input {name!r} {problem}", field=name, metadata={"role": role})
         self.role = role
+
+
+class Unimplemented(EasyPhotoError):
+    code = "UNIMPLEMENTED"
+    reason = "UNIMPLEMENTED"

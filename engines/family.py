@@ -62,8 +62,11 @@ class ModelFamily:
         return mods
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ModelFamily:
+        target = torch.device(device)
         for module in self.modules().values():
-            module.to(device=device, dtype=dtype)
+            first = next(module.parameters())
+            if first.device != target or first.dtype != dtype:
+                module.to(device=target, dtype=dtype)
         return self
 
     def eval(self) -> ModelFamily:

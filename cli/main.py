@@ -1,0 +1,85 @@
+"""The ``easyphoto`` command: one entry point, a subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from easyphoto.server.app import ServerConfig, serve
+
+    serve(ServerConfig(host=args.host, port=args.port, models=args.models, backend=args.backend, device=args.device))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from easyphoto.server.demo import run_demo
+
+    result = run_demo(Path(args.out), models=args.models, size=args.size, steps=args.steps, seed=args.seed)
+    print(f"wrote {result.sheet}")
+    print("timings (s): " + ", ".join(f"{k}={v:.2f}" for k, v in result.seconds.items()))
+    if result.is_random:
+        print(
+            "NOTE: the tiny models have random weights, so the face region is painted with noise. "
+            "Point --models at a real SD 1.5 diffusers folder or .safetensors file to paint a face."
+        )
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from easyphoto.engines.loading import resolve_family
+    from easyphoto.engines.roles import describe_roles
+
+    family = resolve_family(args.models)
+    manifest = {
+        "family": family.name,
+        "source": family.source,
+        "is_random": family.is_random,
+        "roles": {name: role.manifest() for name, role in describe_roles(family).items()},
+    }
+    print(json.dumps(manifest, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="easyphoto", description="EasyPhoto as a gRPC backend")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the orchestrator (Generator) gRPC server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=50051)
+    serve.add_argument("--models", default="tiny", help="'tiny', a diffusers folder, an SD 1.5 file or a spec .json")
+    serve.add_argument("--backend", default="torch", choices=["torch"])
+    serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    serve.set_defaults(run=_serve)
+
+    demo = commands.add_parser("demo", help="run the main job end to end on the embedded backend")
+    demo.add_argument("--out", default="demo-out")
+    demo.add_argument("--models", default="tiny")
+    demo.add_argument("--size", type=int, default=256)
+    demo.add_argument("--steps", type=int, default=50)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+
+    models = commands.add_parser("models", help="load a model family and print its engine manifest")
+    models.add_argument("--models", default="tiny")
+    models.set_defaults(run=_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

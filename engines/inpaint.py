@@ -1,0 +1,155 @@
+"""One ControlNet inpainting pass over the engines: the loop both services run.
+
+The orchestrator runs it for each diffusion stage, the trainer for validation. Its semantics are
+those of diffusers' ``StableDiffusionControlNetInpaintPipeline`` with a 4-channel UNet: the image
+is encoded, noised to the strength's first timestep, and after every step the known (unmasked)
+latents are re-noised to the next timestep and blended back. Random draws happen in the same
+order as in that pipeline, so one seed gives the same image through both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    SchedulerMixin,
+)
+from diffusers.utils.torch_utils import randn_tensor
+
+from .errors import Cancelled, InvalidArgument
+from .interface import ControlInput, Engines
+
+SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "dpmpp_2m_sde_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True, "solver_order": 2},
+    ),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True, "solver_order": 2},
+    ),
+    "dpm_solver": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "ddim": (DDIMScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+}
+
+
+def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
+    """A fresh diffusers scheduler (schedulers hold per-run state: never share one across runs)."""
+    if name not in SCHEDULERS:
+        raise InvalidArgument(f"unknown scheduler {name!r}; known: {sorted(SCHEDULERS)}", field="scheduler")
+    cls, overrides = SCHEDULERS[name]
+    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    return cls.from_config({**config, **overrides})
+
+
+@dataclass
+class StepEvent:
+    step: int
+    total_steps: int
+    timestep: float
+
+
+@dataclass
+class InpaintRequest:
+    """Inputs of one pass. Images are NCHW float tensors at the working size:
+    ``image`` in [-1, 1], ``mask`` in [0, 1] (1 = repaint), control images in [0, 1]."""
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor
+    controls: Sequence[ControlInput] = ()
+    steps: int = 50
+    strength: float = 0.45
+    guidance_scale: float = 7.0
+    scheduler: str = "dpmpp_2m_sde_karras"
+    generator: torch.Generator | None = None
+    on_step: Callable[[StepEvent], None] | None = None
+    # Returns True when the caller went away (client cancelled, deadline passed).
+    should_stop: Callable[[], bool] = field(default=lambda: False)
+
+
+def strength_timesteps(scheduler: SchedulerMixin, steps: int, strength: float) -> torch.Tensor:
+    """The timesteps a pass of ``strength`` runs, with the scheduler told where it begins."""
+    scheduler.set_timesteps(steps)
+    start = steps - min(int(steps * strength), steps)
+    order = int(getattr(scheduler, "order", 1))
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * order)
+    return scheduler.timesteps[start * order :]
+
+
+def binarize_mask(mask: torch.Tensor) -> torch.Tensor:
+    return (mask >= 0.5).to(mask.dtype)
+
+
+def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None) -> dict[str, Any]:
+    import inspect
+
+    accepted = inspect.signature(scheduler.step).parameters
+    return {"generator": generator} if "generator" in accepted else {}
+
+
+def run_inpaint(engines: Engines, request: InpaintRequest, scheduler_config: dict[str, Any]) -> torch.Tensor:
+    """Runs the pass and returns the decoded image in [-1, 1] (NCHW)."""
+    latents = inpaint_latents(engines, request, scheduler_config)
+    return engines.vae_decode(latents)
+
+
+def inpaint_latents(engines: Engines, request: InpaintRequest, scheduler_config: dict[str, Any]) -> torch.Tensor:
+    device, dtype = engines.backend.device, engines.backend.dtype
+    generator = request.generator
+    scheduler = make_scheduler(request.scheduler, scheduler_config)
+    timesteps = strength_timesteps(scheduler, request.steps, request.strength)
+    if len(timesteps) == 0:
+        raise InvalidArgument(
+            f"strength {request.strength} with {request.steps} steps runs no step", field="strength"
+        )
+    image = request.image.to(device=device, dtype=dtype)
+    batch = image.shape[0]
+    mask = binarize_mask(request.mask.to(device=device, dtype=dtype))
+
+    image_latents = engines.vae_encode(image, generator)
+    noise = randn_tensor(tuple(image_latents.shape), generator=generator, device=device, dtype=dtype)
+    latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
+    # diffusers also encodes the masked image here (unused by a 4-channel UNet): draw the same
+    # random numbers it draws so that seeds reproduce its images, without the wasted encode.
+    randn_tensor(tuple(image_latents.shape), generator=generator, device=device, dtype=dtype)
+    latent_mask = F.interpolate(mask, size=tuple(image_latents.shape[-2:]))
+
+    cfg = request.guidance_scale > 1.0
+    embeds = torch.cat([request.negative_prompt_embeds, request.prompt_embeds]) if cfg else request.prompt_embeds
+    embeds = embeds.to(device=device, dtype=dtype)
+    controls = [_prepare_control(c, cfg, device, dtype) for c in request.controls]
+    step_kwargs = _step_kwargs(scheduler, generator)
+
+    for index, t in enumerate(timesteps):
+        if request.should_stop():
+            raise Cancelled(f"stopped at step {index} of {len(timesteps)}")
+        model_input = torch.cat([latents] * 2) if cfg else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        noise_pred = engines.predict_noise(model_input, t, embeds, controls)
+        if cfg:
+            uncond, text = noise_pred.chunk(2)
+            noise_pred = uncond + request.guidance_scale * (text - uncond)
+        latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+        known = image_latents
+        if index < len(timesteps) - 1:
+            known = scheduler.add_noise(image_latents, noise, torch.tensor([timesteps[index + 1]]))
+        latents = (1 - latent_mask) * known + latent_mask * latents
+        if request.on_step is not None:
+            request.on_step(StepEvent(index + 1, len(timesteps), float(t)))
+    return latents
+
+
+def _prepare_control(control: ControlInput, cfg: bool, device: torch.device, dtype: torch.dtype) -> ControlInput:
+    image = control.image.to(device=device, dtype=dtype)
+    return ControlInput(control.kind, torch.cat([image] * 2) if cfg else image, control.scale)

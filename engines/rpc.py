@@ -1,0 +1,120 @@
+"""gRPC plumbing shared by the orchestrator and the trainer.
+
+Both services need the same things: the standard health and reflection services, message-size
+limits, and typed errors turned into statuses with google.rpc details. It lives here, beside the
+errors it maps, so that ``server`` and ``trainer`` depend on ``engines`` and never on each other.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from .errors import EasyPhotoError
+
+log = logging.getLogger(__name__)
+
+# Encoded images are at most 20 MiB each; a request (several templates or photos) at most 256 MiB.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+ERROR_DOMAIN = "easyphoto.serve"
+
+
+def to_status(error: EasyPhotoError) -> grpc.Status:
+    detail = any_pb2.Any()
+    if error.field:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+        detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
+        details = [detail]
+    else:
+        details = []
+    info = any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata))
+    status = status_pb2.Status(
+        code=getattr(code_pb2, error.code),
+        message=error.message,
+        details=[*details, info],
+    )
+    return rpc_status.to_status(status)
+
+
+def abort(context: grpc.ServicerContext, error: EasyPhotoError) -> NoReturn:
+    log.info("request failed: %s %s (%s)", error.code, error.reason, error.message)
+    context.abort_with_status(to_status(error))
+    raise AssertionError("unreachable: abort_with_status raises")
+
+
+def error_details(error: grpc.RpcError) -> dict[str, Any]:
+    """Client side: the reason, field violations and message of a failed call (for CLIs and tests)."""
+    result: dict[str, Any] = {"code": error.code().name, "message": error.details(), "reason": "", "fields": {}}
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    if status is None:
+        return result
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            result["reason"] = info.reason
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            result["fields"] = {v.field: v.description for v in bad.field_violations}
+    return result
+
+
+@dataclass
+class Service:
+    """A servicer, the generated function that registers it, and its full name for health/reflection."""
+
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.Server], None]
+    full_name: str
+
+
+class GrpcApp:
+    """A gRPC server with health (per service, NOT_SERVING until marked ready) and reflection."""
+
+    def __init__(self, services: Sequence[Service], host: str, port: int, max_workers: int = 16) -> None:
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [s.full_name for s in services]
+        for service in services:
+            service.add_to_server(service.servicer, self.server)
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+        self.service_names = names
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind {host}:{port}")
+        self.set_serving(False)
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            self.health.set(name, status)
+
+    def start(self) -> None:
+        self.server.start()
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
