@@ -1,0 +1,127 @@
+"""Our engines against diffusers' StableDiffusionControlNetInpaintPipeline on the same tiny weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import MultiControlNetModel, StableDiffusionControlNetInpaintPipeline
+
+from easyphoto.engines.family import ModelFamily
+from easyphoto.engines.inpaint import InpaintRequest, make_scheduler, run_inpaint
+from easyphoto.engines.interface import ControlInput, Engines
+
+SIZE = 128
+PROMPT = "easyphoto_face, easyphoto, 1person"
+NEGATIVE = "blurry, lowres"
+SCALES = {"canny": 0.5, "openpose": 0.5, "color": 0.85}
+
+
+@pytest.fixture(scope="module")
+def inputs() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.zeros(1, 1, SIZE, SIZE)
+    mask[..., 32:96, 40:100] = 1
+    tensors = {"image": torch.rand(1, 3, SIZE, SIZE, generator=generator), "mask": mask}
+    tensors.update({kind: torch.rand(1, 3, SIZE, SIZE, generator=generator) for kind in SCALES})
+    return tensors
+
+
+def _pipeline(tiny: ModelFamily) -> StableDiffusionControlNetInpaintPipeline:
+    pipe = StableDiffusionControlNetInpaintPipeline(
+        vae=tiny.vae,
+        text_encoder=tiny.text_encoder,
+        tokenizer=tiny.tokenizer,
+        unet=tiny.unet,
+        controlnet=MultiControlNetModel([tiny.controlnets[k] for k in SCALES]),
+        scheduler=make_scheduler("dpmpp_2m_sde_karras", tiny.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _run_diffusers(pipe: StableDiffusionControlNetInpaintPipeline, inputs: dict[str, torch.Tensor], steps: int):
+    return pipe(
+        prompt=PROMPT,
+        negative_prompt=NEGATIVE,
+        image=inputs["image"],
+        mask_image=inputs["mask"],
+        control_image=[inputs[k] for k in SCALES],
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=steps,
+        strength=0.45,
+        guidance_scale=7.0,
+        controlnet_conditioning_scale=list(SCALES.values()),
+        generator=torch.Generator().manual_seed(42),
+        output_type="pt",
+    ).images
+
+
+def test_one_unet_controlnet_step_equals_diffusers(
+    tiny: ModelFamily, engines: Engines, inputs: dict[str, torch.Tensor]
+) -> None:
+    pipe = _pipeline(tiny)
+    captured: list[tuple[tuple, dict, torch.Tensor]] = []
+
+    def hook(module, args, kwargs, output):  # type: ignore[no-untyped-def]
+        captured.append((args, kwargs, output[0].clone()))
+
+    handle = tiny.unet.register_forward_hook(hook, with_kwargs=True)
+    try:
+        _run_diffusers(pipe, inputs, steps=10)
+    finally:
+        handle.remove()
+    assert captured, "the pipeline never called the UNet"
+    args, kwargs, expected = captured[1]
+    sample, timestep = args[0], args[1]
+    controls = [ControlInput(k, torch.cat([inputs[k]] * 2), s) for k, s in SCALES.items()]
+    ours = engines.predict_noise(sample, torch.as_tensor(timestep), kwargs["encoder_hidden_states"], controls)
+    assert ours.shape == expected.shape
+    assert (ours - expected).abs().max().item() <= 1e-5
+
+
+def test_whole_pass_equals_diffusers_with_same_seed(
+    tiny: ModelFamily, engines: Engines, inputs: dict[str, torch.Tensor]
+) -> None:
+    expected = _run_diffusers(_pipeline(tiny), inputs, steps=20)
+    embeds = engines.encode_prompts([PROMPT, NEGATIVE])
+    request = InpaintRequest(
+        image=inputs["image"] * 2 - 1,
+        mask=inputs["mask"],
+        prompt_embeds=embeds[:1],
+        negative_prompt_embeds=embeds[1:],
+        controls=[ControlInput(k, inputs[k], s) for k, s in SCALES.items()],
+        steps=20,
+        strength=0.45,
+        guidance_scale=7.0,
+        generator=torch.Generator().manual_seed(42),
+    )
+    ours = (run_inpaint(engines, request, tiny.scheduler_config) / 2 + 0.5).clamp(0, 1)
+    assert (ours - expected).abs().max().item() <= 1e-5
+    # The controls matter: dropping the colour net changes the result, so the check can fail.
+    request.controls = list(request.controls)[:2]
+    request.generator = torch.Generator().manual_seed(42)
+    other = (run_inpaint(engines, request, tiny.scheduler_config) / 2 + 0.5).clamp(0, 1)
+    assert (other - expected).abs().max().item() > 1e-3
+
+
+def test_pass_stops_when_asked(engines: Engines, inputs: dict[str, torch.Tensor], tiny: ModelFamily) -> None:
+    from easyphoto.engines.errors import Cancelled
+
+    calls = []
+    embeds = engines.encode_prompts([PROMPT, NEGATIVE])
+    request = InpaintRequest(
+        image=inputs["image"] * 2 - 1,
+        mask=inputs["mask"],
+        prompt_embeds=embeds[:1],
+        negative_prompt_embeds=embeds[1:],
+        steps=20,
+        on_step=lambda event: calls.append(event.step),
+        should_stop=lambda: len(calls) >= 3,
+    )
+    with pytest.raises(Cancelled):
+        run_inpaint(engines, request, tiny.scheduler_config)
+    assert calls == [1, 2, 3]

@@ -1,0 +1,82 @@
+"""The orchestrator's gRPC server on a loopback port: health, reflection, typed errors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from easyphoto.engines.errors import ImageUnreadable
+from easyphoto.engines.rpc import error_details, to_status
+from easyphoto.server.app import ServerConfig, build_app
+from easyphoto.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, users_pb2
+
+
+@pytest.fixture(scope="module")
+def channel() -> Iterator[grpc.Channel]:
+    app, holder = build_app(ServerConfig(port=0, models="tiny"))
+    app.start()
+    holder.load_in_background(lambda: app.set_serving(True))
+    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as chan:
+        yield chan
+    app.stop(0)
+
+
+def _health(channel: grpc.Channel, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_health_turns_serving_when_models_load(channel: grpc.Channel) -> None:
+    deadline = time.monotonic() + 60
+    while _health(channel, "easyphoto.v1.Generator") != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, "never became SERVING"
+        time.sleep(0.1)
+    assert _health(channel, "") == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_unknown_service_health_is_not_found(channel: grpc.Channel) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        _health(channel, "no.such.Service")
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_our_services(channel: grpc.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for s in next(iter(responses)).list_services_response.service}
+    assert {"easyphoto.v1.Generator", "easyphoto.v1.Serving", "grpc.health.v1.Health"} <= names
+
+
+def test_unimplemented_generate_says_so(channel: grpc.Channel) -> None:
+    stub = generator_pb2_grpc.GeneratorStub(channel)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(generator_pb2.GenerateRequest(), timeout=5)
+    details = error_details(info.value)
+    assert details["code"] == "UNIMPLEMENTED" and details["reason"] == "UNIMPLEMENTED"
+
+
+def test_typed_error_becomes_status_with_field_and_reason() -> None:
+    status = to_status(ImageUnreadable("not a readable image", field="templates[0]"))
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert status.details == "not a readable image"
+    metadata = dict(status.trailing_metadata)
+    assert "grpc-status-details-bin" in metadata
+
+
+def test_api_has_every_option_with_presence() -> None:
+    request = generator_pb2.GenerateRequest()
+    assert not request.first_pass.HasField("strength")  # unset is distinguishable from 0
+    request.first_pass.strength = 0.0
+    assert request.first_pass.HasField("strength")
+    options = trainer_pb2.TrainingOptions.DESCRIPTOR.fields_by_name
+    for name in ("rank", "alpha", "max_train_steps", "validation_strength", "merge_top_k"):
+        assert options[name].has_presence, name
+    methods = {m.name for m in users_pb2.DESCRIPTOR.services_by_name["Users"].methods}
+    assert methods == {"GetUser", "ListUsers", "DeleteUser"}
+    trainer = {m.name for m in trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].methods}
+    assert trainer == {"CreateTrainingJob", "GetJob", "WatchJob", "CancelJob", "ListJobs"}
