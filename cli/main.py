@@ -12,7 +12,11 @@ from pathlib import Path
 def _serve(args: argparse.Namespace) -> int:
     from easyphoto.server.app import ServerConfig, serve
 
-    serve(ServerConfig(host=args.host, port=args.port, models=args.models, backend=args.backend, device=args.device))
+    serve(
+        ServerConfig(
+            host=args.host, port=args.port, models=args.models, backend=args.backend, device=args.device
+        )
+    )
     return 0
 
 
@@ -53,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the orchestrator (Generator) gRPC server")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=50051)
-    serve.add_argument("--models", default="tiny", help="'tiny', a diffusers folder, an SD 1.5 file or a spec .json")
+    serve.add_argument(
+        "--models", default="tiny", help="'tiny', a diffusers folder, an SD 1.5 file or a spec .json"
+    )
     serve.add_argument("--backend", default="torch", choices=["torch"])
     serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     serve.set_defaults(run=_serve)

@@ -26,15 +26,20 @@ from .tokenizer import sd15_tokenizer
 
 TINY_SEED = 1234
 
-TINY_UNET = {
+TINY_UNET: dict[str, Any] = {
     "block_out_channels": [32, 32, 64, 64],
     "cross_attention_dim": 32,
     "attention_head_dim": 4,
     "sample_size": 8,
 }
-TINY_VAE = {"block_out_channels": [8, 16, 16, 16], "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 64}
-TINY_CONTROLNET = {"conditioning_embedding_out_channels": [8, 16, 16, 16]}
-TINY_TEXT = {
+TINY_VAE: dict[str, Any] = {
+    "block_out_channels": [8, 16, 16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+}
+TINY_CONTROLNET: dict[str, Any] = {"conditioning_embedding_out_channels": [8, 16, 16, 16]}
+TINY_TEXT: dict[str, Any] = {
     "hidden_size": 32,
     "intermediate_size": 64,
     "num_hidden_layers": 2,
@@ -106,7 +111,11 @@ def build_family(
 
 def _randomize_zero_convs(net: ControlNetModel, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
-    zero_convs = [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]
+    zero_convs = [
+        *net.controlnet_down_blocks,
+        net.controlnet_mid_block,
+        net.controlnet_cond_embedding.conv_out,
+    ]
     with torch.no_grad():
         for conv in zero_convs:
             for param in conv.parameters():
@@ -114,7 +123,7 @@ def _randomize_zero_convs(net: ControlNetModel, seed: int) -> None:
 
 
 def build_tiny_family(seed: int = TINY_SEED, cache_dir: Path | None = None) -> ModelFamily:
-    overrides = {
+    overrides: dict[str, dict[str, Any]] = {
         "unet": TINY_UNET,
         "vae": TINY_VAE,
         "controlnet": TINY_CONTROLNET,

@@ -46,11 +46,13 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
     shrinking = width * height < image.shape[0] * image.shape[1]
-    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4)
+    return cv2.resize(
+        image, (width, height), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LANCZOS4
+    )
 
 
 def round_to_multiple(value: float, multiple: int) -> int:
-    return max(multiple, int(round(value / multiple)) * multiple)
+    return max(multiple, round(value / multiple) * multiple)
 
 
 def to_model(image: np.ndarray, signed: bool = True) -> torch.Tensor:
@@ -85,7 +87,9 @@ def color_control(image: np.ndarray, cell: int = 64) -> np.ndarray:
 def tile_control(image: np.ndarray, factor: int = 4) -> np.ndarray:
     """The tile ControlNet's input: the image blurred by a down/up-sample."""
     height, width = image.shape[:2]
-    small = cv2.resize(image, (max(1, width // factor), max(1, height // factor)), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(
+        image, (max(1, width // factor), max(1, height // factor)), interpolation=cv2.INTER_AREA
+    )
     return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
 
 
@@ -93,8 +97,8 @@ def ellipse_mask(height: int, width: int, box: tuple[float, float, float, float]
     """A filled ellipse inscribed in ``box`` (x0, y0, x1, y1) as an HxW uint8 mask (255 inside)."""
     x0, y0, x1, y1 = box
     mask = np.zeros((height, width), np.uint8)
-    center = (int(round((x0 + x1) / 2)), int(round((y0 + y1) / 2)))
-    axes = (int(round((x1 - x0) / 2)), int(round((y1 - y0) / 2)))
+    center = (round((x0 + x1) / 2), round((y0 + y1) / 2))
+    axes = (round((x1 - x0) / 2), round((y1 - y0) / 2))
     cv2.ellipse(mask, center, axes, 0, 0, 360, 255, thickness=-1)
     return mask
 

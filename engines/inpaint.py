@@ -104,7 +104,9 @@ def run_inpaint(engines: Engines, request: InpaintRequest, scheduler_config: dic
     return engines.vae_decode(latents)
 
 
-def inpaint_latents(engines: Engines, request: InpaintRequest, scheduler_config: dict[str, Any]) -> torch.Tensor:
+def inpaint_latents(
+    engines: Engines, request: InpaintRequest, scheduler_config: dict[str, Any]
+) -> torch.Tensor:
     device, dtype = engines.backend.device, engines.backend.dtype
     generator = request.generator
     scheduler = make_scheduler(request.scheduler, scheduler_config)
@@ -126,7 +128,9 @@ def inpaint_latents(engines: Engines, request: InpaintRequest, scheduler_config:
     latent_mask = F.interpolate(mask, size=tuple(image_latents.shape[-2:]))
 
     cfg = request.guidance_scale > 1.0
-    embeds = torch.cat([request.negative_prompt_embeds, request.prompt_embeds]) if cfg else request.prompt_embeds
+    embeds = (
+        torch.cat([request.negative_prompt_embeds, request.prompt_embeds]) if cfg else request.prompt_embeds
+    )
     embeds = embeds.to(device=device, dtype=dtype)
     controls = [_prepare_control(c, cfg, device, dtype) for c in request.controls]
     step_kwargs = _step_kwargs(scheduler, generator)
@@ -150,6 +154,8 @@ def inpaint_latents(engines: Engines, request: InpaintRequest, scheduler_config:
     return latents
 
 
-def _prepare_control(control: ControlInput, cfg: bool, device: torch.device, dtype: torch.dtype) -> ControlInput:
+def _prepare_control(
+    control: ControlInput, cfg: bool, device: torch.device, dtype: torch.dtype
+) -> ControlInput:
     image = control.image.to(device=device, dtype=dtype)
     return ControlInput(control.kind, torch.cat([image] * 2) if cfg else image, control.scale)

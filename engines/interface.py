@@ -140,7 +140,8 @@ class Engines:
         values = {"batch": sample.shape[0], "latent_height": height, "latent_width": width}
         unet = self.roles["unet"]
         return [
-            torch.zeros(spec.resolve(values), dtype=sample.dtype, device=sample.device) for spec in unet.inputs[3:]
+            torch.zeros(spec.resolve(values), dtype=sample.dtype, device=sample.device)
+            for spec in unet.inputs[3:]
         ]
 
     def unet(
@@ -167,5 +168,7 @@ class Engines:
         residuals: list[torch.Tensor] | None = None
         for control in controls:
             outputs = self.controlnet(control, sample, timesteps, encoder_hidden_states)
-            residuals = outputs if residuals is None else [a + b for a, b in zip(residuals, outputs, strict=True)]
+            residuals = (
+                outputs if residuals is None else [a + b for a, b in zip(residuals, outputs, strict=True)]
+            )
         return self.unet(sample, timesteps, encoder_hidden_states, residuals or self.zero_residuals(sample))

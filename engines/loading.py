@@ -132,7 +132,9 @@ def load_family(spec: FamilySpec, config_dir: Path | None = None) -> ModelFamily
         if (base / FAMILY_FILE).is_file():
             meta = json.loads((base / FAMILY_FILE).read_text())
     else:
-        raise ModelLoadError(f"base model must be a diffusers folder or one of {SINGLE_FILE_SUFFIXES}: {base}")
+        raise ModelLoadError(
+            f"base model must be a diffusers folder or one of {SINGLE_FILE_SUFFIXES}: {base}"
+        )
     if spec.vae:
         vae_path = _require(Path(spec.vae).expanduser(), "VAE")
         parts["vae"] = _load_vae(vae_path)
@@ -147,7 +149,7 @@ def load_family(spec: FamilySpec, config_dir: Path | None = None) -> ModelFamily
         name=spec.name or meta.get("name") or base.stem,
         controlnets=controlnets,
         is_random=bool(meta.get("is_random", False)),
-        image_sizes=tuple(meta.get("image_sizes", (256, 512, 1024))),  # type: ignore[arg-type]
+        image_sizes=tuple(meta.get("image_sizes", (256, 512, 1024))),
         source=str(base),
         **parts,
     )

@@ -80,10 +80,14 @@ class RoleDescription:
                     continue
                 whole = Fraction(size) / dim.scale
                 if whole.denominator != 1:
-                    raise EngineInputError(self.name, spec.name, f"axis {axis} is {size}, not a whole {dim.name}")
+                    raise EngineInputError(
+                        self.name, spec.name, f"axis {axis} is {size}, not a whole {dim.name}"
+                    )
                 if values.setdefault(dim.symbol, int(whole)) != int(whole):
                     raise EngineInputError(
-                        self.name, spec.name, f"axis {axis} gives {dim.symbol}={int(whole)}, other inputs {values[dim.symbol]}"
+                        self.name,
+                        spec.name,
+                        f"axis {axis} gives {dim.symbol}={int(whole)}, other inputs {values[dim.symbol]}",
                     )
         extra = set(shapes) - {spec.name for spec in self.inputs}
         if extra:
@@ -110,7 +114,10 @@ class RoleDescription:
             "name": self.name,
             "inputs": [tensor(s) for s in self.inputs],
             "outputs": [tensor(s) for s in self.outputs],
-            "axes": {k: {"min": a.min, "opt": a.opt, "max": a.max, "multiple": a.multiple} for k, a in self.axes.items()},
+            "axes": {
+                k: {"min": a.min, "opt": a.opt, "max": a.max, "multiple": a.multiple}
+                for k, a in self.axes.items()
+            },
             "fp16": self.fp16,
         }
 
@@ -248,7 +255,11 @@ def residual_specs(family: ModelFamily) -> tuple[TensorSpec, ...]:
         for i, (c, s) in enumerate(shapes)
     ]
     mid_scale = Fraction(1, 2 ** (len(channels) - 1))
-    specs.append(TensorSpec("mid_block_res", "float32", (BATCH, channels[-1], LATENT_H * mid_scale, LATENT_W * mid_scale)))
+    specs.append(
+        TensorSpec(
+            "mid_block_res", "float32", (BATCH, channels[-1], LATENT_H * mid_scale, LATENT_W * mid_scale)
+        )
+    )
     return tuple(specs)
 
 
@@ -297,7 +308,9 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
         "vae_encoder": RoleDescription(
             name="vae_encoder",
             inputs=(TensorSpec("images", "float32", (BATCH, 3, image_h, image_w)),),
-            outputs=(TensorSpec("latent_moments", "float32", (BATCH, 2 * latent_channels, LATENT_H, LATENT_W)),),
+            outputs=(
+                TensorSpec("latent_moments", "float32", (BATCH, 2 * latent_channels, LATENT_H, LATENT_W)),
+            ),
             axes=latent_axes,
             build_module=VaeEncoderModule,
             sample_ranges={"images": (-1.0, 1.0)},
@@ -312,7 +325,11 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
         "unet": RoleDescription(
             name="unet",
             inputs=(*step_inputs, *residual_specs(family)),
-            outputs=(TensorSpec("noise_pred", "float32", (BATCH, int(family.unet.config.out_channels), LATENT_H, LATENT_W)),),
+            outputs=(
+                TensorSpec(
+                    "noise_pred", "float32", (BATCH, int(family.unet.config.out_channels), LATENT_H, LATENT_W)
+                ),
+            ),
             axes=latent_axes,
             build_module=UNetModule,
             sample_ranges=timestep_range,

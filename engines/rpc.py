@@ -55,8 +55,13 @@ def abort(context: grpc.ServicerContext, error: EasyPhotoError) -> NoReturn:
 
 def error_details(error: grpc.RpcError) -> dict[str, Any]:
     """Client side: the reason, field violations and message of a failed call (for CLIs and tests)."""
-    result: dict[str, Any] = {"code": error.code().name, "message": error.details(), "reason": "", "fields": {}}
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    result: dict[str, Any] = {
+        "code": error.code().name,
+        "message": error.details(),
+        "reason": "",
+        "fields": {},
+    }
+    status = rpc_status.from_call(error)
     if status is None:
         return result
     for detail in status.details:
@@ -105,7 +110,9 @@ class GrpcApp:
         self.set_serving(False)
 
     def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ["", *self.service_names]:
             self.health.set(name, status)
 

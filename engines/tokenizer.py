@@ -44,7 +44,8 @@ def open_clip_bpe_path() -> Path:
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         raise TokenizerUnavailable(
-            "open-clip-torch is not installed; `make setup` installs it (pip install --no-deps open-clip-torch==3.3.0)"
+            "open-clip-torch is not installed; `make setup` installs it"
+            " (pip install --no-deps open-clip-torch==3.3.0)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
     if not path.is_file():
@@ -54,7 +55,8 @@ def open_clip_bpe_path() -> Path:
 
 def write_clip_vocab(directory: Path, bpe_path: Path | None = None) -> None:
     """Writes ``vocab.json``, ``merges.txt`` and the tokenizer configs into ``directory``."""
-    lines = gzip.open(bpe_path or open_clip_bpe_path(), "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(bpe_path or open_clip_bpe_path(), "rt", encoding="utf-8") as source:
+        lines = source.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : CLIP_MERGES + 1]]
     symbols = list(byte_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(pair) for pair in merges]
@@ -73,7 +75,12 @@ def write_clip_vocab(directory: Path, bpe_path: Path | None = None) -> None:
         "tokenizer_class": "CLIPTokenizer",
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-    specials = {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "unk_token": EOS_TOKEN, "pad_token": EOS_TOKEN}
+    specials = {
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": EOS_TOKEN,
+        "pad_token": EOS_TOKEN,
+    }
     (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
 
 

@@ -52,7 +52,9 @@ class TorchBackend:
         with self._lock:
             if role not in self._modules:
                 if role not in self._roles:
-                    raise EngineInputError(role, "role", f"unknown; this backend serves {sorted(self._roles)}")
+                    raise EngineInputError(
+                        role, "role", f"unknown; this backend serves {sorted(self._roles)}"
+                    )
                 self._modules[role] = self._roles[role].build_module(self.family).eval()
             return self._modules[role]
 

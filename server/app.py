@@ -83,6 +83,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         self, request: generator_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[generator_pb2.GenerateEvent]:
         abort(context, Unimplemented("GenerateStream is not implemented yet (orchestrator issue)"))
+        yield from ()
 
 
 class ServingService(generator_pb2_grpc.ServingServicer):
@@ -117,7 +118,13 @@ def build_app(config: ServerConfig) -> tuple[GrpcApp, EngineHolder]:
 def serve(config: ServerConfig) -> None:
     app, holder = build_app(config)
     app.start()
-    log.info("orchestrator listening on %s:%d (models=%s, backend=%s)", config.host, app.port, config.models, config.backend)
+    log.info(
+        "orchestrator listening on %s:%d (models=%s, backend=%s)",
+        config.host,
+        app.port,
+        config.models,
+        config.backend,
+    )
     holder.load_in_background(lambda: app.set_serving(True))
     try:
         app.wait()

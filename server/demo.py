@@ -45,7 +45,9 @@ class DemoResult:
     is_random: bool
 
 
-def run_demo(out_dir: Path, models: str = "tiny", size: int = 256, steps: int = 50, seed: int = 0) -> DemoResult:
+def run_demo(
+    out_dir: Path, models: str = "tiny", size: int = 256, steps: int = 50, seed: int = 0
+) -> DemoResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -57,7 +59,7 @@ def run_demo(out_dir: Path, models: str = "tiny", size: int = 256, steps: int = 
     template = skimage_data.astronaut()
     scale = size / template.shape[0]
     image = resize(template, size, size)
-    mask = ellipse_mask(size, size, tuple(v * scale for v in ASTRONAUT_FACE))  # type: ignore[arg-type]
+    mask = ellipse_mask(size, size, tuple(v * scale for v in ASTRONAUT_FACE))
     canny, color = canny_control(image), color_control(image)
     started = time.perf_counter()
     embeds = engines.encode_prompts([FACE_PROMPT, ""])
@@ -90,7 +92,14 @@ def run_demo(out_dir: Path, models: str = "tiny", size: int = 256, steps: int = 
     pasted = (result * alpha + image * (1 - alpha)).round().astype(np.uint8)
     banner = RANDOM_WEIGHTS_NOTE if family.is_random else f"model: {family.source}"
     sheet = contact_sheet(
-        [("template", image), ("inpaint mask", mask), ("canny", canny), ("color", color), ("pass 1", result), ("pasted", pasted)],
+        [
+            ("template", image),
+            ("inpaint mask", mask),
+            ("canny", canny),
+            ("color", color),
+            ("pass 1", result),
+            ("pasted", pasted),
+        ],
         banner=banner,
     )
     sheet_path = out_dir / "demo.png"

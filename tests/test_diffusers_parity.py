@@ -42,7 +42,9 @@ def _pipeline(tiny: ModelFamily) -> StableDiffusionControlNetInpaintPipeline:
     return pipe
 
 
-def _run_diffusers(pipe: StableDiffusionControlNetInpaintPipeline, inputs: dict[str, torch.Tensor], steps: int):
+def _run_diffusers(
+    pipe: StableDiffusionControlNetInpaintPipeline, inputs: dict[str, torch.Tensor], steps: int
+):
     return pipe(
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
