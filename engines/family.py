@@ -18,6 +18,18 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 CONTROLNET_KINDS: tuple[str, ...] = ("canny", "openpose", "color", "tile")
 FAMILY_FILE = "easyphoto_family.json"
+# The diffusers pipeline index, so a saved family is also a StableDiffusionPipeline folder.
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
 
 
 @dataclass
@@ -86,6 +98,7 @@ class ModelFamily:
         scheduler_dir = directory / "scheduler"
         scheduler_dir.mkdir(exist_ok=True)
         (scheduler_dir / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2))
+        (directory / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
         meta = {
             "name": self.name,
             "is_random": self.is_random,

@@ -65,3 +65,39 @@ def test_missing_paths_raise_typed_errors(tmp_path: Path) -> None:
         load_family(FamilySpec(base=str(tmp_path / "empty")))
     with pytest.raises(ModelLoadError):
         load_controlnet(tmp_path / "missing.safetensors")
+
+
+def test_single_file_checkpoint_round_trip(tmp_path: Path, tiny: ModelFamily, cache_dir: Path) -> None:
+    from safetensors import safe_open
+
+    from easyphoto.engines.checkpoint import save_single_file
+
+    path = tmp_path / "tiny.safetensors"
+    save_single_file(tiny, path)
+    with safe_open(str(path), "pt") as handle:
+        keys = set(handle.keys())
+    # The original LDM layout, as real SD 1.5 files have it.
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys
+    assert "model.diffusion_model.output_blocks.2.1.conv.weight" in keys
+    assert "first_stage_model.decoder.up.0.block.0.conv1.weight" in keys
+    assert "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight" in keys
+    tiny_folder = cache_dir / "models" / "tiny"
+    loaded = load_family(FamilySpec(base=str(path)), config_dir=tiny_folder)
+    for name in ("unet", "vae", "text_encoder"):
+        _assert_same(tiny.modules()[name], loaded.modules()[name])
+
+
+def test_shipped_sd15_configs_have_sd15_sizes(cache_dir: Path) -> None:
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from easyphoto.engines.builders import sd15_config
+    from easyphoto.engines.loading import single_file_config_dir
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(sd15_config("unet"))
+        controlnet = ControlNetModel.from_config(sd15_config("controlnet"))
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e6) == 860
+    assert round(sum(p.numel() for p in controlnet.parameters()) / 1e6) == 361
+    folder = single_file_config_dir(cache_dir)
+    for part in ("model_index.json", "unet/config.json", "vae/config.json", "tokenizer/vocab.json"):
+        assert (folder / part).is_file(), part
