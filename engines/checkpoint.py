@@ -74,9 +74,9 @@ def unet_key(key: str, layers_per_block: int, up_blocks_with_attention: set[int]
 
 
 def vae_key(key: str, num_blocks: int) -> str:
-    key = key.replace("conv_norm_out", "norm_out")
+    key = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
     if m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.*)", key):
-        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
     if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.*)", key):
         rest = m[2]
         for ours, theirs in VAE_ATTENTION.items():
@@ -84,11 +84,11 @@ def vae_key(key: str, num_blocks: int) -> str:
                 rest = theirs + rest[len(ours) :]
         return f"{m[1]}.mid.attn_1.{rest}"
     if m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
-        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+        return f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}"
     if m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.*)", key):
         return f"encoder.down.{m[1]}.downsample.{m[2]}"
     if m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.*)", key):
-        return f"decoder.up.{num_blocks - 1 - int(m[1])}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+        return f"decoder.up.{num_blocks - 1 - int(m[1])}.block.{m[2]}.{m[3]}"
     if m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
         return f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample.{m[2]}"
     return key
