@@ -49,6 +49,15 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from easyphoto.server.bench import run_bench
+
+    print(
+        run_bench(Path(args.out), models=args.models, size=args.size, steps=args.steps, repeats=args.repeats)
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="easyphoto", description="EasyPhoto as a gRPC backend")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -75,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="load a model family and print its engine manifest")
     models.add_argument("--models", default="tiny")
     models.set_defaults(run=_models)
+    bench = commands.add_parser("bench", help="time our loop against diffusers; writes docs/benchmarks.md")
+    bench.add_argument("--out", default="docs/benchmarks.md")
+    bench.add_argument("--models", default="tiny")
+    bench.add_argument("--size", type=int, default=256)
+    bench.add_argument("--steps", type=int, default=50)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -25,6 +25,8 @@ from .family import CONTROLNET_KINDS, ModelFamily
 from .tokenizer import sd15_tokenizer
 
 TINY_SEED = 1234
+# Bump when the tiny recipe changes: the cache folder is named by it, so stale builds are not reused.
+TINY_VERSION = 1
 
 TINY_UNET: dict[str, Any] = {
     "block_out_channels": [32, 32, 64, 64],

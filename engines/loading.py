@@ -18,7 +18,7 @@ from typing import Any
 from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .builders import build_tiny_family, cache_root, sd15_config, sd15_config_dir
+from .builders import TINY_VERSION, build_tiny_family, cache_root, sd15_config, sd15_config_dir
 from .family import CONTROLNET_KINDS, FAMILY_FILE, ModelFamily
 from .tokenizer import sd15_tokenizer
 
@@ -168,11 +168,11 @@ def _load_vae(path: Path) -> AutoencoderKL:
 
 
 def tiny_family(cache_dir: Path | None = None) -> ModelFamily:
-    """The tiny seeded family, built once into ``<cache>/models/tiny`` and loaded from there."""
+    """The tiny seeded family, built once into ``<cache>/models/tiny-v<N>`` and loaded from there."""
     root = cache_dir or cache_root()
-    folder = root / "models" / "tiny"
+    folder = root / "models" / f"tiny-v{TINY_VERSION}"
     if not (folder / FAMILY_FILE).is_file():
-        staging = folder.with_name("tiny.partial")
+        staging = folder.with_name(folder.name + ".partial")
         shutil.rmtree(staging, ignore_errors=True)
         build_tiny_family(cache_dir=root).save_pretrained(staging)
         shutil.rmtree(folder, ignore_errors=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from easyphoto.engines.builders import build_tiny_family
+from easyphoto.engines.builders import TINY_VERSION, build_tiny_family
 from easyphoto.engines.family import ModelFamily
 from easyphoto.engines.loading import FamilySpec, ModelLoadError, load_controlnet, load_family
 from easyphoto.engines.tokenizer import sd15_tokenizer
@@ -81,7 +81,7 @@ def test_single_file_checkpoint_round_trip(tmp_path: Path, tiny: ModelFamily, ca
     assert "model.diffusion_model.output_blocks.2.1.conv.weight" in keys
     assert "first_stage_model.decoder.up.0.block.0.conv1.weight" in keys
     assert "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight" in keys
-    tiny_folder = cache_dir / "models" / "tiny"
+    tiny_folder = cache_dir / "models" / f"tiny-v{TINY_VERSION}"
     loaded = load_family(FamilySpec(base=str(path)), config_dir=tiny_folder)
     for name in ("unet", "vae", "text_encoder"):
         _assert_same(tiny.modules()[name], loaded.modules()[name])

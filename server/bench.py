@@ -1,0 +1,163 @@
+"""``easyphoto bench``: our loop against a plain diffusers pipeline on the same models.
+
+Measured side by side in one run, as a ratio, because these machines are noisy. The result is
+written into ``docs/benchmarks.md`` between this benchmark's markers (other sections are kept).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import MultiControlNetModel, StableDiffusionControlNetInpaintPipeline
+
+from easyphoto.engines.family import ModelFamily
+from easyphoto.engines.inpaint import InpaintRequest, make_scheduler, run_inpaint
+from easyphoto.engines.interface import ControlInput, Engines
+from easyphoto.engines.loading import resolve_family
+from easyphoto.engines.torch_backend import TorchBackend
+
+PROMPT = "easyphoto_face, easyphoto, 1person"
+CONTROL_SCALES = {"canny": 0.5, "openpose": 0.5, "color": 0.85}
+MARK_BEGIN = "<!-- bench:first-pass:begin -->"
+MARK_END = "<!-- bench:first-pass:end -->"
+
+
+@dataclass
+class PassTiming:
+    ours: list[float]
+    diffusers: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ours) / statistics.median(self.diffusers)
+
+
+def _timed(fn: Callable[[], object], repeats: int) -> list[float]:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def time_first_pass(family: ModelFamily, size: int, steps: int, repeats: int) -> PassTiming:
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, size, size, generator=generator)
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
+    controls = {kind: torch.rand(1, 3, size, size, generator=generator) for kind in CONTROL_SCALES}
+    backend = TorchBackend(family)
+    engines = Engines(backend, family.tokenizer, float(family.vae.config.scaling_factor))
+    pipe = StableDiffusionControlNetInpaintPipeline(
+        vae=family.vae,
+        text_encoder=family.text_encoder,
+        tokenizer=family.tokenizer,
+        unet=family.unet,
+        controlnet=MultiControlNetModel([family.controlnets[k] for k in CONTROL_SCALES]),
+        scheduler=make_scheduler("dpmpp_2m_sde_karras", family.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+
+    def baseline() -> object:
+        return pipe(
+            prompt=PROMPT,
+            negative_prompt="",
+            image=image,
+            mask_image=mask,
+            control_image=[controls[k] for k in CONTROL_SCALES],
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            strength=0.45,
+            guidance_scale=7.0,
+            controlnet_conditioning_scale=list(CONTROL_SCALES.values()),
+            generator=torch.Generator().manual_seed(1),
+            output_type="pt",
+        )
+
+    def ours() -> object:
+        # Prompt encoding is part of the request (the cache makes repeats cheap, as in serving).
+        embeds = engines.encode_prompts([PROMPT, ""])
+        request = InpaintRequest(
+            image=image * 2 - 1,
+            mask=mask,
+            prompt_embeds=embeds[:1],
+            negative_prompt_embeds=embeds[1:],
+            controls=[ControlInput(k, controls[k], s) for k, s in CONTROL_SCALES.items()],
+            steps=steps,
+            strength=0.45,
+            guidance_scale=7.0,
+            generator=torch.Generator().manual_seed(1),
+        )
+        return run_inpaint(engines, request, family.scheduler_config)
+
+    # Interleave so drift in machine load hits both sides alike.
+    ours_times: list[float] = []
+    base_times: list[float] = []
+    for _ in range(repeats):
+        ours_times += _timed(ours, 1)
+        base_times += _timed(baseline, 1)
+    return PassTiming(ours_times, base_times)
+
+
+def run_bench(out: Path, models: str = "tiny", size: int = 256, steps: int = 50, repeats: int = 3) -> str:
+    family = resolve_family(models)
+    timing = time_first_pass(family, size, steps, repeats)
+    device = _device_name()
+        "cuda: " + torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+    )
+    lines = [
+        MARK_BEGIN,
+        f"### First diffusion pass: ours vs diffusers ({models}, {size}², {steps} steps × strength 0.45,"
+        " 3 ControlNets, CFG 7)",
+        "",
+        f"Device: {device}, torch {torch.__version__}, {torch.get_num_threads()} threads,"
+        f" median of {repeats}.",
+        "",
+        "| loop | median s | min s | max s |",
+        "| --- | --- | --- | --- |",
+        _row("easyphoto engines", timing.ours),
+        _row("diffusers StableDiffusionControlNetInpaintPipeline", timing.diffusers),
+        "",
+        f"Ratio ours / diffusers: **{timing.ratio:.3f}** (target ≤ 1.05).",
+        MARK_END,
+    ]
+    section = "\n".join(lines)
+    _write_section(out, section)
+    return section
+
+
+def _device_name() -> str:
+    if torch.cuda.is_available():
+        return "cuda: " + torch.cuda.get_device_name()
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def _row(name: str, times: list[float]) -> str:
+    return f"| {name} | {statistics.median(times):.3f} | {min(times):.3f} | {max(times):.3f} |"
+
+
+def _write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    if MARK_BEGIN in text and MARK_END in text:
+        head, rest = text.split(MARK_BEGIN, 1)
+        tail = rest.split(MARK_END, 1)[1]
+        text = head + section + tail
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
