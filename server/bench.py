@@ -116,10 +116,6 @@ def run_bench(out: Path, models: str = "tiny", size: int = 256, steps: int = 50,
     family = resolve_family(models)
     timing = time_first_pass(family, size, steps, repeats)
     device = _device_name()
-        "cuda: " + torch.cuda.get_device_name()
-        if torch.cuda.is_available()
-        else f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
-    )
     lines = [
         MARK_BEGIN,
         f"### First diffusion pass: ours vs diffusers ({models}, {size}², {steps} steps × strength 0.45,"
