@@ -15,13 +15,14 @@ EXPORT_DIR ?= build/export
 .PHONY: setup proto demo test lint bench serve trainer export clean
 
 # torch==2.13.0 is the CPU wheel; an unpinned torch pulls gigabytes of CUDA packages.
-# open-clip-torch ships OpenAI's CLIP BPE (the SD 1.5 tokenizer); --no-deps keeps torchvision out.
+# open-clip-torch ships OpenAI's CLIP BPE (the SD 1.5 tokenizer) and facenet-pytorch the MTCNN
+# weights; --no-deps keeps torchvision (and facenet's old torch pin) out.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0
+	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0 facenet-pytorch==2.6.0
 	touch $(STAMP)
 
 setup: $(STAMP) proto

@@ -47,13 +47,15 @@ class RoleDescription:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     axes: dict[str, AxisRange]
-    # Builds the module whose forward takes the inputs positionally, in declared order, and
-    # returns a tuple of the outputs in declared order.
-    build_module: Callable[[ModelFamily], nn.Module]
+    # Builds the callable (an nn.Module for roles that export to ONNX) that takes the inputs
+    # positionally, in declared order, and returns a tuple of the outputs in declared order.
+    build_module: Callable[[], Callable[..., tuple[torch.Tensor, ...]]]
     # Whether the role runs in fp16 on GPU (fp32 I/O for floats that must stay exact otherwise).
     fp16: bool = True
     # Value ranges for sample inputs that are not standard normal (e.g. token ids, timesteps).
     sample_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Output-only symbols computed from the input symbols (e.g. a conv net's output size).
+    derived: dict[str, Callable[[dict[str, int]], int]] = field(default_factory=dict)
 
     def input(self, name: str) -> TensorSpec:
         return next(spec for spec in self.inputs if spec.name == name)
@@ -126,6 +128,7 @@ class RoleDescription:
 
     def shapes(self, point: ProfilePoint = "opt", values: dict[str, int] | None = None) -> dict[str, tuple]:
         resolved = {**self.axis_values(point), **(values or {})}
+        resolved.update({symbol: rule(resolved) for symbol, rule in self.derived.items()})
         return {spec.name: spec.resolve(resolved) for spec in (*self.inputs, *self.outputs)}
 
     def sample_inputs(
@@ -302,7 +305,7 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
                 TensorSpec("pooler_output", "float32", (BATCH, hidden)),
             ),
             axes={"batch": AxisRange(1, 2, MAX_BATCH)},
-            build_module=TextEncoderModule,
+            build_module=lambda: TextEncoderModule(family),
             sample_ranges={"input_ids": (0, len(family.tokenizer))},
         ),
         "vae_encoder": RoleDescription(
@@ -312,7 +315,7 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
                 TensorSpec("latent_moments", "float32", (BATCH, 2 * latent_channels, LATENT_H, LATENT_W)),
             ),
             axes=latent_axes,
-            build_module=VaeEncoderModule,
+            build_module=lambda: VaeEncoderModule(family),
             sample_ranges={"images": (-1.0, 1.0)},
         ),
         "vae_decoder": RoleDescription(
@@ -320,7 +323,7 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
             inputs=(TensorSpec("latents", "float32", latent_shape),),
             outputs=(TensorSpec("images", "float32", (BATCH, 3, image_h, image_w)),),
             axes=latent_axes,
-            build_module=VaeDecoderModule,
+            build_module=lambda: VaeDecoderModule(family),
         ),
         "unet": RoleDescription(
             name="unet",
@@ -331,7 +334,7 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
                 ),
             ),
             axes=latent_axes,
-            build_module=UNetModule,
+            build_module=lambda: UNetModule(family),
             sample_ranges=timestep_range,
         ),
     }
@@ -348,7 +351,7 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
             ),
             outputs=residual_specs(family),
             axes=latent_axes,
-            build_module=lambda fam, kind=kind: ControlNetModule(fam, kind),  # type: ignore[misc]
+            build_module=lambda kind=kind: ControlNetModule(family, kind),  # type: ignore[misc]
             sample_ranges={**timestep_range, "controlnet_cond": (0.0, 1.0), "conditioning_scale": (0.5, 1.0)},
         )
     return roles

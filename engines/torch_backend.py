@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from .errors import EngineInputError
+from .faces.models import FaceModels, describe_face_roles
 from .family import ModelFamily
 from .interface import Tensors
 from .roles import TORCH_DTYPES, RoleDescription, describe_roles
+
+Runner = Callable[..., tuple[torch.Tensor, ...]]
 
 
 def default_device() -> torch.device:
@@ -18,19 +21,33 @@ def default_device() -> torch.device:
 
 
 class TorchBackend:
+    """Serves the roles of a model family and/or the face models.
+
+    Diffusion roles run in ``dtype`` (fp16 on CUDA by default); roles whose description says
+    ``fp16=False`` (the small face nets) always run in fp32.
+    """
+
     name = "torch"
 
     def __init__(
         self,
-        family: ModelFamily,
+        family: ModelFamily | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        faces: FaceModels | None = None,
     ) -> None:
         self._device = torch.device(device) if device is not None else default_device()
         self._dtype = dtype or (torch.float16 if self._device.type == "cuda" else torch.float32)
-        self.family = family.to(self._device, self._dtype).eval()
-        self._roles = describe_roles(family)
-        self._modules: dict[str, nn.Module] = {}
+        self.family = family
+        self._roles: dict[str, RoleDescription] = {}
+        if family is not None:
+            family.to(self._device, self._dtype).eval()
+            self._roles.update(describe_roles(family))
+        if faces is not None:
+            for net in faces.nets.values():
+                net.to(self._device)
+            self._roles.update(describe_face_roles(faces))
+        self._runners: dict[str, Runner] = {}
         self._lock = threading.Lock()
 
     @property
@@ -48,26 +65,30 @@ class TorchBackend:
     def ready(self) -> bool:
         return True
 
-    def module(self, role: str) -> nn.Module:
-        with self._lock:
-            if role not in self._modules:
-                if role not in self._roles:
-                    raise EngineInputError(
-                        role, "role", f"unknown; this backend serves {sorted(self._roles)}"
-                    )
-                self._modules[role] = self._roles[role].build_module(self.family).eval()
-            return self._modules[role]
-
-    def infer(self, role: str, inputs: Tensors) -> Tensors:
+    def describe(self, role: str) -> RoleDescription:
         description = self._roles.get(role)
         if description is None:
             raise EngineInputError(role, "role", f"unknown; this backend serves {sorted(self._roles)}")
+        return description
+
+    def runner(self, role: str) -> Runner:
+        with self._lock:
+            if role not in self._runners:
+                module = self.describe(role).build_module()
+                if isinstance(module, torch.nn.Module):
+                    module.eval()
+                self._runners[role] = module
+            return self._runners[role]
+
+    def infer(self, role: str, inputs: Tensors) -> Tensors:
+        description = self.describe(role)
         description.bind({name: tuple(t.shape) for name, t in inputs.items()})
-        args = [self._cast(inputs[spec.name], spec.dtype) for spec in description.inputs]
+        float_dtype = self._dtype if description.fp16 else torch.float32
+        args = [self._cast(inputs[spec.name], spec.dtype, float_dtype) for spec in description.inputs]
         with torch.inference_mode():
-            outputs = self.module(role)(*args)
+            outputs = self.runner(role)(*args)
         return {spec.name: out for spec, out in zip(description.outputs, outputs, strict=True)}
 
-    def _cast(self, tensor: torch.Tensor, declared: str) -> torch.Tensor:
-        dtype = self._dtype if declared in ("float32", "float16") else TORCH_DTYPES[declared]
+    def _cast(self, tensor: torch.Tensor, declared: str, float_dtype: torch.dtype) -> torch.Tensor:
+        dtype = float_dtype if declared in ("float32", "float16") else TORCH_DTYPES[declared]
         return tensor.to(device=self._device, dtype=dtype)

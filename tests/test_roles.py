@@ -34,7 +34,7 @@ def test_sample_input_gives_declared_output_shapes(tiny: ModelFamily, role: str,
     description = describe_roles(tiny)[role]
     inputs = description.sample_inputs(point)  # type: ignore[arg-type]
     with torch.inference_mode():
-        outputs = description.build_module(tiny)(*[inputs[s.name] for s in description.inputs])
+        outputs = description.build_module()(*[inputs[s.name] for s in description.inputs])
     shapes = description.shapes(point)  # type: ignore[arg-type]
     assert len(outputs) == len(description.outputs)
     for spec, tensor in zip(description.outputs, outputs, strict=True):

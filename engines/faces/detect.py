@@ -1,0 +1,154 @@
+"""Face detection and identity over the engine roles: what the services call.
+
+:class:`FaceAnalyzer` runs the MTCNN cascade through ``backend.infer`` (``face_pnet``,
+``face_rnet``, ``face_onet``) and embeds faces through ``face_embedder``. Scores between faces
+are cosine similarities of L2-normalised embeddings, whatever embedder is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import NoFace
+from ..interface import Backend
+from .mtcnn import MtcnnOptions, crop_patches, nms, normalize, pyramid_scales, regress, square
+
+Aligner = Callable[[np.ndarray, tuple[float, float, float, float]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Face:
+    """A face in pixels of the image it was found in: box (x0, y0, x1, y1), detector score and
+    5 landmarks (left eye, right eye, nose, left mouth corner, right mouth corner) as (x, y)."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    landmarks: np.ndarray
+
+    @property
+    def width(self) -> float:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height(self) -> float:
+        return self.box[3] - self.box[1]
+
+    @property
+    def area(self) -> float:
+        return self.width * self.height
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "box": [round(float(v), 1) for v in self.box],
+            "score": round(float(self.score), 4),
+            "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in self.landmarks],
+        }
+
+
+class FaceAnalyzer:
+    def __init__(self, backend: Backend, aligner: Aligner, options: MtcnnOptions | None = None) -> None:
+        self.backend = backend
+        self.aligner = aligner
+        self.options = options or MtcnnOptions()
+
+    # ---- detection ----
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """Every face in an RGB uint8 image, left to right."""
+        boxes = self._propose(image)
+        boxes = self._refine(image, boxes)
+        faces = self._finish(image, boxes)
+        return sorted(faces, key=lambda face: face.box[0])
+
+    def largest(self, image: np.ndarray, field: str = "image") -> Face:
+        faces = self.detect(image)
+        if not faces:
+            raise NoFace("no face found", field=field)
+        return max(faces, key=lambda face: face.area)
+
+    def _net(self, role: str, name: str, batch: torch.Tensor) -> list[np.ndarray]:
+        """Runs a role in chunks that fit its batch profile; outputs as numpy."""
+        limit = self.backend.roles[role].axes["batch"].max
+        chunks = [self.backend.infer(role, {name: batch[i : i + limit]}) for i in range(0, len(batch), limit)]
+        specs = self.backend.roles[role].outputs
+        return [torch.cat([c[s.name] for c in chunks]).float().cpu().numpy() for s in specs]
+
+    def _propose(self, image: np.ndarray) -> np.ndarray:
+        height, width = image.shape[:2]
+        tensor = normalize(image)
+        threshold = self.options.thresholds[0]
+        found = []
+        for scale in pyramid_scales(height, width, self.options):
+            size = (int(height * scale + 1), int(width * scale + 1))
+            resized = F.interpolate(tensor, size=size, mode="area")
+            out = self.backend.infer("face_pnet", {"images": resized})
+            probs = out["probs"][0, 1].float().cpu().numpy()
+            offsets = out["offsets"][0].float().cpu().numpy()
+            ys, xs = np.nonzero(probs >= threshold)
+            if len(ys) == 0:
+                continue
+            cells = np.stack([xs, ys], axis=1).astype(np.float64)
+            top_left = np.floor((2 * cells + 1) / scale)
+            bottom_right = np.floor((2 * cells + 12) / scale)
+            candidates = np.concatenate(
+                [top_left, bottom_right, probs[ys, xs][:, None], offsets[:, ys, xs].T], axis=1
+            )
+            found.append(candidates[nms(candidates[:, :4], candidates[:, 4], 0.5)])
+        if not found:
+            return np.zeros((0, 5))
+        candidates = np.concatenate(found)
+        candidates = candidates[nms(candidates[:, :4], candidates[:, 4], 0.7)]
+        boxes = regress(candidates[:, :4], candidates[:, 5:9])
+        return np.concatenate([square(boxes), candidates[:, 4:5]], axis=1)
+
+    def _refine(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        if len(boxes) == 0:
+            return boxes
+        probs, offsets = self._net("face_rnet", "faces", crop_patches(image, boxes[:, :4], 24))
+        keep = probs[:, 1] >= self.options.thresholds[1]
+        boxes, offsets, scores = boxes[keep], offsets[keep], probs[keep, 1]
+        order = nms(boxes[:, :4], scores, 0.7)
+        refined = regress(boxes[order, :4], offsets[order])
+        return np.concatenate([square(refined), scores[order, None]], axis=1)
+
+    def _finish(self, image: np.ndarray, boxes: np.ndarray) -> list[Face]:
+        if len(boxes) == 0:
+            return []
+        probs, offsets, points = self._net("face_onet", "faces", crop_patches(image, boxes[:, :4], 48))
+        keep = probs[:, 1] >= self.options.thresholds[2]
+        boxes, offsets, points, scores = boxes[keep], offsets[keep], points[keep], probs[keep, 1]
+        widths = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
+        heights = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
+        xs = widths * points[:, 0:5] + boxes[:, 0:1] - 1
+        ys = heights * points[:, 5:10] + boxes[:, 1:2] - 1
+        final = regress(boxes[:, :4], offsets)
+        order = nms(final, scores, 0.7, mode="min")
+        height, width = image.shape[:2]
+        faces = []
+        for i in order:
+            if scores[i] < self.options.min_score:
+                continue
+            x0, y0, x1, y1 = final[i]
+            box = (max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1))
+            landmarks = np.stack([xs[i], ys[i]], axis=1).astype(np.float32)
+            faces.append(Face(tuple(float(v) for v in box), float(scores[i]), landmarks))  # type: ignore[arg-type]
+        return faces
+
+    # ---- identity ----
+
+    def embed(self, image: np.ndarray, faces: list[Face]) -> np.ndarray:
+        """One L2-normalised embedding per face (rows)."""
+        if not faces:
+            return np.zeros((0, 0), np.float32)
+        chips = np.stack([self.aligner(image, face.box) for face in faces])
+        batch = torch.from_numpy(chips.astype(np.float32)).permute(0, 3, 1, 2)
+        (embeddings,) = self._net("face_embedder", "faces", batch)
+        return embeddings
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))

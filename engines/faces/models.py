@@ -1,0 +1,136 @@
+"""The face models and their engine role descriptions.
+
+Default (offline, installed by ``make setup``):
+* detector: MTCNN (``facenet-pytorch`` weights, MIT) as roles ``face_pnet``, ``face_rnet``,
+  ``face_onet``; the cascade around them is :mod:`engines.faces.detect`.
+* embedder: dlib's ResNet face descriptor (``face-recognition-models``, CC0) as role
+  ``face_embedder``, on 150x150 chips aligned by dlib's 5-point predictor (CC0). dlib is not
+  PyTorch: the role is a plain callable here and a python-backend model in Triton.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..roles import RoleDescription
+from ..shapes import AxisRange, Dim, TensorSpec, sym
+from .mtcnn import load_mtcnn_nets
+
+DLIB_CHIP = 150
+DLIB_PADDING = 0.25
+MAX_CROPS = 512
+
+
+def face_recognition_models_dir() -> Path:
+    # Found, not imported: the package imports pkg_resources, which current setuptools lacks.
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("face-recognition-models is not installed; `make setup` installs it")
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
+
+
+class DlibEmbedder:
+    """dlib's 128-d ResNet descriptor on aligned chips, returned L2-normalised."""
+
+    def __init__(self, models_dir: Path | None = None) -> None:
+        import dlib
+
+        directory = models_dir or face_recognition_models_dir()
+        self.net = dlib.face_recognition_model_v1(
+            str(directory / "dlib_face_recognition_resnet_model_v1.dat")
+        )
+        self.predictor = dlib.shape_predictor(str(directory / "shape_predictor_5_face_landmarks.dat"))
+
+    def __call__(self, faces: torch.Tensor) -> tuple[torch.Tensor]:
+        chips = faces.detach().to("cpu", torch.float32).clamp(0, 255).round().to(torch.uint8)
+        arrays = [np.ascontiguousarray(c.permute(1, 2, 0).numpy()) for c in chips]
+        vectors = np.asarray([np.asarray(v) for v in self.net.compute_face_descriptor(arrays)], np.float32)
+        embeddings = torch.from_numpy(vectors.reshape(len(arrays), -1))
+        return (torch.nn.functional.normalize(embeddings, dim=1),)
+
+    def chip(self, image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
+        """The 150x150 chip dlib's descriptor expects, aligned by its own 5-point predictor."""
+        import dlib
+
+        x0, y0, x1, y1 = (round(v) for v in box)
+        shape = self.predictor(image, dlib.rectangle(x0, y0, x1, y1))
+        return np.asarray(dlib.get_face_chip(image, shape, size=DLIB_CHIP, padding=DLIB_PADDING))
+
+
+@dataclass
+class FaceModels:
+    nets: dict[str, nn.Module]
+    embedder: DlibEmbedder
+    detector_name: str = "mtcnn"
+    embedder_name: str = "dlib-resnet-v1"
+
+    @classmethod
+    def default(cls) -> FaceModels:
+        return cls(nets=load_mtcnn_nets(), embedder=DlibEmbedder())
+
+
+def pnet_side(side: int) -> int:
+    """PNet's output size for an input side: conv 3, ceil-pool 2, conv 3, conv 3."""
+    return math.ceil((side - 2) / 2) - 4
+
+
+def describe_face_roles(faces: FaceModels) -> dict[str, RoleDescription]:
+    batch = sym("batch")
+    height, width = sym("image_height"), sym("image_width")
+    crops = {"batch": AxisRange(1, 32, MAX_CROPS)}
+
+    def net(name: str) -> Callable[[], nn.Module]:
+        return lambda: faces.nets[name]
+
+    def crop_role(name: str, size: int, outputs: tuple[TensorSpec, ...]) -> RoleDescription:
+        return RoleDescription(
+            name=f"face_{name}",
+            inputs=(TensorSpec("faces", "float32", (batch, 3, size, size)),),
+            outputs=outputs,
+            axes=crops,
+            build_module=net(name),
+            fp16=False,
+        )
+
+    probs, offsets = TensorSpec("probs", "float32", (batch, 2)), TensorSpec("offsets", "float32", (batch, 4))
+    pnet_h, pnet_w = Dim("pnet_height"), Dim("pnet_width")
+    return {
+        "face_pnet": RoleDescription(
+            name="face_pnet",
+            inputs=(TensorSpec("images", "float32", (batch, 3, height, width)),),
+            outputs=(
+                TensorSpec("probs", "float32", (batch, 2, pnet_h, pnet_w)),
+                TensorSpec("offsets", "float32", (batch, 4, pnet_h, pnet_w)),
+            ),
+            axes={
+                "batch": AxisRange(1, 1, 1),
+                "image_height": AxisRange(12, 480, 4096),
+                "image_width": AxisRange(12, 640, 4096),
+            },
+            derived={
+                "pnet_height": lambda v: pnet_side(v["image_height"]),
+                "pnet_width": lambda v: pnet_side(v["image_width"]),
+            },
+            build_module=net("pnet"),
+            fp16=False,
+        ),
+        "face_rnet": crop_role("rnet", 24, (probs, offsets)),
+        "face_onet": crop_role("onet", 48, (probs, offsets, TensorSpec("landmarks", "float32", (batch, 10)))),
+        "face_embedder": RoleDescription(
+            name="face_embedder",
+            inputs=(TensorSpec("faces", "float32", (batch, 3, DLIB_CHIP, DLIB_CHIP)),),
+            outputs=(TensorSpec("embeddings", "float32", (batch, 128)),),
+            axes={"batch": AxisRange(1, 8, 64)},
+            build_module=lambda: faces.embedder,
+            fp16=False,
+            sample_ranges={"faces": (0.0, 255.0)},
+        ),
+    }
