@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from easyphoto.engines.faces.detect import FaceAnalyzer
+from easyphoto.engines.faces.models import FaceModels
 from easyphoto.engines.family import ModelFamily
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.loading import tiny_family
@@ -27,3 +29,9 @@ def tiny(cache_dir: Path) -> ModelFamily:
 @pytest.fixture(scope="session")
 def engines(tiny: ModelFamily) -> Engines:
     return Engines(TorchBackend(tiny, "cpu"), tiny.tokenizer, float(tiny.vae.config.scaling_factor))
+
+
+@pytest.fixture(scope="session")
+def faces() -> FaceAnalyzer:
+    models = FaceModels.default()
+    return FaceAnalyzer(TorchBackend(faces=models, device="cpu"), models.embedder.chip)
