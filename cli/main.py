@@ -58,6 +58,17 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _faces(args: argparse.Namespace) -> int:
+    from easyphoto.engines.faces.cli import compare_faces, list_faces
+
+    if args.compare:
+        if len(args.photos) != 2:
+            print("--compare takes exactly two photos", file=sys.stderr)
+            return 2
+        return compare_faces(*args.photos)
+    return list_faces(args.photos)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="easyphoto", description="EasyPhoto as a gRPC backend")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -84,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="load a model family and print its engine manifest")
     models.add_argument("--models", default="tiny")
     models.set_defaults(run=_models)
+    faces = commands.add_parser("faces", help="print the faces of photos as JSON lines, or --compare two")
+    faces.add_argument("photos", nargs="+")
+    faces.add_argument(
+        "--compare", action="store_true", help="cosine similarity of the largest faces of two photos"
+    )
+    faces.set_defaults(run=_faces)
+
     bench = commands.add_parser("bench", help="time our loop against diffusers; writes docs/benchmarks.md")
     bench.add_argument("--out", default="docs/benchmarks.md")
     bench.add_argument("--models", default="tiny")
