@@ -50,11 +50,16 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from easyphoto.server.bench import run_bench
+    from easyphoto.server.bench import run_bench, write_section
+    from easyphoto.server.face_bench import face_section
 
-    print(
-        run_bench(Path(args.out), models=args.models, size=args.size, steps=args.steps, repeats=args.repeats)
-    )
+    out = Path(args.out)
+    if args.only in ("all", "faces"):
+        section = face_section()
+        write_section(out, section)
+        print(section)
+    if args.only in ("all", "first-pass"):
+        print(run_bench(out, models=args.models, size=args.size, steps=args.steps, repeats=args.repeats))
     return 0
 
 
@@ -108,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", type=int, default=256)
     bench.add_argument("--steps", type=int, default=50)
     bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--only", choices=["all", "faces", "first-pass"], default="all")
     bench.set_defaults(run=_bench)
     return parser
 

@@ -133,7 +133,7 @@ def run_bench(out: Path, models: str = "tiny", size: int = 256, steps: int = 50,
         MARK_END,
     ]
     section = "\n".join(lines)
-    _write_section(out, section)
+    write_section(out, section)
     return section
 
 
@@ -147,11 +147,13 @@ def _row(name: str, times: list[float]) -> str:
     return f"| {name} | {statistics.median(times):.3f} | {min(times):.3f} | {max(times):.3f} |"
 
 
-def _write_section(path: Path, section: str) -> None:
+def write_section(path: Path, section: str) -> None:
+    """Replaces the section between its own markers (its first and last lines), or appends it."""
+    begin, end = section.splitlines()[0], section.splitlines()[-1]
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        tail = rest.split(MARK_END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
         text = head + section + tail
     else:
         text = text.rstrip() + "\n\n" + section + "\n"

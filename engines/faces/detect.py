@@ -18,6 +18,10 @@ from ..errors import NoFace
 from ..interface import Backend
 from .mtcnn import MtcnnOptions, crop_patches, nms, normalize, pyramid_scales, regress, square
 
+# Cosine above which two dlib descriptors are taken as one person (measured in docs/benchmarks.md:
+# same person >= 0.98, different people <= 0.905 on the packaged photos).
+SAME_PERSON_THRESHOLD = 0.93
+
 Aligner = Callable[[np.ndarray, tuple[float, float, float, float]], np.ndarray]
 
 
