@@ -8,21 +8,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
 from .imaging import decode_image
+from .packages import package_dir
 
 PHOTOS = ("group", "tom_hanks", "astronaut", "coffee")
 
 
 def insightface_images_dir() -> Path:
-    spec = importlib.util.find_spec("insightface")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("insightface is not installed; `make setup` installs it")
-    return Path(next(iter(spec.submodule_search_locations))) / "data" / "images"
+    return package_dir("insightface", "pip install insightface") / "data" / "images"
 
 
 def sample_path(name: str) -> Path | None:

@@ -9,20 +9,17 @@ one token per merge (the first 48 894 merges), then the two special tokens. The 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 from pathlib import Path
 
 from transformers import CLIPTokenizer
 
+from .packages import PackageDataMissing, package_dir
+
 CLIP_MERGES = 49152 - 256 - 2
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 MAX_LENGTH = 77
-
-
-class TokenizerUnavailable(RuntimeError):
-    pass
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -41,15 +38,12 @@ def byte_to_unicode() -> dict[int, str]:
 
 
 def open_clip_bpe_path() -> Path:
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise TokenizerUnavailable(
-            "open-clip-torch is not installed; `make setup` installs it"
-            " (pip install --no-deps open-clip-torch==3.3.0)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+    path = (
+        package_dir("open_clip", "pip install --no-deps open-clip-torch==3.3.0")
+        / "bpe_simple_vocab_16e6.txt.gz"
+    )
     if not path.is_file():
-        raise TokenizerUnavailable(f"open-clip-torch is installed but {path} is missing")
+        raise PackageDataMissing(f"open-clip-torch is installed but {path} is missing")
     return path
 
 

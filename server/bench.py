@@ -39,6 +39,24 @@ class PassTiming:
         return statistics.median(self.ours) / statistics.median(self.diffusers)
 
 
+def baseline_pipeline(family: ModelFamily, kinds: list[str]) -> StableDiffusionControlNetInpaintPipeline:
+    """The plain diffusers pipeline on the family's own modules: the reference we are measured
+    and tested against."""
+    pipe = StableDiffusionControlNetInpaintPipeline(
+        vae=family.vae,
+        text_encoder=family.text_encoder,
+        tokenizer=family.tokenizer,
+        unet=family.unet,
+        controlnet=MultiControlNetModel([family.controlnets[k] for k in kinds]),
+        scheduler=make_scheduler("dpmpp_2m_sde_karras", family.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def _timed(fn: Callable[[], object], repeats: int) -> list[float]:
     fn()  # warm-up
     times = []
@@ -57,18 +75,7 @@ def time_first_pass(family: ModelFamily, size: int, steps: int, repeats: int) ->
     controls = {kind: torch.rand(1, 3, size, size, generator=generator) for kind in CONTROL_SCALES}
     backend = TorchBackend(family)
     engines = Engines(backend, family.tokenizer, float(family.vae.config.scaling_factor))
-    pipe = StableDiffusionControlNetInpaintPipeline(
-        vae=family.vae,
-        text_encoder=family.text_encoder,
-        tokenizer=family.tokenizer,
-        unet=family.unet,
-        controlnet=MultiControlNetModel([family.controlnets[k] for k in CONTROL_SCALES]),
-        scheduler=make_scheduler("dpmpp_2m_sde_karras", family.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
+    pipe = baseline_pipeline(family, list(CONTROL_SCALES))
 
     def baseline() -> object:
         return pipe(

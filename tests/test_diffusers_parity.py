@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import MultiControlNetModel, StableDiffusionControlNetInpaintPipeline
+from diffusers import StableDiffusionControlNetInpaintPipeline
 
 from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.inpaint import InpaintRequest, make_scheduler, run_inpaint
+from easyphoto.engines.inpaint import InpaintRequest, run_inpaint
 from easyphoto.engines.interface import ControlInput, Engines
+from easyphoto.server.bench import baseline_pipeline
 
 SIZE = 128
 PROMPT = "easyphoto_face, easyphoto, 1person"
@@ -27,19 +28,7 @@ def inputs() -> dict[str, torch.Tensor]:
 
 
 def _pipeline(tiny: ModelFamily) -> StableDiffusionControlNetInpaintPipeline:
-    pipe = StableDiffusionControlNetInpaintPipeline(
-        vae=tiny.vae,
-        text_encoder=tiny.text_encoder,
-        tokenizer=tiny.tokenizer,
-        unet=tiny.unet,
-        controlnet=MultiControlNetModel([tiny.controlnets[k] for k in SCALES]),
-        scheduler=make_scheduler("dpmpp_2m_sde_karras", tiny.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return baseline_pipeline(tiny, list(SCALES))
 
 
 def _run_diffusers(
@@ -60,6 +49,20 @@ def _run_diffusers(
         generator=torch.Generator().manual_seed(42),
         output_type="pt",
     ).images
+
+
+def _request(engines: Engines, inputs: dict[str, torch.Tensor], **options: object) -> InpaintRequest:
+    embeds = engines.encode_prompts([PROMPT, NEGATIVE])
+    request = InpaintRequest(
+        image=inputs["image"] * 2 - 1,
+        mask=inputs["mask"],
+        prompt_embeds=embeds[:1],
+        negative_prompt_embeds=embeds[1:],
+        generator=torch.Generator().manual_seed(42),
+    )
+    for name, value in options.items():
+        setattr(request, name, value)
+    return request
 
 
 def test_one_unet_controlnet_step_equals_diffusers(
@@ -89,17 +92,13 @@ def test_whole_pass_equals_diffusers_with_same_seed(
     tiny: ModelFamily, engines: Engines, inputs: dict[str, torch.Tensor]
 ) -> None:
     expected = _run_diffusers(_pipeline(tiny), inputs, steps=20)
-    embeds = engines.encode_prompts([PROMPT, NEGATIVE])
-    request = InpaintRequest(
-        image=inputs["image"] * 2 - 1,
-        mask=inputs["mask"],
-        prompt_embeds=embeds[:1],
-        negative_prompt_embeds=embeds[1:],
+    request = _request(
+        engines,
+        inputs,
         controls=[ControlInput(k, inputs[k], s) for k, s in SCALES.items()],
         steps=20,
         strength=0.45,
         guidance_scale=7.0,
-        generator=torch.Generator().manual_seed(42),
     )
     ours = (run_inpaint(engines, request, tiny.scheduler_config) / 2 + 0.5).clamp(0, 1)
     assert (ours - expected).abs().max().item() <= 1e-5
@@ -114,12 +113,9 @@ def test_pass_stops_when_asked(engines: Engines, inputs: dict[str, torch.Tensor]
     from easyphoto.engines.errors import Cancelled
 
     calls = []
-    embeds = engines.encode_prompts([PROMPT, NEGATIVE])
-    request = InpaintRequest(
-        image=inputs["image"] * 2 - 1,
-        mask=inputs["mask"],
-        prompt_embeds=embeds[:1],
-        negative_prompt_embeds=embeds[1:],
+    request = _request(
+        engines,
+        inputs,
         steps=20,
         on_step=lambda event: calls.append(event.step),
         should_stop=lambda: len(calls) >= 3,

@@ -10,7 +10,6 @@ Default (offline, installed by ``make setup``):
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..packages import package_dir
 from ..roles import RoleDescription
 from ..shapes import AxisRange, Dim, TensorSpec, sym
 from .mtcnn import load_mtcnn_nets
@@ -31,10 +31,7 @@ MAX_CROPS = 512
 
 def face_recognition_models_dir() -> Path:
     # Found, not imported: the package imports pkg_resources, which current setuptools lacks.
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("face-recognition-models is not installed; `make setup` installs it")
-    return Path(next(iter(spec.submodule_search_locations))) / "models"
+    return package_dir("face_recognition_models", "pip install face-recognition-models==0.3.0") / "models"
 
 
 class DlibEmbedder:

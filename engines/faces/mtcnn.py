@@ -8,7 +8,6 @@ numpy/torch around ``backend.infer`` calls, so the same code drives the torch an
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,18 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..packages import package_dir
+
 MEAN = 127.5
 SCALE = 0.0078125
 
 
 def facenet_weights_dir() -> Path:
-    spec = importlib.util.find_spec("facenet_pytorch")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "facenet-pytorch is not installed; `make setup` installs it"
-            " (pip install --no-deps facenet-pytorch==2.6.0)"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
+    return package_dir("facenet_pytorch", "pip install --no-deps facenet-pytorch==2.6.0") / "data"
 
 
 class PNet(nn.Module):
