@@ -64,14 +64,15 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _faces(args: argparse.Namespace) -> int:
-    from easyphoto.engines.faces.cli import compare_faces, list_faces
+    from easyphoto.engines.faces.cli import compare_faces, default_analyzer, list_faces
 
+    analyzer = default_analyzer(Path(args.face_models) if args.face_models else None)
     if args.compare:
         if len(args.photos) != 2:
             print("--compare takes exactly two photos", file=sys.stderr)
             return 2
-        return compare_faces(*args.photos)
-    return list_faces(args.photos)
+        return compare_faces(*args.photos, analyzer=analyzer)
+    return list_faces(args.photos, analyzer)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     faces.add_argument("photos", nargs="+")
     faces.add_argument(
         "--compare", action="store_true", help="cosine similarity of the largest faces of two photos"
+    )
+    faces.add_argument(
+        "--face-models",
+        default=None,
+        help="an insightface pack directory (SCRFD + ArcFace ONNX; non-commercial licence) instead of MTCNN + dlib",
     )
     faces.set_defaults(run=_faces)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from .errors import EngineInputError
-from .faces.models import FaceModels, describe_face_roles
+from .faces.models import FaceModels
 from .family import ModelFamily
 from .interface import Tensors
 from .roles import TORCH_DTYPES, RoleDescription, describe_roles
@@ -44,9 +44,9 @@ class TorchBackend:
             family.to(self._device, self._dtype).eval()
             self._roles.update(describe_roles(family))
         if faces is not None:
-            for net in faces.nets.values():
-                net.to(self._device)
-            self._roles.update(describe_face_roles(faces))
+            for module in faces.torch_modules:
+                module.to(self._device)
+            self._roles.update(faces.roles)
         self._runners: dict[str, Runner] = {}
         self._lock = threading.Lock()
 

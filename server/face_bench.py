@@ -10,8 +10,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from easyphoto.engines.faces.detect import SAME_PERSON_THRESHOLD, FaceAnalyzer
-from easyphoto.engines.faces.models import FaceModels
+from easyphoto.engines.faces.detect import SAME_PERSON_THRESHOLD
+from easyphoto.engines.faces.models import default_face_models
 from easyphoto.engines.samples import PHOTOS, sample_photo
 from easyphoto.engines.torch_backend import TorchBackend
 
@@ -30,8 +30,8 @@ def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 
 def face_section(repeats: int = 5) -> str:
-    models = FaceModels.default()
-    analyzer = FaceAnalyzer(TorchBackend(faces=models, device="cpu"), models.embedder.chip)
+    models = default_face_models()
+    analyzer = models.analyzer(TorchBackend(faces=models, device="cpu"))
     lines = [
         MARK_BEGIN,
         "### Face stack (MTCNN + dlib ResNet, CPU fp32)",
@@ -55,10 +55,10 @@ def face_section(repeats: int = 5) -> str:
     different = float((others @ reference).max())
     pairwise = others @ others.T
     group_max = float(pairwise[~np.eye(len(pairwise), dtype=bool)].max())
-    box = analyzer.largest(astronaut).box
-    chip = models.embedder.chip(astronaut, box)
-    batch = torch.from_numpy(chip[None].astype(np.float32)).permute(0, 3, 1, 2)
-    align_ms = 1000 * _median_seconds(lambda: models.embedder.chip(astronaut, box), repeats)
+    face = analyzer.largest(astronaut)
+    chip = models.aligner(astronaut, face)
+    batch = torch.from_numpy(chip[None]).permute(0, 3, 1, 2).contiguous()
+    align_ms = 1000 * _median_seconds(lambda: models.aligner(astronaut, face), repeats)
     net_ms = 1000 * _median_seconds(
         lambda: analyzer.backend.infer("face_embedder", {"faces": batch}), repeats
     )

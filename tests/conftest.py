@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from easyphoto.engines.faces.detect import FaceAnalyzer
-from easyphoto.engines.faces.models import FaceModels
+from easyphoto.engines.faces.models import default_face_models
 from easyphoto.engines.family import ModelFamily
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.loading import tiny_family
@@ -33,5 +33,5 @@ def engines(tiny: ModelFamily) -> Engines:
 
 @pytest.fixture(scope="session")
 def faces() -> FaceAnalyzer:
-    models = FaceModels.default()
-    return FaceAnalyzer(TorchBackend(faces=models, device="cpu"), models.embedder.chip)
+    models = default_face_models()
+    return models.analyzer(TorchBackend(faces=models, device="cpu"))

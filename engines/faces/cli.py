@@ -10,12 +10,12 @@ from ..errors import EasyPhotoError
 from ..imaging import decode_image
 from ..torch_backend import TorchBackend
 from .detect import FaceAnalyzer
-from .models import FaceModels
+from .models import load_face_models
 
 
-def default_analyzer() -> FaceAnalyzer:
-    models = FaceModels.default()
-    return FaceAnalyzer(TorchBackend(faces=models), models.embedder.chip)
+def default_analyzer(pack: Path | None = None) -> FaceAnalyzer:
+    models = load_face_models(pack)
+    return models.analyzer(TorchBackend(faces=models))
 
 
 def list_faces(paths: list[str], analyzer: FaceAnalyzer | None = None) -> int:

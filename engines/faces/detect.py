@@ -1,7 +1,8 @@
 """Face detection and identity over the engine roles: what the services call.
 
-:class:`FaceAnalyzer` runs the MTCNN cascade through ``backend.infer`` (``face_pnet``,
-``face_rnet``, ``face_onet``) and embeds faces through ``face_embedder``. Scores between faces
+:class:`FaceAnalyzer` detects with a :class:`Detector` (the MTCNN cascade over ``face_pnet``,
+``face_rnet``, ``face_onet``, or SCRFD over ``face_detector``) and embeds faces through the
+``face_embedder`` role. Scores between faces
 are cosine similarities of L2-normalised embeddings, whatever embedder is loaded.
 """
 
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import NoFace
+from ..imaging import clip_box
 from ..interface import Backend
 from .mtcnn import MtcnnOptions, crop_patches, nms, normalize, pyramid_scales, regress, square
 
@@ -22,7 +25,8 @@ from .mtcnn import MtcnnOptions, crop_patches, nms, normalize, pyramid_scales, r
 # same person >= 0.98, different people <= 0.905 on the packaged photos).
 SAME_PERSON_THRESHOLD = 0.93
 
-Aligner = Callable[[np.ndarray, tuple[float, float, float, float]], np.ndarray]
+# Makes the embedder's input for one face: an HxWx3 float chip in the embedder's value range.
+Aligner = Callable[[np.ndarray, "Face"], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -54,33 +58,29 @@ class Face:
         }
 
 
-class FaceAnalyzer:
-    def __init__(self, backend: Backend, aligner: Aligner, options: MtcnnOptions | None = None) -> None:
+class Detector(Protocol):
+    def __call__(self, image: np.ndarray) -> list[Face]: ...
+
+
+def run_batched(backend: Backend, role: str, name: str, batch: torch.Tensor) -> list[np.ndarray]:
+    """Runs a role in chunks that fit its batch profile; outputs as numpy, in declared order."""
+    description = backend.roles[role]
+    limit = description.axes["batch"].max
+    chunks = [backend.infer(role, {name: batch[i : i + limit]}) for i in range(0, len(batch), limit)]
+    return [torch.cat([c[s.name] for c in chunks]).float().cpu().numpy() for s in description.outputs]
+
+
+class MtcnnDetector:
+    """The MTCNN cascade over the ``face_pnet``/``face_rnet``/``face_onet`` roles."""
+
+    def __init__(self, backend: Backend, options: MtcnnOptions | None = None) -> None:
         self.backend = backend
-        self.aligner = aligner
         self.options = options or MtcnnOptions()
 
-    # ---- detection ----
-
-    def detect(self, image: np.ndarray) -> list[Face]:
-        """Every face in an RGB uint8 image, left to right."""
+    def __call__(self, image: np.ndarray) -> list[Face]:
         boxes = self._propose(image)
         boxes = self._refine(image, boxes)
-        faces = self._finish(image, boxes)
-        return sorted(faces, key=lambda face: face.box[0])
-
-    def largest(self, image: np.ndarray, field: str = "image") -> Face:
-        faces = self.detect(image)
-        if not faces:
-            raise NoFace("no face found", field=field)
-        return max(faces, key=lambda face: face.area)
-
-    def _net(self, role: str, name: str, batch: torch.Tensor) -> list[np.ndarray]:
-        """Runs a role in chunks that fit its batch profile; outputs as numpy."""
-        limit = self.backend.roles[role].axes["batch"].max
-        chunks = [self.backend.infer(role, {name: batch[i : i + limit]}) for i in range(0, len(batch), limit)]
-        specs = self.backend.roles[role].outputs
-        return [torch.cat([c[s.name] for c in chunks]).float().cpu().numpy() for s in specs]
+        return self._finish(image, boxes)
 
     def _propose(self, image: np.ndarray) -> np.ndarray:
         height, width = image.shape[:2]
@@ -113,7 +113,9 @@ class FaceAnalyzer:
     def _refine(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         if len(boxes) == 0:
             return boxes
-        probs, offsets = self._net("face_rnet", "faces", crop_patches(image, boxes[:, :4], 24))
+        probs, offsets = run_batched(
+            self.backend, "face_rnet", "faces", crop_patches(image, boxes[:, :4], 24)
+        )
         keep = probs[:, 1] >= self.options.thresholds[1]
         boxes, offsets, scores = boxes[keep], offsets[keep], probs[keep, 1]
         order = nms(boxes[:, :4], scores, 0.7)
@@ -123,7 +125,9 @@ class FaceAnalyzer:
     def _finish(self, image: np.ndarray, boxes: np.ndarray) -> list[Face]:
         if len(boxes) == 0:
             return []
-        probs, offsets, points = self._net("face_onet", "faces", crop_patches(image, boxes[:, :4], 48))
+        probs, offsets, points = run_batched(
+            self.backend, "face_onet", "faces", crop_patches(image, boxes[:, :4], 48)
+        )
         keep = probs[:, 1] >= self.options.thresholds[2]
         boxes, offsets, points, scores = boxes[keep], offsets[keep], points[keep], probs[keep, 1]
         widths = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
@@ -137,22 +141,41 @@ class FaceAnalyzer:
         for i in order:
             if scores[i] < self.options.min_score:
                 continue
-            x0, y0, x1, y1 = final[i]
-            box = (max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1))
+            box = clip_box(tuple(float(v) for v in final[i]), width, height)  # type: ignore[arg-type]
             landmarks = np.stack([xs[i], ys[i]], axis=1).astype(np.float32)
-            faces.append(Face(tuple(float(v) for v in box), float(scores[i]), landmarks))  # type: ignore[arg-type]
+            faces.append(Face(box, float(scores[i]), landmarks))
         return faces
 
-    # ---- identity ----
+
+class FaceAnalyzer:
+    """Detection (any :class:`Detector`) and identity (the ``face_embedder`` role on chips made by
+    ``aligner``). Scores are cosines of L2-normalised embeddings, whatever embedder is loaded."""
+
+    def __init__(self, backend: Backend, detector: Detector, aligner: Aligner) -> None:
+        self.backend = backend
+        self.detector = detector
+        self.aligner = aligner
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        """Every face in an RGB uint8 image, left to right."""
+        return sorted(self.detector(image), key=lambda face: face.box[0])
+
+    def largest(self, image: np.ndarray, field: str = "image") -> Face:
+        faces = self.detect(image)
+        if not faces:
+            raise NoFace("no face found", field=field)
+        return max(faces, key=lambda face: face.area)
 
     def embed(self, image: np.ndarray, faces: list[Face]) -> np.ndarray:
         """One L2-normalised embedding per face (rows)."""
         if not faces:
             return np.zeros((0, 0), np.float32)
-        chips = np.stack([self.aligner(image, face.box) for face in faces])
-        batch = torch.from_numpy(chips.astype(np.float32)).permute(0, 3, 1, 2)
-        (embeddings,) = self._net("face_embedder", "faces", batch)
-        return embeddings
+        chips = np.stack([self.aligner(image, face) for face in faces])
+        batch = torch.from_numpy(chips.astype(np.float32)).permute(0, 3, 1, 2).contiguous()
+        name = self.backend.roles["face_embedder"].inputs[0].name
+        (embeddings,) = run_batched(self.backend, "face_embedder", name, batch)
+        norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+        return embeddings / np.maximum(norms, 1e-12)
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
         return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))

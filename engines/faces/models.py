@@ -19,9 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..interface import Backend
 from ..packages import package_dir
 from ..roles import RoleDescription
 from ..shapes import AxisRange, Dim, TensorSpec, sym
+from .detect import Aligner, Detector, Face, FaceAnalyzer, MtcnnDetector
 from .mtcnn import load_mtcnn_nets
 
 DLIB_CHIP = 150
@@ -53,25 +55,58 @@ class DlibEmbedder:
         embeddings = torch.from_numpy(vectors.reshape(len(arrays), -1))
         return (torch.nn.functional.normalize(embeddings, dim=1),)
 
-    def chip(self, image: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray:
-        """The 150x150 chip dlib's descriptor expects, aligned by its own 5-point predictor."""
+    def chip(self, image: np.ndarray, face: Face) -> np.ndarray:
+        """The 150x150 chip dlib's descriptor expects (0..255 floats), aligned by its own 5-point
+        predictor inside the detected box."""
         import dlib
 
-        x0, y0, x1, y1 = (round(v) for v in box)
+        x0, y0, x1, y1 = (round(v) for v in face.box)
         shape = self.predictor(image, dlib.rectangle(x0, y0, x1, y1))
-        return np.asarray(dlib.get_face_chip(image, shape, size=DLIB_CHIP, padding=DLIB_PADDING))
+        chip = dlib.get_face_chip(image, shape, size=DLIB_CHIP, padding=DLIB_PADDING)
+        return np.asarray(chip, dtype=np.float32)
 
 
 @dataclass
 class FaceModels:
-    nets: dict[str, nn.Module]
-    embedder: DlibEmbedder
-    detector_name: str = "mtcnn"
-    embedder_name: str = "dlib-resnet-v1"
+    """A loaded set of face models: their role descriptions, the torch modules among them (which
+    a backend moves to its device), and how to detect and align with them."""
 
-    @classmethod
-    def default(cls) -> FaceModels:
-        return cls(nets=load_mtcnn_nets(), embedder=DlibEmbedder())
+    name: str
+    roles: dict[str, RoleDescription]
+    torch_modules: list[nn.Module]
+    make_detector: Callable[[Backend], Detector]
+    aligner: Aligner
+
+    def analyzer(self, backend: Backend) -> FaceAnalyzer:
+        return FaceAnalyzer(backend, self.make_detector(backend), self.aligner)
+
+
+def default_face_models() -> FaceModels:
+    """MTCNN + dlib ResNet: real weights from installed packages, offline."""
+    nets = load_mtcnn_nets()
+    embedder = DlibEmbedder()
+    return FaceModels(
+        name="mtcnn+dlib-resnet-v1",
+        roles=describe_face_roles(nets, embedder),
+        torch_modules=list(nets.values()),
+        make_detector=MtcnnDetector,
+        aligner=embedder.chip,
+    )
+
+
+def load_face_models(pack: Path | None = None) -> FaceModels:
+    """The default models, or an insightface pack directory when one is given."""
+    if pack is None:
+        return default_face_models()
+    from .insightface_pack import ScrfdDetector, arcface_chip, describe_pack_roles, find_pack_files
+
+    return FaceModels(
+        name=f"insightface:{pack}",
+        roles=describe_pack_roles(find_pack_files(pack)),
+        torch_modules=[],
+        make_detector=ScrfdDetector,
+        aligner=arcface_chip,
+    )
 
 
 def pnet_side(side: int) -> int:
@@ -79,13 +114,13 @@ def pnet_side(side: int) -> int:
     return math.ceil((side - 2) / 2) - 4
 
 
-def describe_face_roles(faces: FaceModels) -> dict[str, RoleDescription]:
+def describe_face_roles(nets: dict[str, nn.Module], embedder: DlibEmbedder) -> dict[str, RoleDescription]:
     batch = sym("batch")
     height, width = sym("image_height"), sym("image_width")
     crops = {"batch": AxisRange(1, 32, MAX_CROPS)}
 
     def net(name: str) -> Callable[[], nn.Module]:
-        return lambda: faces.nets[name]
+        return lambda: nets[name]
 
     def crop_role(name: str, size: int, outputs: tuple[TensorSpec, ...]) -> RoleDescription:
         return RoleDescription(
@@ -126,7 +161,7 @@ def describe_face_roles(faces: FaceModels) -> dict[str, RoleDescription]:
             inputs=(TensorSpec("faces", "float32", (batch, 3, DLIB_CHIP, DLIB_CHIP)),),
             outputs=(TensorSpec("embeddings", "float32", (batch, 128)),),
             axes={"batch": AxisRange(1, 8, 64)},
-            build_module=lambda: faces.embedder,
+            build_module=lambda: embedder,
             fp16=False,
             sample_ranges={"faces": (0.0, 255.0)},
         ),
