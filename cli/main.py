@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     faces.add_argument(
         "--face-models",
         default=None,
-        help="an insightface pack directory (SCRFD + ArcFace ONNX; non-commercial licence) instead of MTCNN + dlib",
+        help="an insightface pack directory (SCRFD + ArcFace ONNX; non-commercial licence)",
     )
     faces.set_defaults(run=_faces)
 
