@@ -312,15 +312,17 @@ def transfer_color(
 
 
 def feather(mask: np.ndarray, radius: int) -> np.ndarray:
-    """A soft 0..1 float mask: eroded by ``radius`` then blurred, so it fades to 0 at its edge
-    (the image border counts as outside)."""
+    """A soft 0..1 float mask: eroded by ``radius`` then blurred, so it fades to exactly 0 at its
+    edge (the image border counts as outside)."""
     if radius <= 0:
         return (mask > 127).astype(np.float32)
     pad = 2 * radius
     padded = np.pad(mask, pad)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
     eroded = cv2.erode(padded, kernel)
-    soft = cv2.GaussianBlur(eroded.astype(np.float32) / 255.0, (0, 0), sigmaX=radius / 2)
+    # OpenCV sizes a float kernel to 4 sigma each side: sigma = radius / 4 keeps the blur inside the
+    # eroded margin, so the mask stays exactly 0 outside the original region.
+    soft = cv2.GaussianBlur(eroded.astype(np.float32) / 255.0, (0, 0), sigmaX=radius / 4)
     return soft[pad:-pad, pad:-pad]
 
 

@@ -1,0 +1,120 @@
+"""Face parsing (landmarks or a BiSeNet ONNX), saliency matte, classical fusion, super-resolution."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from easyphoto.engines import imaging
+from easyphoto.engines.faces.detect import FaceAnalyzer
+from easyphoto.engines.faces.parts import (
+    BiSeNetParser,
+    GrabCutMatte,
+    LanczosUpscaler,
+    LandmarkParser,
+    OnnxUpscaler,
+    apply_matte,
+    fuse_faces,
+    super_resolve,
+)
+from easyphoto.engines.samples import sample_photo
+
+
+def _export(module: nn.Module, example: torch.Tensor, path: Path, dynamic: bool = False) -> Path:
+    axes = {"input": {2: "h", 3: "w"}, "output": {2: "h2", 3: "w2"}} if dynamic else None
+    torch.onnx.export(
+        module, (example,), str(path), input_names=["input"], output_names=["output"],
+        dynamic_axes=axes, opset_version=17, dynamo=False,
+    )  # fmt: skip
+    return path
+
+
+class HalvesParser(nn.Module):
+    """BiSeNet's signature with a known answer: left half class 4 (left eye), right half 12 (upper lip)."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(1, 19, 512, 512) + image[:, :1, :1, :1] * 0
+        logits[:, 4, :, :256] = 1
+        logits[:, 12, :, 256:] = 1
+        return logits
+
+
+def test_bisenet_parser_maps_classes_back_into_the_image(tmp_path: Path, faces: FaceAnalyzer) -> None:
+    path = _export(HalvesParser(), torch.zeros(1, 3, 512, 512), tmp_path / "bisenet.onnx")
+    image = sample_photo("astronaut")
+    face = faces.largest(image)
+    parts = BiSeNetParser(path)(image, face)
+    assert set(parts) == {"skin", "brows", "eyes", "nose", "mouth", "lips"}
+    assert not parts["skin"].any() and not parts["nose"].any()
+    eyes_x = np.nonzero(parts["eyes"].any(axis=0))[0]
+    lips_x = np.nonzero(parts["lips"].any(axis=0))[0]
+    centre = (face.box[0] + face.box[2]) / 2
+    assert eyes_x.max() < centre + 2 < lips_x.min() + 4  # the halves meet at the face's centre
+    assert parts["eyes"][round(face.box[1]) + 5, round(face.box[0]) + 5] == 255
+
+
+def test_landmark_parser_is_the_default_geometry(faces: FaceAnalyzer) -> None:
+    image = sample_photo("astronaut")
+    face = faces.largest(image)
+    parts = LandmarkParser()(image, face)
+    assert parts["eyes"][round(face.landmarks[0][1]), round(face.landmarks[0][0])] == 255
+
+
+def test_grabcut_matte_keeps_the_person_and_drops_the_border(faces: FaceAnalyzer) -> None:
+    image = sample_photo("astronaut")
+    face = faces.largest(image)
+    x0, y0, x1, y1 = imaging.int_box(imaging.grow_box(face.box, 3.0, 512, 512))
+    crop = image[y0:y1, x0:x1]
+    local_box = (face.box[0] - x0, face.box[1] - y0, face.box[2] - x0, face.box[3] - y0)
+    matte = GrabCutMatte()(crop, local_box)
+    fx0, fy0, fx1, fy1 = imaging.int_box(local_box)
+    assert (matte[fy0:fy1, fx0:fx1] == 255).all()
+    assert matte[:3].max() == 0 and matte[:, :3].max() == 0
+    assert 0.2 < (matte > 0).mean() < 0.9
+    white = apply_matte(crop, matte)
+    assert (white[matte == 0] == 255).all() and np.array_equal(white[matte > 0], crop[matte > 0])
+
+
+def test_fusion_keeps_lips_and_outside_and_repaints_eyes(faces: FaceAnalyzer) -> None:
+    target = sample_photo("astronaut")
+    group = sample_photo("group")
+    target_face, reference_face = faces.largest(target), faces.detect(group)[1]
+    parts = LandmarkParser()(target, target_face)
+    assert np.array_equal(fuse_faces(target, target_face, group, reference_face, parts, ratio=0), target)
+    fused = fuse_faces(target, target_face, group, reference_face, parts, ratio=0.5)
+    face_mask = imaging.union([parts[p] for p in imaging.FACE_PARTS if p != "lips"])
+    outside = face_mask == 0
+    assert np.array_equal(fused[outside], target[outside])
+    mouth = ((target_face.landmarks[3] + target_face.landmarks[4]) / 2).round().astype(int)
+    assert np.array_equal(fused[mouth[1], mouth[0]], target[mouth[1], mouth[0]])
+    eye = target_face.landmarks[0].round().astype(int)
+    assert np.abs(fused[eye[1], eye[0]].astype(int) - target[eye[1], eye[0]]).max() > 5
+    poisson = fuse_faces(target, target_face, group, reference_face, parts, ratio=0.5, method="poisson")
+    assert np.array_equal(poisson[outside], target[outside])
+    with pytest.raises(ValueError):
+        fuse_faces(target, target_face, group, reference_face, parts, method="magic")
+
+
+class NearestX2(nn.Module):
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(image, scale_factor=2.0, mode="nearest")
+
+
+def test_super_resolution_blends_the_enhancer_at_the_ratio(tmp_path: Path) -> None:
+    image = cv2.resize(sample_photo("astronaut"), (64, 64))
+    lanczos = LanczosUpscaler()(image)
+    assert lanczos.shape == (128, 128, 3)
+    assert np.array_equal(super_resolve(image, LanczosUpscaler(), 0.5), lanczos)
+    path = _export(NearestX2(), torch.zeros(1, 3, 64, 64), tmp_path / "x2.onnx", dynamic=True)
+    enhancer = OnnxUpscaler(path)
+    nearest = np.repeat(np.repeat(image, 2, axis=0), 2, axis=1)
+    assert np.array_equal(enhancer(image), nearest)
+    blended = super_resolve(image, enhancer, 0.5).astype(int)
+    expected = (nearest.astype(np.float32) * 0.5 + lanczos.astype(np.float32) * 0.5).round()
+    assert np.abs(blended - expected).max() <= 1
+    assert np.array_equal(super_resolve(image, enhancer, 0.0), lanczos)
