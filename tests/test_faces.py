@@ -39,6 +39,21 @@ def test_photo_without_face_raises_typed_error(faces: FaceAnalyzer) -> None:
     assert info.value.field == "photos[3]" and info.value.code == "FAILED_PRECONDITION"
 
 
+def test_too_small_and_too_many_faces_are_typed_errors(faces: FaceAnalyzer) -> None:
+    from easyphoto.engines.errors import FaceTooSmall, TooManyFaces
+
+    group = sample_photo("group")
+    with pytest.raises(TooManyFaces) as many:
+        faces.detect_checked(group, "templates[0]", max_faces=4)
+    assert many.value.code == "INVALID_ARGUMENT" and "6 faces" in many.value.message
+    with pytest.raises(FaceTooSmall) as small:
+        faces.detect_checked(group, "templates[0]", max_faces=8, min_size=200)
+    assert small.value.field == "templates[0]" and small.value.code == "FAILED_PRECONDITION"
+    assert len(faces.detect_checked(group, "templates[0]", max_faces=8, min_size=60)) == 6
+    with pytest.raises(FaceTooSmall):
+        faces.largest(sample_photo("astronaut"), min_size=300)
+
+
 def test_rotation_by_known_angle_is_recovered(faces: FaceAnalyzer) -> None:
     from easyphoto.engines.imaging import roll_angle
 

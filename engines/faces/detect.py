@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import NoFace
+from ..errors import FaceTooSmall, NoFace, TooManyFaces
 from ..imaging import clip_box
 from ..interface import Backend
 from .mtcnn import MtcnnOptions, crop_patches, nms, normalize, pyramid_scales, regress, square
@@ -147,6 +147,15 @@ class MtcnnDetector:
         return faces
 
 
+def _check_size(face: Face, field: str, min_size: float) -> None:
+    if min(face.width, face.height) < min_size:
+        raise FaceTooSmall(
+            f"face at {[round(v) for v in face.box]} is {face.width:.0f}x{face.height:.0f} px;"
+            f" at least {min_size:.0f} px a side is needed",
+            field=field,
+        )
+
+
 class FaceAnalyzer:
     """Detection (any :class:`Detector`) and identity (the ``face_embedder`` role on chips made by
     ``aligner``). Scores are cosines of L2-normalised embeddings, whatever embedder is loaded."""
@@ -160,11 +169,27 @@ class FaceAnalyzer:
         """Every face in an RGB uint8 image, left to right."""
         return sorted(self.detector(image), key=lambda face: face.box[0])
 
-    def largest(self, image: np.ndarray, field: str = "image") -> Face:
+    def largest(self, image: np.ndarray, field: str = "image", min_size: float = 0) -> Face:
+        """The largest face; :class:`NoFace` or :class:`FaceTooSmall` naming ``field`` otherwise."""
         faces = self.detect(image)
         if not faces:
             raise NoFace("no face found", field=field)
-        return max(faces, key=lambda face: face.area)
+        face = max(faces, key=lambda face: face.area)
+        _check_size(face, field, min_size)
+        return face
+
+    def detect_checked(
+        self, image: np.ndarray, field: str, max_faces: int, min_size: float = 0
+    ) -> list[Face]:
+        """Every face, left to right, with typed errors for none, too many, or a face too small."""
+        faces = self.detect(image)
+        if not faces:
+            raise NoFace("no face found", field=field)
+        if len(faces) > max_faces:
+            raise TooManyFaces(f"{len(faces)} faces found; at most {max_faces} are supported", field=field)
+        for face in faces:
+            _check_size(face, field, min_size)
+        return faces
 
     def embed(self, image: np.ndarray, faces: list[Face]) -> np.ndarray:
         """One L2-normalised embedding per face (rows)."""
