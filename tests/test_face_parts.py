@@ -118,3 +118,17 @@ def test_super_resolution_blends_the_enhancer_at_the_ratio(tmp_path: Path) -> No
     expected = (nearest.astype(np.float32) * 0.5 + lanczos.astype(np.float32) * 0.5).round()
     assert np.abs(blended - expected).max() <= 1
     assert np.array_equal(super_resolve(image, enhancer, 0.0), lanczos)
+
+
+def test_optional_onnx_models_replace_the_classical_defaults(tmp_path: Path) -> None:
+    from easyphoto.engines.faces.models import load_face_models
+    from easyphoto.engines.faces.parts import BiSeNetParser, OnnxSaliencyMatte
+
+    default = load_face_models()
+    assert isinstance(default.parser, LandmarkParser) and isinstance(default.matte, GrabCutMatte)
+    assert isinstance(default.upscaler, LanczosUpscaler)
+    parsing = _export(HalvesParser(), torch.zeros(1, 3, 512, 512), tmp_path / "parsing.onnx")
+    enhancer = _export(NearestX2(), torch.zeros(1, 3, 64, 64), tmp_path / "x2.onnx", dynamic=True)
+    models = load_face_models(parsing=parsing, saliency=parsing, enhancer=enhancer)
+    assert isinstance(models.parser, BiSeNetParser) and isinstance(models.upscaler, OnnxUpscaler)
+    assert isinstance(models.matte, OnnxSaliencyMatte)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,17 @@ from ..roles import RoleDescription
 from ..shapes import AxisRange, Dim, TensorSpec, sym
 from .detect import Aligner, Detector, Face, FaceAnalyzer, MtcnnDetector
 from .mtcnn import load_mtcnn_nets
+from .parts import (
+    BiSeNetParser,
+    GrabCutMatte,
+    LanczosUpscaler,
+    LandmarkParser,
+    Matte,
+    OnnxSaliencyMatte,
+    OnnxUpscaler,
+    Parser,
+    Upscaler,
+)
 
 DLIB_CHIP = 150
 DLIB_PADDING = 0.25
@@ -76,6 +87,9 @@ class FaceModels:
     torch_modules: list[nn.Module]
     make_detector: Callable[[Backend], Detector]
     aligner: Aligner
+    parser: Parser = field(default_factory=LandmarkParser)
+    matte: Matte = field(default_factory=GrabCutMatte)
+    upscaler: Upscaler = field(default_factory=LanczosUpscaler)
 
     def analyzer(self, backend: Backend) -> FaceAnalyzer:
         return FaceAnalyzer(backend, self.make_detector(backend), self.aligner)
@@ -94,19 +108,33 @@ def default_face_models() -> FaceModels:
     )
 
 
-def load_face_models(pack: Path | None = None) -> FaceModels:
-    """The default models, or an insightface pack directory when one is given."""
+def load_face_models(
+    pack: Path | None = None,
+    parsing: Path | None = None,
+    saliency: Path | None = None,
+    enhancer: Path | None = None,
+) -> FaceModels:
+    """The default models, or an insightface pack directory when one is given; optional ONNX files
+    replace the classical face parsing (BiSeNet), saliency matte and Lanczos upscaling."""
     if pack is None:
-        return default_face_models()
-    from .insightface_pack import ScrfdDetector, arcface_chip, describe_pack_roles, find_pack_files
+        models = default_face_models()
+    else:
+        from .insightface_pack import ScrfdDetector, arcface_chip, describe_pack_roles, find_pack_files
 
-    return FaceModels(
-        name=f"insightface:{pack}",
-        roles=describe_pack_roles(find_pack_files(pack)),
-        torch_modules=[],
-        make_detector=ScrfdDetector,
-        aligner=arcface_chip,
-    )
+        models = FaceModels(
+            name=f"insightface:{pack}",
+            roles=describe_pack_roles(find_pack_files(pack)),
+            torch_modules=[],
+            make_detector=ScrfdDetector,
+            aligner=arcface_chip,
+        )
+    if parsing is not None:
+        models.parser = BiSeNetParser(parsing)
+    if saliency is not None:
+        models.matte = OnnxSaliencyMatte(saliency)
+    if enhancer is not None:
+        models.upscaler = OnnxUpscaler(enhancer)
+    return models
 
 
 def pnet_side(side: int) -> int:

@@ -8,6 +8,7 @@ from the files.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
@@ -27,6 +28,11 @@ from ..imaging import (
 )
 from .detect import Face
 from .onnx_runner import OnnxRunner
+
+# What a face-parts provider, a matte and an upscaler look like to callers.
+Parser = Callable[[np.ndarray, Face], dict[str, np.ndarray]]
+Matte = Callable[[np.ndarray, Box], np.ndarray]
+Upscaler = Callable[[np.ndarray], np.ndarray]
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -218,7 +224,7 @@ class OnnxUpscaler:
         return (out * 255).round().astype(np.uint8)
 
 
-def super_resolve(image: np.ndarray, enhancer: LanczosUpscaler | OnnxUpscaler, ratio: float) -> np.ndarray:
+def super_resolve(image: np.ndarray, enhancer: Upscaler, ratio: float) -> np.ndarray:
     """The enhancer's output blended at ``ratio`` with the Lanczos-upscaled image (MISSION.md §2.11)."""
     base = LanczosUpscaler()(image)
     if ratio <= 0 or isinstance(enhancer, LanczosUpscaler):
