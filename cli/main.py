@@ -75,6 +75,27 @@ def _faces(args: argparse.Namespace) -> int:
     return list_faces(args.photos, analyzer)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from easyphoto.engines.faces.models import default_face_models
+    from easyphoto.engines.loading import resolve_family
+    from easyphoto.engines.roles import describe_roles
+    from easyphoto.export.onnx_export import export_all
+
+    roles = describe_roles(resolve_family(args.models))
+    if not args.no_faces:
+        roles.update(default_face_models().roles)
+    if args.roles:
+        roles = {name: roles[name] for name in args.roles.split(",")}
+    results = export_all(roles, Path(args.out), force=args.force)
+    for result in results:
+        state = "unchanged" if result.skipped else f"{result.seconds:.1f}s"
+        verdict = "ok" if result.ok else "MISMATCH"
+        print(
+            f"{result.role:20s} {verdict:8s} max|ort-torch|={result.max_abs_diff:.2e} ({state}) {result.path}"
+        )
+    return 0 if all(r.ok for r in results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="easyphoto", description="EasyPhoto as a gRPC backend")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -112,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="an insightface pack directory (SCRFD + ArcFace ONNX; non-commercial licence)",
     )
     faces.set_defaults(run=_faces)
+
+    export = commands.add_parser("export", help="write ONNX for every role, checked against PyTorch")
+    export.add_argument("--models", default="tiny")
+    export.add_argument("--out", default="build/export")
+    export.add_argument("--roles", default="", help="comma-separated role names (default: all)")
+    export.add_argument("--no-faces", action="store_true", help="leave out the face roles")
+    export.add_argument("--force", action="store_true", help="re-export even when nothing changed")
+    export.set_defaults(run=_export)
 
     bench = commands.add_parser("bench", help="time our loop against diffusers; writes docs/benchmarks.md")
     bench.add_argument("--out", default="docs/benchmarks.md")
