@@ -18,7 +18,14 @@ from typing import Any
 from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .builders import TINY_VERSION, build_tiny_family, cache_root, sd15_config, sd15_config_dir
+from .builders import (
+    TINY_VERSION,
+    build_sd15_random_family,
+    build_tiny_family,
+    cache_root,
+    sd15_config,
+    sd15_config_dir,
+)
 from .family import CONTROLNET_KINDS, FAMILY_FILE, ModelFamily
 from .tokenizer import sd15_tokenizer
 
@@ -181,9 +188,12 @@ def tiny_family(cache_dir: Path | None = None) -> ModelFamily:
 
 
 def resolve_family(models: str, cache_dir: Path | None = None) -> ModelFamily:
-    """``tiny``, a family spec ``.json``, a diffusers folder or an SD 1.5 single file."""
+    """``tiny``, ``sd15-random`` (full SD 1.5 shapes, random weights, for benchmarks only), a family
+    spec ``.json``, a diffusers folder or an SD 1.5 single file."""
     if models == "tiny":
         return tiny_family(cache_dir)
+    if models == "sd15-random":
+        return build_sd15_random_family(cache_dir=cache_dir)
     path = Path(models).expanduser()
     if path.suffix == ".json" and path.is_file():
         return load_family(FamilySpec.from_json(path))
