@@ -1,8 +1,9 @@
 """``easyphoto demo``: the main job end to end on the embedded default (tiny models, CPU).
 
-For now it runs one ControlNet inpainting pass (the first-diffusion settings of MISSION.md §2.5)
-through the engines on a sample photo that scikit-image ships, and writes a contact sheet. The
-tiny family has random weights: it paints noise into the masked region, never a face.
+For now: detect the face of a sample photo that scikit-image ships with the real face models,
+build the inpaint mask and the canny / openpose / colour control images from it, run the first
+diffusion pass (MISSION.md §2.5 settings) through the engines, paste the face back, and write a
+contact sheet. The tiny family has random weights: it paints noise into the face, never a face.
 """
 
 from __future__ import annotations
@@ -16,13 +17,16 @@ import numpy as np
 import torch
 from skimage import data as skimage_data
 
+from easyphoto.engines.faces.models import default_face_models
 from easyphoto.engines.imaging import (
     canny_control,
     color_control,
     contact_sheet,
-    ellipse_mask,
+    draw_pose,
     encode_png,
+    feather,
     from_model,
+    inpaint_mask,
     resize,
     to_model,
 )
@@ -32,8 +36,6 @@ from easyphoto.engines.loading import resolve_family
 from easyphoto.engines.torch_backend import TorchBackend
 
 FACE_PROMPT = "easyphoto_face, easyphoto, 1person"
-# The astronaut's face in scikit-image's 512x512 sample (a fixed box until the face stack lands).
-ASTRONAUT_FACE = (170.0, 40.0, 300.0, 210.0)
 RANDOM_WEIGHTS_NOTE = "tiny RANDOM weights: the masked face is painted with noise, not a face"
 
 
@@ -57,16 +59,22 @@ def run_demo(
     timings["load_models"] = time.perf_counter() - started
 
     template = skimage_data.astronaut()
-    scale = size / template.shape[0]
     image = resize(template, size, size)
-    mask = ellipse_mask(size, size, tuple(v * scale for v in ASTRONAUT_FACE))
+    started = time.perf_counter()
+    face_models = default_face_models()
+    face = face_models.analyzer(TorchBackend(faces=face_models)).largest(image)
+    parts = face_models.parser(image, face)
+    mask = inpaint_mask(parts, face.width)
     canny, color = canny_control(image), color_control(image)
+    pose = draw_pose(image.shape[:2], [face.landmarks])
+    timings["face_preprocessing"] = time.perf_counter() - started
     started = time.perf_counter()
     embeds = engines.encode_prompts([FACE_PROMPT, ""])
     timings["encode_prompts"] = time.perf_counter() - started
 
     def on_step(event: StepEvent) -> None:
-        print(f"\r  first diffusion: step {event.step}/{event.total_steps}", end="", flush=True)
+        if event.step % 10 == 0 or event.step == event.total_steps:
+            print(f"  first diffusion: step {event.step}/{event.total_steps}", flush=True)
 
     started = time.perf_counter()
     request = InpaintRequest(
@@ -76,6 +84,7 @@ def run_demo(
         negative_prompt_embeds=embeds[1:],
         controls=[
             ControlInput("canny", to_model(canny, signed=False), 0.5),
+            ControlInput("openpose", to_model(pose, signed=False), 0.5),
             ControlInput("color", to_model(color, signed=False), 0.85),
         ],
         steps=steps,
@@ -85,10 +94,9 @@ def run_demo(
         on_step=on_step,
     )
     result = from_model(run_inpaint(engines, request, family.scheduler_config))
-    print()
     timings["first_diffusion"] = time.perf_counter() - started
 
-    alpha = (mask.astype(np.float32) / 255.0)[..., None]
+    alpha = feather(mask, max(1, round(face.width / 20)))[..., None]
     pasted = (result * alpha + image * (1 - alpha)).round().astype(np.uint8)
     banner = RANDOM_WEIGHTS_NOTE if family.is_random else f"model: {family.source}"
     sheet = contact_sheet(
@@ -96,6 +104,7 @@ def run_demo(
             ("template", image),
             ("inpaint mask", mask),
             ("canny", canny),
+            ("openpose", pose),
             ("color", color),
             ("pass 1", result),
             ("pasted", pasted),

@@ -15,10 +15,10 @@ from easyphoto.server.demo import RANDOM_WEIGHTS_NOTE, run_demo
 def test_demo_writes_sheet_and_marks_random_weights(tmp_path: Path) -> None:
     result = run_demo(tmp_path, size=64, steps=4)
     sheet = np.asarray(Image.open(result.sheet))
-    assert sheet.shape[0] > 64 and sheet.shape[1] >= 6 * 64  # banner + six captioned tiles
+    assert sheet.shape[0] > 64 and sheet.shape[1] >= 7 * 64  # banner + seven captioned tiles
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["is_random"] is True and summary["model"] == "tiny"
-    assert set(summary["seconds"]) == {"load_models", "encode_prompts", "first_diffusion"}
+    assert set(summary["seconds"]) == {"load_models", "face_preprocessing", "encode_prompts", "first_diffusion"}
     assert "RANDOM" in RANDOM_WEIGHTS_NOTE
 
 
