@@ -18,7 +18,8 @@ def test_demo_writes_sheet_and_marks_random_weights(tmp_path: Path) -> None:
     assert sheet.shape[0] > 64 and sheet.shape[1] >= 7 * 64  # banner + seven captioned tiles
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["is_random"] is True and summary["model"] == "tiny"
-    assert set(summary["seconds"]) == {"load_models", "face_preprocessing", "encode_prompts", "first_diffusion"}
+    stages = {"load_models", "face_preprocessing", "encode_prompts", "first_diffusion"}
+    assert set(summary["seconds"]) == stages
     assert "RANDOM" in RANDOM_WEIGHTS_NOTE
 
 
