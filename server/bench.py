@@ -57,6 +57,37 @@ def baseline_pipeline(family: ModelFamily, kinds: list[str]) -> StableDiffusionC
     return pipe
 
 
+def baseline_inpaint(
+    pipe: StableDiffusionControlNetInpaintPipeline,
+    prompt: str,
+    negative_prompt: str,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    controls: list[ControlInput],
+    steps: int,
+    seed: int,
+    strength: float = 0.45,
+    guidance_scale: float = 7.0,
+) -> torch.Tensor:
+    """The same pass as :func:`engines.inpaint.run_inpaint`, through diffusers: ``image`` and the
+    result in [0, 1] (NCHW), ``mask`` 1 where repainted."""
+    return pipe(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        image=image,
+        mask_image=mask,
+        control_image=[c.image for c in controls],
+        height=image.shape[-2],
+        width=image.shape[-1],
+        num_inference_steps=steps,
+        strength=strength,
+        guidance_scale=guidance_scale,
+        controlnet_conditioning_scale=[c.scale for c in controls],
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
+
+
 def _timed(fn: Callable[[], object], repeats: int) -> list[float]:
     fn()  # warm-up
     times = []
@@ -78,20 +109,15 @@ def time_first_pass(family: ModelFamily, size: int, steps: int, repeats: int) ->
     pipe = baseline_pipeline(family, list(CONTROL_SCALES))
 
     def baseline() -> object:
-        return pipe(
-            prompt=PROMPT,
-            negative_prompt="",
-            image=image,
-            mask_image=mask,
-            control_image=[controls[k] for k in CONTROL_SCALES],
-            height=size,
-            width=size,
-            num_inference_steps=steps,
-            strength=0.45,
-            guidance_scale=7.0,
-            controlnet_conditioning_scale=list(CONTROL_SCALES.values()),
-            generator=torch.Generator().manual_seed(1),
-            output_type="pt",
+        return baseline_inpaint(
+            pipe,
+            PROMPT,
+            "",
+            image,
+            mask,
+            [ControlInput(k, controls[k], s) for k, s in CONTROL_SCALES.items()],
+            steps=steps,
+            seed=1,
         )
 
     def ours() -> object:

@@ -9,7 +9,7 @@ from diffusers import StableDiffusionControlNetInpaintPipeline
 from easyphoto.engines.family import ModelFamily
 from easyphoto.engines.inpaint import InpaintRequest, run_inpaint
 from easyphoto.engines.interface import ControlInput, Engines
-from easyphoto.server.bench import baseline_pipeline
+from easyphoto.server.bench import baseline_inpaint, baseline_pipeline
 
 SIZE = 128
 PROMPT = "easyphoto_face, easyphoto, 1person"
@@ -34,21 +34,10 @@ def _pipeline(tiny: ModelFamily) -> StableDiffusionControlNetInpaintPipeline:
 def _run_diffusers(
     pipe: StableDiffusionControlNetInpaintPipeline, inputs: dict[str, torch.Tensor], steps: int
 ):
-    return pipe(
-        prompt=PROMPT,
-        negative_prompt=NEGATIVE,
-        image=inputs["image"],
-        mask_image=inputs["mask"],
-        control_image=[inputs[k] for k in SCALES],
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=steps,
-        strength=0.45,
-        guidance_scale=7.0,
-        controlnet_conditioning_scale=list(SCALES.values()),
-        generator=torch.Generator().manual_seed(42),
-        output_type="pt",
-    ).images
+    controls = [ControlInput(k, inputs[k], s) for k, s in SCALES.items()]
+    return baseline_inpaint(
+        pipe, PROMPT, NEGATIVE, inputs["image"], inputs["mask"], controls, steps=steps, seed=42
+    )
 
 
 def _request(engines: Engines, inputs: dict[str, torch.Tensor], **options: object) -> InpaintRequest:
