@@ -1,0 +1,181 @@
+"""Generate options: every MISSION.md §2 default in one place, and the request resolved into them.
+
+Unset proto fields (``optional``) take the reference default; set ones are range-checked, and a
+violation is an :class:`InvalidArgument` naming the field (``first_pass.strength``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from easyphoto.engines.errors import InvalidArgument
+from easyphoto.engines.inpaint import SCHEDULERS
+from easyphoto.v1 import generator_pb2
+
+FACE_PROMPT = "easyphoto_face, easyphoto, 1person"
+STYLE_PROMPT = (
+    "best quality, realistic, photo-realistic, detailed skin, natural lighting, sharp focus, raw photo"
+)
+NEGATIVE_PROMPT = (
+    "lowres, blurry, bad anatomy, deformed face, distorted eyes, extra fingers, watermark, text,"
+    " jpeg artifacts, overexposed, cartoon, painting"
+)
+MAX_IMAGES_PER_TEMPLATE = 8
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    enabled: bool
+    steps: int
+    strength: float
+    guidance_scale: float
+    canny_weight: float = 0.0
+    openpose_weight: float = 0.0
+    color_weight: float = 0.0
+    tile_weight: float = 0.0
+    canny_low_threshold: int = 100
+    canny_high_threshold: int = 200
+    scheduler: str = "dpmpp_2m_sde_karras"
+
+    def control_weights(self) -> dict[str, float]:
+        """The ControlNets this pass runs (weight > 0), in a fixed order."""
+        weights = {
+            "canny": self.canny_weight,
+            "openpose": self.openpose_weight,
+            "color": self.color_weight,
+            "tile": self.tile_weight,
+        }
+        return {kind: w for kind, w in weights.items() if w > 0}
+
+
+FIRST_PASS = PassOptions(True, 50, 0.45, 7.0, canny_weight=0.5, openpose_weight=0.5, color_weight=0.85)
+SECOND_PASS = PassOptions(True, 20, 0.35, 7.0, canny_weight=1.0, tile_weight=1.0)
+SEAM_PASS = PassOptions(True, 30, 0.30, 7.0, canny_weight=1.0, color_weight=1.0)
+BACKGROUND_PASS = PassOptions(False, 20, 0.35, 7.0, canny_weight=1.0, color_weight=1.0)
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    first_pass: PassOptions = FIRST_PASS
+    second_pass: PassOptions = SECOND_PASS
+    seam_pass: PassOptions = SEAM_PASS
+    background_restore: PassOptions = BACKGROUND_PASS
+    fusion_before: bool = True
+    fusion_before_ratio: float = 0.5
+    fusion_after: bool = True
+    fusion_after_ratio: float = 0.5
+    lora_weight: float = 0.9
+    color_shift: bool = True
+    crop_face: bool = True
+    crop_scale: float = 3.0
+    crop_short_side: int = 512
+    super_resolution_ratio: float = 0.5
+    positive_prompt: str = STYLE_PROMPT
+    negative_prompt: str = NEGATIVE_PROMPT
+    extra_prompt: str = ""
+    extra_negative_prompt: str = ""
+    seed: int | None = None
+    images_per_template: int = 1
+    return_intermediates: bool = False
+
+    @property
+    def prompt(self) -> str:
+        return ", ".join(p for p in (FACE_PROMPT, self.positive_prompt, self.extra_prompt) if p)
+
+    @property
+    def negative(self) -> str:
+        return ", ".join(p for p in (self.negative_prompt, self.extra_negative_prompt) if p)
+
+
+def _range(field: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    below = value <= low if low_open else value < low
+    if below or value > high:
+        bracket = "(" if low_open else "["
+        raise InvalidArgument(f"{field} is {value}; allowed {bracket}{low}, {high}]", field=field)
+
+
+def _pass(message: Any, defaults: PassOptions, name: str) -> PassOptions:
+    values: dict[str, Any] = {}
+    for field in (
+        "enabled",
+        "steps",
+        "strength",
+        "guidance_scale",
+        "canny_weight",
+        "openpose_weight",
+        "color_weight",
+        "tile_weight",
+        "canny_low_threshold",
+        "canny_high_threshold",
+        "scheduler",
+    ):
+        if message.HasField(field):
+            values[field] = getattr(message, field)
+    options = replace(defaults, **values)
+    _range(f"{name}.steps", options.steps, 1, 200)
+    _range(f"{name}.strength", options.strength, 0.0, 1.0, low_open=True)
+    _range(f"{name}.guidance_scale", options.guidance_scale, 1.0, 30.0)
+    for kind in ("canny", "openpose", "color", "tile"):
+        _range(f"{name}.{kind}_weight", getattr(options, f"{kind}_weight"), 0.0, 2.0)
+    for bound in ("canny_low_threshold", "canny_high_threshold"):
+        _range(f"{name}.{bound}", getattr(options, bound), 0, 255)
+    if options.canny_low_threshold > options.canny_high_threshold:
+        raise InvalidArgument(
+            f"{name}.canny_low_threshold exceeds canny_high_threshold", field=f"{name}.canny_low_threshold"
+        )
+    if options.scheduler not in SCHEDULERS:
+        raise InvalidArgument(
+            f"{name}.scheduler {options.scheduler!r} is unknown; known: {sorted(SCHEDULERS)}",
+            field=f"{name}.scheduler",
+        )
+    return options
+
+
+def resolve_options(request: generator_pb2.GenerateRequest) -> GenerateOptions:
+    defaults = GenerateOptions()
+    values: dict[str, Any] = {
+        "first_pass": _pass(request.first_pass, FIRST_PASS, "first_pass"),
+        "second_pass": _pass(request.second_pass, SECOND_PASS, "second_pass"),
+        "seam_pass": _pass(request.seam_pass, SEAM_PASS, "seam_pass"),
+        "background_restore": _pass(request.background_restore, BACKGROUND_PASS, "background_restore"),
+        "extra_prompt": request.extra_prompt,
+        "extra_negative_prompt": request.extra_negative_prompt,
+        "return_intermediates": request.return_intermediates,
+    }
+    fusion = request.fusion
+    for proto_field, ours in (
+        ("before_enabled", "fusion_before"),
+        ("before_ratio", "fusion_before_ratio"),
+        ("after_enabled", "fusion_after"),
+        ("after_ratio", "fusion_after_ratio"),
+    ):
+        if fusion.HasField(proto_field):
+            values[ours] = getattr(fusion, proto_field)
+    for field in (
+        "lora_weight",
+        "color_shift",
+        "crop_face",
+        "crop_scale",
+        "crop_short_side",
+        "super_resolution_ratio",
+        "positive_prompt",
+        "negative_prompt",
+        "seed",
+        "images_per_template",
+    ):
+        if request.HasField(field):
+            values[field] = getattr(request, field)
+    options = replace(defaults, **values)
+    _range("fusion.before_ratio", options.fusion_before_ratio, 0.0, 1.0)
+    _range("fusion.after_ratio", options.fusion_after_ratio, 0.0, 1.0)
+    _range("lora_weight", options.lora_weight, 0.0, 2.0)
+    _range("crop_scale", options.crop_scale, 1.5, 6.0)
+    _range("super_resolution_ratio", options.super_resolution_ratio, 0.0, 1.0)
+    _range("images_per_template", options.images_per_template, 1, MAX_IMAGES_PER_TEMPLATE)
+    if options.crop_short_side % 64 or not 256 <= options.crop_short_side <= 1024:
+        raise InvalidArgument(
+            f"crop_short_side is {options.crop_short_side}; a multiple of 64 in [256, 1024]",
+            field="crop_short_side",
+        )
+    return options
