@@ -18,6 +18,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTokenizer
 
 from .roles import RoleDescription
+from .shapes import Dim
 
 Tensors = dict[str, torch.Tensor]
 
@@ -65,6 +66,21 @@ class Engines:
     @property
     def roles(self) -> dict[str, RoleDescription]:
         return self.backend.roles
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel, read off the VAE decoder's description."""
+        height = self.roles["vae_decoder"].outputs[0].shape[2]
+        return int(height.scale) if isinstance(height, Dim) else 1
+
+    @property
+    def image_multiple(self) -> int:
+        """Image sides must be multiples of this (the UNet's down factor in pixels)."""
+        return self.roles["unet"].axes["latent_height"].multiple * self.vae_scale_factor
+
+    @property
+    def max_image_side(self) -> int:
+        return self.roles["unet"].axes["latent_height"].max * self.vae_scale_factor
 
     @property
     def controlnet_kinds(self) -> list[str]:

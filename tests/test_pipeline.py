@@ -1,0 +1,136 @@
+"""The per-face generation loop on the tiny models and the real face models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from easyphoto.engines.errors import Cancelled, InvalidArgument, UnknownUser, UserNotReady
+from easyphoto.engines.faces.detect import FaceAnalyzer
+from easyphoto.engines.faces.models import default_face_models
+from easyphoto.engines.family import ModelFamily
+from easyphoto.engines.imaging import encode_png, grow_box, int_box
+from easyphoto.engines.interface import Engines
+from easyphoto.engines.samples import sample_photo
+from easyphoto.engines.torch_backend import TorchBackend
+from easyphoto.server.options import GenerateOptions, PassOptions
+from easyphoto.server.pipeline import Orchestrator
+from easyphoto.server.users import UserStore
+
+FAST = PassOptions(True, 4, 0.5, 7.0, canny_weight=0.5, color_weight=0.85)
+
+
+class RecordingEngines(Engines):
+    """The real engines, recording every model evaluation (ControlNets with their weights)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.calls: list[dict[str, float]] = []
+
+    def predict_noise(self, sample, timestep, encoder_hidden_states, controls):  # type: ignore[no-untyped-def]
+        self.calls.append({c.kind: c.scale for c in controls})
+        return super().predict_noise(sample, timestep, encoder_hidden_states, controls)
+
+
+def _publish(root: Path, user_id: str, face: np.ndarray, version: int = 1) -> None:
+    folder = root / "users" / user_id / f"v{version}"
+    folder.mkdir(parents=True)
+    (folder / "face_id.png").write_bytes(encode_png(face))
+    (folder / "reference.png").write_bytes(encode_png(face))
+    (root / "users" / user_id / "CURRENT").write_text(str(version))
+
+
+@pytest.fixture(scope="module")
+def orchestrator(
+    tiny: ModelFamily, faces: FaceAnalyzer, tmp_path_factory: pytest.TempPathFactory
+) -> Orchestrator:
+    root = tmp_path_factory.mktemp("data")
+    group = sample_photo("group")
+    face = faces.detect(group)[1]
+    x0, y0, x1, y1 = int_box(grow_box(face.box, 1.8, group.shape[1], group.shape[0]))
+    _publish(root, "alice", group[y0:y1, x0:x1])
+    (root / "users" / "bob").mkdir(parents=True)  # training, nothing published
+    engines = RecordingEngines(
+        TorchBackend(tiny, "cpu"), tiny.tokenizer, float(tiny.vae.config.scaling_factor)
+    )
+    return Orchestrator(engines, tiny.scheduler_config, default_face_models(), faces, UserStore(root))
+
+
+def _calls(orchestrator: Orchestrator) -> list[dict[str, float]]:
+    return orchestrator.engines.calls  # type: ignore[attr-defined]
+
+
+def test_every_default_reaches_the_engines(orchestrator: Orchestrator) -> None:
+    _calls(orchestrator).clear()
+    template = sample_photo("astronaut")
+    result = orchestrator.generate(template, ["alice"], GenerateOptions(), seed=3)
+    calls = _calls(orchestrator)
+    first, second = calls[: int(50 * 0.45)], calls[int(50 * 0.45) :]
+    assert len(first) == 22 and len(second) == int(20 * 0.35)
+    assert all(c == {"canny": 0.5, "openpose": 0.5, "color": 0.85} for c in first)
+    assert all(c == {"canny": 1.0, "tile": 1.0} for c in second)
+    outcome = result.faces[0]
+    assert outcome.user_id == "alice" and -1.0 <= outcome.identity_score <= 1.0  # type: ignore[operator]
+    x0, y0, x1, y1 = int_box(grow_box(outcome.face.box, 3.0, 512, 512))
+    outside = np.ones(template.shape[:2], bool)
+    outside[y0:y1, x0:x1] = False
+    assert np.array_equal(result.image[outside], template[outside])
+    assert not np.array_equal(result.image[y0:y1, x0:x1], template[y0:y1, x0:x1])
+    assert {"detect", "first_diffusion", "second_diffusion", "total"} <= set(result.timings)
+
+
+def test_faces_are_matched_left_to_right_and_empty_ids_skip(orchestrator: Orchestrator) -> None:
+    group = sample_photo("group")
+    options = GenerateOptions(first_pass=FAST, second_pass=FAST, return_intermediates=True)
+    result = orchestrator.generate(group, ["", "alice"], options, seed=1)
+    assert [o.user_id for o in result.faces] == ["", "alice", "", "", "", ""]
+    assert result.faces[0].identity_score is None and result.faces[1].identity_score is not None
+    skipped = int_box(result.faces[0].face.box)
+    painted = int_box(result.faces[1].face.box)
+    assert np.array_equal(result.image[skipped[1] : skipped[3], skipped[0] : skipped[2]],
+                          group[skipped[1] : skipped[3], skipped[0] : skipped[2]])  # fmt: skip
+    assert not np.array_equal(result.image[painted[1] : painted[3], painted[0] : painted[2]],
+                              group[painted[1] : painted[3], painted[0] : painted[2]])  # fmt: skip
+    names = {name for name, _ in result.intermediates}
+    assert {"face1_crop", "face1_inpaint_mask", "face1_first_diffusion", "face1_second_mask"} <= names
+
+
+def test_request_errors_are_typed(orchestrator: Orchestrator) -> None:
+    astronaut = sample_photo("astronaut")
+    _calls(orchestrator).clear()
+    with pytest.raises(InvalidArgument) as info:
+        orchestrator.generate(astronaut, ["alice", "alice"], GenerateOptions(), seed=0)
+    assert info.value.field == "user_ids"
+    with pytest.raises(UnknownUser):
+        orchestrator.generate(astronaut, ["carol"], GenerateOptions(), seed=0)
+    with pytest.raises(UserNotReady):
+        orchestrator.generate(astronaut, ["bob"], GenerateOptions(), seed=0)
+    with pytest.raises(InvalidArgument):
+        orchestrator.generate(astronaut, ["../etc"], GenerateOptions(), seed=0)
+    assert _calls(orchestrator) == []  # nothing reached the models
+
+
+def test_a_cancelled_request_stops_calling_engines(orchestrator: Orchestrator) -> None:
+    _calls(orchestrator).clear()
+    steps: list[int] = []
+    with pytest.raises(Cancelled):
+        orchestrator.generate(
+            sample_photo("astronaut"),
+            ["alice"],
+            GenerateOptions(),
+            seed=0,
+            on_progress=lambda p: steps.append(p.step),
+            should_stop=lambda: len(steps) >= 3,
+        )
+    assert len(_calls(orchestrator)) == 3
+
+
+def test_same_seed_same_image(orchestrator: Orchestrator) -> None:
+    options = GenerateOptions(first_pass=FAST, second_pass=FAST)
+    astronaut = sample_photo("astronaut")
+    a = orchestrator.generate(astronaut, ["alice"], options, seed=5).image
+    b = orchestrator.generate(astronaut, ["alice"], options, seed=5).image
+    c = orchestrator.generate(astronaut, ["alice"], options, seed=6).image
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
