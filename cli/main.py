@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--backend", default="torch", choices=["torch"])
     serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    serve.add_argument("--data", default=None, help="user artifacts root (default: $EASYPHOTO_DATA)")
     serve.set_defaults(run=_serve)
 
     demo = commands.add_parser("demo", help="run the main job end to end on the embedded backend")

@@ -7,20 +7,32 @@ while loading, SERVING when the engines are ready (the readiness probe of a depl
 from __future__ import annotations
 
 import logging
+import os
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
 from easyphoto.engines.errors import EngineUnavailable, Unimplemented
+from easyphoto.engines.faces.models import default_face_models
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.loading import resolve_family
 from easyphoto.engines.rpc import GrpcApp, Service, abort
 from easyphoto.engines.torch_backend import TorchBackend
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
+from .pipeline import Orchestrator
+from .service import GeneratorService
+from .users import UserStore
+
 log = logging.getLogger(__name__)
+
+
+def default_data_root() -> Path:
+    """Where user artifacts and jobs live (``$EASYPHOTO_DATA`` or ``~/.local/share/easyphoto``)."""
+    return Path(os.environ.get("EASYPHOTO_DATA", Path.home() / ".local" / "share" / "easyphoto"))
 
 
 @dataclass
@@ -30,6 +42,7 @@ class ServerConfig:
     models: str = "tiny"
     backend: str = "torch"
     device: str | None = None
+    data: Path = field(default_factory=default_data_root)
 
 
 class EngineHolder:
@@ -37,18 +50,30 @@ class EngineHolder:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self._engines: Engines | None = None
+        self._orchestrator: Orchestrator | None = None
+        self.model_family = ""
         self._error: Exception | None = None
         self.loaded = threading.Event()
 
-    def load(self) -> Engines:
+    def load(self) -> Orchestrator:
         if self.config.backend != "torch":
             raise ValueError(f"backend {self.config.backend!r} is not available; use 'torch'")
         family = resolve_family(self.config.models)
-        backend = TorchBackend(family, device=self.config.device)
-        self._engines = Engines(backend, family.tokenizer, float(family.vae.config.scaling_factor))
-        log.info("engines ready: %s on %s (%s)", family.name, backend.device, backend.dtype)
-        return self._engines
+        face_models = default_face_models()
+        backend = TorchBackend(family, device=self.config.device, faces=face_models)
+        engines = Engines(backend, family.tokenizer, float(family.vae.config.scaling_factor))
+        analyzer = face_models.analyzer(backend)
+        users = UserStore(self.config.data)
+        self._orchestrator = Orchestrator(engines, family.scheduler_config, face_models, analyzer, users)
+        self.model_family = f"{family.name}{' (random weights)' if family.is_random else ''}:{family.source}"
+        log.info(
+            "engines ready: %s on %s (%s); data in %s",
+            family.name,
+            backend.device,
+            backend.dtype,
+            self.config.data,
+        )
+        return self._orchestrator
 
     def load_in_background(self, on_ready: Callable[[], None]) -> None:
         def run() -> None:
@@ -63,27 +88,11 @@ class EngineHolder:
 
         threading.Thread(target=run, name="load-engines", daemon=True).start()
 
-    def get(self) -> Engines:
-        if self._engines is None:
+    def get(self) -> Orchestrator:
+        if self._orchestrator is None:
             why = f"loading failed: {self._error}" if self._error else "models are still loading"
             raise EngineUnavailable(f"engines not ready ({why})")
-        return self._engines
-
-
-class GeneratorService(generator_pb2_grpc.GeneratorServicer):
-    def __init__(self, engines: EngineHolder) -> None:
-        self.engines = engines
-
-    def Generate(
-        self, request: generator_pb2.GenerateRequest, context: grpc.ServicerContext
-    ) -> generator_pb2.GenerateResponse:
-        abort(context, Unimplemented("Generate is not implemented yet (orchestrator issue)"))
-
-    def GenerateStream(
-        self, request: generator_pb2.GenerateRequest, context: grpc.ServicerContext
-    ) -> Iterator[generator_pb2.GenerateEvent]:
-        abort(context, Unimplemented("GenerateStream is not implemented yet (orchestrator issue)"))
-        yield from ()
+        return self._orchestrator
 
 
 class ServingService(generator_pb2_grpc.ServingServicer):
@@ -99,7 +108,7 @@ def build_app(config: ServerConfig) -> tuple[GrpcApp, EngineHolder]:
     app = GrpcApp(
         [
             Service(
-                GeneratorService(holder),
+                GeneratorService(holder.get, lambda: holder.model_family),
                 generator_pb2_grpc.add_GeneratorServicer_to_server,
                 descriptor.services_by_name["Generator"].full_name,
             ),

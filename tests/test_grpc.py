@@ -52,12 +52,12 @@ def test_reflection_lists_our_services(channel: grpc.Channel) -> None:
     assert {"easyphoto.v1.Generator", "easyphoto.v1.Serving", "grpc.health.v1.Health"} <= names
 
 
-def test_unimplemented_generate_says_so(channel: grpc.Channel) -> None:
+def test_generate_without_templates_names_the_field(channel: grpc.Channel) -> None:
     stub = generator_pb2_grpc.GeneratorStub(channel)
     with pytest.raises(grpc.RpcError) as info:
-        stub.Generate(generator_pb2.GenerateRequest(), timeout=5)
+        stub.Generate(generator_pb2.GenerateRequest(), timeout=30)
     details = error_details(info.value)
-    assert details["code"] == "UNIMPLEMENTED" and details["reason"] == "UNIMPLEMENTED"
+    assert details["code"] == "INVALID_ARGUMENT" and "templates" in details["fields"]
 
 
 def test_typed_error_becomes_status_with_field_and_reason() -> None:

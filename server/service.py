@@ -1,0 +1,153 @@
+"""The Generator gRPC service: request validation, the orchestrator per template, progress
+streaming, deadlines and client cancellation."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from easyphoto.engines.errors import Cancelled, DeadlineExceeded, EasyPhotoError, InvalidArgument
+from easyphoto.engines.imaging import decode_image, encode_png
+from easyphoto.engines.rpc import abort
+from easyphoto.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+
+from .options import resolve_options
+from .pipeline import Generation, Orchestrator, Progress
+
+log = logging.getLogger(__name__)
+
+MAX_TEMPLATES = 8
+
+
+class GeneratorService(generator_pb2_grpc.GeneratorServicer):
+    def __init__(self, orchestrator: Callable[[], Orchestrator], model_family: Callable[[], str]) -> None:
+        self._orchestrator = orchestrator
+        self._model_family = model_family
+        # The embedded torch backend runs one request at a time (step batching comes later).
+        self._lock = threading.Lock()
+
+    def Generate(
+        self, request: generator_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> generator_pb2.GenerateResponse:
+        try:
+            return self._run(request, context, on_progress=None)
+        except EasyPhotoError as error:
+            abort(context, error)
+
+    def GenerateStream(
+        self, request: generator_pb2.GenerateRequest, context: grpc.ServicerContext
+    ) -> Iterator[generator_pb2.GenerateEvent]:
+        events: queue.Queue[generator_pb2.GenerateEvent | BaseException | None] = queue.Queue()
+
+        def progress(p: Progress) -> None:
+            events.put(generator_pb2.GenerateEvent(progress=_progress_message(p)))
+
+        def work() -> None:
+            try:
+                events.put(generator_pb2.GenerateEvent(result=self._run(request, context, progress)))
+            except BaseException as exc:  # handed to the streaming thread, which reports it
+                events.put(exc)
+            finally:
+                events.put(None)
+
+        threading.Thread(target=work, name="generate-stream", daemon=True).start()
+        while (event := events.get()) is not None:
+            if isinstance(event, EasyPhotoError):
+                abort(context, event)
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+
+    # ---- the job ----
+
+    def _run(
+        self,
+        request: generator_pb2.GenerateRequest,
+        context: grpc.ServicerContext,
+        on_progress: Callable[[Progress], None] | None,
+    ) -> generator_pb2.GenerateResponse:
+        started = time.perf_counter()
+        if not request.templates:
+            raise InvalidArgument("at least one template is required", field="templates")
+        if len(request.templates) > MAX_TEMPLATES:
+            raise InvalidArgument(f"at most {MAX_TEMPLATES} templates per request", field="templates")
+        options = resolve_options(request)
+        templates = [decode_image(data, field=f"templates[{i}]") for i, data in enumerate(request.templates)]
+        base_seed = options.seed if options.seed is not None else secrets.randbits(63)
+        user_ids = list(request.user_ids)
+        should_stop = _stopper(context)
+        response = generator_pb2.GenerateResponse(model_family=self._model_family())
+        timings: dict[str, float] = {}
+        with self._lock:
+            orchestrator = self._orchestrator()
+            for index, template in enumerate(templates):
+                for k in range(options.images_per_template):
+                    seed = base_seed + k
+                    generation = orchestrator.generate(
+                        template,
+                        user_ids,
+                        options,
+                        seed,
+                        on_progress,
+                        should_stop,
+                        field=f"templates[{index}]",
+                    )
+                    response.images.append(_image_message(index, generation))
+                    for stage, seconds in generation.timings.items():
+                        timings[stage] = timings.get(stage, 0.0) + seconds
+        timings["request"] = time.perf_counter() - started
+        response.timings.extend(common_pb2.StageTiming(stage=k, seconds=v) for k, v in timings.items())
+        log.info("generated %d image(s) for %s in %.2fs", len(response.images), user_ids, timings["request"])
+        return response
+
+
+def _stopper(context: grpc.ServicerContext) -> Callable[[], bool]:
+    """True once the client went away; raises DeadlineExceeded once its deadline passed."""
+
+    def should_stop() -> bool:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded("the request's deadline passed during generation")
+        if not context.is_active():
+            log.info("client cancelled; stopping")
+            raise Cancelled("the client cancelled the request")
+        return False
+
+    return should_stop
+
+
+def _progress_message(p: Progress) -> generator_pb2.Progress:
+    return generator_pb2.Progress(
+        stage=p.stage,
+        face_index=p.face_index,
+        step=p.step,
+        total_steps=p.total_steps,
+        elapsed_seconds=p.elapsed,
+    )
+
+
+def _image_message(template_index: int, generation: Generation) -> generator_pb2.GeneratedImage:
+    message = generator_pb2.GeneratedImage(
+        template_index=template_index, seed=generation.seed, png=encode_png(generation.image)
+    )
+    for outcome in generation.faces:
+        x0, y0, x1, y1 = outcome.face.box
+        face = common_pb2.Face(
+            box=common_pb2.Box(x0=x0, y0=y0, x1=x1, y1=y1),
+            score=outcome.face.score,
+            landmarks=[common_pb2.Point(x=float(x), y=float(y)) for x, y in outcome.face.landmarks],
+        )
+        result = generator_pb2.FaceResult(user_id=outcome.user_id, face=face)
+        if outcome.identity_score is not None:
+            result.identity_score = outcome.identity_score
+        message.faces.append(result)
+    message.intermediates.extend(
+        common_pb2.NamedImage(name=name, png=encode_png(image)) for name, image in generation.intermediates
+    )
+    return message

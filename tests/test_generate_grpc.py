@@ -1,0 +1,127 @@
+"""Generate and GenerateStream over a real gRPC server on loopback (tiny models, real face models)."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from easyphoto.engines.faces.detect import FaceAnalyzer
+from easyphoto.engines.imaging import encode_png, grow_box, int_box
+from easyphoto.engines.rpc import error_details
+from easyphoto.engines.samples import sample_photo
+from easyphoto.server.app import ServerConfig, build_app
+from easyphoto.v1 import generator_pb2, generator_pb2_grpc
+
+
+@pytest.fixture(scope="module")
+def stub(
+    faces: FaceAnalyzer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[generator_pb2_grpc.GeneratorStub]:
+    data = tmp_path_factory.mktemp("data")
+    group = sample_photo("group")
+    x0, y0, x1, y1 = int_box(grow_box(faces.detect(group)[1].box, 1.8, group.shape[1], group.shape[0]))
+    folder = data / "users" / "alice" / "v1"
+    folder.mkdir(parents=True)
+    for name in ("face_id.png", "reference.png"):
+        (folder / name).write_bytes(encode_png(group[y0:y1, x0:x1]))
+    (data / "users" / "alice" / "CURRENT").write_text("1")
+    app, holder = build_app(ServerConfig(port=0, models="tiny", data=data))
+    app.start()
+    holder.load()
+    app.set_serving(True)
+    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        yield generator_pb2_grpc.GeneratorStub(channel)
+    app.stop(0)
+
+
+def _request(template: np.ndarray, users: list[str], **fields: object) -> generator_pb2.GenerateRequest:
+    request = generator_pb2.GenerateRequest(
+        templates=[encode_png(template)], user_ids=users, seed=7, **fields
+    )
+    for name in ("first_pass", "second_pass"):
+        getattr(request, name).steps = 4
+        getattr(request, name).strength = 0.5
+    return request
+
+
+def test_generate_returns_the_image_scores_and_timings(stub: generator_pb2_grpc.GeneratorStub) -> None:
+    template = sample_photo("astronaut")
+    response = stub.Generate(_request(template, ["alice"], return_intermediates=True), timeout=120)
+    assert len(response.images) == 1
+    image = response.images[0]
+    decoded = np.asarray(Image.open(io.BytesIO(image.png)))
+    assert decoded.shape == template.shape and image.seed == 7
+    assert [f.user_id for f in image.faces] == ["alice"]
+    assert image.faces[0].HasField("identity_score") and len(image.faces[0].face.landmarks) == 5
+    assert {t.stage for t in response.timings} >= {"detect", "first_diffusion", "second_diffusion", "request"}
+    assert "random weights" in response.model_family
+    assert any(i.name == "face0_inpaint_mask" for i in image.intermediates)
+
+
+def test_stream_sends_progress_then_one_result(stub: generator_pb2_grpc.GeneratorStub) -> None:
+    events = list(stub.GenerateStream(_request(sample_photo("astronaut"), ["alice"]), timeout=120))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[-1] == "result" and kinds.count("result") == 1
+    progress = [e.progress for e in events if e.WhichOneof("event") == "progress"]
+    assert [p.stage for p in progress] == ["first_diffusion"] * 2 + ["second_diffusion"] * 2
+    assert [p.step for p in progress] == [1, 2, 1, 2] and all(p.total_steps == 2 for p in progress)
+
+
+def _junk() -> generator_pb2.GenerateRequest:
+    return generator_pb2.GenerateRequest(templates=[b"junk"], user_ids=["alice"])
+
+
+ASTRONAUT = "astronaut"
+
+
+@pytest.mark.parametrize(
+    ("make", "code", "reason", "field"),
+    [
+        (_junk, "INVALID_ARGUMENT", "IMAGE_UNREADABLE", "templates[0]"),
+        (lambda: _request(sample_photo(ASTRONAUT), ["nobody"]), "NOT_FOUND", "UNKNOWN_USER", "user_ids"),
+        (
+            lambda: _request(sample_photo("coffee"), ["alice"]),
+            "FAILED_PRECONDITION",
+            "NO_FACE",
+            "templates[0]",
+        ),
+        (
+            lambda: _request(sample_photo(ASTRONAUT), ["alice"] * 2),
+            "INVALID_ARGUMENT",
+            "INVALID_ARGUMENT",
+            "user_ids",
+        ),
+        (
+            lambda: _request(sample_photo(ASTRONAUT), ["alice"], lora_weight=5.0),
+            "INVALID_ARGUMENT",
+            "INVALID_ARGUMENT",
+            "lora_weight",
+        ),
+    ],
+)
+def test_bad_requests_get_typed_statuses(stub, make, code: str, reason: str, field: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(make(), timeout=60)
+    details = error_details(info.value)
+    assert (details["code"], details["reason"]) == (code, reason)
+    assert field in details["fields"]
+
+
+def test_deadline_is_honoured_mid_loop(stub: generator_pb2_grpc.GeneratorStub) -> None:
+    request = generator_pb2.GenerateRequest(
+        templates=[encode_png(sample_photo("astronaut"))], user_ids=["alice"]
+    )
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(request, timeout=1.5)  # the default 50-step pass takes several seconds here
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - started < 10
+    # The server stopped: the next request is served promptly.
+    response = stub.Generate(_request(sample_photo("astronaut"), ["alice"]), timeout=60)
+    assert len(response.images) == 1
