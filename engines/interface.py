@@ -17,6 +17,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTokenizer
 
+from .lora import LoraWeights
 from .roles import RoleDescription
 from .shapes import Dim
 
@@ -39,6 +40,12 @@ class Backend(Protocol):
 
     def ready(self) -> bool: ...
 
+    def set_lora(self, lora: LoraWeights | None, weight: float) -> None: ...
+
+    def lora_modules(self) -> dict[str, torch.nn.Module]:
+        """The modules a LoRA patches, by target name (their module names resolve kohya keys)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ControlInput:
@@ -60,8 +67,10 @@ class Engines:
         self.backend = backend
         self.tokenizer = tokenizer
         self.vae_scaling_factor = vae_scaling_factor
-        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._prompt_cache: OrderedDict[tuple[object, str], torch.Tensor] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
+        # Text embeddings depend on a text-encoder LoRA: it is part of the cache key.
+        self._text_lora: tuple[str, float] | None = None
 
     @property
     def roles(self) -> dict[str, RoleDescription]:
@@ -99,22 +108,25 @@ class Engines:
         return ids.to(torch.int32)
 
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings (B, 77, hidden), cached per prompt string."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        """Text embeddings (B, 77, hidden), cached per prompt string and text-encoder LoRA."""
+        keys = [(self._text_lora, p) for p in prompts]
+        missing = [k for k in dict.fromkeys(keys) if k not in self._prompt_cache]
         if missing:
-            ids = self.tokenize(missing).to(self.backend.device)
+            ids = self.tokenize([p for _, p in missing]).to(self.backend.device)
             hidden = self.backend.infer("text_encoder", {"input_ids": ids})["last_hidden_state"]
-            for prompt, row in zip(missing, hidden, strict=True):
-                self._prompt_cache[prompt] = row
-        for prompt in prompts:
-            self._prompt_cache.move_to_end(prompt)
+            for key, row in zip(missing, hidden, strict=True):
+                self._prompt_cache[key] = row
+        for key in keys:
+            self._prompt_cache.move_to_end(key)
         while len(self._prompt_cache) > self._prompt_cache_size:
             self._prompt_cache.popitem(last=False)
-        return torch.stack([self._prompt_cache[p] for p in prompts])
+        return torch.stack([self._prompt_cache[k] for k in keys])
 
-    def clear_prompt_cache(self) -> None:
-        """Needed when the text encoder's weights change (a LoRA on the text encoder)."""
-        self._prompt_cache.clear()
+    def set_lora(self, lora: LoraWeights | None, weight: float = 1.0) -> None:
+        """Makes ``lora`` at ``weight`` active for the following calls (None: the base model)."""
+        self.backend.set_lora(lora, weight)
+        patches_text = lora is not None and weight != 0 and "text_encoder" in lora.targets
+        self._text_lora = (lora.name, weight) if patches_text and lora is not None else None
 
     # ---- VAE ----
 

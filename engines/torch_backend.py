@@ -11,6 +11,7 @@ from .errors import EngineInputError
 from .faces.models import FaceModels
 from .family import ModelFamily
 from .interface import Tensors
+from .lora import LoraPatcher, LoraWeights
 from .roles import TORCH_DTYPES, RoleDescription, describe_roles
 
 Runner = Callable[..., tuple[torch.Tensor, ...]]
@@ -49,6 +50,9 @@ class TorchBackend:
             self._roles.update(faces.roles)
         self._runners: dict[str, Runner] = {}
         self._lock = threading.Lock()
+        self._lora = LoraPatcher(
+            {"unet": family.unet, "text_encoder": family.text_encoder} if family is not None else {}
+        )
 
     @property
     def roles(self) -> dict[str, RoleDescription]:
@@ -64,6 +68,13 @@ class TorchBackend:
 
     def ready(self) -> bool:
         return True
+
+    def set_lora(self, lora: LoraWeights | None, weight: float) -> None:
+        """Patches the LoRA into the UNet and text encoder (None restores the base weights)."""
+        self._lora.apply(lora, weight)
+
+    def lora_modules(self) -> dict[str, torch.nn.Module]:
+        return self._lora.modules
 
     def describe(self, role: str) -> RoleDescription:
         description = self._roles.get(role)

@@ -9,6 +9,7 @@ Control images are computed once per pass; every model call goes through the eng
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,11 +46,15 @@ from easyphoto.engines.imaging import (
 )
 from easyphoto.engines.inpaint import InpaintRequest, StepEvent, run_inpaint
 from easyphoto.engines.interface import ControlInput, Engines
+from easyphoto.engines.lora import LoraWeights, load_lora
 
 from .options import GenerateOptions, PassOptions
 from .users import UserArtifacts, UserStore
 
+log = logging.getLogger(__name__)
+
 MAX_FACES = 16
+LORA_CACHE = 8
 MIN_FACE_SIZE = 16.0
 
 
@@ -86,6 +91,7 @@ class _Reference:
     face_id_face: Face
     reference_face: Face
     embedding: np.ndarray
+    lora: LoraWeights | None
 
 
 class Orchestrator:
@@ -102,6 +108,7 @@ class Orchestrator:
         self.face_models = face_models
         self.analyzer = analyzer
         self.users = users
+        self._loras: dict[tuple[str, int], LoraWeights] = {}
 
     # ---- the request ----
 
@@ -135,7 +142,15 @@ class Orchestrator:
                 continue
             others = [f.box for j, f in enumerate(faces) if j != index]
             context = _FaceContext(index, on_progress, should_stop, started, timings, intermediates, options)
-            result = self._paint_face(result, others, face, references[user_id], options, generator, context)
+            switched = time.perf_counter()
+            self.engines.set_lora(references[user_id].lora, options.lora_weight)
+            timings["lora_switch"] = timings.get("lora_switch", 0.0) + time.perf_counter() - switched
+            try:
+                result = self._paint_face(
+                    result, others, face, references[user_id], options, generator, context
+                )
+            finally:
+                self.engines.set_lora(None)
             score = self._score(result, face, references[user_id])
             outcomes.append(FaceOutcome(user_id, face, score))
         timings["total"] = time.perf_counter() - started
@@ -146,7 +161,23 @@ class Orchestrator:
         face_id_face = self.analyzer.largest(artifacts.face_id, field=f"users/{user_id}/face_id")
         reference_face = self.analyzer.largest(artifacts.reference, field=f"users/{user_id}/reference")
         embedding = self.analyzer.embed(artifacts.reference, [reference_face])[0]
-        return _Reference(artifacts, face_id_face, reference_face, embedding)
+        return _Reference(artifacts, face_id_face, reference_face, embedding, self._lora(artifacts))
+
+    def _lora(self, artifacts: UserArtifacts) -> LoraWeights | None:
+        path = artifacts.lora_path
+        if not path.is_file():
+            log.warning(
+                "user %s v%d has no LoRA file; painting with the base model",
+                artifacts.user_id,
+                artifacts.version,
+            )
+            return None
+        key = (str(path), path.stat().st_mtime_ns)
+        if key not in self._loras:
+            self._loras[key] = load_lora(path, self.engines.backend.lora_modules())
+            while len(self._loras) > LORA_CACHE:
+                self._loras.pop(next(iter(self._loras)))
+        return self._loras[key]
 
     def _score(self, image: np.ndarray, face: Face, reference: _Reference) -> float:
         """dot(emb(output face), emb(reference)); the face is re-detected near where it was."""

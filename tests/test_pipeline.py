@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from easyphoto.engines.errors import Cancelled, InvalidArgument, UnknownUser, UserNotReady
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import default_face_models
 from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.imaging import encode_png, grow_box, int_box
+from easyphoto.engines.imaging import decode_image, encode_png, grow_box, int_box
 from easyphoto.engines.interface import Engines
+from easyphoto.engines.lora import LoraLayer, LoraWeights, save_lora
 from easyphoto.engines.samples import sample_photo
 from easyphoto.engines.torch_backend import TorchBackend
 from easyphoto.server.options import GenerateOptions, PassOptions
@@ -134,3 +137,27 @@ def test_same_seed_same_image(orchestrator: Orchestrator) -> None:
     b = orchestrator.generate(astronaut, ["alice"], options, seed=5).image
     c = orchestrator.generate(astronaut, ["alice"], options, seed=6).image
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_the_users_lora_is_applied_at_its_weight_and_removed_after(
+    orchestrator: Orchestrator, tiny: ModelFamily
+) -> None:
+    users = orchestrator.users
+    alice = users.user_dir("alice") / "v1"
+    _publish(users.root, "dave", decode_image((alice / "face_id.png").read_bytes(), field="x"))
+    target = "mid_block.attentions.0.transformer_blocks.0.attn1.to_v"
+    weight = tiny.unet.get_submodule(target).weight
+    generator = torch.Generator().manual_seed(1)
+    layer = LoraLayer(
+        "unet", target, torch.randn(4, weight.shape[1], generator=generator),
+        torch.randn(weight.shape[0], 4, generator=generator), alpha=4.0,
+    )  # fmt: skip
+    save_lora(LoraWeights("dave", [layer]), users.user_dir("dave") / "v1" / "lora.safetensors")
+    before = weight.clone()
+    options = GenerateOptions(first_pass=FAST, second_pass=FAST)
+    astronaut = sample_photo("astronaut")
+    plain = orchestrator.generate(astronaut, ["dave"], replace(options, lora_weight=0.0), seed=2)
+    with_lora = orchestrator.generate(astronaut, ["dave"], options, seed=2)
+    assert not np.array_equal(plain.image, with_lora.image)
+    assert torch.equal(tiny.unet.get_submodule(target).weight, before)
+    assert "lora_switch" in with_lora.timings

@@ -1,0 +1,204 @@
+"""LoRA weights: reading peft/diffusers and kohya files, and patching them into torch modules.
+
+Formats (both read; the trainer writes the first):
+* peft/diffusers: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (and ``text_encoder.``), the
+  scale ``alpha / rank`` from a ``<module>.alpha`` tensor when present, else the file's
+  ``lora_alpha`` metadata, else 1.
+* kohya (sd-scripts, A1111): ``lora_unet_<module with _>.lora_down.weight`` / ``lora_up.weight`` /
+  ``.alpha``, and ``lora_te_`` for the text encoder; module names are resolved against the model.
+
+Patching adds ``weight * scale * up @ down`` to each target's weight in place and keeps the
+original, so switching users restores bit-exact base weights (no drift from merge/unmerge).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import InvalidArgument
+
+TARGETS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+# LoRA files name CLIP text-encoder modules ``text_model.encoder...`` (transformers 4 layout);
+# transformers 5 dropped the ``text_model`` level. Files keep the old names so they stay portable.
+TEXT_MODEL = "text_model."
+
+
+@dataclass
+class LoraLayer:
+    target: str  # "unet" or "text_encoder"
+    module: str  # dotted module path inside the target
+    down: torch.Tensor  # (rank, in) or (rank, in, 1, 1)
+    up: torch.Tensor  # (out, rank) or (out, rank, 1, 1)
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        """The full-rank weight update at strength 1, shaped like the target's weight."""
+        down = self.down.flatten(1).float()
+        up = self.up.flatten(1).float()
+        update = (up @ down) * (self.alpha / self.rank)
+        return update.reshape(self.up.shape[0], *self.down.shape[1:])
+
+
+@dataclass
+class LoraWeights:
+    name: str
+    layers: list[LoraLayer]
+
+    @property
+    def targets(self) -> set[str]:
+        return {layer.target for layer in self.layers}
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), "pt") as handle:
+            tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (not a dict)
+            return tensors, dict(handle.metadata() or {})
+    except Exception as exc:
+        raise InvalidArgument(f"cannot read LoRA file {path}: {exc}", field="lora") from exc
+
+
+def load_lora(path: Path, modules: dict[str, nn.Module] | None = None) -> LoraWeights:
+    """Reads either format; kohya names are resolved against ``modules`` (by target name)."""
+    tensors, metadata = _read(path)
+    # The name identifies this file's contents (patchers skip re-applying the same name and weight).
+    name = f"{path.resolve()}@{path.stat().st_mtime_ns}"
+    if any(k.startswith(tuple(TARGETS.values())) for k in tensors):
+        if modules is None:
+            raise InvalidArgument("kohya LoRA keys need the model to resolve module names", field="lora")
+        return LoraWeights(name, _kohya_layers(tensors, modules))
+    return LoraWeights(name, _peft_layers(tensors, metadata))
+
+
+def _peft_layers(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list[LoraLayer]:
+    default_alpha = float(metadata["lora_alpha"]) if "lora_alpha" in metadata else None
+    layers = []
+    for key, down in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        stem = key.removesuffix(".lora_A.weight")
+        target, _, module = stem.partition(".")
+        if target not in TARGETS:
+            raise InvalidArgument(f"LoRA key {key!r} has no unet./text_encoder. prefix", field="lora")
+        up = tensors[f"{stem}.lora_B.weight"]
+        alpha_tensor = tensors.get(f"{stem}.alpha")
+        alpha = float(alpha_tensor) if alpha_tensor is not None else (default_alpha or float(down.shape[0]))
+        layers.append(LoraLayer(target, module, down, up, alpha))
+    if not layers:
+        raise InvalidArgument(
+            "no LoRA layers found (expected peft lora_A/lora_B or kohya keys)", field="lora"
+        )
+    return layers
+
+
+def module_names(target: str, root: nn.Module) -> list[str]:
+    """The names LoRA files use for ``root``'s submodules (see TEXT_MODEL)."""
+    prefix = TEXT_MODEL if target == "text_encoder" and not hasattr(root, "text_model") else ""
+    return [prefix + name for name, _ in root.named_modules() if name]
+
+
+def submodule(root: nn.Module, name: str) -> nn.Module:
+    """Resolves a LoRA file's module name in either text-encoder layout."""
+    if name.startswith(TEXT_MODEL) and not hasattr(root, "text_model"):
+        name = name.removeprefix(TEXT_MODEL)
+    return root.get_submodule(name)
+
+
+def _kohya_layers(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> list[LoraLayer]:
+    names = {
+        prefix + name.replace(".", "_"): (target, name)
+        for target, prefix in TARGETS.items()
+        for name in module_names(target, modules[target])
+    }
+    layers = []
+    for key, down in tensors.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        stem = key.removesuffix(".lora_down.weight")
+        if stem not in names:
+            raise InvalidArgument(f"LoRA key {key!r} names no module of this model", field="lora")
+        target, module = names[stem]
+        alpha = tensors.get(f"{stem}.alpha")
+        up = tensors[f"{stem}.lora_up.weight"]
+        layers.append(
+            LoraLayer(target, module, down, up, float(alpha) if alpha is not None else float(down.shape[0]))
+        )
+    return layers
+
+
+def save_lora(weights: LoraWeights, path: Path, kohya: bool = False) -> None:
+    """Writes peft/diffusers keys (with ``.alpha`` tensors), or kohya keys."""
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in weights.layers:
+        if kohya:
+            stem = TARGETS[layer.target] + layer.module.replace(".", "_")
+            tensors[f"{stem}.lora_down.weight"] = layer.down
+            tensors[f"{stem}.lora_up.weight"] = layer.up
+        else:
+            stem = f"{layer.target}.{layer.module}"
+            tensors[f"{stem}.lora_A.weight"] = layer.down
+            tensors[f"{stem}.lora_B.weight"] = layer.up
+        tensors[f"{stem}.alpha"] = torch.tensor(layer.alpha)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(
+        contiguous, str(path), metadata={"format": "pt", "easyphoto": json.dumps({"name": weights.name})}
+    )
+
+
+def _weight(root: nn.Module, module: str) -> torch.Tensor:
+    try:
+        weight = submodule(root, module).weight
+    except AttributeError as exc:
+        raise InvalidArgument(f"LoRA target {module} is not a module of this model", field="lora") from exc
+    if not isinstance(weight, torch.Tensor):
+        raise InvalidArgument(f"LoRA target {module} has no weight", field="lora")
+    return weight
+
+
+class LoraPatcher:
+    """Applies one LoRA at a time to live modules; keeps originals to restore bit-exactly."""
+
+    def __init__(self, modules: dict[str, nn.Module]) -> None:
+        self.modules = modules
+        self._originals: dict[tuple[str, str], torch.Tensor] = {}
+        self.active: tuple[str, float] | None = None
+
+    def apply(self, lora: LoraWeights | None, weight: float) -> None:
+        key = (lora.name, weight) if lora is not None and weight != 0 else None
+        if key == self.active:
+            return
+        self.restore()
+        if lora is None or key is None:
+            return
+        with torch.no_grad():
+            for layer in lora.layers:
+                param = _weight(self.modules[layer.target], layer.module)
+                if param.shape != layer.delta().shape:
+                    self.restore()
+                    raise InvalidArgument(
+                        f"LoRA layer {layer.target}.{layer.module} is {tuple(layer.delta().shape)},"
+                        f" the model's weight is {tuple(param.shape)}",
+                        field="lora",
+                    )
+                self._originals[(layer.target, layer.module)] = param.detach().clone()
+                param.add_((weight * layer.delta()).to(param.dtype).to(param.device))
+        self.active = key
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for (target, module), original in self._originals.items():
+                _weight(self.modules[target], module).copy_(original)
+        self._originals.clear()
+        self.active = None

@@ -1,0 +1,125 @@
+"""LoRA files (peft/diffusers and kohya keys) patched into the tiny models, against diffusers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from easyphoto.engines.errors import InvalidArgument
+from easyphoto.engines.family import ModelFamily
+from easyphoto.engines.interface import Engines
+from easyphoto.engines.lora import LoraLayer, LoraWeights, load_lora, save_lora, submodule
+
+UNET_TARGETS = [
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_v",
+    "mid_block.attentions.0.proj_in",
+    "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2",
+]
+TEXT_TARGETS = ["text_model.encoder.layers.0.self_attn.q_proj", "text_model.encoder.layers.1.mlp.fc1"]
+
+
+def _random_lora(tiny: ModelFamily, rank: int = 4, alpha: float = 2.0) -> LoraWeights:
+    generator = torch.Generator().manual_seed(0)
+    layers = []
+    for target, module_names in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS)):
+        root = tiny.unet if target == "unet" else tiny.text_encoder
+        for name in module_names:
+            weight = submodule(root, name).weight
+            down = torch.randn(rank, *weight.shape[1:], generator=generator) * 0.5
+            up = torch.randn(weight.shape[0], rank, *[1] * (weight.dim() - 2), generator=generator) * 0.5
+            layers.append(LoraLayer(target, name, down, up, alpha))
+    return LoraWeights("random", layers)
+
+
+def _unet_out(engines: Engines) -> torch.Tensor:
+    unet = engines.roles["unet"]
+    return engines.backend.infer("unet", unet.sample_inputs("min", seed=3))["noise_pred"].clone()
+
+
+def test_lora_changes_outputs_and_restores_base_exactly(
+    tiny: ModelFamily, engines: Engines, tmp_path: Path
+) -> None:
+    lora = _random_lora(tiny)
+    save_lora(lora, tmp_path / "lora.safetensors")
+    loaded = load_lora(tmp_path / "lora.safetensors")
+    assert {(layer.target, layer.module) for layer in loaded.layers} == {
+        (x.target, x.module) for x in lora.layers
+    }
+    base_state = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
+    base = _unet_out(engines)
+    base_text = engines.encode_prompts(["easyphoto_face"]).clone()
+    try:
+        engines.set_lora(loaded, 0.9)
+        patched = _unet_out(engines)
+        assert (patched - base).abs().max() > 1e-3
+        assert (
+            engines.encode_prompts(["easyphoto_face"]) - base_text
+        ).abs().max() > 1e-4  # cache keyed by LoRA
+        engines.set_lora(loaded, 0.0)
+        assert torch.equal(_unet_out(engines), base)
+    finally:
+        engines.set_lora(None)
+    assert all(torch.equal(v, base_state[k]) for k, v in tiny.unet.state_dict().items())
+    assert torch.equal(engines.encode_prompts(["easyphoto_face"]), base_text)
+
+
+def _save_peft_without_alpha(lora: LoraWeights, path: Path) -> None:
+    """The plain peft layout diffusers reads (scale = alpha / rank = 1 when alpha equals rank)."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        f"{x.target}.{x.module}.lora_{ab}.weight": t.contiguous()
+        for x in lora.layers
+        for ab, t in (("A", x.down), ("B", x.up))
+    }
+    save_file(tensors, str(path))
+
+
+def test_patch_equals_diffusers_fused_lora(tiny: ModelFamily, engines: Engines, tmp_path: Path) -> None:
+    from easyphoto.server.bench import baseline_pipeline
+
+    lora = _random_lora(tiny, rank=4, alpha=4.0)
+    path = tmp_path / "peft.safetensors"
+    _save_peft_without_alpha(lora, path)
+    base = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
+    try:
+        engines.set_lora(load_lora(path), 0.7)
+        ours = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
+    finally:
+        engines.set_lora(None)
+    touched = {k for k in ours if not torch.equal(ours[k], base[k])}
+    assert touched == {f"{name}.weight" for name in UNET_TARGETS}
+    pipe = baseline_pipeline(tiny, ["canny"])
+    try:
+        pipe.load_lora_weights(str(path), adapter_name="user")
+        pipe.fuse_lora(lora_scale=0.7, adapter_names=["user"])
+        pipe.unload_lora_weights()
+        theirs = tiny.unet.state_dict()
+        for key in touched:
+            assert torch.allclose(ours[key], theirs[key], atol=1e-6), key
+    finally:
+        tiny.unet.load_state_dict(base)
+
+
+def test_kohya_keys_round_trip(tiny: ModelFamily, engines: Engines, tmp_path: Path) -> None:
+    lora = _random_lora(tiny)
+    save_lora(lora, tmp_path / "kohya.safetensors", kohya=True)
+    modules = engines.backend.lora_modules()
+    loaded = load_lora(tmp_path / "kohya.safetensors", modules)
+    by_name = {(x.target, x.module): x for x in loaded.layers}
+    for layer in lora.layers:
+        other = by_name[(layer.target, layer.module)]
+        assert torch.equal(other.delta(), layer.delta())
+    with pytest.raises(InvalidArgument):
+        load_lora(tmp_path / "kohya.safetensors")  # kohya names need the model
+
+
+def test_mismatched_lora_is_rejected_without_touching_weights(tiny: ModelFamily, engines: Engines) -> None:
+    bad = LoraWeights("bad", [LoraLayer("unet", UNET_TARGETS[0], torch.ones(2, 7), torch.ones(9, 2), 2.0)])
+    before = tiny.unet.get_submodule(UNET_TARGETS[0]).weight.clone()
+    with pytest.raises(InvalidArgument):
+        engines.set_lora(bad, 1.0)
+    assert torch.equal(tiny.unet.get_submodule(UNET_TARGETS[0]).weight, before)
