@@ -280,11 +280,14 @@ def inpaint_mask(parts: dict[str, np.ndarray], face_width: float) -> np.ndarray:
 
 def ring_mask(parts: dict[str, np.ndarray], face_width: float) -> np.ndarray:
     """The second pass's mask: a ring around the face border plus the eyes and the lips."""
-    face = inpaint_mask(parts, face_width)
-    radius = max(1, round(face_width / 20))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    ring = cv2.subtract(cv2.dilate(face, kernel), cv2.erode(face, kernel))
+    ring = border_ring(inpaint_mask(parts, face_width), max(1, round(face_width / 20)))
     return union([ring, parts["eyes"], parts["lips"]])
+
+
+def border_ring(mask: np.ndarray, radius: int) -> np.ndarray:
+    """The band of half-width ``radius`` around the edge of ``mask`` (dilated minus eroded)."""
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return cv2.subtract(cv2.dilate(mask, kernel), cv2.erode(mask, kernel))
 
 
 # ---- colour and compositing --------------------------------------------------------------------

@@ -76,6 +76,11 @@ class TorchBackend:
     def lora_modules(self) -> dict[str, torch.nn.Module]:
         return self._lora.modules
 
+    @property
+    def active_lora(self) -> tuple[str, float] | None:
+        """(name, weight) of the patched LoRA, None for the base weights."""
+        return self._lora.active
+
     def describe(self, role: str) -> RoleDescription:
         description = self._roles.get(role)
         if description is None:

@@ -1,17 +1,21 @@
-"""The EasyPhoto generation loop for one template (MISSION.md §2 steps 1–9 per face).
+"""The EasyPhoto generation loop for one template (MISSION.md §2).
 
-For each face, left to right, matched to the requested user ids (``""`` skips a face): paint the
-other faces white, crop the face box × 3, resize, re-detect, build the pose source from the user's
-face-id image, fuse the reference face in, inpaint (pass 1), shift colour, fuse again, repaint the
-ring + eyes + lips (pass 2), shift colour, paste back feathered, and score the identity.
-Control images are computed once per pass; every model call goes through the engines.
+For each face, left to right, matched to the requested user ids (``""`` skips a face), with the
+user's LoRA active: paint the other faces white, crop the face box × 3, resize, re-detect, build the
+pose source from the user's face-id image, fuse the reference face in, inpaint (pass 1), shift
+colour, fuse again, repaint the ring + eyes + lips (pass 2), shift colour, bring the crop back to its
+native size through the super-resolution hook and paste it back feathered. Then, without any LoRA:
+the seam pass around every pasted face when several were painted, the optional background restore,
+and the identity score of each face. Control images are computed once per pass; every model call
+goes through the engines.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import cv2
@@ -21,9 +25,10 @@ import torch
 from easyphoto.engines.errors import InvalidArgument
 from easyphoto.engines.faces.detect import Face, FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
-from easyphoto.engines.faces.parts import fuse_faces
+from easyphoto.engines.faces.parts import fuse_faces, super_resolve
 from easyphoto.engines.imaging import (
     FACE_PARTS,
+    border_ring,
     canny_control,
     color_control,
     draw_pose,
@@ -94,6 +99,16 @@ class _Reference:
     lora: LoraWeights | None
 
 
+@dataclass
+class _Painted:
+    """Where one face was repainted: its crop box in the template and the repainted region there."""
+
+    index: int
+    face: Face
+    box: tuple[int, int, int, int]
+    region: np.ndarray  # uint8 mask, the size of the box
+
+
 class Orchestrator:
     def __init__(
         self,
@@ -133,28 +148,47 @@ class Orchestrator:
         timings["detect"] = time.perf_counter() - started
         generator = torch.Generator().manual_seed(seed)
         result = template.copy()
-        outcomes: list[FaceOutcome] = []
         intermediates: list[tuple[str, np.ndarray]] = []
+
+        def context(index: int) -> _FaceContext:
+            return _FaceContext(index, on_progress, should_stop, started, timings, intermediates, options)
+
+        painted: list[_Painted] = []
         for index, face in enumerate(faces):
             user_id = user_ids[index] if index < len(user_ids) else ""
             if not user_id:
-                outcomes.append(FaceOutcome("", face, None))
                 continue
             others = [f.box for j, f in enumerate(faces) if j != index]
-            context = _FaceContext(index, on_progress, should_stop, started, timings, intermediates, options)
-            switched = time.perf_counter()
-            self.engines.set_lora(references[user_id].lora, options.lora_weight)
-            timings["lora_switch"] = timings.get("lora_switch", 0.0) + time.perf_counter() - switched
-            try:
-                result = self._paint_face(
-                    result, others, face, references[user_id], options, generator, context
+            with self._user_lora(references[user_id].lora, options.lora_weight, timings):
+                result, where = self._paint_face(
+                    result, others, index, face, references[user_id], options, generator, context(index)
                 )
-            finally:
-                self.engines.set_lora(None)
-            score = self._score(result, face, references[user_id])
-            outcomes.append(FaceOutcome(user_id, face, score))
+            painted.append(where)
+        if len(painted) > 1 and options.seam_pass.enabled:
+            for where in painted:
+                result = self._repaint_seam(result, where, options, generator, context(where.index))
+        if painted and options.background_restore.enabled:
+            result = self._restore_background(result, painted, options, generator, context(0))
+        scored = time.perf_counter()
+        outcomes = [
+            FaceOutcome(uid, face, self._score(result, face, references[uid]) if uid else None)
+            for uid, face in zip(user_ids + [""] * (len(faces) - len(user_ids)), faces, strict=True)
+        ]
+        timings["score"] = time.perf_counter() - scored
         timings["total"] = time.perf_counter() - started
         return Generation(result, outcomes, seed, timings, intermediates)
+
+    @contextmanager
+    def _user_lora(
+        self, lora: LoraWeights | None, weight: float, timings: dict[str, float]
+    ) -> Iterator[None]:
+        switched = time.perf_counter()
+        self.engines.set_lora(lora, weight)
+        timings["lora_switch"] = timings.get("lora_switch", 0.0) + time.perf_counter() - switched
+        try:
+            yield
+        finally:
+            self.engines.set_lora(None)
 
     def _reference(self, user_id: str) -> _Reference:
         artifacts = self.users.load(user_id)
@@ -191,12 +225,13 @@ class Orchestrator:
         self,
         image: np.ndarray,
         other_boxes: list,
+        index: int,
         face: Face,
         reference: _Reference,
         options: GenerateOptions,
         generator: torch.Generator,
         ctx: _FaceContext,
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, _Painted]:
         height, width = image.shape[:2]
         working = paint_boxes_white(image, other_boxes)
         box = (
@@ -205,18 +240,7 @@ class Orchestrator:
             else (0, 0, width, height)
         )
         x0, y0, x1, y1 = int_box(box)
-        crop_w, crop_h = fit_size(
-            x1 - x0,
-            y1 - y0,
-            min(options.crop_short_side, self.engines.max_image_side),
-            self.engines.image_multiple,
-        )
-        if max(crop_w, crop_h) > self.engines.max_image_side:
-            shrink = self.engines.max_image_side / max(crop_w, crop_h)
-            crop_w, crop_h = fit_size(
-                round(crop_w * shrink), round(crop_h * shrink), 1, self.engines.image_multiple
-            )
-        crop = resize(working[y0:y1, x0:x1], crop_w, crop_h)
+        crop = resize(working[y0:y1, x0:x1], *self._model_size(x1 - x0, y1 - y0, options))
         crop_face = self.analyzer.largest(crop, field="templates")
         parts = self.face_models.parser(crop, crop_face)
         face_mask = union([parts[p] for p in FACE_PARTS if p != "lips"])
@@ -224,6 +248,7 @@ class Orchestrator:
 
         pose = self._pose_source(crop, crop_face, reference)
         ctx.keep("openpose", pose)
+        keep_pose = lambda: pose  # noqa: E731
         fused = crop
         if options.fusion_before:
             fused = fuse_faces(
@@ -240,7 +265,7 @@ class Orchestrator:
         painted = fused
         if options.first_pass.enabled:
             painted = self._diffuse(
-                "first_diffusion", fused, mask, options.first_pass, options, generator, ctx, pose
+                "first_diffusion", fused, mask, options.first_pass, options, generator, ctx, keep_pose
             )
             ctx.keep("first_diffusion", painted)
         if options.color_shift:
@@ -258,19 +283,93 @@ class Orchestrator:
             ring = ring_mask(parts, crop_face.width)
             ctx.keep("second_mask", ring)
             painted = self._diffuse(
-                "second_diffusion", painted, ring, options.second_pass, options, generator, ctx, pose
+                "second_diffusion", painted, ring, options.second_pass, options, generator, ctx, keep_pose
             )
             ctx.keep("second_diffusion", painted)
         if options.color_shift:
             without_lips = cv2.subtract(face_mask, parts["lips"])
             painted = transfer_color(painted, crop, without_lips)
-        back = resize(painted, x1 - x0, y1 - y0)
+        back = self._native_size(painted, x1 - x0, y1 - y0, options.super_resolution_ratio)
         # Only the repainted face changes: blend through the feathered mask, then into the template.
-        region_mask = resize(cv2.dilate(mask, np.ones((3, 3), np.uint8)), x1 - x0, y1 - y0)
-        alpha = feather(region_mask, max(1, round(face.width / 20)))[..., None]
-        original = image[y0:y1, x0:x1]
-        blended = (back * alpha + original * (1 - alpha)).round().astype(np.uint8)
-        return paste_back(image, blended, (x0, y0, x1, y1), feather_px=0)
+        region = resize(cv2.dilate(mask, np.ones((3, 3), np.uint8)), x1 - x0, y1 - y0)
+        where = _Painted(index, face, (x0, y0, x1, y1), region)
+        return _blend_into(image, back, region, where.box, max(1, round(face.width / 20))), where
+
+    def _model_size(self, width: int, height: int, options: GenerateOptions) -> tuple[int, int]:
+        """Short side ``crop_short_side`` in the models' multiples, long side within their maximum."""
+        limit, multiple = self.engines.max_image_side, self.engines.image_multiple
+        size = fit_size(width, height, min(options.crop_short_side, limit), multiple)
+        if max(size) > limit:
+            shrink = limit / max(size)
+            size = fit_size(round(size[0] * shrink), round(size[1] * shrink), 1, multiple)
+        return size
+
+    def _native_size(self, image: np.ndarray, width: int, height: int, ratio: float) -> np.ndarray:
+        """Back to the crop's size in the template; growing goes through the super-resolution hook
+        (the enhancer blended at ``ratio``; Lanczos when none is loaded), MISSION.md §2.11."""
+        while image.shape[1] < width or image.shape[0] < height:
+            image = super_resolve(image, self.face_models.upscaler, ratio)
+        return resize(image, width, height)
+
+    def _repaint_seam(
+        self,
+        image: np.ndarray,
+        where: _Painted,
+        options: GenerateOptions,
+        generator: torch.Generator,
+        ctx: _FaceContext,
+    ) -> np.ndarray:
+        """The third pass: the ring around the pasted face, base model only (MISSION.md §2.10)."""
+        x0, y0, x1, y1 = where.box
+        width, height = self._model_size(x1 - x0, y1 - y0, options)
+        scale = width / (x1 - x0)
+        crop = resize(image[y0:y1, x0:x1], width, height)
+        radius = max(1, round(where.face.width * scale / 10))
+        ring = border_ring(resize(where.region, width, height), radius)
+        ctx.keep("seam_mask", ring)
+        landmarks = (where.face.landmarks - np.array([x0, y0])) * scale
+
+        def pose() -> np.ndarray:
+            return draw_pose(crop.shape[:2], [landmarks])
+
+        out = self._diffuse("seam_pass", crop, ring, options.seam_pass, options, generator, ctx, pose)
+        ctx.keep("seam_pass", out)
+        back = resize(out, x1 - x0, y1 - y0)
+        native_ring = border_ring(where.region, max(1, round(where.face.width / 10)))
+        return _blend_into(image, back, native_ring, where.box, max(1, round(where.face.width / 40)))
+
+    def _restore_background(
+        self,
+        image: np.ndarray,
+        painted: list[_Painted],
+        options: GenerateOptions,
+        generator: torch.Generator,
+        ctx: _FaceContext,
+    ) -> np.ndarray:
+        """Repaints everything but the faces at low strength, base model only (MISSION.md §2.10)."""
+        height, width = image.shape[:2]
+        faces = np.zeros((height, width), np.uint8)
+        for where in painted:
+            x0, y0, x1, y1 = where.box
+            faces[y0:y1, x0:x1] = np.maximum(faces[y0:y1, x0:x1], where.region)
+        widest = max(where.face.width for where in painted)
+        grow = max(1, round(widest / 10))
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
+        background = 255 - cv2.dilate(faces, kernel)
+        size = self._model_size(width, height, options)
+        small = resize(image, *size)
+        scale = size[0] / width
+
+        def pose() -> np.ndarray:
+            return draw_pose(small.shape[:2], [where.face.landmarks * scale for where in painted])
+
+        mask = resize(background, *size)
+        ctx.keep("background_mask", mask)
+        out = self._diffuse(
+            "background_restore", small, mask, options.background_restore, options, generator, ctx, pose
+        )
+        ctx.keep("background_restore", out)
+        return _blend_into(image, resize(out, width, height), background, (0, 0, width, height), grow)
 
     def _pose_source(self, crop: np.ndarray, crop_face: Face, reference: _Reference) -> np.ndarray:
         """The openpose control: keypoints of the user's face-id face warped onto the template face
@@ -288,14 +387,14 @@ class Orchestrator:
         options: GenerateOptions,
         generator: torch.Generator,
         ctx: _FaceContext,
-        pose: np.ndarray,
+        pose: Callable[[], np.ndarray],
     ) -> np.ndarray:
         controls = []
         sources = {
             "canny": lambda: canny_control(
                 image, settings.canny_low_threshold, settings.canny_high_threshold
             ),
-            "openpose": lambda: pose,
+            "openpose": pose,
             "color": lambda: color_control(image),
             "tile": lambda: tile_control(image),
         }
@@ -342,6 +441,18 @@ class _FaceContext:
         if self.on_progress is not None:
             elapsed = time.perf_counter() - self.started
             self.on_progress(Progress(stage, self.index, event.step, event.total_steps, elapsed))
+
+
+def _blend_into(
+    image: np.ndarray, patch: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int], radius: int
+) -> np.ndarray:
+    """``patch`` (the size of ``box``) blended into ``image`` through ``mask`` feathered by ``radius``;
+    pixels outside the mask keep their exact values."""
+    x0, y0, x1, y1 = box
+    alpha = feather(mask, radius)[..., None]
+    original = image[y0:y1, x0:x1]
+    blended = (patch * alpha + original * (1 - alpha)).round().astype(np.uint8)
+    return paste_back(image, blended, box, feather_px=0)
 
 
 def _overlap(a: tuple, b: tuple) -> float:

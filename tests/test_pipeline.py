@@ -13,12 +13,12 @@ from easyphoto.engines.errors import Cancelled, InvalidArgument, UnknownUser, Us
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import default_face_models
 from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.imaging import decode_image, encode_png, grow_box, int_box
+from easyphoto.engines.imaging import encode_png, grow_box, int_box
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.lora import LoraLayer, LoraWeights, save_lora
 from easyphoto.engines.samples import sample_photo
 from easyphoto.engines.torch_backend import TorchBackend
-from easyphoto.server.options import GenerateOptions, PassOptions
+from easyphoto.server.options import BACKGROUND_PASS, SEAM_PASS, GenerateOptions, PassOptions
 from easyphoto.server.pipeline import Orchestrator
 from easyphoto.server.users import UserStore
 
@@ -31,9 +31,11 @@ class RecordingEngines(Engines):
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self.calls: list[dict[str, float]] = []
+        self.loras: list[tuple[str, float] | None] = []
 
     def predict_noise(self, sample, timestep, encoder_hidden_states, controls):  # type: ignore[no-untyped-def]
         self.calls.append({c.kind: c.scale for c in controls})
+        self.loras.append(self.backend.active_lora)  # type: ignore[attr-defined]
         return super().predict_noise(sample, timestep, encoder_hidden_states, controls)
 
 
@@ -45,6 +47,19 @@ def _publish(root: Path, user_id: str, face: np.ndarray, version: int = 1) -> No
     (root / "users" / user_id / "CURRENT").write_text(str(version))
 
 
+DAVE_LORA_TARGET = "mid_block.attentions.0.transformer_blocks.0.attn1.to_v"
+
+
+def _save_random_lora(tiny: ModelFamily, path: Path) -> None:
+    weight = tiny.unet.get_submodule(DAVE_LORA_TARGET).weight
+    generator = torch.Generator().manual_seed(1)
+    layer = LoraLayer(
+        "unet", DAVE_LORA_TARGET, torch.randn(4, weight.shape[1], generator=generator),
+        torch.randn(weight.shape[0], 4, generator=generator), alpha=4.0,
+    )  # fmt: skip
+    save_lora(LoraWeights("dave", [layer]), path)
+
+
 @pytest.fixture(scope="module")
 def orchestrator(
     tiny: ModelFamily, faces: FaceAnalyzer, tmp_path_factory: pytest.TempPathFactory
@@ -54,6 +69,8 @@ def orchestrator(
     face = faces.detect(group)[1]
     x0, y0, x1, y1 = int_box(grow_box(face.box, 1.8, group.shape[1], group.shape[0]))
     _publish(root, "alice", group[y0:y1, x0:x1])
+    _publish(root, "dave", group[y0:y1, x0:x1])
+    _save_random_lora(tiny, root / "users" / "dave" / "v1" / "lora.safetensors")
     (root / "users" / "bob").mkdir(parents=True)  # training, nothing published
     engines = RecordingEngines(
         TorchBackend(tiny, "cpu"), tiny.tokenizer, float(tiny.vae.config.scaling_factor)
@@ -142,22 +159,50 @@ def test_same_seed_same_image(orchestrator: Orchestrator) -> None:
 def test_the_users_lora_is_applied_at_its_weight_and_removed_after(
     orchestrator: Orchestrator, tiny: ModelFamily
 ) -> None:
-    users = orchestrator.users
-    alice = users.user_dir("alice") / "v1"
-    _publish(users.root, "dave", decode_image((alice / "face_id.png").read_bytes(), field="x"))
-    target = "mid_block.attentions.0.transformer_blocks.0.attn1.to_v"
-    weight = tiny.unet.get_submodule(target).weight
-    generator = torch.Generator().manual_seed(1)
-    layer = LoraLayer(
-        "unet", target, torch.randn(4, weight.shape[1], generator=generator),
-        torch.randn(weight.shape[0], 4, generator=generator), alpha=4.0,
-    )  # fmt: skip
-    save_lora(LoraWeights("dave", [layer]), users.user_dir("dave") / "v1" / "lora.safetensors")
+    weight = tiny.unet.get_submodule(DAVE_LORA_TARGET).weight
     before = weight.clone()
     options = GenerateOptions(first_pass=FAST, second_pass=FAST)
     astronaut = sample_photo("astronaut")
     plain = orchestrator.generate(astronaut, ["dave"], replace(options, lora_weight=0.0), seed=2)
     with_lora = orchestrator.generate(astronaut, ["dave"], options, seed=2)
     assert not np.array_equal(plain.image, with_lora.image)
-    assert torch.equal(tiny.unet.get_submodule(target).weight, before)
+    assert torch.equal(tiny.unet.get_submodule(DAVE_LORA_TARGET).weight, before)
     assert "lora_switch" in with_lora.timings
+
+
+def test_two_people_get_a_seam_pass_without_lora_and_the_background_restore(
+    orchestrator: Orchestrator,
+) -> None:
+    engines: RecordingEngines = orchestrator.engines  # type: ignore[assignment]
+    group = sample_photo("group")
+    seam = replace(SEAM_PASS, steps=10)  # 3 steps at strength 0.3
+    background = replace(BACKGROUND_PASS, enabled=True, steps=6)
+    options = GenerateOptions(
+        first_pass=FAST, second_pass=FAST, seam_pass=seam, background_restore=background,
+        return_intermediates=True,
+    )  # fmt: skip
+    engines.calls.clear()
+    engines.loras.clear()
+    result = orchestrator.generate(group, ["alice", "dave"], options, seed=4)
+    per_face = 2 * 2  # FAST: 4 steps at strength 0.5, two passes
+    assert len(engines.calls) == 2 * per_face + 2 * 3 + 2
+    users, seams, restore = (
+        engines.loras[: 2 * per_face], engines.calls[2 * per_face : -2], engines.calls[-2:]
+    )  # fmt: skip
+    assert users[0] is None and users[per_face] is not None  # alice has no LoRA file, dave has one
+    assert engines.loras[2 * per_face :] == [None] * 8
+    assert all(c == {"canny": 1.0, "color": 1.0} for c in seams + restore)
+    names = {name for name, _ in result.intermediates}
+    assert {"face0_seam_mask", "face1_seam_pass", "face0_background_mask"} <= names
+    assert [o.user_id for o in result.faces][:2] == ["alice", "dave"]
+    assert all(o.identity_score is not None for o in result.faces[:2])
+    assert result.image.shape == group.shape
+
+
+def test_one_person_gets_no_seam_pass(orchestrator: Orchestrator) -> None:
+    engines: RecordingEngines = orchestrator.engines  # type: ignore[assignment]
+    engines.calls.clear()
+    orchestrator.generate(
+        sample_photo("astronaut"), ["alice"], GenerateOptions(first_pass=FAST, second_pass=FAST), seed=4
+    )
+    assert len(engines.calls) == 4
