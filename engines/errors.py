@@ -59,6 +59,13 @@ class NotFound(EasyPhotoError):
     reason = "NOT_FOUND"
 
 
+class NoUsablePhotos(EasyPhotoError):
+    """Every training photo was dropped; the message lists each photo's reason."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "NO_USABLE_PHOTOS"
+
+
 class UnknownUser(NotFound):
     reason = "UNKNOWN_USER"
 
@@ -96,3 +103,11 @@ class EngineInputError(InvalidArgument):
 class Unimplemented(EasyPhotoError):
     code = "UNIMPLEMENTED"
     reason = "UNIMPLEMENTED"
+
+
+def check_range(field: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    """InvalidArgument naming ``field`` unless ``low <= value <= high`` (``low < value`` if open)."""
+    below = value <= low if low_open else value < low
+    if below or value > high:
+        bracket = "(" if low_open else "["
+        raise InvalidArgument(f"{field} is {value}; allowed {bracket}{low}, {high}]", field=field)

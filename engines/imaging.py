@@ -23,7 +23,7 @@ MAX_SIDE = 8192
 MIN_SIDE = 64
 
 
-def decode_image(data: bytes, field: str = "image") -> np.ndarray:
+def decode_image(data: bytes, field: str = "image", min_side: int = MIN_SIDE) -> np.ndarray:
     """Encoded bytes to an RGB uint8 array, EXIF rotation applied; typed errors for bad input."""
     if len(data) > MAX_ENCODED_BYTES:
         raise ImageTooLarge(f"{len(data)} bytes; the limit is {MAX_ENCODED_BYTES}", field=field)
@@ -32,8 +32,8 @@ def decode_image(data: bytes, field: str = "image") -> np.ndarray:
             width, height = img.size
             if max(width, height) > MAX_SIDE:
                 raise ImageTooLarge(f"{width}x{height}; the limit is {MAX_SIDE} px a side", field=field)
-            if min(width, height) < MIN_SIDE:
-                raise ImageTooSmall(f"{width}x{height}; at least {MIN_SIDE} px a side", field=field)
+            if min(width, height) < min_side:
+                raise ImageTooSmall(f"{width}x{height}; at least {min_side} px a side", field=field)
             rgb = ImageOps.exif_transpose(img).convert("RGB")
             return np.asarray(rgb, dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:

@@ -102,17 +102,27 @@ def _peft_layers(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     return layers
 
 
-def module_names(target: str, root: nn.Module) -> list[str]:
-    """The names LoRA files use for ``root``'s submodules (see TEXT_MODEL)."""
+def file_name(target: str, root: nn.Module, name: str) -> str:
+    """The name LoRA files use for ``root``'s submodule ``name`` (see TEXT_MODEL)."""
     prefix = TEXT_MODEL if target == "text_encoder" and not hasattr(root, "text_model") else ""
-    return [prefix + name for name, _ in root.named_modules() if name]
+    return prefix + name
+
+
+def module_name(root: nn.Module, name: str) -> str:
+    """A LoRA file's module name as it is in ``root`` (either text-encoder layout)."""
+    if name.startswith(TEXT_MODEL) and not hasattr(root, "text_model"):
+        return name.removeprefix(TEXT_MODEL)
+    return name
+
+
+def module_names(target: str, root: nn.Module) -> list[str]:
+    """The names LoRA files use for ``root``'s submodules."""
+    return [file_name(target, root, name) for name, _ in root.named_modules() if name]
 
 
 def submodule(root: nn.Module, name: str) -> nn.Module:
     """Resolves a LoRA file's module name in either text-encoder layout."""
-    if name.startswith(TEXT_MODEL) and not hasattr(root, "text_model"):
-        name = name.removeprefix(TEXT_MODEL)
-    return root.get_submodule(name)
+    return root.get_submodule(module_name(root, name))
 
 
 def _kohya_layers(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> list[LoraLayer]:

@@ -7,7 +7,6 @@ while loading, SERVING when the engines are ready (the readiness probe of a depl
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import grpc
 
+from easyphoto.engines.artifacts import UserStore, default_data_root
 from easyphoto.engines.errors import EngineUnavailable, Unimplemented
 from easyphoto.engines.faces.models import default_face_models
 from easyphoto.engines.interface import Engines
@@ -25,14 +25,8 @@ from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
 from .pipeline import Orchestrator
 from .service import GeneratorService
-from .users import UserStore
 
 log = logging.getLogger(__name__)
-
-
-def default_data_root() -> Path:
-    """Where user artifacts and jobs live (``$EASYPHOTO_DATA`` or ``~/.local/share/easyphoto``)."""
-    return Path(os.environ.get("EASYPHOTO_DATA", Path.home() / ".local" / "share" / "easyphoto"))
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from easyphoto.engines.errors import InvalidArgument
+from easyphoto.engines.errors import InvalidArgument, check_range
 from easyphoto.engines.inpaint import SCHEDULERS
 from easyphoto.v1 import generator_pb2
 
@@ -88,13 +88,6 @@ class GenerateOptions:
         return ", ".join(p for p in (self.negative_prompt, self.extra_negative_prompt) if p)
 
 
-def _range(field: str, value: float, low: float, high: float, low_open: bool = False) -> None:
-    below = value <= low if low_open else value < low
-    if below or value > high:
-        bracket = "(" if low_open else "["
-        raise InvalidArgument(f"{field} is {value}; allowed {bracket}{low}, {high}]", field=field)
-
-
 def _pass(message: Any, defaults: PassOptions, name: str) -> PassOptions:
     values: dict[str, Any] = {}
     for field in (
@@ -113,13 +106,13 @@ def _pass(message: Any, defaults: PassOptions, name: str) -> PassOptions:
         if message.HasField(field):
             values[field] = getattr(message, field)
     options = replace(defaults, **values)
-    _range(f"{name}.steps", options.steps, 1, 200)
-    _range(f"{name}.strength", options.strength, 0.0, 1.0, low_open=True)
-    _range(f"{name}.guidance_scale", options.guidance_scale, 1.0, 30.0)
+    check_range(f"{name}.steps", options.steps, 1, 200)
+    check_range(f"{name}.strength", options.strength, 0.0, 1.0, low_open=True)
+    check_range(f"{name}.guidance_scale", options.guidance_scale, 1.0, 30.0)
     for kind in ("canny", "openpose", "color", "tile"):
-        _range(f"{name}.{kind}_weight", getattr(options, f"{kind}_weight"), 0.0, 2.0)
+        check_range(f"{name}.{kind}_weight", getattr(options, f"{kind}_weight"), 0.0, 2.0)
     for bound in ("canny_low_threshold", "canny_high_threshold"):
-        _range(f"{name}.{bound}", getattr(options, bound), 0, 255)
+        check_range(f"{name}.{bound}", getattr(options, bound), 0, 255)
     if options.canny_low_threshold > options.canny_high_threshold:
         raise InvalidArgument(
             f"{name}.canny_low_threshold exceeds canny_high_threshold", field=f"{name}.canny_low_threshold"
@@ -167,12 +160,12 @@ def resolve_options(request: generator_pb2.GenerateRequest) -> GenerateOptions:
         if request.HasField(field):
             values[field] = getattr(request, field)
     options = replace(defaults, **values)
-    _range("fusion.before_ratio", options.fusion_before_ratio, 0.0, 1.0)
-    _range("fusion.after_ratio", options.fusion_after_ratio, 0.0, 1.0)
-    _range("lora_weight", options.lora_weight, 0.0, 2.0)
-    _range("crop_scale", options.crop_scale, 1.5, 6.0)
-    _range("super_resolution_ratio", options.super_resolution_ratio, 0.0, 1.0)
-    _range("images_per_template", options.images_per_template, 1, MAX_IMAGES_PER_TEMPLATE)
+    check_range("fusion.before_ratio", options.fusion_before_ratio, 0.0, 1.0)
+    check_range("fusion.after_ratio", options.fusion_after_ratio, 0.0, 1.0)
+    check_range("lora_weight", options.lora_weight, 0.0, 2.0)
+    check_range("crop_scale", options.crop_scale, 1.5, 6.0)
+    check_range("super_resolution_ratio", options.super_resolution_ratio, 0.0, 1.0)
+    check_range("images_per_template", options.images_per_template, 1, MAX_IMAGES_PER_TEMPLATE)
     if options.crop_short_side % 64 or not 256 <= options.crop_short_side <= 1024:
         raise InvalidArgument(
             f"crop_short_side is {options.crop_short_side}; a multiple of 64 in [256, 1024]",

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import torch
 
+from easyphoto.engines.artifacts import UserArtifacts, UserStore
 from easyphoto.engines.errors import InvalidArgument
 from easyphoto.engines.faces.detect import Face, FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
@@ -54,7 +55,6 @@ from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.engines.lora import LoraWeights, load_lora
 
 from .options import GenerateOptions, PassOptions
-from .users import UserArtifacts, UserStore
 
 log = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from easyphoto.engines.artifacts import UserStore
 from easyphoto.engines.errors import Cancelled, InvalidArgument, UnknownUser, UserNotReady
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import default_face_models
@@ -20,7 +21,6 @@ from easyphoto.engines.samples import sample_photo
 from easyphoto.engines.torch_backend import TorchBackend
 from easyphoto.server.options import BACKGROUND_PASS, SEAM_PASS, GenerateOptions, PassOptions
 from easyphoto.server.pipeline import Orchestrator
-from easyphoto.server.users import UserStore
 
 FAST = PassOptions(True, 4, 0.5, 7.0, canny_weight=0.5, color_weight=0.85)
 

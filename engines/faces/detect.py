@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -50,12 +50,26 @@ class Face:
     def area(self) -> float:
         return self.width * self.height
 
+    @property
+    def center(self) -> np.ndarray:
+        return np.array([(self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2])
+
+    def shifted(self, dx: float, dy: float) -> Face:
+        """The same face in a crop whose origin is at (-dx, -dy) of this image."""
+        x0, y0, x1, y1 = self.box
+        return Face((x0 + dx, y0 + dy, x1 + dx, y1 + dy), self.score, self.landmarks + np.array([dx, dy]))
+
     def to_json(self) -> dict[str, object]:
         return {
             "box": [round(float(v), 1) for v in self.box],
             "score": round(float(self.score), 4),
             "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in self.landmarks],
         }
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> Face:
+        x0, y0, x1, y1 = (float(v) for v in values["box"])
+        return cls((x0, y0, x1, y1), float(values["score"]), np.array(values["landmarks"], np.float64))
 
 
 class Detector(Protocol):
@@ -160,10 +174,17 @@ class FaceAnalyzer:
     """Detection (any :class:`Detector`) and identity (the ``face_embedder`` role on chips made by
     ``aligner``). Scores are cosines of L2-normalised embeddings, whatever embedder is loaded."""
 
-    def __init__(self, backend: Backend, detector: Detector, aligner: Aligner) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        detector: Detector,
+        aligner: Aligner,
+        same_person_threshold: float = SAME_PERSON_THRESHOLD,
+    ) -> None:
         self.backend = backend
         self.detector = detector
         self.aligner = aligner
+        self.same_person_threshold = same_person_threshold
 
     def detect(self, image: np.ndarray) -> list[Face]:
         """Every face in an RGB uint8 image, left to right."""

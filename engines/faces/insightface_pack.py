@@ -33,6 +33,9 @@ SCRFD_SIZE = 640
 SCRFD_MEAN, SCRFD_STD = 127.5, 128.0
 ARCFACE_MEAN, ARCFACE_STD = 127.5, 127.5
 ARCFACE_SIZE = 112
+# Not measured here (no real pack weights can be downloaded): the cosine commonly used to verify
+# ArcFace r50/r100 pairs. Measure it on real weights before relying on it (engines/README.md).
+ARCFACE_SAME_PERSON_THRESHOLD = 0.3
 
 
 @dataclass

@@ -23,7 +23,7 @@ from ..interface import Backend
 from ..packages import package_dir
 from ..roles import RoleDescription
 from ..shapes import AxisRange, Dim, TensorSpec, sym
-from .detect import Aligner, Detector, Face, FaceAnalyzer, MtcnnDetector
+from .detect import SAME_PERSON_THRESHOLD, Aligner, Detector, Face, FaceAnalyzer, MtcnnDetector
 from .mtcnn import load_mtcnn_nets
 from .parts import (
     BiSeNetParser,
@@ -71,6 +71,7 @@ class DlibEmbedder:
         predictor inside the detected box."""
         import dlib
 
+        image = np.ascontiguousarray(image, dtype=np.uint8)  # dlib rejects strided views
         x0, y0, x1, y1 = (round(v) for v in face.box)
         shape = self.predictor(image, dlib.rectangle(x0, y0, x1, y1))
         chip = dlib.get_face_chip(image, shape, size=DLIB_CHIP, padding=DLIB_PADDING)
@@ -90,9 +91,11 @@ class FaceModels:
     parser: Parser = field(default_factory=LandmarkParser)
     matte: Matte = field(default_factory=GrabCutMatte)
     upscaler: Upscaler = field(default_factory=LanczosUpscaler)
+    # Cosine at or above which two faces count as one person (depends on the embedder).
+    same_person_threshold: float = SAME_PERSON_THRESHOLD
 
     def analyzer(self, backend: Backend) -> FaceAnalyzer:
-        return FaceAnalyzer(backend, self.make_detector(backend), self.aligner)
+        return FaceAnalyzer(backend, self.make_detector(backend), self.aligner, self.same_person_threshold)
 
 
 def default_face_models() -> FaceModels:
@@ -119,7 +122,13 @@ def load_face_models(
     if pack is None:
         models = default_face_models()
     else:
-        from .insightface_pack import ScrfdDetector, arcface_chip, describe_pack_roles, find_pack_files
+        from .insightface_pack import (
+            ARCFACE_SAME_PERSON_THRESHOLD,
+            ScrfdDetector,
+            arcface_chip,
+            describe_pack_roles,
+            find_pack_files,
+        )
 
         models = FaceModels(
             name=f"insightface:{pack}",
@@ -127,6 +136,7 @@ def load_face_models(
             torch_modules=[],
             make_detector=ScrfdDetector,
             aligner=arcface_chip,
+            same_person_threshold=ARCFACE_SAME_PERSON_THRESHOLD,
         )
     if parsing is not None:
         models.parser = BiSeNetParser(parsing)

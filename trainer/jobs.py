@@ -1,0 +1,228 @@
+"""Training jobs persisted in SQLite (``<data>/trainer.sqlite3``), with change notification.
+
+A job's row holds its state, stage, progress, error, photo reports and resolved options; its files
+(the uploaded photos, prepared crops, checkpoints, validation images) live in ``<data>/jobs/<id>/``.
+Every update bumps the row's ``revision`` and wakes :meth:`JobStore.wait_for_change` callers, which
+is what ``WatchJob`` streams.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from easyphoto.engines.errors import EasyPhotoError, NotFound
+from easyphoto.v1 import common_pb2, trainer_pb2
+
+from .options import TrainingOptions
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    trainer_pb2.JOB_STATE_QUEUED,
+    trainer_pb2.JOB_STATE_RUNNING,
+    trainer_pb2.JOB_STATE_SUCCEEDED,
+    trainer_pb2.JOB_STATE_FAILED,
+    trainer_pb2.JOB_STATE_CANCELLED,
+)
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+ACTIVE = (QUEUED, RUNNING)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    request_id TEXT NOT NULL DEFAULT '',
+    state INTEGER NOT NULL,
+    stage TEXT NOT NULL DEFAULT '',
+    step INTEGER NOT NULL DEFAULT 0,
+    total_steps INTEGER NOT NULL DEFAULT 0,
+    loss REAL NOT NULL DEFAULT 0,
+    eta_seconds REAL NOT NULL DEFAULT 0,
+    error TEXT NOT NULL DEFAULT '{}',
+    photos TEXT NOT NULL DEFAULT '[]',
+    options TEXT NOT NULL,
+    warnings TEXT NOT NULL DEFAULT '[]',
+    published_version INTEGER NOT NULL DEFAULT 0,
+    seed INTEGER NOT NULL,
+    photo_count INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    revision INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_user ON jobs (user_id, created_at);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs (request_id) WHERE request_id != '';
+"""
+JSON_COLUMNS = ("error", "photos", "options", "warnings")
+
+
+@dataclass
+class JobRecord:
+    job_id: str
+    user_id: str
+    state: int
+    options: dict[str, Any]
+    seed: int
+    photo_count: int
+    created_at: float
+    updated_at: float
+    request_id: str = ""
+    stage: str = ""
+    step: int = 0
+    total_steps: int = 0
+    loss: float = 0.0
+    eta_seconds: float = 0.0
+    error: dict[str, str] = field(default_factory=dict)
+    photos: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    published_version: int = 0
+    revision: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    @property
+    def training_options(self) -> TrainingOptions:
+        return TrainingOptions.from_json(self.options)
+
+    def to_proto(self) -> trainer_pb2.Job:
+        job = trainer_pb2.Job(
+            job_id=self.job_id,
+            user_id=self.user_id,
+            state=self.state,
+            stage=self.stage,
+            step=self.step,
+            total_steps=self.total_steps,
+            loss=self.loss,
+            eta_seconds=self.eta_seconds,
+            photos=[trainer_pb2.PhotoReport(**photo) for photo in self.photos],
+            created_at=_timestamp(self.created_at),
+            updated_at=_timestamp(self.updated_at),
+            options=self.training_options.to_proto(),
+            published_version=self.published_version,
+            warnings=self.warnings,
+        )
+        if self.error:
+            job.error.CopyFrom(common_pb2.ErrorDetail(**self.error))
+        return job
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def error_record(error: EasyPhotoError) -> dict[str, str]:
+    return {"reason": error.reason, "code": error.code, "message": error.message, "field": error.field}
+
+
+class JobStore:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def create(
+        self, user_id: str, options: TrainingOptions, seed: int, photo_count: int, request_id: str = ""
+    ) -> JobRecord:
+        now = time.time()
+        record = JobRecord(
+            job_id=uuid.uuid4().hex,
+            user_id=user_id,
+            state=QUEUED,
+            options=options.to_json(),
+            seed=seed,
+            photo_count=photo_count,
+            created_at=now,
+            updated_at=now,
+            request_id=request_id,
+            stage="queued",
+        )
+        values = {f.name: getattr(record, f.name) for f in fields(JobRecord)}
+        for name in JSON_COLUMNS:
+            values[name] = json.dumps(values[name])
+        columns = ", ".join(values)
+        with self._changed:
+            self._db.execute(
+                f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * len(values))})", list(values.values())
+            )
+            self._changed.notify_all()
+        return record
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._lock:
+            return self._fetch(job_id)
+
+    def _fetch(self, job_id: str) -> JobRecord:
+        row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no job {job_id!r}", field="job_id")
+        return _record(row)
+
+    def by_request_id(self, request_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+        return _record(row) if row is not None else None
+
+    def update(self, job_id: str, **values: Any) -> JobRecord:
+        values["updated_at"] = time.time()
+        for name in JSON_COLUMNS:
+            if name in values:
+                values[name] = json.dumps(values[name])
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        with self._changed:
+            self._db.execute(
+                f"UPDATE jobs SET {assignments}, revision = revision + 1 WHERE job_id = ?",
+                [*values.values(), job_id],
+            )
+            self._changed.notify_all()
+            return self._fetch(job_id)
+
+    def list(
+        self, user_id: str = "", states: tuple[int, ...] = (), limit: int = 50, offset: int = 0
+    ) -> list[JobRecord]:
+        query, args = "SELECT * FROM jobs WHERE 1 = 1", list[Any]()
+        if user_id:
+            query, args = query + " AND user_id = ?", [*args, user_id]
+        if states:
+            query += f" AND state IN ({', '.join('?' * len(states))})"
+            args += list(states)
+        query += " ORDER BY created_at, job_id LIMIT ? OFFSET ?"
+        with self._lock:
+            rows = self._db.execute(query, [*args, limit, offset]).fetchall()
+        return [_record(row) for row in rows]
+
+    def wait_for_change(self, job_id: str, revision: int, timeout: float) -> JobRecord:
+        """The job once its revision differs from ``revision``, or as it is after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                record = self._fetch(job_id)
+                remaining = deadline - time.monotonic()
+                if record.revision != revision or remaining <= 0:
+                    return record
+                self._changed.wait(remaining)
+
+
+def _record(row: sqlite3.Row) -> JobRecord:
+    values = dict(row)
+    for name in JSON_COLUMNS:
+        values[name] = json.loads(values[name])
+    return JobRecord(**values)

@@ -1,0 +1,359 @@
+"""Runs training jobs one at a time: prepare → train (checkpoint + validate every interval) → merge
+→ publish → tell the serving side. Everything a job needs to resume lives in its folder:
+
+``<data>/jobs/<id>/photos/NNN.bin`` the uploads · ``prepared/`` crops, faces, reference and
+embeddings · ``checkpoints/step-N.{safetensors,pt}`` · ``validation/`` images and
+``validation.json`` · each written whole (temporary name, then rename). A trainer killed mid-job
+finds the job RUNNING at start-up and resumes it from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from easyphoto.engines.artifacts import LORA_FILE, UserStore, write_atomically
+from easyphoto.engines.errors import Cancelled, EasyPhotoError, InvalidArgument
+from easyphoto.engines.faces.detect import Face, FaceAnalyzer
+from easyphoto.engines.faces.models import FaceModels
+from easyphoto.engines.family import ModelFamily
+from easyphoto.engines.imaging import decode_image, encode_png
+from easyphoto.engines.lora import load_lora, save_lora
+
+from .jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobStore, error_record
+from .lora_training import LoraTrainer, TrainingImages, checkpoint_step, checkpoints
+from .merge import merge_checkpoints
+from .options import TrainingOptions
+from .photos import PhotoReport, PreparedPhotos, prepare_photos
+from .validation import ValidationImage, Validator
+
+log = logging.getLogger(__name__)
+
+Notify = Callable[[str, int], None]
+MAX_ERROR_CHARS = 500
+
+
+@dataclass
+class RunnerConfig:
+    data: Path
+    device: str
+    load_family: Callable[[], ModelFamily]
+    face_models: FaceModels
+    analyzer: FaceAnalyzer
+    notify: Notify | None = None  # tells the serving side a user version is ready
+
+
+class JobRunner:
+    def __init__(self, store: JobStore, users: UserStore, config: RunnerConfig) -> None:
+        self.store = store
+        self.users = users
+        self.config = config
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.config.data / "jobs" / job_id
+
+    # ---- lifecycle ----
+
+    def start(self) -> None:
+        """Resumes what a previous process left running, then serves the queue."""
+        for leftover in self.users.clean_staging():
+            log.warning("removed a half-published version: %s", leftover)
+        for job in self.store.list(states=(RUNNING,), limit=10_000):
+            log.warning(
+                "job %s was running when the trainer stopped; resuming at step %d", job.job_id, job.step
+            )
+            self.store.update(
+                job.job_id,
+                state=QUEUED,
+                warnings=[*job.warnings, f"resumed after a trainer restart (was at step {job.step})"],
+            )
+        for job in self.store.list(states=(QUEUED,), limit=10_000):
+            self._queue.put(job.job_id)
+        self._worker = threading.Thread(target=self._work, name="trainer-jobs", daemon=True)
+        self._worker.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+
+    def submit(
+        self, user_id: str, photos: list[bytes], options: TrainingOptions, seed: int, request_id: str
+    ) -> JobRecord:
+        job = self.store.create(user_id, options, seed, len(photos), request_id)
+        folder = self.job_dir(job.job_id) / "photos"
+        folder.mkdir(parents=True)
+        for index, data in enumerate(photos):
+            write_atomically(folder / f"{index:03d}.bin", data)
+        self._queue.put(job.job_id)
+        log.info("job %s queued for user %s with %d photos", job.job_id, user_id, len(photos))
+        return job
+
+    def cancel(self, job_id: str) -> JobRecord:
+        job = self.store.get(job_id)
+        if job.state == QUEUED:
+            return self.store.update(job_id, state=CANCELLED, stage="cancelled")
+        if job.state == RUNNING:
+            with self._lock:
+                self._cancelled.add(job_id)
+        return job
+
+    def _work(self) -> None:
+        while (job_id := self._queue.get()) is not None:
+            job = self.store.get(job_id)
+            if job.state == QUEUED:
+                self.run(job)
+
+    # ---- one job ----
+
+    def run(self, job: JobRecord) -> JobRecord:
+        """Runs (or resumes) ``job`` to its end; the final record."""
+        started = time.time()
+        job = self.store.update(job.job_id, state=RUNNING)
+        try:
+            version = _Job(self, job).run()
+        except Cancelled:
+            log.info("job %s cancelled at step %d", job.job_id, self.store.get(job.job_id).step)
+            return self.store.update(job.job_id, state=CANCELLED, stage="cancelled", eta_seconds=0.0)
+        except EasyPhotoError as error:
+            log.warning("job %s failed: %s %s", job.job_id, error.reason, error.message)
+            return self.store.update(job.job_id, state=FAILED, error=error_record(error), eta_seconds=0.0)
+        except Exception as exc:
+            log.exception("job %s failed", job.job_id)
+            internal = EasyPhotoError(f"{type(exc).__name__}: {str(exc)[:MAX_ERROR_CHARS]}")
+            return self.store.update(job.job_id, state=FAILED, error=error_record(internal), eta_seconds=0.0)
+        finally:
+            with self._lock:
+                self._cancelled.discard(job.job_id)
+        log.info("job %s published %s v%d in %.1fs", job.job_id, job.user_id, version, time.time() - started)
+        return self.store.get(job.job_id)
+
+    def should_stop(self, job_id: str) -> bool:
+        with self._lock:
+            if job_id in self._cancelled:
+                raise Cancelled(f"job {job_id} was cancelled")
+        return False
+
+
+class _Job:
+    """The stages of one job, resuming from whatever its folder already holds."""
+
+    def __init__(self, runner: JobRunner, job: JobRecord) -> None:
+        self.runner = runner
+        self.config = runner.config
+        self.job = job
+        self.options = job.training_options
+        self.folder = runner.job_dir(job.job_id)
+        self.timings: dict[str, float] = {}
+
+    def update(self, **values: Any) -> None:
+        self.job = self.runner.store.update(self.job.job_id, **values)
+
+    def stop(self) -> bool:
+        return self.runner.should_stop(self.job.job_id)
+
+    def run(self) -> int:
+        prepared = self.prepare()
+        if not prepared.crops:
+            raise prepared.no_usable_photos()
+        total = self.options.train_steps(len(prepared.crops))
+        self.update(stage="train", total_steps=total)
+        family = self.config.load_family()
+        trainer = LoraTrainer(
+            family,
+            TrainingImages(prepared.crops, self.options.resolution, self.options.random_flip),
+            self.options,
+            self.job.seed,
+            self.config.device,
+        )
+        validator = Validator(
+            family,
+            self.config.analyzer,
+            prepared.crops,
+            prepared.crop_faces,
+            prepared.embeddings,
+            self.options,
+            self.job.seed,
+            self.config.device,
+        )
+        if validator.warnings:
+            self.update(warnings=[*self.job.warnings, *validator.warnings])
+        results = self.train(trainer, validator, total)
+        return self.publish(prepared, results, family)
+
+    # ---- stages ----
+
+    def prepare(self) -> PreparedPhotos:
+        folder = self.folder / "prepared"
+        if (folder / "prepared.json").is_file():
+            return _load_prepared(folder)
+        started = time.perf_counter()
+        self.update(stage="validate")
+        photo_dir = self.folder / "photos"
+        photos = [photo_dir.joinpath(f"{i:03d}.bin").read_bytes() for i in range(self.job.photo_count)]
+        prepared = prepare_photos(
+            photos,
+            self.options,
+            self.config.analyzer,
+            self.config.face_models,
+            lambda s: self.update(stage=s),
+        )
+        self.update(
+            photos=[vars(r) for r in prepared.reports], warnings=[*self.job.warnings, *prepared.warnings]
+        )
+        if prepared.crops:
+            _save_prepared(prepared, folder)
+        self.timings["prepare"] = time.perf_counter() - started
+        return prepared
+
+    def train(self, trainer: LoraTrainer, validator: Validator, total: int) -> list[ValidationImage]:
+        saved = checkpoints(self.folder / "checkpoints")
+        results = self._load_results()
+        start = 0
+        if saved:
+            trainer.load_checkpoint(saved[-1])
+            start = checkpoint_step(saved[-1])
+            results = [r for r in results if r.step <= start]
+            if not any(r.step == start for r in results):
+                results += self.validate(trainer, validator, start, results)
+            log.info("job %s resumes at step %d of %d", self.job.job_id, start, total)
+        began = time.perf_counter()
+        for step in range(start + 1, total + 1):
+            self.stop()
+            loss = trainer.train_step(step)
+            per_step = (time.perf_counter() - began) / (step - start)
+            self.update(stage="train", step=step, loss=loss, eta_seconds=per_step * (total - step))
+            if step % self.options.validation_interval == 0 or step == total:
+                trainer.save_checkpoint(self.folder / "checkpoints", step)
+                results += self.validate(trainer, validator, step, results)
+        self.timings["train"] = time.perf_counter() - began
+        return results
+
+    def validate(
+        self, trainer: LoraTrainer, validator: Validator, step: int, earlier: list[ValidationImage]
+    ) -> list[ValidationImage]:
+        self.update(stage="validate_lora")
+        started = time.perf_counter()
+        trainer.eval()
+        new = validator.run(step, self.folder, should_stop=self.stop)
+        write_atomically(
+            self.folder / "validation.json", json.dumps([r.to_json() for r in [*earlier, *new]]).encode()
+        )
+        self.timings["validate"] = self.timings.get("validate", 0.0) + time.perf_counter() - started
+        return new
+
+    def _load_results(self) -> list[ValidationImage]:
+        path = self.folder / "validation.json"
+        return [ValidationImage(**r) for r in json.loads(path.read_text())] if path.is_file() else []
+
+    def publish(self, prepared: PreparedPhotos, results: list[ValidationImage], family: ModelFamily) -> int:
+        self.update(stage="merge")
+        if not results:
+            raise InvalidArgument("no validation image was produced", field="options.validation_templates")
+        folder = self.folder / "checkpoints"
+        merged, chosen = merge_checkpoints(
+            results,
+            self.options.merge_top_k,
+            lambda step: load_lora(folder / f"step-{step:06d}.safetensors"),
+            name=f"{self.job.user_id}:{self.job.job_id}",
+        )
+        best = chosen[0]
+        self.update(stage="publish")
+        report = self.report(results, chosen, family)
+
+        def write(staging: Path) -> None:
+            save_lora(merged, staging / LORA_FILE)
+            shutil.copyfile(self.folder / best.path, staging / "face_id.png")
+            (staging / "reference.png").write_bytes(encode_png(prepared.reference))
+            np.save(staging / "embeddings.npy", prepared.embeddings)
+            (staging / "report.json").write_text(json.dumps(report, indent=2))
+
+        meta = {"job_id": self.job.job_id, "base_model": family.source, "family": family.name}
+        version = self.runner.users.publish(self.job.user_id, write, meta)
+        self.update(published_version=version)
+        self.notify(version)
+        self.update(state=SUCCEEDED, stage="done", eta_seconds=0.0)
+        shutil.rmtree(folder, ignore_errors=True)  # checkpoints are large; the report keeps their scores
+        return version
+
+    def notify(self, version: int) -> None:
+        if self.config.notify is None:
+            return
+        try:
+            self.config.notify(self.job.user_id, version)
+        except Exception as exc:  # the version is published; the serving side loads it on first use
+            log.warning("could not tell the serving side about %s v%d: %s", self.job.user_id, version, exc)
+            self.update(warnings=[*self.job.warnings, f"serving side not told of v{version}: {exc}"])
+
+    def report(
+        self, results: list[ValidationImage], chosen: list[ValidationImage], family: ModelFamily
+    ) -> dict[str, Any]:
+        return {
+            "job_id": self.job.job_id,
+            "user_id": self.job.user_id,
+            "seed": self.job.seed,
+            "options": self.options.to_json(),
+            "photos": self.job.photos,
+            "warnings": self.job.warnings,
+            "validation": [r.to_json() for r in results],
+            "merged_from": [r.to_json() for r in chosen],
+            "timings": self.timings,
+            "base_model": {"name": family.name, "source": family.source, "random_weights": family.is_random},
+            "versions": {
+                p: _version(p) for p in ("easyphoto-serve", "torch", "diffusers", "peft", "transformers")
+            },
+        }
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _save_prepared(prepared: PreparedPhotos, folder: Path) -> None:
+    staging = folder.with_name(".prepared.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for index, crop in enumerate(prepared.crops):
+        (staging / f"crop-{index:03d}.png").write_bytes(encode_png(crop))
+    (staging / "reference.png").write_bytes(encode_png(prepared.reference))
+    np.save(staging / "embeddings.npy", prepared.embeddings)
+    manifest = {
+        "faces": [face.to_json() for face in prepared.crop_faces],
+        "reports": [vars(r) for r in prepared.reports],
+        "warnings": prepared.warnings,
+    }
+    (staging / "prepared.json").write_text(json.dumps(manifest))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(staging, folder)
+
+
+def _load_prepared(folder: Path) -> PreparedPhotos:
+    manifest = json.loads((folder / "prepared.json").read_text())
+    count = len(manifest["faces"])
+    return PreparedPhotos(
+        crops=[decode_image((folder / f"crop-{i:03d}.png").read_bytes(), min_side=1) for i in range(count)],
+        crop_faces=[Face.from_json(face) for face in manifest["faces"]],
+        reference=decode_image((folder / "reference.png").read_bytes(), min_side=1),
+        embeddings=np.load(folder / "embeddings.npy"),
+        reports=[PhotoReport(**r) for r in manifest["reports"]],
+        warnings=manifest["warnings"],
+    )
