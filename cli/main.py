@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from . import training
+
 
 def _serve(args: argparse.Namespace) -> int:
     from easyphoto.server.app import ServerConfig, serve
@@ -151,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--only", choices=["all", "faces", "first-pass"], default="all")
     bench.set_defaults(run=_bench)
+    training.register(commands)
     return parser
 
 

@@ -103,8 +103,8 @@ class JobRecord:
             loss=self.loss,
             eta_seconds=self.eta_seconds,
             photos=[trainer_pb2.PhotoReport(**photo) for photo in self.photos],
-            created_at=_timestamp(self.created_at),
-            updated_at=_timestamp(self.updated_at),
+            created_at=timestamp(self.created_at),
+            updated_at=timestamp(self.updated_at),
             options=self.training_options.to_proto(),
             published_version=self.published_version,
             warnings=self.warnings,
@@ -114,7 +114,7 @@ class JobRecord:
         return job
 
 
-def _timestamp(seconds: float) -> Timestamp:
+def timestamp(seconds: float) -> Timestamp:
     stamp = Timestamp()
     stamp.FromNanoseconds(int(seconds * 1e9))
     return stamp

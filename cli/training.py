@@ -1,0 +1,205 @@
+"""Trainer-side subcommands: ``trainer`` (the service), ``train``, ``jobs`` and ``users`` (clients)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRAINER = "127.0.0.1:50052"
+TERMINAL = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED")
+
+
+def _trainer(args: argparse.Namespace) -> int:
+    from easyphoto.engines.artifacts import default_data_root
+    from easyphoto.trainer.app import TrainerConfig, serve_trainer
+
+    serve_trainer(
+        TrainerConfig(
+            host=args.host,
+            port=args.port,
+            models=args.models,
+            device=args.device,
+            data=Path(args.data) if args.data else default_data_root(),
+            orchestrator=args.orchestrator,
+            face_pack=Path(args.face_models) if args.face_models else None,
+        )
+    )
+    return 0
+
+
+def _set_option(options: Any, assignment: str) -> None:
+    """``name=value`` on a TrainingOptions message, typed from the field."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    name, _, text = assignment.partition("=")
+    field = options.DESCRIPTOR.fields_by_name.get(name)
+    if field is None:
+        raise SystemExit(
+            f"unknown training option {name!r}; known: {sorted(options.DESCRIPTOR.fields_by_name)}"
+        )
+    if field.type == FieldDescriptor.TYPE_BOOL:
+        value: object = text.lower() in ("1", "true", "yes", "on")
+    elif field.type in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
+        value = float(text)
+    elif field.type == FieldDescriptor.TYPE_STRING:
+        value = text
+    else:
+        value = int(text)
+    setattr(options, name, value)
+
+
+def _fail(error: Any) -> int:
+    from easyphoto.engines.rpc import error_details
+
+    details = error_details(error)
+    print(f"error: {details['code']} {details['reason']}: {details['message']}", file=sys.stderr)
+    for field, why in details["fields"].items():
+        print(f"  {field}: {why}", file=sys.stderr)
+    return 2
+
+
+def _job_line(job: Any) -> str:
+    from google.protobuf.json_format import MessageToDict
+
+    summary = MessageToDict(job, preserving_proto_field_name=True)
+    for bulky in ("options", "photos"):
+        summary.pop(bulky, None)
+    return json.dumps(summary)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import grpc
+
+    from easyphoto.v1 import trainer_pb2, trainer_pb2_grpc
+
+    request = trainer_pb2.CreateTrainingJobRequest(user_id=args.user, request_id=args.request_id or "")
+    request.photos.extend(Path(p).read_bytes() for p in args.photos)
+    for assignment in args.set:
+        _set_option(request.options, assignment)
+    with grpc.insecure_channel(args.server) as channel:
+        stub = trainer_pb2_grpc.TrainerStub(channel)
+        try:
+            job = stub.CreateTrainingJob(request, timeout=args.timeout)
+            if args.detach:
+                print(job.job_id)
+                return 0
+            final = _follow(stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id)))
+        except grpc.RpcError as error:
+            return _fail(error)
+    for photo in final.photos:
+        status = "kept" if photo.kept else f"dropped: {photo.reason}"
+        print(f"photo {photo.index} ({args.photos[photo.index]}): {status} score={photo.identity_score:.3f}")
+    for warning in final.warnings:
+        print(f"warning: {warning}")
+    state = trainer_pb2.JobState.Name(final.state)
+    if state != "JOB_STATE_SUCCEEDED":
+        print(f"job {final.job_id} {state}: {final.error.reason} {final.error.message}", file=sys.stderr)
+        return 1
+    print(f"job {final.job_id} published {final.user_id} v{final.published_version}")
+    return 0
+
+
+def _follow(events: Iterator[Any]) -> Any:
+    """Shows a progress bar over the job's training steps; the job's last state."""
+    from tqdm import tqdm
+
+    from easyphoto.v1 import trainer_pb2
+
+    last = None
+    with tqdm(total=0, unit="step", dynamic_ncols=True) as bar:
+        for job in events:
+            last = job
+            bar.total = job.total_steps
+            bar.set_description(job.stage)
+            bar.set_postfix(loss=f"{job.loss:.4f}", eta=f"{job.eta_seconds:.0f}s")
+            bar.update(job.step - bar.n)
+            if trainer_pb2.JobState.Name(job.state) in TERMINAL:
+                break
+    return last
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    import grpc
+
+    from easyphoto.v1 import trainer_pb2, trainer_pb2_grpc
+
+    with grpc.insecure_channel(args.server) as channel:
+        stub = trainer_pb2_grpc.TrainerStub(channel)
+        try:
+            if args.cancel:
+                print(_job_line(stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=args.cancel), timeout=30)))
+                return 0
+            token = ""
+            while True:
+                page = stub.ListJobs(
+                    trainer_pb2.ListJobsRequest(user_id=args.user, page_token=token), timeout=30
+                )
+                for job in page.jobs:
+                    print(_job_line(job))
+                if not (token := page.next_page_token):
+                    return 0
+        except grpc.RpcError as error:
+            return _fail(error)
+
+
+def _users(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from easyphoto.v1 import users_pb2, users_pb2_grpc
+
+    with grpc.insecure_channel(args.server) as channel:
+        stub = users_pb2_grpc.UsersStub(channel)
+        try:
+            if args.delete:
+                reply = stub.DeleteUser(users_pb2.DeleteUserRequest(user_id=args.delete), timeout=30)
+                print(json.dumps({"deleted_versions": reply.deleted_versions}))
+                return 0
+            token = ""
+            while True:
+                page = stub.ListUsers(users_pb2.ListUsersRequest(page_token=token), timeout=30)
+                for user in page.users:
+                    print(json.dumps(MessageToDict(user, preserving_proto_field_name=True)))
+                if not (token := page.next_page_token):
+                    return 0
+        except grpc.RpcError as error:
+            return _fail(error)
+
+
+def register(commands: Any) -> None:
+    trainer = commands.add_parser("trainer", help="run the trainer (Trainer + Users) gRPC server")
+    trainer.add_argument("--host", default="127.0.0.1")
+    trainer.add_argument("--port", type=int, default=50052)
+    trainer.add_argument("--models", default="tiny", help="the base model family jobs train on")
+    trainer.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    trainer.add_argument(
+        "--data", default=None, help="jobs and user artifacts root (default: $EASYPHOTO_DATA)"
+    )
+    trainer.add_argument("--orchestrator", default="", help="host:port to tell when a user is published")
+    trainer.add_argument("--face-models", default=None, help="an insightface pack directory")
+    trainer.set_defaults(run=_trainer)
+
+    train = commands.add_parser("train", help="train a user's LoRA from photos (waits with a progress bar)")
+    train.add_argument("--user", required=True)
+    train.add_argument("photos", nargs="+")
+    train.add_argument("--server", default=DEFAULT_TRAINER)
+    train.add_argument("--detach", action="store_true", help="print the job id and return at once")
+    train.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", help="a training option")
+    train.add_argument("--request-id", default="", help="idempotency key")
+    train.add_argument("--timeout", type=float, default=60.0, help="seconds for the job to be accepted")
+    train.set_defaults(run=_train)
+
+    jobs = commands.add_parser("jobs", help="list training jobs as JSON lines, or --cancel one")
+    jobs.add_argument("--server", default=DEFAULT_TRAINER)
+    jobs.add_argument("--user", default="")
+    jobs.add_argument("--cancel", default="", metavar="JOB_ID")
+    jobs.set_defaults(run=_jobs)
+
+    users = commands.add_parser("users", help="list users as JSON lines, or --delete one")
+    users.add_argument("--server", default=DEFAULT_TRAINER)
+    users.add_argument("--delete", default="", metavar="USER_ID")
+    users.set_defaults(run=_users)

@@ -1,0 +1,372 @@
+"""The trainer on the tiny models and real face models: jobs over gRPC, training, merge, cancel, and a
+trainer process killed mid-job."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from easyphoto.engines.errors import NoUsablePhotos
+from easyphoto.engines.faces.detect import FaceAnalyzer
+from easyphoto.engines.faces.models import default_face_models
+from easyphoto.engines.family import ModelFamily
+from easyphoto.engines.imaging import encode_png
+from easyphoto.engines.loading import tiny_family
+from easyphoto.engines.lora import load_lora
+from easyphoto.engines.rpc import error_details
+from easyphoto.engines.samples import sample_photo
+from easyphoto.trainer.app import TrainerApp, TrainerConfig, build_trainer
+from easyphoto.trainer.lora_training import LoraTrainer, TrainingImages
+from easyphoto.trainer.merge import merge_checkpoints
+from easyphoto.trainer.options import TrainingOptions
+from easyphoto.trainer.validation import ValidationImage
+from easyphoto.v1 import trainer_pb2, trainer_pb2_grpc, users_pb2, users_pb2_grpc
+
+FAST = {
+    "rank": 4,
+    "alpha": 4.0,
+    "resolution": 64,
+    "gradient_accumulation_steps": 1,
+    "steps_per_photo": 2,
+    "max_train_steps": 6,
+    "validation_interval": 2,
+    "validation_steps": 4,
+    "validation_templates": 2,
+    "merge_top_k": 3,
+    "seed": 5,
+}
+DONE = (trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED)
+
+
+def person_photos() -> list[np.ndarray]:
+    """One person four ways: the photo, mirrored, re-cropped, re-lit."""
+    photo = sample_photo("astronaut")
+    relit = np.clip(photo.astype(np.float32) * 0.8 + 20, 0, 255).astype(np.uint8)
+    return [photo, photo[:, ::-1].copy(), photo[30:480, 20:470].copy(), relit]
+
+
+def other_person(faces: FaceAnalyzer) -> np.ndarray:
+    group = sample_photo("group")
+    x0, y0, x1, y1 = (int(v) for v in faces.detect(group)[2].box)
+    side = x1 - x0
+    return group[max(0, y0 - side) : y1 + side, max(0, x0 - side) : x1 + side].copy()
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainerApp]:
+    app = build_trainer(
+        TrainerConfig(port=0, data=tmp_path_factory.mktemp("trainer"), device="cpu"), default_face_models()
+    )
+    app.start()
+    yield app
+    app.stop(0)
+
+
+@pytest.fixture(scope="module")
+def channel(trainer: TrainerApp) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{trainer.app.port}") as channel:
+        yield channel
+
+
+def _request(
+    user_id: str, photos: list[np.ndarray | bytes], **options: object
+) -> trainer_pb2.CreateTrainingJobRequest:
+    encoded = [p if isinstance(p, bytes) else encode_png(p) for p in photos]
+    return trainer_pb2.CreateTrainingJobRequest(
+        user_id=user_id, photos=encoded, options=trainer_pb2.TrainingOptions(**{**FAST, **options})
+    )
+
+
+def _watch(channel: grpc.Channel, job_id: str) -> list[trainer_pb2.Job]:
+    stub = trainer_pb2_grpc.TrainerStub(channel)
+    events = []
+    for job in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job_id), timeout=300):
+        events.append(job)
+        if job.state in DONE:
+            break
+    return events
+
+
+def test_a_job_publishes_a_user_and_reports_every_dropped_photo(
+    trainer: TrainerApp, channel: grpc.Channel, faces: FaceAnalyzer
+) -> None:
+    photos: list[np.ndarray | bytes] = [
+        *person_photos(),
+        sample_photo("coffee"),
+        b"not an image",
+        other_person(faces),
+    ]
+    job = trainer_pb2_grpc.TrainerStub(channel).CreateTrainingJob(_request("ann", photos), timeout=30)
+    assert (
+        job.state == trainer_pb2.JOB_STATE_QUEUED and job.options.rank == 4 and job.options.merge_top_k == 3
+    )
+    events = _watch(channel, job.job_id)
+    final = events[-1]
+    assert final.state == trainer_pb2.JOB_STATE_SUCCEEDED, final.error
+    assert {e.stage for e in events} >= {"train", "validate_lora", "done"}
+    assert final.step == final.total_steps == 6  # min(4 photos x 2, 6)
+    reasons = {p.index: p.reason for p in final.photos if not p.kept}
+    assert reasons == {4: "NO_FACE", 5: "IMAGE_UNREADABLE", 6: "DIFFERENT_PERSON"}
+    assert all(p.identity_score > 0.9 for p in final.photos if p.kept)
+
+    folder = trainer.runner.users.user_dir("ann") / "v1"
+    assert final.published_version == 1 and (folder.parent / "CURRENT").read_text() == "1"
+    report = json.loads((folder / "report.json").read_text())
+    assert len(report["validation"]) == 3 * 2 and len(report["merged_from"]) == 3
+    lora = load_lora(folder / "lora.safetensors")
+    assert lora.targets == {"unet", "text_encoder"} and {x.rank for x in lora.layers} == {4}
+    assert np.load(folder / "embeddings.npy").shape[0] == 4
+    assert Image.open(io.BytesIO((folder / "face_id.png").read_bytes())).size[0] >= 64
+
+    user = users_pb2_grpc.UsersStub(channel).GetUser(users_pb2.GetUserRequest(user_id="ann"), timeout=10)
+    assert user.state == users_pb2.USER_STATE_READY and user.version == 1 and len(user.lora_sha256) == 64
+    assert not (trainer.runner.job_dir(job.job_id) / "checkpoints").exists()
+
+
+def test_all_photos_unusable_fails_with_every_reason(channel: grpc.Channel) -> None:
+    stub = trainer_pb2_grpc.TrainerStub(channel)
+    job = stub.CreateTrainingJob(_request("bad", [sample_photo("coffee"), b"\x89PNG broken"]), timeout=30)
+    final = _watch(channel, job.job_id)[-1]
+    assert final.state == trainer_pb2.JOB_STATE_FAILED
+    assert final.error.reason == NoUsablePhotos.reason and final.error.code == "FAILED_PRECONDITION"
+    assert "photo 0: NO_FACE" in final.error.message and "photo 1: IMAGE_UNREADABLE" in final.error.message
+    user = users_pb2_grpc.UsersStub(channel).GetUser(users_pb2.GetUserRequest(user_id="bad"), timeout=10)
+    assert user.state == users_pb2.USER_STATE_FAILED
+
+
+def test_cancel_stops_a_running_job_and_a_queued_one(trainer: TrainerApp, channel: grpc.Channel) -> None:
+    stub = trainer_pb2_grpc.TrainerStub(channel)
+    long = stub.CreateTrainingJob(
+        _request("cat", person_photos()[:2], max_train_steps=500, validation_interval=1000), timeout=30
+    )
+    queued = stub.CreateTrainingJob(_request("dan", person_photos()[:2]), timeout=30)
+    for job in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=long.job_id), timeout=120):
+        if job.step >= 2:
+            break
+    assert (
+        stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=queued.job_id)).state
+        == trainer_pb2.JOB_STATE_CANCELLED
+    )
+    stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=long.job_id), timeout=10)
+    final = _watch(channel, long.job_id)[-1]
+    assert final.state == trainer_pb2.JOB_STATE_CANCELLED and final.step < 500
+    assert trainer.runner.users.current_version("cat") is None
+
+
+def test_bad_requests_get_their_codes(channel: grpc.Channel) -> None:
+    stub = trainer_pb2_grpc.TrainerStub(channel)
+    photo = person_photos()[0]
+    cases = [
+        (_request("no/slash", [photo]), "INVALID_ARGUMENT", "user_id"),
+        (_request("eve", []), "INVALID_ARGUMENT", "photos"),
+        (_request("eve", [photo], rank=0), "INVALID_ARGUMENT", "options.rank"),
+        (
+            _request("eve", [photo], validation_strength=1.5),
+            "INVALID_ARGUMENT",
+            "options.validation_strength",
+        ),
+    ]
+    for request, code, field in cases:
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CreateTrainingJob(request, timeout=10)
+        details = error_details(info.value)
+        assert (details["code"], field in details["fields"]) == (code, True), details
+    with pytest.raises(grpc.RpcError) as info:
+        stub.GetJob(trainer_pb2.GetJobRequest(job_id="nope"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_one_job_per_user_at_a_time_and_request_ids_are_idempotent(channel: grpc.Channel) -> None:
+    stub = trainer_pb2_grpc.TrainerStub(channel)
+    users = users_pb2_grpc.UsersStub(channel)
+    request = _request("fay", person_photos()[:2], max_train_steps=400, validation_interval=1000)
+    request.request_id = "fay-1"
+    first = stub.CreateTrainingJob(request, timeout=30)
+    assert stub.CreateTrainingJob(request, timeout=30).job_id == first.job_id
+    with pytest.raises(grpc.RpcError) as info:
+        stub.CreateTrainingJob(_request("fay", person_photos()[:2]), timeout=30)
+    assert error_details(info.value)["reason"] == "USER_TRAINING"
+    with pytest.raises(grpc.RpcError) as info:
+        users.DeleteUser(users_pb2.DeleteUserRequest(user_id="fay"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=first.job_id), timeout=10)
+    assert _watch(channel, first.job_id)[-1].state == trainer_pb2.JOB_STATE_CANCELLED
+
+
+def _trainer(tiny: ModelFamily, photos: list[np.ndarray], **options: object) -> LoraTrainer:
+    """A trainer on a fresh copy of the tiny family (adapters are injected into its modules)."""
+    settings = TrainingOptions(**{**FAST, **options})  # type: ignore[arg-type]
+    images = TrainingImages(photos, settings.resolution, settings.random_flip)
+    return LoraTrainer(tiny_family(), images, settings, seed=1, device="cpu")
+
+
+def test_loss_falls_when_overfitting_one_batch(tiny: ModelFamily) -> None:
+    face = sample_photo("astronaut")[40:300, 140:400]
+    trainer = _trainer(
+        tiny, [face], unet_learning_rate=1e-3, text_encoder_learning_rate=1e-3, random_flip=False
+    )
+    losses = [trainer.train_step(0) for _ in range(25)]  # step 0 each time: the same batch and noise
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_merged_lora_is_the_mean_of_the_chosen_checkpoints(tiny: ModelFamily, tmp_path: Path) -> None:
+    trainer = _trainer(tiny, person_photos()[:1], unet_learning_rate=1e-2)
+    paths = {}
+    for step in (1, 2, 3):
+        trainer.train_step(step)
+        paths[step] = trainer.save_checkpoint(tmp_path, step)
+    results = [
+        ValidationImage(1, 0, 0.2, ""), ValidationImage(2, 0, 0.9, ""), ValidationImage(3, 0, 0.5, ""),
+        ValidationImage(2, 1, 0.8, ""), ValidationImage(3, 1, 0.1, ""),
+    ]  # fmt: skip
+    merged, chosen = merge_checkpoints(results, 3, lambda step: load_lora(paths[step]), "merged")
+    assert [(c.step, c.template) for c in chosen] == [(2, 0), (2, 1), (3, 0)]
+    checkpoints = [{(x.target, x.module): x for x in load_lora(paths[s]).layers} for s in (2, 2, 3)]
+    for layer in merged.layers:
+        parts = [table[(layer.target, layer.module)] for table in checkpoints]
+        assert torch.equal(layer.down, torch.stack([p.down for p in parts]).mean(0))
+        assert torch.equal(layer.up, torch.stack([p.up for p in parts]).mean(0))
+    assert not torch.equal(checkpoints[0][next(iter(checkpoints[0]))].up, load_lora(paths[3]).layers[0].up)
+
+
+def test_a_checkpoint_restores_the_adapters_and_optimizer(tiny: ModelFamily, tmp_path: Path) -> None:
+    trainer = _trainer(tiny, person_photos()[:1])
+    trainer.train_step(1)
+    path = trainer.save_checkpoint(tmp_path, 1)
+    expected = trainer.train_step(2), trainer.lora("after")
+    resumed = _trainer(tiny, person_photos()[:1])
+    resumed.load_checkpoint(path)
+    assert resumed.train_step(2) == pytest.approx(expected[0], abs=1e-6)
+    for a, b in zip(resumed.lora("x").layers, expected[1].layers, strict=True):
+        assert torch.allclose(a.up, b.up, atol=1e-6) and torch.allclose(a.down, b.down, atol=1e-6)
+
+
+def test_a_tilted_photo_still_crops_around_the_face(faces: FaceAnalyzer) -> None:
+    from easyphoto.trainer.photos import prepare_photos
+
+    photo = sample_photo("astronaut")
+    tilted = cv2.warpAffine(
+        photo, cv2.getRotationMatrix2D((256, 256), 12, 1.0), (512, 512), borderMode=cv2.BORDER_REFLECT
+    )
+    prepared = prepare_photos(
+        [encode_png(photo), encode_png(tilted)], TrainingOptions(), faces, default_face_models()
+    )
+    assert len(prepared.crops) == 2
+    for crop, face in zip(prepared.crops, prepared.crop_faces, strict=True):
+        height, width = crop.shape[:2]
+        assert 0 <= face.box[0] < face.box[2] <= width and 0 <= face.box[1] < face.box[3] <= height
+        assert face.width / width > 0.5  # tightened: x +- 0.30 w leaves the face most of the crop
+    scores = [r.roll_score for r in prepared.reports]
+    assert scores[0] > scores[1]
+
+
+STEPS = 12
+INTERVAL = 3
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class TrainerProcess:
+    def __init__(self, data: Path, port: int) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "easyphoto.cli.main",
+            "trainer",
+            "--port",
+            str(port),
+            "--data",
+            str(data),
+        ]
+        command += ["--device", "cpu"]
+        self.log = (data / f"trainer-{time.time_ns()}.log").open("w")
+        self.process = subprocess.Popen(
+            command, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy()
+        )
+        self.address = f"127.0.0.1:{port}"
+
+    def wait_serving(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                assert self.process.poll() is None, f"trainer exited: {self.process.returncode}"
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.3)
+        raise TimeoutError("the trainer never became SERVING")
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(30)
+        self.log.close()
+
+
+def test_a_killed_trainer_resumes_its_job_with_no_partial_artifacts(tmp_path: Path) -> None:
+    data = tmp_path
+    port = _free_port()
+    first = TrainerProcess(data, port)
+    try:
+        first.wait_serving()
+        with grpc.insecure_channel(first.address) as channel:
+            stub = trainer_pb2_grpc.TrainerStub(channel)
+            options = trainer_pb2.TrainingOptions(
+                **{**FAST, "max_train_steps": STEPS, "steps_per_photo": 100, "validation_interval": INTERVAL}
+            )
+            photos = [encode_png(p) for p in person_photos()[:2]]
+            job = stub.CreateTrainingJob(
+                trainer_pb2.CreateTrainingJobRequest(user_id="kim", photos=photos, options=options),
+                timeout=30,
+            )
+            for state in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=120):
+                if state.step > INTERVAL:  # the step-3 checkpoint is on disk
+                    break
+    finally:
+        first.kill()
+    killed_at = state.step
+    assert killed_at < STEPS
+    checkpoints = sorted((data / "jobs" / job.job_id / "checkpoints").glob("step-*.safetensors"))
+    assert checkpoints and not (data / "users" / "kim" / "CURRENT").exists()
+
+    second = TrainerProcess(data, port)
+    try:
+        second.wait_serving()
+        with grpc.insecure_channel(second.address) as channel:
+            stub = trainer_pb2_grpc.TrainerStub(channel)
+            final = None
+            for final in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=300):
+                if final.state not in (trainer_pb2.JOB_STATE_QUEUED, trainer_pb2.JOB_STATE_RUNNING):
+                    break
+    finally:
+        second.kill()
+    assert final is not None and final.state == trainer_pb2.JOB_STATE_SUCCEEDED, final
+    assert any("resumed after a trainer restart" in w for w in final.warnings)
+    user = data / "users" / "kim"
+    assert sorted(p.name for p in user.iterdir()) == ["CURRENT", "v1"]  # no staging leftovers
+    assert load_lora(user / "v1" / "lora.safetensors").layers
+    report = (user / "v1" / "report.json").read_text()
+    assert f'"step": {STEPS}' in report

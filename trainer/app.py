@@ -1,0 +1,135 @@
+"""The trainer's gRPC server: Trainer and Users services, health and reflection (localhost:50052).
+
+The face models load before the port opens; the diffusion models load per job, so every job trains
+a fresh copy of the base weights. Health is NOT_SERVING until the runner has started, which first
+resumes the jobs a previous process left running.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from easyphoto.engines.artifacts import UserStore, default_data_root
+from easyphoto.engines.faces.models import FaceModels, load_face_models
+from easyphoto.engines.family import ModelFamily
+from easyphoto.engines.loading import resolve_family
+from easyphoto.engines.rpc import GrpcApp, Service
+from easyphoto.engines.torch_backend import TorchBackend, default_device
+from easyphoto.v1 import (
+    generator_pb2,
+    generator_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+    users_pb2,
+    users_pb2_grpc,
+)
+
+from .jobs import JobStore
+from .runner import JobRunner, Notify, RunnerConfig
+from .service import TrainerService, UsersService
+
+log = logging.getLogger(__name__)
+
+REFRESH_TIMEOUT_SECONDS = 120.0
+
+
+@dataclass
+class TrainerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50052
+    models: str = "tiny"
+    device: str | None = None
+    data: Path = field(default_factory=default_data_root)
+    # The orchestrator to tell when a user version is published ("" = nobody).
+    orchestrator: str = ""
+    face_pack: Path | None = None
+
+
+def refresh_notifier(address: str) -> Notify:
+    """Calls the orchestrator's Serving.RefreshUser for each published version."""
+
+    def notify(user_id: str, version: int) -> None:
+        with grpc.insecure_channel(address) as channel:
+            stub = generator_pb2_grpc.ServingStub(channel)
+            request = generator_pb2.RefreshUserRequest(user_id=user_id, version=version)
+            reply = stub.RefreshUser(request, timeout=REFRESH_TIMEOUT_SECONDS)
+        log.info("orchestrator %s made %s v%d ready in %.2fs", address, user_id, version, reply.seconds)
+
+    return notify
+
+
+@dataclass
+class TrainerApp:
+    app: GrpcApp
+    store: JobStore
+    runner: JobRunner
+
+    def start(self) -> None:
+        self.app.start()
+        self.runner.start()
+        self.app.set_serving(True)
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.app.stop(grace)
+        self.runner.stop()
+        self.store.close()
+
+
+def build_trainer(config: TrainerConfig, face_models: FaceModels | None = None) -> TrainerApp:
+    store = JobStore(config.data / "trainer.sqlite3")
+    users = UserStore(config.data)
+    runner = _runner(config, store, users, face_models)
+    services = [
+        Service(
+            TrainerService(store, runner),
+            trainer_pb2_grpc.add_TrainerServicer_to_server,
+            trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name,
+        ),
+        Service(
+            UsersService(store, users),
+            users_pb2_grpc.add_UsersServicer_to_server,
+            users_pb2.DESCRIPTOR.services_by_name["Users"].full_name,
+        ),
+    ]
+    return TrainerApp(GrpcApp(services, host=config.host, port=config.port), store, runner)
+
+
+def _runner(
+    config: TrainerConfig, store: JobStore, users: UserStore, face_models: FaceModels | None
+) -> JobRunner:
+    device = config.device or str(default_device())
+    models = face_models or load_face_models(pack=config.face_pack)
+    backend = TorchBackend(None, device, faces=models)
+
+    def load_family() -> ModelFamily:
+        return resolve_family(config.models)
+
+    runner_config = RunnerConfig(
+        data=config.data,
+        device=device,
+        load_family=load_family,
+        face_models=models,
+        analyzer=models.analyzer(backend),
+        notify=refresh_notifier(config.orchestrator) if config.orchestrator else None,
+    )
+    return JobRunner(store, users, runner_config)
+
+
+def serve_trainer(config: TrainerConfig) -> None:
+    trainer = build_trainer(config)
+    trainer.start()
+    log.info(
+        "trainer listening on %s:%d (models=%s, data=%s)",
+        config.host,
+        trainer.app.port,
+        config.models,
+        config.data,
+    )
+    try:
+        trainer.app.wait()
+    except KeyboardInterrupt:
+        trainer.stop()

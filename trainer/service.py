@@ -1,0 +1,192 @@
+"""The Trainer and Users gRPC services over the job store, the runner and the user artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from easyphoto.engines.artifacts import UserStore, check_user_id
+from easyphoto.engines.errors import EasyPhotoError, ImageTooLarge, InvalidArgument, UnknownUser
+from easyphoto.engines.imaging import MAX_ENCODED_BYTES
+from easyphoto.engines.rpc import abort
+from easyphoto.v1 import trainer_pb2, trainer_pb2_grpc, users_pb2, users_pb2_grpc
+
+from .jobs import ACTIVE, FAILED, JobRecord, JobStore, timestamp
+from .options import MAX_PHOTOS, resolve_training_options
+from .runner import JobRunner
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+WATCH_POLL_SECONDS = 1.0
+
+Message = TypeVar("Message")
+
+
+class UserBusy(EasyPhotoError):
+    code = "FAILED_PRECONDITION"
+    reason = "USER_TRAINING"
+
+
+def _page(size: int, token: str) -> tuple[int, int]:
+    """(limit, offset) from a page size and an opaque token (the offset, as text)."""
+    if size > MAX_PAGE:
+        raise InvalidArgument(f"page_size is {size}; at most {MAX_PAGE}", field="page_size")
+    try:
+        offset = int(token) if token else 0
+    except ValueError:
+        raise InvalidArgument("page_token is not one this server issued", field="page_token") from None
+    return size or DEFAULT_PAGE, offset
+
+
+def _guard(context: grpc.ServicerContext, call: Callable[[], Message]) -> Message:
+    try:
+        return call()
+    except EasyPhotoError as error:
+        return abort(context, error)
+
+
+class TrainerService(trainer_pb2_grpc.TrainerServicer):
+    def __init__(self, store: JobStore, runner: JobRunner) -> None:
+        self.store = store
+        self.runner = runner
+
+    def CreateTrainingJob(
+        self, request: trainer_pb2.CreateTrainingJobRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.Job:
+        return _guard(context, lambda: self._create(request).to_proto())
+
+    def _create(self, request: trainer_pb2.CreateTrainingJobRequest) -> JobRecord:
+        if request.request_id and (existing := self.store.by_request_id(request.request_id)) is not None:
+            return existing
+        check_user_id(request.user_id, "user_id")
+        if not 1 <= len(request.photos) <= MAX_PHOTOS:
+            raise InvalidArgument(f"{len(request.photos)} photos; send 1 to {MAX_PHOTOS}", field="photos")
+        for index, photo in enumerate(request.photos):
+            if len(photo) > MAX_ENCODED_BYTES:
+                raise ImageTooLarge(
+                    f"{len(photo)} bytes; the limit is {MAX_ENCODED_BYTES}", field=f"photos[{index}]"
+                )
+        options = resolve_training_options(request.options)
+        active = self.store.list(user_id=request.user_id, states=ACTIVE, limit=1)
+        if active:
+            raise UserBusy(
+                f"user {request.user_id!r} already has job {active[0].job_id} in progress", field="user_id"
+            )
+        seed = options.seed if options.seed is not None else secrets.randbits(62)
+        return self.runner.submit(request.user_id, list(request.photos), options, seed, request.request_id)
+
+    def GetJob(self, request: trainer_pb2.GetJobRequest, context: grpc.ServicerContext) -> trainer_pb2.Job:
+        return _guard(context, lambda: self.store.get(request.job_id).to_proto())
+
+    def WatchJob(
+        self, request: trainer_pb2.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[trainer_pb2.Job]:
+        job = _guard(context, lambda: self.store.get(request.job_id))
+        yield job.to_proto()
+        while not job.finished and context.is_active():
+            changed = self.store.wait_for_change(job.job_id, job.revision, WATCH_POLL_SECONDS)
+            if changed.revision != job.revision:
+                job = changed
+                yield job.to_proto()
+
+    def CancelJob(
+        self, request: trainer_pb2.CancelJobRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.Job:
+        return _guard(context, lambda: self.runner.cancel(request.job_id).to_proto())
+
+    def ListJobs(
+        self, request: trainer_pb2.ListJobsRequest, context: grpc.ServicerContext
+    ) -> trainer_pb2.ListJobsResponse:
+        def run() -> trainer_pb2.ListJobsResponse:
+            limit, offset = _page(request.page_size, request.page_token)
+            states = (request.state,) if request.state else ()
+            jobs = self.store.list(request.user_id, states, limit + 1, offset)
+            token = str(offset + limit) if len(jobs) > limit else ""
+            return trainer_pb2.ListJobsResponse(
+                jobs=[j.to_proto() for j in jobs[:limit]], next_page_token=token
+            )
+
+        return _guard(context, run)
+
+
+class UsersService(users_pb2_grpc.UsersServicer):
+    def __init__(self, store: JobStore, users: UserStore) -> None:
+        self.store = store
+        self.users = users
+
+    def GetUser(self, request: users_pb2.GetUserRequest, context: grpc.ServicerContext) -> users_pb2.User:
+        return _guard(context, lambda: self._user(request.user_id, request.include_artifacts))
+
+    def ListUsers(
+        self, request: users_pb2.ListUsersRequest, context: grpc.ServicerContext
+    ) -> users_pb2.ListUsersResponse:
+        def run() -> users_pb2.ListUsersResponse:
+            limit, offset = _page(request.page_size, request.page_token)
+            with_jobs = {job.user_id for job in self.store.list(limit=1_000_000)}
+            ids = sorted(set(self.users.user_ids()) | with_jobs)
+            page = ids[offset : offset + limit]
+            token = str(offset + limit) if offset + limit < len(ids) else ""
+            return users_pb2.ListUsersResponse(
+                users=[self._user(u, False) for u in page], next_page_token=token
+            )
+
+        return _guard(context, run)
+
+    def DeleteUser(
+        self, request: users_pb2.DeleteUserRequest, context: grpc.ServicerContext
+    ) -> users_pb2.DeleteUserResponse:
+        def run() -> users_pb2.DeleteUserResponse:
+            check_user_id(request.user_id, "user_id")
+            if active := self.store.list(user_id=request.user_id, states=ACTIVE, limit=1):
+                raise UserBusy(
+                    f"user {request.user_id!r} is training (job {active[0].job_id})", field="user_id"
+                )
+            deleted = self.users.delete(request.user_id)
+            log.info("deleted user %s (%d versions)", request.user_id, deleted)
+            return users_pb2.DeleteUserResponse(deleted_versions=deleted)
+
+        return _guard(context, run)
+
+    def _user(self, user_id: str, include_artifacts: bool) -> users_pb2.User:
+        check_user_id(user_id, "user_id")
+        jobs = self.store.list(user_id=user_id, limit=1_000_000)
+        version = self.users.current_version(user_id)
+        if version is None and not jobs:
+            raise UnknownUser(f"no user {user_id!r}", field="user_id")
+        active = [job for job in jobs if job.state in ACTIVE]
+        user = users_pb2.User(user_id=user_id, version=version or 0)
+        if active:
+            user.active_job_id = active[0].job_id
+        if version is not None:
+            user.state = users_pb2.USER_STATE_READY
+            artifacts = self.users.load(user_id, "user_id")
+            if artifacts.lora_path.is_file():
+                user.lora_sha256 = _sha256(artifacts.lora_path)
+            user.base_model = str(artifacts.meta.get("base_model", ""))
+            user.updated_at.CopyFrom(timestamp(artifacts.directory.stat().st_mtime))
+            if include_artifacts:
+                user.face_id_png = (artifacts.directory / "face_id.png").read_bytes()
+                user.reference_png = (artifacts.directory / "reference.png").read_bytes()
+        elif active:
+            user.state = users_pb2.USER_STATE_TRAINING
+        elif jobs and jobs[-1].state == FAILED:
+            user.state = users_pb2.USER_STATE_FAILED
+        if jobs:
+            user.created_at.CopyFrom(timestamp(jobs[0].created_at))
+        return user
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
