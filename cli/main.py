@@ -23,15 +23,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from easyphoto.server.demo import run_demo
+    from .demo import run_demo
 
-    result = run_demo(Path(args.out), models=args.models, size=args.size, steps=args.steps, seed=args.seed)
-    print(f"wrote {result.sheet}")
+    result = run_demo(Path(args.out), models=args.models, steps=args.steps, seed=args.seed)
+    for name, generation in result.generations.items():
+        scores = ", ".join("-" if s is None else f"{s:.3f}" for s in generation["scores"])  # type: ignore[attr-defined]
+        print(
+            f"{name}: identity scores [{scores}] -> {result.out_dir / name}.png, stages in {name}_stages.png"
+        )
     print("timings (s): " + ", ".join(f"{k}={v:.2f}" for k, v in result.seconds.items()))
     if result.is_random:
         print(
-            "NOTE: the tiny models have random weights, so the face region is painted with noise. "
-            "Point --models at a real SD 1.5 diffusers folder or .safetensors file to paint a face."
+            "NOTE: the tiny models have random weights, so faces are painted with noise and identity "
+            "scores mean nothing. Point --models at a real SD 1.5 diffusers folder or .safetensors file "
+            "(with its ControlNets) to paint faces."
         )
     return 0
 
@@ -117,8 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="run the main job end to end on the embedded backend")
     demo.add_argument("--out", default="demo-out")
     demo.add_argument("--models", default="tiny")
-    demo.add_argument("--size", type=int, default=256)
-    demo.add_argument("--steps", type=int, default=50)
+    demo.add_argument("--steps", type=int, default=0, help="steps of every pass (default: the reference's)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
 

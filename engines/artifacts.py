@@ -2,9 +2,10 @@
 
 Layout under the data root: ``users/<user_id>/v<N>/`` holding ``lora.safetensors`` (peft keys),
 ``face_id.png`` (the best validation image), ``reference.png`` (the "roop" photo),
-``embeddings.npy``, ``report.json`` and ``meta.json``; ``users/<user_id>/CURRENT`` names the
-published version. A version is written under a hidden temporary name and renamed into place, and
-``CURRENT`` is replaced atomically, so a reader sees a whole version or none.
+``embeddings.npy``, ``report.json`` and ``meta.json`` (with the face geometry of both images);
+``users/<user_id>/CURRENT`` names the published version. A version is written under a hidden
+temporary name and renamed into place, and ``CURRENT`` is replaced atomically, so a reader sees a
+whole version or none.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidArgument, UnknownUser, UserNotReady
+from .faces.detect import Face
 from .imaging import decode_image
 
 USER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -41,6 +43,11 @@ class UserArtifacts:
     @property
     def lora_path(self) -> Path:
         return self.directory / LORA_FILE
+
+    def face(self, image: str) -> Face | None:
+        """The face the trainer recorded for ``face_id`` or ``reference`` (None: detect it)."""
+        recorded = self.meta.get("faces", {}).get(image)
+        return Face.from_json(recorded) if recorded else None
 
 
 def default_data_root() -> Path:

@@ -79,10 +79,13 @@ def canny_control(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndar
     return np.repeat(edges[..., None], 3, axis=2)
 
 
-def color_control(image: np.ndarray, cell: int = 64) -> np.ndarray:
-    """The colour ControlNet's input: the image reduced to a coarse mosaic of mean colours."""
+def color_control(image: np.ndarray, cells: int = 16) -> np.ndarray:
+    """The colour ControlNet's input: a mosaic of mean colours, ``cells`` across the short side
+    (the reference resizes to a 1024 short side and averages 64 px cells)."""
     height, width = image.shape[:2]
-    small = cv2.resize(image, (max(1, width // cell), max(1, height // cell)), interpolation=cv2.INTER_AREA)
+    cell = min(height, width) / cells
+    small_size = (max(1, round(width / cell)), max(1, round(height / cell)))
+    small = cv2.resize(image, small_size, interpolation=cv2.INTER_AREA)
     return cv2.resize(small, (width, height), interpolation=cv2.INTER_NEAREST)
 
 
@@ -107,6 +110,26 @@ def ellipse_mask(height: int, width: int, box: tuple[float, float, float, float]
 
 def contact_sheet(images: list[tuple[str, np.ndarray]], height: int = 256, banner: str = "") -> np.ndarray:
     """Images side by side at one height, each captioned, with an optional banner line on top."""
+    return contact_sheet_rows([images], height, banner)
+
+
+def contact_sheet_rows(
+    rows: list[list[tuple[str, np.ndarray]]], height: int = 256, banner: str = ""
+) -> np.ndarray:
+    """One captioned row of images per list, rows left-aligned on white, optional banner on top."""
+    strips = [_captioned_row(row, height) for row in rows if row]
+    width = max(strip.shape[1] for strip in strips)
+    sheet = np.vstack(
+        [np.pad(s, ((0, 0), (0, width - s.shape[1]), (0, 0)), constant_values=255) for s in strips]
+    )
+    if banner:
+        strip = np.full((26, sheet.shape[1], 3), (255, 235, 200), np.uint8)
+        cv2.putText(strip, banner, (4, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (120, 0, 0), 1, cv2.LINE_AA)
+        sheet = np.vstack([strip, sheet])
+    return sheet
+
+
+def _captioned_row(images: list[tuple[str, np.ndarray]], height: int) -> np.ndarray:
     tiles = []
     for caption, image in images:
         rgb = np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image
@@ -114,12 +137,7 @@ def contact_sheet(images: list[tuple[str, np.ndarray]], height: int = 256, banne
         label = np.full((22, scaled.shape[1], 3), 255, np.uint8)
         cv2.putText(label, caption, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
         tiles.append(np.vstack([label, scaled]))
-    sheet = np.hstack(tiles)
-    if banner:
-        strip = np.full((26, sheet.shape[1], 3), (255, 235, 200), np.uint8)
-        cv2.putText(strip, banner, (4, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (120, 0, 0), 1, cv2.LINE_AA)
-        sheet = np.vstack([strip, sheet])
-    return sheet
+    return np.hstack(tiles)
 
 
 Box = tuple[float, float, float, float]
@@ -207,13 +225,21 @@ def paint_boxes_white(image: np.ndarray, boxes: list[Box]) -> np.ndarray:
     return out
 
 
-def fit_size(width: int, height: int, short_side: int, multiple: int) -> tuple[int, int]:
-    """(width, height) with the short side at ``short_side`` and both sides multiples of ``multiple``."""
+def fit_size(
+    width: int, height: int, short_side: int, multiple: int, max_side: int | None = None
+) -> tuple[int, int]:
+    """(width, height) with the short side at ``short_side`` (less where the long side would pass
+    ``max_side``), both sides multiples of ``multiple``, the aspect ratio kept as near as that allows."""
     scale = short_side / min(width, height)
-    return (
-        max(multiple, round(width * scale / multiple) * multiple),
-        max(multiple, round(height * scale / multiple) * multiple),
-    )
+    if max_side is not None:
+        scale = min(scale, max_side / max(width, height))
+    ceiling = max_side // multiple * multiple if max_side is not None else None
+
+    def side(length: int) -> int:
+        snapped = max(multiple, round(length * scale / multiple) * multiple)
+        return min(snapped, ceiling) if ceiling is not None else snapped
+
+    return side(width), side(height)
 
 
 # ---- masks from landmark geometry ------------------------------------------------------------

@@ -38,3 +38,11 @@ def sample_photo(name: str) -> np.ndarray:
     if path is None:
         raise KeyError(f"unknown sample {name!r}; known: {PHOTOS}")
     return decode_image(path.read_bytes(), field=name)
+
+
+def person_photos() -> list[np.ndarray]:
+    """One person four ways, as training photos for tests and the demo: the astronaut portrait,
+    mirrored, re-cropped and re-lit."""
+    photo = sample_photo("astronaut")
+    relit = np.clip(photo.astype(np.float32) * 0.8 + 20, 0, 255).astype(np.uint8)
+    return [photo, photo[:, ::-1].copy(), photo[30:480, 20:470].copy(), relit]

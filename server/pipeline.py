@@ -192,8 +192,12 @@ class Orchestrator:
 
     def _reference(self, user_id: str) -> _Reference:
         artifacts = self.users.load(user_id)
-        face_id_face = self.analyzer.largest(artifacts.face_id, field=f"users/{user_id}/face_id")
-        reference_face = self.analyzer.largest(artifacts.reference, field=f"users/{user_id}/reference")
+        face_id_face = artifacts.face("face_id") or self.analyzer.largest(
+            artifacts.face_id, field=f"users/{user_id}/face_id"
+        )
+        reference_face = artifacts.face("reference") or self.analyzer.largest(
+            artifacts.reference, field=f"users/{user_id}/reference"
+        )
         embedding = self.analyzer.embed(artifacts.reference, [reference_face])[0]
         return _Reference(artifacts, face_id_face, reference_face, embedding, self._lora(artifacts))
 
@@ -297,12 +301,8 @@ class Orchestrator:
 
     def _model_size(self, width: int, height: int, options: GenerateOptions) -> tuple[int, int]:
         """Short side ``crop_short_side`` in the models' multiples, long side within their maximum."""
-        limit, multiple = self.engines.max_image_side, self.engines.image_multiple
-        size = fit_size(width, height, min(options.crop_short_side, limit), multiple)
-        if max(size) > limit:
-            shrink = limit / max(size)
-            size = fit_size(round(size[0] * shrink), round(size[1] * shrink), 1, multiple)
-        return size
+        limit = self.engines.max_image_side
+        return fit_size(width, height, options.crop_short_side, self.engines.image_multiple, limit)
 
     def _native_size(self, image: np.ndarray, width: int, height: int, ratio: float) -> np.ndarray:
         """Back to the crop's size in the template; growing goes through the super-resolution hook

@@ -8,19 +8,32 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from easyphoto.cli.demo import RANDOM_WEIGHTS_NOTE, run_demo
 from easyphoto.cli.main import main
-from easyphoto.server.demo import RANDOM_WEIGHTS_NOTE, run_demo
+from easyphoto.trainer.options import TrainingOptions
+
+QUICK_TRAINING = TrainingOptions(
+    rank=4, alpha=4.0, resolution=64, steps_per_photo=1, max_train_steps=2, gradient_accumulation_steps=1,
+    validation_interval=2, validation_steps=2, validation_templates=1, seed=0,
+)  # fmt: skip
 
 
-def test_demo_writes_sheet_and_marks_random_weights(tmp_path: Path) -> None:
-    result = run_demo(tmp_path, size=64, steps=4)
-    sheet = np.asarray(Image.open(result.sheet))
-    assert sheet.shape[0] > 64 and sheet.shape[1] >= 7 * 64  # banner + seven captioned tiles
+def test_demo_trains_a_user_and_generates_one_and_two_person_templates(tmp_path: Path) -> None:
+    lines: list[str] = []
+    result = run_demo(tmp_path, steps=4, training=QUICK_TRAINING, say=lines.append)
+    assert result.training["version"] == 1 and result.training["kept_photos"] == 4
+    assert (tmp_path / "data" / "users" / "demo" / "v1" / "lora.safetensors").is_file()
+    for name, faces in (("one_person", 1), ("two_person", 2)):
+        scores = result.generations[name]["scores"]
+        assert len(scores) == faces and all(-1 <= s <= 1 for s in scores)  # type: ignore[operator]
+        sheet = np.asarray(Image.open(tmp_path / f"{name}_stages.png"))
+        assert sheet.shape[0] > (1 + faces) * 160  # banner, the template row, one row per face
+        assert (tmp_path / f"{name}.png").is_file()
+    assert "seam_pass" in result.generations["two_person"]["seconds"]  # type: ignore[operator]
+    assert "seam_pass" not in result.generations["one_person"]["seconds"]  # type: ignore[operator]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["is_random"] is True and summary["model"] == "tiny"
-    stages = {"load_models", "face_preprocessing", "encode_prompts", "first_diffusion"}
-    assert set(summary["seconds"]) == stages
-    assert "RANDOM" in RANDOM_WEIGHTS_NOTE
+    assert "RANDOM" in RANDOM_WEIGHTS_NOTE and any("training user" in line for line in lines)
 
 
 def test_models_command_prints_manifest(capsys) -> None:  # type: ignore[no-untyped-def]

@@ -57,6 +57,8 @@ def test_fit_size_keeps_multiples() -> None:
     assert imaging.fit_size(1200, 800, 512, 64) == (768, 512)
     width, height = imaging.fit_size(333, 517, 512, 8)
     assert width == 512 and height % 8 == 0
+    assert imaging.fit_size(300, 390, 512, 64, max_side=256) == (192, 256)  # the long side bounds it
+    assert imaging.fit_size(1000, 1010, 512, 64, max_side=512) == (512, 512)  # never past the maximum
 
 
 def test_color_transfer_moves_lab_statistics() -> None:

@@ -115,6 +115,8 @@ def test_faces_are_matched_left_to_right_and_empty_ids_skip(orchestrator: Orches
                               group[painted[1] : painted[3], painted[0] : painted[2]])  # fmt: skip
     names = {name for name, _ in result.intermediates}
     assert {"face1_crop", "face1_inpaint_mask", "face1_first_diffusion", "face1_second_mask"} <= names
+    crop = dict(result.intermediates)["face1_crop"]  # as large as the models allow
+    assert max(crop.shape[:2]) == orchestrator.engines.max_image_side and min(crop.shape[:2]) >= 192
 
 
 def test_request_errors_are_typed(orchestrator: Orchestrator) -> None:

@@ -30,7 +30,7 @@ from easyphoto.engines.imaging import encode_png
 from easyphoto.engines.loading import tiny_family
 from easyphoto.engines.lora import load_lora
 from easyphoto.engines.rpc import error_details
-from easyphoto.engines.samples import sample_photo
+from easyphoto.engines.samples import person_photos, sample_photo
 from easyphoto.trainer.app import TrainerApp, TrainerConfig, build_trainer
 from easyphoto.trainer.lora_training import LoraTrainer, TrainingImages
 from easyphoto.trainer.merge import merge_checkpoints
@@ -52,13 +52,6 @@ FAST = {
     "seed": 5,
 }
 DONE = (trainer_pb2.JOB_STATE_SUCCEEDED, trainer_pb2.JOB_STATE_FAILED, trainer_pb2.JOB_STATE_CANCELLED)
-
-
-def person_photos() -> list[np.ndarray]:
-    """One person four ways: the photo, mirrored, re-cropped, re-lit."""
-    photo = sample_photo("astronaut")
-    relit = np.clip(photo.astype(np.float32) * 0.8 + 20, 0, 255).astype(np.uint8)
-    return [photo, photo[:, ::-1].copy(), photo[30:480, 20:470].copy(), relit]
 
 
 def other_person(faces: FaceAnalyzer) -> np.ndarray:

@@ -47,6 +47,7 @@ class PreparedPhotos:
     crops: list[np.ndarray]  # matted training crops, in kept order (best identity score first)
     crop_faces: list[Face]  # the face in each crop
     reference: np.ndarray  # the "roop" photo: the tight crop of the best score × roll-score photo
+    reference_face: Face | None  # the face in it
     embeddings: np.ndarray  # of the kept faces (rows, L2-normalised)
     reports: list[PhotoReport]
     warnings: list[str] = field(default_factory=list)
@@ -69,9 +70,8 @@ def prepare_photos(
     on_stage("filter")
     kept, warnings = _filter(candidates, options.max_kept_photos, analyzer.same_person_threshold)
     if not kept:
-        return PreparedPhotos(
-            [], [], np.zeros((0, 0, 3), np.uint8), np.zeros((0, 0), np.float32), reports, warnings
-        )
+        empty = np.zeros((0, 0, 3), np.uint8)
+        return PreparedPhotos([], [], empty, None, np.zeros((0, 0), np.float32), reports, warnings)
     on_stage("crop")
     reference = max(kept, key=lambda c: c.report.identity_score * c.report.roll_score)
     crops, faces = [], []
@@ -82,7 +82,7 @@ def prepare_photos(
             face = analyzer.largest(crop)
         crops.append(crop)
         faces.append(face)
-    reference_crop = crops[kept.index(reference)]
+    chosen = kept.index(reference)
     on_stage("matte")
     matted = [
         apply_matte(crop, face_models.matte(crop, face.box)) for crop, face in zip(crops, faces, strict=True)
@@ -92,7 +92,8 @@ def prepare_photos(
     return PreparedPhotos(
         crops=matted,
         crop_faces=faces,
-        reference=reference_crop,
+        reference=crops[chosen],
+        reference_face=faces[chosen],
         embeddings=np.stack([c.embedding for c in kept]),
         reports=reports,
         warnings=warnings,

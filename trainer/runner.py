@@ -195,7 +195,7 @@ class _Job:
         if validator.warnings:
             self.update(warnings=[*self.job.warnings, *validator.warnings])
         results = self.train(trainer, validator, total)
-        return self.publish(prepared, results, family)
+        return self.publish(prepared, results, family, validator)
 
     # ---- stages ----
 
@@ -262,7 +262,13 @@ class _Job:
         path = self.folder / "validation.json"
         return [ValidationImage(**r) for r in json.loads(path.read_text())] if path.is_file() else []
 
-    def publish(self, prepared: PreparedPhotos, results: list[ValidationImage], family: ModelFamily) -> int:
+    def publish(
+        self,
+        prepared: PreparedPhotos,
+        results: list[ValidationImage],
+        family: ModelFamily,
+        validator: Validator,
+    ) -> int:
         self.update(stage="merge")
         if not results:
             raise InvalidArgument("no validation image was produced", field="options.validation_templates")
@@ -284,7 +290,10 @@ class _Job:
             np.save(staging / "embeddings.npy", prepared.embeddings)
             (staging / "report.json").write_text(json.dumps(report, indent=2))
 
-        meta = {"job_id": self.job.job_id, "base_model": family.source, "family": family.name}
+        faces = {"face_id": validator.template_face(best.template).to_json()}
+        if prepared.reference_face is not None:
+            faces["reference"] = prepared.reference_face.to_json()
+        meta = {"job_id": self.job.job_id, "base_model": family.source, "family": family.name, "faces": faces}
         version = self.runner.users.publish(self.job.user_id, write, meta)
         self.update(published_version=version)
         self.notify(version)
@@ -338,6 +347,7 @@ def _save_prepared(prepared: PreparedPhotos, folder: Path) -> None:
     np.save(staging / "embeddings.npy", prepared.embeddings)
     manifest = {
         "faces": [face.to_json() for face in prepared.crop_faces],
+        "reference_face": prepared.reference_face.to_json() if prepared.reference_face else None,
         "reports": [vars(r) for r in prepared.reports],
         "warnings": prepared.warnings,
     }
@@ -353,6 +363,7 @@ def _load_prepared(folder: Path) -> PreparedPhotos:
         crops=[decode_image((folder / f"crop-{i:03d}.png").read_bytes(), min_side=1) for i in range(count)],
         crop_faces=[Face.from_json(face) for face in manifest["faces"]],
         reference=decode_image((folder / "reference.png").read_bytes(), min_side=1),
+        reference_face=Face.from_json(manifest["reference_face"]) if manifest["reference_face"] else None,
         embeddings=np.load(folder / "embeddings.npy"),
         reports=[PhotoReport(**r) for r in manifest["reports"]],
         warnings=manifest["warnings"],

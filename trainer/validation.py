@@ -78,18 +78,15 @@ class Validator:
             [] if "canny" in family.controlnets else ["no canny ControlNet: validating without it"]
         )
 
+    def template_face(self, index: int) -> Face:
+        """Where the face is in validation image ``index`` (the outputs keep the template's geometry)."""
+        return self.templates[index].face
+
     def _template(self, crop: np.ndarray, face: Face) -> _Template:
         low, _, high = self.family.image_sizes
         side = min(max(self.options.resolution, low), high)
         height, width = crop.shape[:2]
-        size = fit_size(width, height, side, self.family.image_multiple)
-        if max(size) > high:
-            size = fit_size(
-                round(size[0] * high / max(size)),
-                round(size[1] * high / max(size)),
-                1,
-                self.family.image_multiple,
-            )
+        size = fit_size(width, height, side, self.family.image_multiple, high)
         scale = np.array([size[0] / width, size[1] / height])
         box = np.array(face.box).reshape(2, 2) * scale
         scaled = Face(tuple(box.ravel()), face.score, face.landmarks * scale)
