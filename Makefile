@@ -51,7 +51,7 @@ serve: setup
 	$(BIN)/easyphoto serve --port $(PORT) --backend $(BACKEND) --models $(MODELS)
 
 trainer: setup
-	$(BIN)/easyphoto trainer --port $(TRAINER_PORT)
+	$(BIN)/easyphoto trainer --port $(TRAINER_PORT) --models $(MODELS)
 
 export: setup
 	$(BIN)/easyphoto export --models $(MODELS) --out $(EXPORT_DIR)

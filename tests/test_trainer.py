@@ -363,3 +363,29 @@ def test_a_killed_trainer_resumes_its_job_with_no_partial_artifacts(tmp_path: Pa
     assert load_lora(user / "v1" / "lora.safetensors").layers
     report = (user / "v1" / "report.json").read_text()
     assert f'"step": {STEPS}' in report
+
+
+def test_train_jobs_and_users_commands(
+    trainer: TrainerApp, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from easyphoto.cli.main import main
+
+    paths = []
+    for index, photo in enumerate([*person_photos()[:2], sample_photo("coffee")]):
+        paths.append(tmp_path / f"{index}.png")
+        paths[-1].write_bytes(encode_png(photo))
+    server = f"127.0.0.1:{trainer.app.port}"
+    settings = [arg for key, value in FAST.items() for arg in ("--set", f"{key}={value}")]
+    assert main(["train", "--user", "gus", "--server", server, *settings, *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "photo 2" in out and "dropped: NO_FACE" in out and "published gus v1" in out
+    assert main(["jobs", "--server", server, "--user", "gus"]) == 0
+    jobs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(j["user_id"], j["state"]) for j in jobs] == [("gus", "JOB_STATE_SUCCEEDED")]
+    assert main(["users", "--server", server]) == 0
+    users = {u["user_id"]: u for u in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert users["gus"]["state"] == "USER_STATE_READY" and users["gus"]["version"] == 1
+    assert main(["train", "--user", "gus", "--server", server, "--set", "rank=0", str(paths[0])]) == 2
+    assert "options.rank" in capsys.readouterr().err
+    assert main(["users", "--server", server, "--delete", "gus"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"deleted_versions": 1}
