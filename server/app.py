@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import grpc
 
 from easyphoto.engines.artifacts import UserStore, default_data_root
-from easyphoto.engines.errors import EngineUnavailable, Unimplemented
+from easyphoto.engines.errors import EasyPhotoError, EngineUnavailable, UserNotReady
 from easyphoto.engines.faces.models import default_face_models
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.loading import resolve_family
@@ -90,10 +91,29 @@ class EngineHolder:
 
 
 class ServingService(generator_pb2_grpc.ServingServicer):
+    """Internal: the trainer calls RefreshUser after publishing, so the user's first Generate finds
+    the faces, embedding and LoRA loaded (refit into built engines comes with the refit issue)."""
+
+    def __init__(self, orchestrator: Callable[[], Orchestrator]) -> None:
+        self._orchestrator = orchestrator
+
     def RefreshUser(
         self, request: generator_pb2.RefreshUserRequest, context: grpc.ServicerContext
     ) -> generator_pb2.RefreshUserResponse:
-        abort(context, Unimplemented("RefreshUser is not implemented yet (refit issue)"))
+        started = time.perf_counter()
+        try:
+            reference = self._orchestrator().prepare_user(request.user_id, "user_id")
+            if reference.artifacts.version < request.version:
+                raise UserNotReady(
+                    f"user {request.user_id!r} v{request.version} is not published here"
+                    f" (this server sees v{reference.artifacts.version}; is the data root shared?)",
+                    field="version",
+                )
+        except EasyPhotoError as error:
+            abort(context, error)
+        seconds = time.perf_counter() - started
+        log.info("user %s v%d ready in %.3fs", request.user_id, reference.artifacts.version, seconds)
+        return generator_pb2.RefreshUserResponse(seconds=seconds)
 
 
 def build_app(config: ServerConfig) -> tuple[GrpcApp, EngineHolder]:
@@ -107,7 +127,7 @@ def build_app(config: ServerConfig) -> tuple[GrpcApp, EngineHolder]:
                 descriptor.services_by_name["Generator"].full_name,
             ),
             Service(
-                ServingService(),
+                ServingService(holder.get),
                 generator_pb2_grpc.add_ServingServicer_to_server,
                 descriptor.services_by_name["Serving"].full_name,
             ),

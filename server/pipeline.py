@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 
-from easyphoto.engines.artifacts import UserArtifacts, UserStore
+from easyphoto.engines.artifacts import UserArtifacts, UserStore, check_user_id
 from easyphoto.engines.errors import InvalidArgument
 from easyphoto.engines.faces.detect import Face, FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
@@ -59,7 +60,7 @@ from .options import GenerateOptions, PassOptions
 log = logging.getLogger(__name__)
 
 MAX_FACES = 16
-LORA_CACHE = 8
+USER_CACHE = 32  # users whose faces, embedding and LoRA stay loaded
 MIN_FACE_SIZE = 16.0
 
 
@@ -123,7 +124,7 @@ class Orchestrator:
         self.face_models = face_models
         self.analyzer = analyzer
         self.users = users
-        self._loras: dict[tuple[str, int], LoraWeights] = {}
+        self._references: OrderedDict[tuple[str, int | None], _Reference] = OrderedDict()
 
     # ---- the request ----
 
@@ -144,7 +145,7 @@ class Orchestrator:
             raise InvalidArgument(
                 f"{len(user_ids)} user ids for {len(faces)} faces in {field}", field="user_ids"
             )
-        references = {uid: self._reference(uid) for uid in dict.fromkeys(user_ids) if uid}
+        references = {uid: self.prepare_user(uid) for uid in dict.fromkeys(user_ids) if uid}
         timings["detect"] = time.perf_counter() - started
         generator = torch.Generator().manual_seed(seed)
         result = template.copy()
@@ -190,8 +191,22 @@ class Orchestrator:
         finally:
             self.engines.set_lora(None)
 
-    def _reference(self, user_id: str) -> _Reference:
-        artifacts = self.users.load(user_id)
+    def prepare_user(self, user_id: str, field_name: str = "user_ids") -> _Reference:
+        """The user's published version with its faces, embedding and LoRA loaded; cached per
+        version (published versions never change, so a new version is a new cache entry)."""
+        check_user_id(user_id, field_name)
+        key = (user_id, self.users.current_version(user_id))
+        if key in self._references:
+            self._references.move_to_end(key)
+            return self._references[key]
+        reference = self._load_reference(user_id, field_name)
+        self._references[(user_id, reference.artifacts.version)] = reference
+        while len(self._references) > USER_CACHE:
+            self._references.popitem(last=False)
+        return reference
+
+    def _load_reference(self, user_id: str, field_name: str) -> _Reference:
+        artifacts = self.users.load(user_id, field_name)
         face_id_face = artifacts.face("face_id") or self.analyzer.largest(
             artifacts.face_id, field=f"users/{user_id}/face_id"
         )
@@ -210,12 +225,7 @@ class Orchestrator:
                 artifacts.version,
             )
             return None
-        key = (str(path), path.stat().st_mtime_ns)
-        if key not in self._loras:
-            self._loras[key] = load_lora(path, self.engines.backend.lora_modules())
-            while len(self._loras) > LORA_CACHE:
-                self._loras.pop(next(iter(self._loras)))
-        return self._loras[key]
+        return load_lora(path, self.engines.backend.lora_modules())
 
     def _score(self, image: np.ndarray, face: Face, reference: _Reference) -> float:
         """dot(emb(output face), emb(reference)); the face is re-detected near where it was."""
