@@ -12,11 +12,19 @@ from . import training
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from easyphoto.engines.artifacts import default_data_root
     from easyphoto.server.app import ServerConfig, serve
 
     serve(
         ServerConfig(
-            host=args.host, port=args.port, models=args.models, backend=args.backend, device=args.device
+            host=args.host,
+            port=args.port,
+            models=args.models,
+            backend=args.backend,
+            device=args.device,
+            data=Path(args.data) if args.data else default_data_root(),
+            metrics_host=args.metrics_host,
+            metrics_port=None if args.no_metrics else args.metrics_port,
         )
     )
     return 0
@@ -93,13 +101,24 @@ def _export(args: argparse.Namespace) -> int:
         roles.update(default_face_models().roles)
     if args.roles:
         roles = {name: roles[name] for name in args.roles.split(",")}
-    results = export_all(roles, Path(args.out), force=args.force)
+    out = Path(args.out)
+    results = export_all(roles, out, force=args.force)
     for result in results:
         state = "unchanged" if result.skipped else f"{result.seconds:.1f}s"
         verdict = "ok" if result.ok else "MISMATCH"
         print(
             f"{result.role:20s} {verdict:8s} max|ort-torch|={result.max_abs_diff:.2e} ({state}) {result.path}"
         )
+    if args.tensorrt:  # only on a GPU host with the gpu extra (NVIDIA's Triton container)
+        from easyphoto.export.tensorrt_plan import build_all
+
+        for engine in build_all(out):
+            print(f"built {engine}")
+    if args.triton:
+        from easyphoto.export.triton_repository import write_repository
+
+        models = write_repository(out, roles, Path(args.triton), target=args.target)
+        print(f"wrote {len(models)} {args.target} models into {args.triton}")
     return 0 if all(r.ok for r in results) else 1
 
 
@@ -117,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", default="torch", choices=["torch"])
     serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     serve.add_argument("--data", default=None, help="user artifacts root (default: $EASYPHOTO_DATA)")
+    serve.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics, /healthz, /readyz")
+    serve.add_argument("--metrics-port", type=int, default=9464, help="their HTTP port (0: any free port)")
+    serve.add_argument("--no-metrics", action="store_true", help="serve no metrics HTTP endpoint")
     serve.set_defaults(run=_serve)
 
     demo = commands.add_parser("demo", help="run the main job end to end on the embedded backend")
@@ -147,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--roles", default="", help="comma-separated role names (default: all)")
     export.add_argument("--no-faces", action="store_true", help="leave out the face roles")
     export.add_argument("--force", action="store_true", help="re-export even when nothing changed")
+    export.add_argument("--tensorrt", action="store_true", help="build the TensorRT engines (GPU host only)")
+    export.add_argument("--triton", default="", metavar="DIR", help="write a Triton model repository there")
+    export.add_argument(
+        "--target", choices=["cpu", "gpu"], default="cpu", help="python+onnxruntime or TensorRT"
+    )
     export.set_defaults(run=_export)
 
     bench = commands.add_parser("bench", help="time our loop against diffusers; writes docs/benchmarks.md")

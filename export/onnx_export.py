@@ -24,6 +24,8 @@ from torch import nn
 
 from easyphoto.engines.roles import RoleDescription
 
+from .tensorrt_plan import plan_role, write_plans
+
 log = logging.getLogger(__name__)
 
 OPSET = 18
@@ -135,7 +137,8 @@ def initializer_names(path: Path) -> set[str]:
 
 
 def export_all(roles: dict[str, RoleDescription], out_dir: Path, force: bool = False) -> list[ExportResult]:
-    """Every role that is a torch module; writes ``manifest.json`` (the engine manifest) too."""
+    """Every role that is a torch module; writes ``manifest.json`` (the engine manifest) and
+    ``plans.json`` (the TensorRT build plans) too."""
     results = []
     for description in roles.values():
         module = description.build_module()
@@ -143,6 +146,11 @@ def export_all(roles: dict[str, RoleDescription], out_dir: Path, force: bool = F
             log.info("skipping %s: not a torch module (served by its own runtime)", description.name)
             continue
         results.append(export_role(description, out_dir, force))
+    plans = [
+        plan_role(roles[r.role], str(r.path.relative_to(out_dir)), tuple(sorted(initializer_names(r.path))))
+        for r in results
+    ]
+    write_plans(plans, out_dir)
     manifest = {
         "exporter": EXPORTER_VERSION,
         "roles": {

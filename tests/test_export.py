@@ -73,3 +73,51 @@ def test_unchanged_roles_are_skipped_and_changed_weights_reexported(
     finally:
         with torch.no_grad():
             tiny.text_encoder.get_input_embeddings().weight.copy_(original)
+
+
+def test_tensorrt_plans_follow_the_descriptions(exported: tuple[Path, dict], tiny: ModelFamily) -> None:
+    from easyphoto.export.tensorrt_plan import read_plans
+
+    out, results = exported
+    plans = {plan.role: plan for plan in read_plans(out)}
+    assert set(plans) == set(results)
+    roles = describe_roles(tiny)
+    unet, plan = roles["unet"], plans["unet"]
+    assert list(plan.profile) == [spec.name for spec in unet.inputs]
+    for point in ("min", "opt", "max"):
+        shapes = unet.shapes(point)
+        assert all(plan.profile[name][point] == list(shapes[name]) for name in plan.profile)
+    assert plan.profile["sample"]["max"][0] == unet.axes["batch"].max
+    assert plan.refittable and plan.fp16 and plan.engine == "unet/model.plan"
+    assert "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_k.weight" in plan.weights
+    roles.update(default_face_models().roles)
+    assert all(plan.fp16 == roles[name].fp16 for name, plan in plans.items())  # where the role allows it
+    assert not all(plan.fp16 for plan in plans.values())  # face roles stay fp32
+
+
+def test_triton_repository_configs_come_from_the_descriptions(
+    exported: tuple[Path, dict], tiny: ModelFamily, tmp_path: Path
+) -> None:
+    from easyphoto.export.triton_repository import write_repository
+
+    out, results = exported
+    roles = describe_roles(tiny)
+    roles.update(default_face_models().roles)
+    models = write_repository(out, roles, tmp_path / "cpu")
+    assert set(models) == set(results)
+    unet = (tmp_path / "cpu" / "unet" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in unet and "max_batch_size: 16" in unet and "dynamic_batching" in unet
+    assert 'name: "sample"\n    data_type: TYPE_FP32\n    dims: [ 4, -1, -1 ]' in unet
+    assert 'name: "timestep"\n    data_type: TYPE_FP32\n    dims: [ 1 ]\n    reshape: { shape: [ ] }' in unet
+    assert (tmp_path / "cpu" / "unet" / "1" / "model.onnx").is_file()
+    assert "TritonPythonModel" in (tmp_path / "cpu" / "unet" / "1" / "model.py").read_text()
+    with pytest.raises(FileNotFoundError, match="GPU host"):
+        write_repository(out, roles, tmp_path / "gpu", target="gpu")
+    (out / "unet" / "model.plan").write_bytes(b"engine")  # what the GPU host's build leaves
+    try:
+        from easyphoto.export.triton_repository import ServingSettings, config_pbtxt
+
+        gpu = config_pbtxt(roles["unet"], "gpu", ServingSettings(instances=2))
+        assert 'platform: "tensorrt_plan"' in gpu and "count: 2 kind: KIND_GPU" in gpu
+    finally:
+        (out / "unet" / "model.plan").unlink()

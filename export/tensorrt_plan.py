@@ -1,0 +1,131 @@
+"""TensorRT build plans derived from the role descriptions, and the build itself.
+
+A plan is plain data (``plans.json`` beside the ONNX files): for each role its ONNX graph, the engine
+to write, one optimisation profile whose min/opt/max shapes are the description's profile points,
+fp16, the refit flag LoRA switching needs, the workspace limit and the timing cache. The plan is
+derived and checked anywhere; :func:`build_engine` needs the ``tensorrt`` package (the ``gpu``
+extra) and a GPU, so it runs on the deploy host, inside NVIDIA's Triton container
+(``deploy/README.md`` has the command). Nothing here imports tensorrt at module level.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from easyphoto.engines.roles import RoleDescription
+from easyphoto.engines.shapes import PROFILE_POINTS
+
+log = logging.getLogger(__name__)
+
+PLANS_FILE = "plans.json"
+DEFAULT_WORKSPACE = 8 << 30
+TIMING_CACHE = "timing.cache"
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    role: str
+    onnx: str  # relative to the export directory
+    engine: str  # relative to the export directory
+    # input name -> {"min": shape, "opt": shape, "max": shape}
+    profile: dict[str, dict[str, list[int]]]
+    fp16: bool
+    refittable: bool
+    workspace_bytes: int
+    timing_cache: str
+    # ONNX initializer names the refitter will address (the PyTorch parameter names).
+    weights: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["weights"] = list(self.weights)
+        return values
+
+    @classmethod
+    def from_json(cls, values: dict[str, Any]) -> BuildPlan:
+        return cls(**{**values, "weights": tuple(values.get("weights", ()))})
+
+
+def profile_shapes(description: RoleDescription) -> dict[str, dict[str, list[int]]]:
+    """Every input's shape at the description's min, opt and max profile points."""
+    points = {point: description.shapes(point) for point in PROFILE_POINTS}
+    return {
+        spec.name: {point: list(points[point][spec.name]) for point in PROFILE_POINTS}
+        for spec in description.inputs
+    }
+
+
+def plan_role(
+    description: RoleDescription,
+    onnx: str,
+    weights: tuple[str, ...] = (),
+    fp16: bool = True,
+    workspace_bytes: int = DEFAULT_WORKSPACE,
+) -> BuildPlan:
+    """The build plan of one exported role (fp16 only where the role allows it)."""
+    return BuildPlan(
+        role=description.name,
+        onnx=onnx,
+        engine=str(Path(onnx).with_name("model.plan")),
+        profile=profile_shapes(description),
+        fp16=fp16 and description.fp16,
+        refittable=True,
+        workspace_bytes=workspace_bytes,
+        timing_cache=TIMING_CACHE,
+        weights=weights,
+    )
+
+
+def write_plans(plans: list[BuildPlan], export_dir: Path) -> Path:
+    path = export_dir / PLANS_FILE
+    path.write_text(json.dumps({"plans": [p.to_json() for p in plans]}, indent=2))
+    return path
+
+
+def read_plans(export_dir: Path) -> list[BuildPlan]:
+    return [BuildPlan.from_json(p) for p in json.loads((export_dir / PLANS_FILE).read_text())["plans"]]
+
+
+def build_engine(plan: BuildPlan, export_dir: Path) -> Path:  # pragma: no cover - needs TensorRT and a GPU
+    """Builds ``plan`` with the TensorRT API and writes the serialized engine; the timing cache is
+    read first and written back, so later builds (and other roles) reuse its measurements."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(export_dir / plan.onnx)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise RuntimeError(f"{plan.role}: TensorRT could not parse {plan.onnx}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
+    if plan.fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if plan.refittable:
+        config.set_flag(trt.BuilderFlag.REFIT)
+    profile = builder.create_optimization_profile()
+    for name, shapes in plan.profile.items():
+        profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(profile)
+    cache_path = export_dir / plan.timing_cache
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"{plan.role}: TensorRT failed to build the engine (see its log above)")
+    engine_path = export_dir / plan.engine
+    engine_path.write_bytes(bytes(serialized))
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    log.info("built %s (%d bytes)", engine_path, engine_path.stat().st_size)
+    return engine_path
+
+
+def build_all(export_dir: Path, roles: list[str] | None = None) -> list[Path]:  # pragma: no cover - GPU host
+    return [
+        build_engine(plan, export_dir) for plan in read_plans(export_dir) if not roles or plan.role in roles
+    ]

@@ -1,0 +1,127 @@
+"""The Triton model repository: one model per exported role, its ``config.pbtxt`` generated from the
+role's description, in versioned directories (``<repo>/<role>/<version>/``).
+
+Two targets share the layout and the tensor declarations:
+
+* ``gpu``: ``platform: "tensorrt_plan"`` serving the engine built from ``plans.json`` on the deploy
+  host (``model.plan``), instances on the GPU.
+* ``cpu``: a python-backend model (``export/triton_python_model.py``) running the role's ONNX graph in
+  onnxruntime, for the CPU ``tritonserver`` that has no other backend; used by the tests here.
+
+Roles whose every tensor starts with the ``batch`` axis get Triton's implicit batch dimension
+(``max_batch_size`` from the profile, dims without the batch axis) and dynamic batching, so
+requests from different users at the same step can be merged into one engine call.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from easyphoto.engines.roles import RoleDescription
+from easyphoto.engines.shapes import Dim, TensorSpec
+
+from .tensorrt_plan import read_plans
+
+log = logging.getLogger(__name__)
+
+Target = Literal["cpu", "gpu"]
+TRITON_TYPES = {
+    "float32": "TYPE_FP32",
+    "float16": "TYPE_FP16",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+    "uint8": "TYPE_UINT8",
+    "bool": "TYPE_BOOL",
+}
+BATCH_SYMBOL = "batch"
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    instances: int = 1
+    max_queue_delay_microseconds: int = 500
+    version: int = 1
+
+
+def is_batched(description: RoleDescription) -> bool:
+    """Every tensor's first axis is the batch symbol itself (Triton's implicit batch dimension)."""
+    tensors = (*description.inputs, *description.outputs)
+    return all(
+        spec.shape and isinstance(spec.shape[0], Dim) and spec.shape[0] == Dim(BATCH_SYMBOL)
+        for spec in tensors
+    )
+
+
+def _tensor(spec: TensorSpec, batched: bool) -> str:
+    shape = spec.shape[1:] if batched else spec.shape
+    dims = [str(d) if isinstance(d, int) else "-1" for d in shape]
+    # A per-sample scalar (shape [batch]) is declared [1] and reshaped to [] for the model.
+    reshape = "\n    reshape: { shape: [ ] }" if batched and not dims else ""
+    return (
+        f'  {{\n    name: "{spec.name}"\n    data_type: {TRITON_TYPES[spec.dtype]}\n'
+        f"    dims: [ {', '.join(dims or ['1'])} ]{reshape}\n  }}"
+    )
+
+
+def config_pbtxt(description: RoleDescription, target: Target, settings: ServingSettings) -> str:
+    """The model configuration of one role, in Triton's protobuf text format."""
+    batched = is_batched(description)
+    max_batch = description.axes[BATCH_SYMBOL].max if batched else 0
+    runtime = 'platform: "tensorrt_plan"' if target == "gpu" else 'backend: "python"'
+    kind = "KIND_GPU" if target == "gpu" else "KIND_CPU"
+    lines = [
+        f'name: "{description.name}"',
+        runtime,
+        f"max_batch_size: {max_batch}",
+        "input [\n" + ",\n".join(_tensor(s, batched) for s in description.inputs) + "\n]",
+        "output [\n" + ",\n".join(_tensor(s, batched) for s in description.outputs) + "\n]",
+        f"instance_group [ {{ count: {settings.instances} kind: {kind} }} ]",
+        "version_policy: { latest: { num_versions: 1 } }",
+    ]
+    if batched:
+        lines.append(
+            f"dynamic_batching {{ max_queue_delay_microseconds: {settings.max_queue_delay_microseconds} }}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def python_model_source() -> str:
+    return resources.files("easyphoto.export").joinpath("triton_python_model.py").read_text()
+
+
+def write_repository(
+    export_dir: Path,
+    roles: dict[str, RoleDescription],
+    repository: Path,
+    target: Target = "cpu",
+    settings: ServingSettings | None = None,
+) -> list[str]:
+    """Writes one model per role in ``export_dir/plans.json``; returns the model names. The gpu
+    target needs the engines built first (``build_all``); the cpu target serves the ONNX graphs."""
+    settings = settings or ServingSettings()
+    written = []
+    for plan in read_plans(export_dir):
+        description = roles[plan.role]
+        model_dir = repository / plan.role
+        version_dir = model_dir / str(settings.version)
+        shutil.rmtree(version_dir, ignore_errors=True)
+        version_dir.mkdir(parents=True)
+        (model_dir / "config.pbtxt").write_text(config_pbtxt(description, target, settings))
+        if target == "gpu":
+            engine = export_dir / plan.engine
+            if not engine.is_file():
+                raise FileNotFoundError(
+                    f"{engine} is not built; run the TensorRT build on the GPU host first"
+                )
+            shutil.copyfile(engine, version_dir / "model.plan")
+        else:
+            shutil.copyfile(export_dir / plan.onnx, version_dir / "model.onnx")
+            (version_dir / "model.py").write_text(python_model_source())
+        written.append(plan.role)
+    log.info("wrote %d %s models into %s", len(written), target, repository)
+    return written
