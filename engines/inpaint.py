@@ -77,10 +77,15 @@ class InpaintRequest:
     should_stop: Callable[[], bool] = field(default=lambda: False)
 
 
+def strength_steps(steps: int, strength: float) -> int:
+    """How many of ``steps`` a pass of ``strength`` runs (diffusers' rule; the last ones)."""
+    return min(int(steps * strength), steps)
+
+
 def strength_timesteps(scheduler: SchedulerMixin, steps: int, strength: float) -> torch.Tensor:
     """The timesteps a pass of ``strength`` runs, with the scheduler told where it begins."""
     scheduler.set_timesteps(steps)
-    start = steps - min(int(steps * strength), steps)
+    start = steps - strength_steps(steps, strength)
     order = int(getattr(scheduler, "order", 1))
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(start * order)

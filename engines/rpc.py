@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from .errors import EasyPhotoError
+from .metrics import GrpcMetrics, Metrics, MetricsEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +87,26 @@ class Service:
 
 
 class GrpcApp:
-    """A gRPC server with health (per service, NOT_SERVING until marked ready) and reflection."""
+    """A gRPC server with health (per service, NOT_SERVING until marked ready) and reflection; with
+    ``metrics``, every call is counted and timed in its registry, and when ``metrics.port`` is set
+    an HTTP endpoint serves ``/metrics``, ``/healthz`` and ``/readyz`` (ready = health SERVING)."""
 
-    def __init__(self, services: Sequence[Service], host: str, port: int, max_workers: int = 16) -> None:
+    def __init__(
+        self,
+        services: Sequence[Service],
+        host: str,
+        port: int,
+        max_workers: int = 16,
+        metrics: Metrics | None = None,
+    ) -> None:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+        interceptors = [GrpcMetrics(metrics.registry)] if metrics else []
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers), options=options, interceptors=interceptors
+        )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = [s.full_name for s in services]
@@ -107,9 +120,16 @@ class GrpcApp:
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
+        self.serving = False
+        self.http = (
+            MetricsEndpoint(metrics.registry, lambda: self.serving, metrics.host, metrics.port)
+            if metrics and metrics.port is not None
+            else None
+        )
         self.set_serving(False)
 
     def set_serving(self, serving: bool) -> None:
+        self.serving = serving
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
@@ -118,10 +138,15 @@ class GrpcApp:
 
     def start(self) -> None:
         self.server.start()
+        if self.http:
+            self.http.start()
 
     def stop(self, grace: float = 5.0) -> None:
+        self.serving = False
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.http:
+            self.http.stop()
 
     def wait(self) -> None:
         self.server.wait_for_termination()

@@ -20,10 +20,12 @@ from easyphoto.engines.errors import EasyPhotoError, EngineUnavailable, UserNotR
 from easyphoto.engines.faces.models import default_face_models
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.loading import resolve_family
+from easyphoto.engines.metrics import DEFAULT_HOST, Metrics
 from easyphoto.engines.rpc import GrpcApp, Service, abort
 from easyphoto.engines.torch_backend import TorchBackend
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
+from .metrics import GeneratorMetrics
 from .pipeline import Orchestrator
 from .service import GeneratorService
 
@@ -38,6 +40,10 @@ class ServerConfig:
     backend: str = "torch"
     device: str | None = None
     data: Path = field(default_factory=default_data_root)
+    # HTTP /metrics, /healthz, /readyz: None serves none (metrics are still counted), 0 any free port.
+    # `easyphoto serve` listens on 9464 (the usual exporter port); a library default binds nothing fixed.
+    metrics_host: str = DEFAULT_HOST
+    metrics_port: int | None = None
 
 
 class EngineHolder:
@@ -119,10 +125,11 @@ class ServingService(generator_pb2_grpc.ServingServicer):
 def build_app(config: ServerConfig) -> tuple[GrpcApp, EngineHolder]:
     holder = EngineHolder(config)
     descriptor = generator_pb2.DESCRIPTOR
+    metrics = Metrics(host=config.metrics_host, port=config.metrics_port)
     app = GrpcApp(
         [
             Service(
-                GeneratorService(holder.get, lambda: holder.model_family),
+                GeneratorService(holder.get, lambda: holder.model_family, GeneratorMetrics(metrics.registry)),
                 generator_pb2_grpc.add_GeneratorServicer_to_server,
                 descriptor.services_by_name["Generator"].full_name,
             ),
@@ -134,6 +141,7 @@ def build_app(config: ServerConfig) -> tuple[GrpcApp, EngineHolder]:
         ],
         host=config.host,
         port=config.port,
+        metrics=metrics,
     )
     return app, holder
 
@@ -148,6 +156,8 @@ def serve(config: ServerConfig) -> None:
         config.models,
         config.backend,
     )
+    if app.http:
+        log.info("metrics, /healthz and /readyz on http://%s:%d", config.metrics_host, app.http.port)
     holder.load_in_background(lambda: app.set_serving(True))
     try:
         app.wait()

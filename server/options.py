@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from easyphoto.engines.errors import InvalidArgument, check_range
-from easyphoto.engines.inpaint import SCHEDULERS
+from easyphoto.engines.inpaint import SCHEDULERS, strength_steps
 from easyphoto.v1 import generator_pb2
 
 FACE_PROMPT = "easyphoto_face, easyphoto, 1person"
@@ -47,6 +47,11 @@ class PassOptions:
             "tile": self.tile_weight,
         }
         return {kind: w for kind, w in weights.items() if w > 0}
+
+    @property
+    def denoising_steps(self) -> int:
+        """Steps this pass runs each time it runs (0 when disabled)."""
+        return strength_steps(self.steps, self.strength) if self.enabled else 0
 
 
 FIRST_PASS = PassOptions(True, 50, 0.45, 7.0, canny_weight=0.5, openpose_weight=0.5, color_weight=0.85)

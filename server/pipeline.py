@@ -110,6 +110,16 @@ class _Painted:
     region: np.ndarray  # uint8 mask, the size of the box
 
 
+def planned_steps(options: GenerateOptions, painted: int) -> int:
+    """Denoising steps :meth:`Orchestrator.generate` runs for one image with ``painted`` faces
+    (its non-empty user ids): both passes per face, the seam pass per face when several are
+    painted, the background restore once. Lets progress report the whole request's steps."""
+    per_face = options.first_pass.denoising_steps + options.second_pass.denoising_steps
+    seam = options.seam_pass.denoising_steps if painted > 1 else 0
+    background = options.background_restore.denoising_steps if painted else 0
+    return painted * (per_face + seam) + background
+
+
 class Orchestrator:
     def __init__(
         self,

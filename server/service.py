@@ -8,17 +8,22 @@ import queue
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from easyphoto.engines.errors import Cancelled, DeadlineExceeded, EasyPhotoError, InvalidArgument
 from easyphoto.engines.imaging import decode_image, encode_png
 from easyphoto.engines.rpc import abort
 from easyphoto.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
+from .metrics import GeneratorMetrics
 from .options import resolve_options
-from .pipeline import Generation, Orchestrator, Progress
+from .pipeline import Generation, Orchestrator, Progress, planned_steps
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +31,15 @@ MAX_TEMPLATES = 8
 
 
 class GeneratorService(generator_pb2_grpc.GeneratorServicer):
-    def __init__(self, orchestrator: Callable[[], Orchestrator], model_family: Callable[[], str]) -> None:
+    def __init__(
+        self,
+        orchestrator: Callable[[], Orchestrator],
+        model_family: Callable[[], str],
+        metrics: GeneratorMetrics | None = None,
+    ) -> None:
         self._orchestrator = orchestrator
         self._model_family = model_family
+        self._metrics = metrics or GeneratorMetrics(CollectorRegistry())
         # The embedded torch backend runs one request at a time (step batching comes later).
         self._lock = threading.Lock()
 
@@ -36,7 +47,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         self, request: generator_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> generator_pb2.GenerateResponse:
         try:
-            return self._run(request, context, on_progress=None)
+            return self._run(request, context, send=None)
         except EasyPhotoError as error:
             abort(context, error)
 
@@ -45,8 +56,8 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
     ) -> Iterator[generator_pb2.GenerateEvent]:
         events: queue.Queue[generator_pb2.GenerateEvent | BaseException | None] = queue.Queue()
 
-        def progress(p: Progress) -> None:
-            events.put(generator_pb2.GenerateEvent(progress=_progress_message(p)))
+        def progress(message: generator_pb2.Progress) -> None:
+            events.put(generator_pb2.GenerateEvent(progress=message))
 
         def work() -> None:
             try:
@@ -70,7 +81,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         self,
         request: generator_pb2.GenerateRequest,
         context: grpc.ServicerContext,
-        on_progress: Callable[[Progress], None] | None,
+        send: Callable[[generator_pb2.Progress], None] | None,
     ) -> generator_pb2.GenerateResponse:
         started = time.perf_counter()
         if not request.templates:
@@ -81,6 +92,8 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         templates = [decode_image(data, field=f"templates[{i}]") for i, data in enumerate(request.templates)]
         base_seed = options.seed if options.seed is not None else secrets.randbits(63)
         user_ids = list(request.user_ids)
+        images = len(templates) * options.images_per_template
+        steps = _RequestSteps(images * planned_steps(options, sum(map(bool, user_ids))), self._metrics, send)
         should_stop = _stopper(context)
         response = generator_pb2.GenerateResponse(model_family=self._model_family())
         timings: dict[str, float] = {}
@@ -94,10 +107,12 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
                         user_ids,
                         options,
                         seed,
-                        on_progress,
+                        steps.for_template(index),
                         should_stop,
                         field=f"templates[{index}]",
                     )
+                    painted = sum(1 for face in generation.faces if face.user_id)
+                    self._metrics.image(generation.timings, painted, steps.take_image_steps())
                     response.images.append(_image_message(index, generation))
                     for stage, seconds in generation.timings.items():
                         timings[stage] = timings.get(stage, 0.0) + seconds
@@ -122,14 +137,42 @@ def _stopper(context: grpc.ServicerContext) -> Callable[[], bool]:
     return should_stop
 
 
-def _progress_message(p: Progress) -> generator_pb2.Progress:
-    return generator_pb2.Progress(
-        stage=p.stage,
-        face_index=p.face_index,
-        step=p.step,
-        total_steps=p.total_steps,
-        elapsed_seconds=p.elapsed,
-    )
+@dataclass
+class _RequestSteps:
+    """Counts the request's denoising steps as the orchestrator reports them: step metrics, and
+    progress messages placed in the whole request (template, step of ``total``) for ``send``."""
+
+    total: int
+    metrics: GeneratorMetrics
+    send: Callable[[generator_pb2.Progress], None] | None
+    done: int = 0
+    image_steps: Counter[str] = field(default_factory=Counter)
+
+    def for_template(self, template_index: int) -> Callable[[Progress], None]:
+        return partial(self._step, template_index)
+
+    def take_image_steps(self) -> dict[str, int]:
+        """Steps by stage since the last call (one image's)."""
+        steps, self.image_steps = dict(self.image_steps), Counter()
+        return steps
+
+    def _step(self, template_index: int, p: Progress) -> None:
+        self.done += 1
+        self.image_steps[p.stage] += 1
+        self.metrics.step(p.stage)
+        if self.send is not None:
+            self.send(
+                generator_pb2.Progress(
+                    stage=p.stage,
+                    template_index=template_index,
+                    face_index=p.face_index,
+                    step=p.step,
+                    total_steps=p.total_steps,
+                    elapsed_seconds=p.elapsed,
+                    request_step=self.done,
+                    request_total_steps=max(self.total, self.done),
+                )
+            )
 
 
 def _image_message(template_index: int, generation: Generation) -> generator_pb2.GeneratedImage:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -8,8 +9,10 @@ import pytest
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import default_face_models
 from easyphoto.engines.family import ModelFamily
+from easyphoto.engines.imaging import encode_png, grow_box, int_box
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.loading import tiny_family
+from easyphoto.engines.samples import sample_photo
 from easyphoto.engines.torch_backend import TorchBackend
 
 
@@ -35,3 +38,30 @@ def engines(tiny: ModelFamily) -> Engines:
 def faces() -> FaceAnalyzer:
     models = default_face_models()
     return models.analyzer(TorchBackend(faces=models, device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def alice_data(faces: FaceAnalyzer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root where user "alice" is published (a face of the group photo, no LoRA)."""
+    data = tmp_path_factory.mktemp("data")
+    group = sample_photo("group")
+    x0, y0, x1, y1 = int_box(grow_box(faces.detect(group)[1].box, 1.8, group.shape[1], group.shape[0]))
+    folder = data / "users" / "alice" / "v1"
+    folder.mkdir(parents=True)
+    for name in ("face_id.png", "reference.png"):
+        (folder / name).write_bytes(encode_png(group[y0:y1, x0:x1]))
+    (data / "users" / "alice" / "CURRENT").write_text("1")
+    return data
+
+
+@pytest.fixture(scope="session")
+def generator_address(alice_data: Path) -> Iterator[str]:
+    """host:port of an orchestrator on loopback, loaded with the tiny models, serving "alice"."""
+    from easyphoto.server.app import ServerConfig, build_app
+
+    app, holder = build_app(ServerConfig(port=0, models="tiny", data=alice_data))
+    app.start()
+    holder.load()
+    app.set_serving(True)
+    yield f"127.0.0.1:{app.port}"
+    app.stop(0)

@@ -11,33 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from easyphoto.engines.faces.detect import FaceAnalyzer
-from easyphoto.engines.imaging import encode_png, grow_box, int_box
+from easyphoto.engines.imaging import encode_png
 from easyphoto.engines.rpc import error_details
 from easyphoto.engines.samples import sample_photo
-from easyphoto.server.app import ServerConfig, build_app
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
 
 @pytest.fixture(scope="module")
-def stub(
-    faces: FaceAnalyzer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[generator_pb2_grpc.GeneratorStub]:
-    data = tmp_path_factory.mktemp("data")
-    group = sample_photo("group")
-    x0, y0, x1, y1 = int_box(grow_box(faces.detect(group)[1].box, 1.8, group.shape[1], group.shape[0]))
-    folder = data / "users" / "alice" / "v1"
-    folder.mkdir(parents=True)
-    for name in ("face_id.png", "reference.png"):
-        (folder / name).write_bytes(encode_png(group[y0:y1, x0:x1]))
-    (data / "users" / "alice" / "CURRENT").write_text("1")
-    app, holder = build_app(ServerConfig(port=0, models="tiny", data=data))
-    app.start()
-    holder.load()
-    app.set_serving(True)
-    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+def stub(generator_address: str) -> Iterator[generator_pb2_grpc.GeneratorStub]:
+    with grpc.insecure_channel(generator_address) as channel:
         yield generator_pb2_grpc.GeneratorStub(channel)
-    app.stop(0)
 
 
 def _request(template: np.ndarray, users: list[str], **fields: object) -> generator_pb2.GenerateRequest:
@@ -71,6 +54,9 @@ def test_stream_sends_progress_then_one_result(stub: generator_pb2_grpc.Generato
     progress = [e.progress for e in events if e.WhichOneof("event") == "progress"]
     assert [p.stage for p in progress] == ["first_diffusion"] * 2 + ["second_diffusion"] * 2
     assert [p.step for p in progress] == [1, 2, 1, 2] and all(p.total_steps == 2 for p in progress)
+    # The whole request's steps are known up front: 2 passes x (4 steps x strength 0.5) for one face.
+    assert [p.request_step for p in progress] == [1, 2, 3, 4]
+    assert all(p.request_total_steps == 4 and p.template_index == 0 for p in progress)
 
 
 def _junk() -> generator_pb2.GenerateRequest:

@@ -1,0 +1,114 @@
+"""The orchestrator's Prometheus metrics and probes, scraped over real HTTP after real gRPC calls."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from easyphoto.engines.imaging import encode_png
+from easyphoto.engines.rpc import GrpcApp
+from easyphoto.engines.samples import sample_photo
+from easyphoto.server.app import EngineHolder, ServerConfig, build_app
+from easyphoto.v1 import generator_pb2, generator_pb2_grpc
+
+GENERATOR = "easyphoto.v1.Generator"
+
+
+@pytest.fixture(scope="module")
+def server(alice_data: Path) -> Iterator[tuple[GrpcApp, EngineHolder]]:
+    app, holder = build_app(ServerConfig(port=0, models="tiny", data=alice_data, metrics_port=0))
+    app.start()
+    yield app, holder
+    app.stop(0)
+
+
+def _get(app: GrpcApp, path: str) -> tuple[int, str]:
+    assert app.http is not None
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{app.http.port}{path}", timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def _scrape(app: GrpcApp) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    status, text = _get(app, "/metrics")
+    assert status == 200
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _request(user: str) -> generator_pb2.GenerateRequest:
+    request = generator_pb2.GenerateRequest(
+        templates=[encode_png(sample_photo("astronaut"))], user_ids=[user], seed=7
+    )
+    for name in ("first_pass", "second_pass"):
+        getattr(request, name).steps = 4
+        getattr(request, name).strength = 0.5  # 2 denoising steps each
+    return request
+
+
+def test_probes_and_metrics_after_a_good_and_a_failed_generate(server: tuple[GrpcApp, EngineHolder]) -> None:
+    app, holder = server
+    assert _get(app, "/healthz")[0] == 200 and _get(app, "/nope")[0] == 404
+    assert _get(app, "/readyz")[0] == 503  # models not loaded yet
+    holder.load()
+    app.set_serving(True)
+    assert _get(app, "/readyz")[0] == 200
+    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = generator_pb2_grpc.GeneratorStub(channel)
+        assert len(stub.Generate(_request("alice"), timeout=120).images) == 1
+        with pytest.raises(grpc.RpcError) as unary:
+            stub.Generate(_request("nobody"), timeout=60)
+        with pytest.raises(grpc.RpcError) as streamed:
+            list(stub.GenerateStream(_request("nobody"), timeout=60))
+    assert unary.value.code() == streamed.value.code() == grpc.StatusCode.NOT_FOUND
+
+    samples = _scrape(app)
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, frozenset(labels.items())), 0.0)
+
+    unary_labels = {"grpc_service": GENERATOR, "grpc_method": "Generate", "grpc_type": "unary"}
+    assert value("grpc_server_started_total", **unary_labels) == 2
+    assert value("grpc_server_handled_total", **unary_labels, grpc_code="OK") == 1
+    assert value("grpc_server_handled_total", **unary_labels, grpc_code="NOT_FOUND") == 1
+    assert value("grpc_server_handling_seconds_count", **unary_labels) == 2
+    stream_labels = {"grpc_service": GENERATOR, "grpc_method": "GenerateStream", "grpc_type": "server_stream"}
+    assert value("grpc_server_handled_total", **stream_labels, grpc_code="NOT_FOUND") == 1
+    assert value("grpc_server_handled_total", **stream_labels, grpc_code="OK") == 0
+
+    # Only the good request produced an image: one observation per stage it ran, none for the others.
+    for stage in ("detect", "lora_switch", "first_diffusion", "second_diffusion", "score", "total"):
+        assert value("easyphoto_generate_stage_seconds_count", stage=stage) == 1, stage
+    assert value("easyphoto_generate_stage_seconds_count", stage="seam_pass") == 0  # one face
+    first, total = (
+        value("easyphoto_generate_stage_seconds_sum", stage=s) for s in ("first_diffusion", "total")
+    )
+    assert 0 < first < total
+    assert value("easyphoto_denoising_steps_total", stage="first_diffusion") == 2
+    assert value("easyphoto_denoising_steps_total", stage="second_diffusion") == 2
+    assert value("easyphoto_denoising_steps_per_second_count") == 1
+    assert value("easyphoto_denoising_steps_per_second_sum") > 0
+    assert value("easyphoto_images_generated_total") == 1
+    assert value("easyphoto_faces_painted_total") == 1
+
+
+def test_each_app_has_its_own_registry(server: tuple[GrpcApp, EngineHolder]) -> None:
+    other, _ = build_app(ServerConfig(port=0, metrics_port=0))  # the global registry would refuse this
+    other.start()
+    try:
+        samples = _scrape(other)
+    finally:
+        other.stop(0)
+    assert samples[("easyphoto_images_generated_total", frozenset())] == 0
+    assert not any(labels and ("grpc_method", "Generate") in labels for _, labels in samples)
