@@ -3,6 +3,7 @@
 Both services need the same things: the standard health and reflection services, message-size
 limits, and typed errors turned into statuses with google.rpc details. It lives here, beside the
 errors it maps, so that ``server`` and ``trainer`` depend on ``engines`` and never on each other.
+What clients need too (the size limit, decoding the details) is in the lighter :mod:`engines.wire`.
 """
 
 from __future__ import annotations
@@ -22,12 +23,10 @@ from grpc_status import rpc_status
 
 from .errors import EasyPhotoError
 from .metrics import GrpcMetrics, Metrics, MetricsEndpoint
+from .wire import ERROR_DOMAIN, MAX_MESSAGE_BYTES
+from .wire import error_details as error_details  # re-exported: callers import it from here
 
 log = logging.getLogger(__name__)
-
-# Encoded images are at most 20 MiB each; a request (several templates or photos) at most 256 MiB.
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-ERROR_DOMAIN = "easyphoto.serve"
 
 
 def to_status(error: EasyPhotoError) -> grpc.Status:
@@ -52,29 +51,6 @@ def abort(context: grpc.ServicerContext, error: EasyPhotoError) -> NoReturn:
     log.info("request failed: %s %s (%s)", error.code, error.reason, error.message)
     context.abort_with_status(to_status(error))
     raise AssertionError("unreachable: abort_with_status raises")
-
-
-def error_details(error: grpc.RpcError) -> dict[str, Any]:
-    """Client side: the reason, field violations and message of a failed call (for CLIs and tests)."""
-    result: dict[str, Any] = {
-        "code": error.code().name,
-        "message": error.details(),
-        "reason": "",
-        "fields": {},
-    }
-    status = rpc_status.from_call(error)
-    if status is None:
-        return result
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            result["reason"] = info.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            result["fields"] = {v.field: v.description for v in bad.field_violations}
-    return result
 
 
 @dataclass
