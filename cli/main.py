@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from . import training
 
@@ -30,6 +32,83 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from .client import GeneratorClient, ServiceError
+
+    templates = [Path(t) for t in args.templates]
+    try:
+        options = _generate_options(args)
+        with GeneratorClient(args.server, timeout=args.timeout) as client:
+            events = client.generate_stream(templates, args.user, **options)
+            response = _follow_generation(events, several=len(templates) > 1)
+    except (ValueError, OSError, ServiceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    _write_generated(response, templates, Path(args.out))
+    print(_timings_line({t.stage: t.seconds for t in response.timings}) + f" ({response.model_family})")
+    return 0
+
+
+def _generate_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Request options from the dedicated flags, then ``--set NAME=VALUE`` typed from the proto."""
+    from easyphoto.v1 import generator_pb2
+
+    from .client import parse_option
+
+    flags = {
+        "seed": args.seed,
+        "first_pass.steps": args.steps_first,
+        "second_pass.steps": args.steps_second,
+        "lora_weight": args.lora_weight,
+        "return_intermediates": args.intermediates or None,
+    }
+    options = {name: value for name, value in flags.items() if value is not None}
+    descriptor = generator_pb2.GenerateRequest.DESCRIPTOR
+    options.update(parse_option(descriptor, assignment) for assignment in args.set)
+    return options
+
+
+def _follow_generation(events: Iterator[Any], several: bool) -> Any:
+    """Shows one progress bar over the request's steps; the response."""
+    from tqdm import tqdm
+
+    from easyphoto.v1 import generator_pb2
+
+    with tqdm(unit="step", dynamic_ncols=True) as bar:
+        for event in events:
+            if not isinstance(event, generator_pb2.Progress):
+                return event
+            bar.total = event.request_total_steps
+            where = f"template {event.template_index} " if several else ""
+            bar.set_description(f"{where}{event.stage} face {event.face_index}")
+            bar.update(event.request_step - bar.n)
+    raise ValueError("the server ended the stream without a result")
+
+
+def _write_generated(response: Any, templates: list[Path], out: Path) -> None:
+    """Each image as ``STEM_seedN.png`` (intermediates in ``STEM_seedN/``), with its faces' scores."""
+    stems = [t.stem for t in templates]
+    if len(set(stems)) < len(stems):
+        stems = [f"{i}_{stem}" for i, stem in enumerate(stems)]
+    out.mkdir(parents=True, exist_ok=True)
+    for image in response.images:
+        name = f"{stems[image.template_index]}_seed{image.seed}"
+        (out / f"{name}.png").write_bytes(image.png)
+        if image.intermediates:
+            (out / name).mkdir(exist_ok=True)
+        for step in image.intermediates:
+            (out / name / f"{step.name}.png").write_bytes(step.png)
+        scores = ", ".join(
+            f"{face.user_id}={face.identity_score:.3f}" if face.HasField("identity_score") else "(skipped)"
+            for face in image.faces
+        )
+        print(f"{out / name}.png: identity scores [{scores}]")
+
+
+def _timings_line(seconds: dict[str, float]) -> str:
+    return "timings (s): " + ", ".join(f"{stage}={value:.2f}" for stage, value in seconds.items())
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -39,7 +118,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(
             f"{name}: identity scores [{scores}] -> {result.out_dir / name}.png, stages in {name}_stages.png"
         )
-    print("timings (s): " + ", ".join(f"{k}={v:.2f}" for k, v in result.seconds.items()))
+    print(_timings_line(result.seconds))
     if result.is_random:
         print(
             "NOTE: the tiny models have random weights, so faces are painted with noise and identity "
@@ -140,6 +219,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=9464, help="their HTTP port (0: any free port)")
     serve.add_argument("--no-metrics", action="store_true", help="serve no metrics HTTP endpoint")
     serve.set_defaults(run=_serve)
+
+    generate = commands.add_parser(
+        "generate",
+        help="paint users into templates on a running orchestrator (progress bar; PNGs into --out)",
+    )
+    generate.add_argument("templates", nargs="+", metavar="TEMPLATE", help="template photos")
+    generate.add_argument(
+        "--user", action="append", required=True, metavar="ID", help="user of the next face, left to right"
+    )
+    generate.add_argument("--out", default="generate-out")
+    generate.add_argument("--server", default="127.0.0.1:50051")
+    generate.add_argument("--seed", type=int, default=None)
+    generate.add_argument("--steps-first", type=int, default=None, help="first pass steps (default 50)")
+    generate.add_argument("--steps-second", type=int, default=None, help="second pass steps (default 20)")
+    generate.add_argument("--lora-weight", type=float, default=None, help="default 0.9")
+    generate.add_argument("--intermediates", action="store_true", help="also write masks, controls, passes")
+    generate.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
+    generate.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any GenerateRequest option by dotted name, e.g. first_pass.strength=0.4",
+    )
+    generate.set_defaults(run=_generate)
 
     demo = commands.add_parser("demo", help="run the main job end to end on the embedded backend")
     demo.add_argument("--out", default="demo-out")
