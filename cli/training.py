@@ -33,32 +33,18 @@ def _trainer(args: argparse.Namespace) -> int:
 
 def _set_option(options: Any, assignment: str) -> None:
     """``name=value`` on a TrainingOptions message, typed from the field."""
-    from google.protobuf.descriptor import FieldDescriptor
+    from .client import parse_option, set_option
 
-    name, _, text = assignment.partition("=")
-    field = options.DESCRIPTOR.fields_by_name.get(name)
-    if field is None:
-        raise SystemExit(
-            f"unknown training option {name!r}; known: {sorted(options.DESCRIPTOR.fields_by_name)}"
-        )
-    if field.type == FieldDescriptor.TYPE_BOOL:
-        value: object = text.lower() in ("1", "true", "yes", "on")
-    elif field.type in (FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_DOUBLE):
-        value = float(text)
-    elif field.type == FieldDescriptor.TYPE_STRING:
-        value = text
-    else:
-        value = int(text)
-    setattr(options, name, value)
+    try:
+        set_option(options, *parse_option(options.DESCRIPTOR, assignment))
+    except ValueError as error:
+        raise SystemExit(f"error: --set {assignment}: {error}") from None
 
 
 def _fail(error: Any) -> int:
-    from easyphoto.engines.rpc import error_details
+    from .client import ServiceError
 
-    details = error_details(error)
-    print(f"error: {details['code']} {details['reason']}: {details['message']}", file=sys.stderr)
-    for field, why in details["fields"].items():
-        print(f"  {field}: {why}", file=sys.stderr)
+    print(f"error: {ServiceError.from_rpc(error)}", file=sys.stderr)
     return 2
 
 
