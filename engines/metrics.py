@@ -135,8 +135,7 @@ class GrpcMetrics(grpc.ServerInterceptor):
     ) -> None:
         """The code the handler set (abort sets it); else OK, or what gRPC reports for a failure."""
         code = context.code() or (default if failed else grpc.StatusCode.OK)
-        name = code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode(code).name
-        self.handled.labels(*labels, name).inc()
+        self.handled.labels(*labels, code.name).inc()
         self.seconds.labels(*labels).observe(time.perf_counter() - started)
 
 

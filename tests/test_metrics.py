@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -101,6 +102,26 @@ def test_probes_and_metrics_after_a_good_and_a_failed_generate(server: tuple[Grp
     assert value("easyphoto_denoising_steps_per_second_sum") > 0
     assert value("easyphoto_images_generated_total") == 1
     assert value("easyphoto_faces_painted_total") == 1
+
+
+def test_a_stream_the_client_cancels_is_counted_cancelled(server: tuple[GrpcApp, EngineHolder]) -> None:
+    app, holder = server
+    if not app.serving:  # when run alone
+        holder.load()
+        app.set_serving(True)
+    labels = {"grpc_service": GENERATOR, "grpc_method": "GenerateStream", "grpc_type": "server_stream"}
+    key = ("grpc_server_handled_total", frozenset({**labels, "grpc_code": "CANCELLED"}.items()))
+    before = _scrape(app).get(key, 0.0)
+    request = _request("alice")
+    request.first_pass.steps = 50  # long enough to cancel after the first step
+    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        call = generator_pb2_grpc.GeneratorStub(channel).GenerateStream(request, timeout=60)
+        assert next(call).WhichOneof("event") == "progress"
+        call.cancel()
+    deadline = time.monotonic() + 30
+    while _scrape(app).get(key, 0.0) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _scrape(app).get(key, 0.0) == before + 1
 
 
 def test_each_app_has_its_own_registry(server: tuple[GrpcApp, EngineHolder]) -> None:
