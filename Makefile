@@ -11,8 +11,14 @@ TRAINER_PORT ?= 50052
 BACKEND ?= torch
 MODELS ?= tiny
 EXPORT_DIR ?= build/export
+TRITON_VENV ?= .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.easyphoto-triton
+TRITON_REPO ?= build/triton-repo
+TRITON_HTTP_PORT ?= 8000
+TRITON_GRPC_PORT ?= 8001
+TRITON_METRICS_PORT ?= 8002
 
-.PHONY: setup proto demo test lint bench serve trainer export clean
+.PHONY: setup proto demo test lint bench serve trainer export triton-setup triton clean
 
 # torch==2.13.0 is the CPU wheel; an unpinned torch pulls gigabytes of CUDA packages.
 # open-clip-torch ships OpenAI's CLIP BPE (the SD 1.5 tokenizer) and facenet-pytorch the MTCNN
@@ -23,7 +29,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	$(BIN)/python -m pip install -q --no-deps open-clip-torch==3.3.0 facenet-pytorch==2.6.0
+	# tritonclient's grpc extra pins protobuf<7; its bundled stubs work with the protobuf 7 we need.
+	$(BIN)/python -m pip install -q --no-deps tritonclient==2.73.0
 	touch $(STAMP)
+
+# The CPU tritonserver (python backend only) from nvidia-pytriton, in its own venv: its python stub
+# needs numpy<2 (export/triton_server.py explains the layout).
+$(TRITON_STAMP):
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q nvidia-pytriton==0.7.0 onnxruntime 'numpy<2'
+	touch $(TRITON_STAMP)
+
+triton-setup: $(TRITON_STAMP)
 
 setup: $(STAMP) proto
 
@@ -35,7 +52,7 @@ proto/easyphoto/v1/%_pb2.py: proto/easyphoto/v1/%.proto $(STAMP)
 demo: setup
 	$(BIN)/easyphoto demo --out demo-out
 
-test: setup
+test: setup triton-setup
 	@set +e; $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected: failing on purpose"; exit 1; fi; exit $$rc
 
@@ -54,7 +71,12 @@ trainer: setup
 	$(BIN)/easyphoto trainer --port $(TRAINER_PORT) --models $(MODELS)
 
 export: setup
-	$(BIN)/easyphoto export --models $(MODELS) --out $(EXPORT_DIR)
+	$(BIN)/easyphoto export --models $(MODELS) --out $(EXPORT_DIR) --triton $(TRITON_REPO)
+
+# Exports (skipping unchanged roles) and serves the repository on loopback until interrupted.
+triton: export triton-setup
+	$(BIN)/easyphoto triton --repository $(TRITON_REPO) --venv $(TRITON_VENV) \
+		--http-port $(TRITON_HTTP_PORT) --grpc-port $(TRITON_GRPC_PORT) --metrics-port $(TRITON_METRICS_PORT)
 
 clean:
-	rm -rf build demo-out proto/easyphoto/v1/*_pb2*.py proto/easyphoto/v1/*_pb2*.pyi .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build demo-out $(TRITON_VENV) proto/easyphoto/v1/*_pb2*.py proto/easyphoto/v1/*_pb2*.pyi .pytest_cache .mypy_cache .ruff_cache

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from . import training
+from . import training, triton
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -289,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--only", choices=["all", "faces", "first-pass"], default="all")
     bench.set_defaults(run=_bench)
     training.register(commands)
+    triton.register(commands)
     return parser
 
 

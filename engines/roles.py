@@ -57,6 +57,13 @@ class RoleDescription:
     # Output-only symbols computed from the input symbols (e.g. a conv net's output size).
     derived: dict[str, Callable[[dict[str, int]], int]] = field(default_factory=dict)
 
+    @property
+    def batched(self) -> bool:
+        """Every tensor's first axis is the batch symbol itself: servers may batch requests along it
+        (Triton's implicit batch dimension; per-sample scalars travel as ``[batch, 1]``)."""
+        tensors = (*self.inputs, *self.outputs)
+        return all(spec.shape and spec.shape[0] == BATCH for spec in tensors)
+
     def input(self, name: str) -> TensorSpec:
         return next(spec for spec in self.inputs if spec.name == name)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from easyphoto.engines.roles import RoleDescription
-from easyphoto.engines.shapes import Dim, TensorSpec
+from easyphoto.engines.shapes import TensorSpec
 
 from .tensorrt_plan import read_plans
 
@@ -38,7 +38,6 @@ TRITON_TYPES = {
     "uint8": "TYPE_UINT8",
     "bool": "TYPE_BOOL",
 }
-BATCH_SYMBOL = "batch"
 
 
 @dataclass(frozen=True)
@@ -46,15 +45,6 @@ class ServingSettings:
     instances: int = 1
     max_queue_delay_microseconds: int = 500
     version: int = 1
-
-
-def is_batched(description: RoleDescription) -> bool:
-    """Every tensor's first axis is the batch symbol itself (Triton's implicit batch dimension)."""
-    tensors = (*description.inputs, *description.outputs)
-    return all(
-        spec.shape and isinstance(spec.shape[0], Dim) and spec.shape[0] == Dim(BATCH_SYMBOL)
-        for spec in tensors
-    )
 
 
 def _tensor(spec: TensorSpec, batched: bool) -> str:
@@ -70,8 +60,8 @@ def _tensor(spec: TensorSpec, batched: bool) -> str:
 
 def config_pbtxt(description: RoleDescription, target: Target, settings: ServingSettings) -> str:
     """The model configuration of one role, in Triton's protobuf text format."""
-    batched = is_batched(description)
-    max_batch = description.axes[BATCH_SYMBOL].max if batched else 0
+    batched = description.batched
+    max_batch = description.axes["batch"].max if batched else 0
     runtime = 'platform: "tensorrt_plan"' if target == "gpu" else 'backend: "python"'
     kind = "KIND_GPU" if target == "gpu" else "KIND_CPU"
     lines = [

@@ -1,0 +1,128 @@
+"""The triton backend: roles served by a Triton Inference Server, called over gRPC (KServe v2).
+
+Inputs are built from the role descriptions (names, dtypes, shapes checked against the profile
+before anything is sent), outputs come back as CPU tensors. Roles the repository does not serve
+(dlib's embedder) go to a local ``fallback`` backend. Readiness mirrors Triton's server and model
+readiness; Triton's UNAVAILABLE and deadline errors become :class:`EngineUnavailable` and
+:class:`DeadlineExceeded`. LoRA switching needs refit into the built engines (the refit issue):
+until then a LoRA on this backend is refused with UNIMPLEMENTED rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .errors import DeadlineExceeded, EasyPhotoError, EngineInputError, EngineUnavailable, Unimplemented
+from .interface import Backend, Tensors
+from .lora import LoraWeights
+from .roles import RoleDescription
+
+log = logging.getLogger(__name__)
+
+TRITON_DTYPES = {
+    "float32": "FP32",
+    "float16": "FP16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "uint8": "UINT8",
+    "bool": "BOOL",
+}
+NUMPY_DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "int32": np.int32,
+    "int64": np.int64,
+    "uint8": np.uint8,
+    "bool": np.bool_,
+}
+DEFAULT_TIMEOUT_SECONDS = 60.0
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(
+        self,
+        url: str,
+        roles: dict[str, RoleDescription],
+        fallback: Backend | None = None,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self._client = grpcclient.InferenceServerClient(url=url)
+        self._grpc = grpcclient
+        self.url = url
+        self.timeout = timeout
+        self.fallback = fallback
+        self._roles = dict(roles)
+        self._served = set(roles)  # by Triton; the rest of the fallback's roles run locally
+        if fallback is not None:
+            self._roles.update({k: v for k, v in fallback.roles.items() if k not in roles})
+
+    @property
+    def roles(self) -> dict[str, RoleDescription]:
+        return self._roles
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def ready(self) -> bool:
+        """Triton's server readiness and every served model's readiness."""
+        try:
+            if not self._client.is_server_ready(client_timeout=5):
+                return False
+            return all(self._client.is_model_ready(role, client_timeout=5) for role in self._served)
+        except Exception as exc:  # unreachable server: not ready
+            log.warning("triton at %s not ready: %s", self.url, exc)
+            return False
+
+    def set_lora(self, lora: LoraWeights | None, weight: float) -> None:
+        if lora is not None and weight != 0:
+            raise Unimplemented("LoRA on the triton backend needs engine refit (not implemented yet)")
+
+    def lora_modules(self) -> dict[str, torch.nn.Module]:
+        return {}
+
+    def infer(self, role: str, inputs: Tensors) -> Tensors:
+        if role not in self._served:
+            if self.fallback is None or role not in self.fallback.roles:
+                raise EngineInputError(role, "role", f"unknown; this backend serves {sorted(self._roles)}")
+            return self.fallback.infer(role, inputs)
+        description = self._roles[role]
+        description.bind({name: tuple(t.shape) for name, t in inputs.items()})
+        request = []
+        for spec in description.inputs:
+            array: np.ndarray = inputs[spec.name].detach().to("cpu").numpy()
+            array = array.astype(NUMPY_DTYPES[spec.dtype], copy=False)
+            if description.batched and array.ndim == 1:
+                array = array.reshape(-1, 1)  # declared [1] per sample, reshaped to [] for the model
+            tensor = self._grpc.InferInput(spec.name, list(array.shape), TRITON_DTYPES[spec.dtype])
+            tensor.set_data_from_numpy(np.ascontiguousarray(array))
+            request.append(tensor)
+        outputs = [self._grpc.InferRequestedOutput(spec.name) for spec in description.outputs]
+        try:
+            result = self._client.infer(role, request, outputs=outputs, client_timeout=self.timeout)
+        except Exception as exc:
+            raise _engine_error(role, exc) from exc
+        return {
+            spec.name: torch.from_numpy(result.as_numpy(spec.name).copy()) for spec in description.outputs
+        }
+
+
+def _engine_error(role: str, exc: Exception) -> EasyPhotoError:
+    status = str(getattr(exc, "status", lambda: "")() or "")
+    message = f"triton {role}: {getattr(exc, 'message', lambda: str(exc))()}"
+    if "DEADLINE" in status:
+        return DeadlineExceeded(message)
+    if "UNAVAILABLE" in status or "NOT_FOUND" in status:
+        return EngineUnavailable(message)
+    return EasyPhotoError(message, metadata={"role": role, "status": status})

@@ -1,0 +1,142 @@
+"""Runs the CPU ``tritonserver`` that nvidia-pytriton ships, on an exported model repository.
+
+That build has only the python backend, and its python stub is built against numpy 1.x, so it lives
+in its own virtual environment (``make triton-setup`` creates ``.venv-triton`` with nvidia-pytriton,
+onnxruntime and numpy<2); the main environment stays on numpy 2. The server binary, backends and
+caches are copied out of the package (the stub for this Python goes into ``backends/python``), and
+the server starts with that environment first on ``PATH`` (the stub imports from the first
+``python3`` there) and the package's bundled libraries plus that Python's libpython on
+``LD_LIBRARY_PATH``. Ports bind to loopback through ``--http-address``/``--grpc-address``.
+On a GPU host, use NVIDIA's Triton container instead (``deploy/README.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_VENV = Path(".venv-triton")
+PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+
+
+class TritonUnavailable(RuntimeError):
+    """The CPU tritonserver is not installed (run ``make triton-setup``)."""
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    venv: Path
+    site_packages: Path
+    server: Path  # our copy: bin/, backends/, caches/
+
+    @property
+    def binary(self) -> Path:
+        return self.server / "bin" / "tritonserver"
+
+    def environment(self) -> dict[str, str]:
+        python = self.venv / "bin" / "python"
+        libdir = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        env = dict(os.environ)
+        env["PATH"] = f"{self.venv / 'bin'}:{env.get('PATH', '')}"
+        env["LD_LIBRARY_PATH"] = f"{self.site_packages / 'nvidia_pytriton.libs'}:{libdir}"
+        env.pop("PYTHONPATH", None)
+        return env
+
+
+def find_install(venv: Path = DEFAULT_VENV, server_dir: Path | None = None) -> TritonInstall:
+    """The tritonserver in ``venv``, its files copied to ``server_dir`` (default: inside the venv)."""
+    candidates = sorted((venv / "lib").glob("python3*/site-packages/pytriton/tritonserver"))
+    if not candidates:
+        raise TritonUnavailable(f"no nvidia-pytriton in {venv}; run `make triton-setup`")
+    packaged = candidates[0]
+    site_packages = packaged.parent.parent
+    version = site_packages.parent.name.removeprefix("python")
+    server = server_dir or venv / "tritonserver"
+    stub = packaged / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not (server / "bin" / "tritonserver").is_file():
+        if not stub.is_file():
+            raise TritonUnavailable(f"nvidia-pytriton has no python backend stub for Python {version}")
+        shutil.rmtree(server, ignore_errors=True)
+        for part in ("bin", "backends", "caches"):
+            shutil.copytree(packaged / part, server / part)
+        shutil.copy2(stub, server / "backends" / "python" / stub.name)
+    return TritonInstall(venv, site_packages, server)
+
+
+@dataclass
+class TritonServer:
+    process: subprocess.Popen[bytes]
+    ports: dict[str, int]
+    log_path: Path
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports['grpc']}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['http']}"
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited ({self.process.returncode}); see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=2) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"tritonserver not ready after {timeout}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_server(
+    repository: Path,
+    install: TritonInstall,
+    ports: dict[str, int] | None = None,
+    log_path: Path | None = None,
+) -> TritonServer:
+    """Starts tritonserver on ``repository``, listening on loopback only."""
+    ports = {**PORTS, **(ports or {})}
+    log_path = log_path or repository.parent / "tritonserver.log"
+    command = [
+        str(install.binary),
+        f"--model-repository={repository.resolve()}",
+        f"--backend-directory={install.server / 'backends'}",
+        f"--cache-directory={install.server / 'caches'}",
+        "--http-address=127.0.0.1",
+        "--grpc-address=127.0.0.1",
+        f"--http-port={ports['http']}",
+        f"--grpc-port={ports['grpc']}",
+        f"--metrics-port={ports['metrics']}",
+        "--metrics-address=127.0.0.1",
+        "--allow-metrics=true",
+        "--log-verbose=0",
+    ]
+    handle = open(log_path, "wb")  # noqa: SIM115 (the server writes to it for its lifetime)
+    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=install.environment())
+    log.info("tritonserver pid %d on %s (log %s)", process.pid, ports, log_path)
+    return TritonServer(process, ports, log_path)
