@@ -38,6 +38,8 @@ $(STAMP): pyproject.toml
 $(TRITON_STAMP):
 	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/python -m pip install -q nvidia-pytriton==0.7.0 onnxruntime 'numpy<2'
+	# The real perf_analyzer binary ships in this tritonclient wheel (the client library is unused here).
+	$(TRITON_VENV)/bin/python -m pip install -q --no-deps tritonclient==2.51.0
 	touch $(TRITON_STAMP)
 
 triton-setup: $(TRITON_STAMP)
@@ -61,7 +63,7 @@ lint: setup
 	$(BIN)/ruff format --check cli engines server trainer export tests
 	$(BIN)/mypy cli engines server trainer export
 
-bench: setup
+bench: setup triton-setup
 	$(BIN)/easyphoto bench --out docs/benchmarks.md
 
 serve: setup

@@ -154,7 +154,26 @@ def _bench(args: argparse.Namespace) -> int:
         print(section)
     if args.only in ("all", "first-pass"):
         print(run_bench(out, models=args.models, size=args.size, steps=args.steps, repeats=args.repeats))
+    if args.only in ("all", "triton"):
+        section = _triton_bench(args.models)
+        write_section(out, section)
+        print(section)
     return 0
+
+
+def _triton_bench(models: str) -> str:
+    from easyphoto.engines.loading import resolve_family
+    from easyphoto.engines.roles import describe_roles
+    from easyphoto.export.onnx_export import export_all
+    from easyphoto.export.triton_bench import ROLE, triton_section
+    from easyphoto.export.triton_repository import write_repository
+    from easyphoto.export.triton_server import find_install
+
+    roles = {ROLE: describe_roles(resolve_family(models))[ROLE]}
+    export_dir, repository = Path("build/bench-export"), Path("build/bench-triton-repo")
+    export_all(roles, export_dir)
+    write_repository(export_dir, roles, repository)
+    return triton_section(find_install(), repository, export_dir, roles)
 
 
 def _faces(args: argparse.Namespace) -> int:
@@ -286,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", type=int, default=256)
     bench.add_argument("--steps", type=int, default=50)
     bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--only", choices=["all", "faces", "first-pass"], default="all")
+    bench.add_argument("--only", choices=["all", "faces", "first-pass", "triton"], default="all")
     bench.set_defaults(run=_bench)
     training.register(commands)
     triton.register(commands)
