@@ -23,6 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             models=args.models,
             backend=args.backend,
+            triton_url=args.triton_url,
             device=args.device,
             data=Path(args.data) if args.data else default_data_root(),
             metrics_host=args.metrics_host,
@@ -231,7 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--models", default="tiny", help="'tiny', a diffusers folder, an SD 1.5 file or a spec .json"
     )
-    serve.add_argument("--backend", default="torch", choices=["torch"])
+    serve.add_argument("--backend", default="torch", choices=["torch", "triton"])
+    serve.add_argument(
+        "--triton-url", default="127.0.0.1:8001", help="Triton's gRPC address (--backend triton)"
+    )
     serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     serve.add_argument("--data", default=None, help="user artifacts root (default: $EASYPHOTO_DATA)")
     serve.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics, /healthz, /readyz")

@@ -17,10 +17,12 @@ import grpc
 
 from easyphoto.engines.artifacts import UserStore, default_data_root
 from easyphoto.engines.errors import EasyPhotoError, EngineUnavailable, UserNotReady
-from easyphoto.engines.faces.models import default_face_models
-from easyphoto.engines.interface import Engines
+from easyphoto.engines.faces.models import FaceModels, default_face_models
+from easyphoto.engines.family import ModelFamily
+from easyphoto.engines.interface import Backend, Engines
 from easyphoto.engines.loading import resolve_family
 from easyphoto.engines.metrics import DEFAULT_HOST, Metrics
+from easyphoto.engines.roles import describe_roles
 from easyphoto.engines.rpc import GrpcApp, Service, abort
 from easyphoto.engines.torch_backend import TorchBackend
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
@@ -37,7 +39,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     models: str = "tiny"
-    backend: str = "torch"
+    backend: str = "torch"  # or "triton": the roles served by tritonserver at triton_url
+    triton_url: str = "127.0.0.1:8001"
     device: str | None = None
     data: Path = field(default_factory=default_data_root)
     # HTTP /metrics, /healthz, /readyz: None serves none (metrics are still counted), 0 any free port.
@@ -57,11 +60,9 @@ class EngineHolder:
         self.loaded = threading.Event()
 
     def load(self) -> Orchestrator:
-        if self.config.backend != "torch":
-            raise ValueError(f"backend {self.config.backend!r} is not available; use 'torch'")
         family = resolve_family(self.config.models)
         face_models = default_face_models()
-        backend = TorchBackend(family, device=self.config.device, faces=face_models)
+        backend = self._backend(family, face_models)
         engines = Engines(backend, family.tokenizer, float(family.vae.config.scaling_factor))
         analyzer = face_models.analyzer(backend)
         users = UserStore(self.config.data)
@@ -75,6 +76,28 @@ class EngineHolder:
             self.config.data,
         )
         return self._orchestrator
+
+    def _backend(self, family: ModelFamily, face_models: FaceModels) -> Backend:
+        """The embedded torch backend, or Triton serving every exported role (dlib's embedder, which
+        has no graph, runs in process). The family still supplies the descriptions, tokenizer and
+        scheduler config; with Triton its weights are not used for inference."""
+        if self.config.backend == "torch":
+            return TorchBackend(family, device=self.config.device, faces=face_models)
+        if self.config.backend == "triton":
+            from easyphoto.engines.triton_backend import TritonBackend
+
+            local = TorchBackend(None, device="cpu", faces=face_models)
+            served = {
+                **describe_roles(family),
+                **{k: v for k, v in face_models.roles.items() if k != "face_embedder"},
+            }
+            backend = TritonBackend(self.config.triton_url, served, fallback=local)
+            if not backend.ready():
+                raise EngineUnavailable(
+                    f"Triton at {self.config.triton_url} is not ready (is `make triton` running?)"
+                )
+            return backend
+        raise ValueError(f"backend {self.config.backend!r} is unknown; use 'torch' or 'triton'")
 
     def load_in_background(self, on_ready: Callable[[], None]) -> None:
         def run() -> None:

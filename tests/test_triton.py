@@ -95,6 +95,17 @@ def test_every_role_through_triton_equals_the_torch_backend(
                 assert diff <= tolerance * scale, (name, point, output, diff, scale)
 
 
+def _publish_user(root: Path, faces: FaceAnalyzer, user_id: str = "amy") -> None:
+    """A user without a LoRA file (the triton backend has no refit yet): face-id and reference images."""
+    group = sample_photo("group")
+    x0, y0, x1, y1 = int_box(grow_box(faces.detect(group)[1].box, 1.8, group.shape[1], group.shape[0]))
+    folder = root / "users" / user_id / "v1"
+    folder.mkdir(parents=True)
+    for name in ("face_id.png", "reference.png"):
+        (folder / name).write_bytes(encode_png(group[y0:y1, x0:x1]))
+    (root / "users" / user_id / "CURRENT").write_text("1")
+
+
 def test_a_whole_generate_through_triton_equals_torch(
     triton_backend: TritonBackend,
     tiny: ModelFamily,
@@ -102,13 +113,7 @@ def test_a_whole_generate_through_triton_equals_torch(
     faces: FaceAnalyzer,
     tmp_path: Path,
 ) -> None:
-    group = sample_photo("group")
-    x0, y0, x1, y1 = int_box(grow_box(faces.detect(group)[1].box, 1.8, group.shape[1], group.shape[0]))
-    folder = tmp_path / "users" / "amy" / "v1"
-    folder.mkdir(parents=True)
-    for name in ("face_id.png", "reference.png"):
-        (folder / name).write_bytes(encode_png(group[y0:y1, x0:x1]))
-    (tmp_path / "users" / "amy" / "CURRENT").write_text("1")
+    _publish_user(tmp_path, faces)
     options = GenerateOptions()
     options = replace(
         options,
@@ -145,3 +150,36 @@ def test_a_lora_on_the_triton_backend_is_refused(triton_backend: TritonBackend) 
     with pytest.raises(Unimplemented):
         triton_backend.set_lora(LoraWeights("x", [layer]), 0.9)
     triton_backend.set_lora(None, 0.9)  # the base model is fine
+
+
+def test_the_server_serves_generate_through_triton(
+    server: TritonServer, faces: FaceAnalyzer, tmp_path: Path
+) -> None:
+    import grpc as grpclib
+
+    from easyphoto.server.app import ServerConfig, build_app
+    from easyphoto.v1 import generator_pb2, generator_pb2_grpc
+
+    app, holder = build_app(ServerConfig(port=0, data=tmp_path, backend="triton", triton_url=server.grpc_url))
+    app.start()
+    try:
+        holder.load()
+        app.set_serving(True)
+        _publish_user(tmp_path, faces)
+        request = generator_pb2.GenerateRequest(
+            templates=[encode_png(sample_photo("astronaut"))], user_ids=["amy"], seed=1
+        )
+        for name in ("first_pass", "second_pass"):
+            getattr(request, name).steps = 4
+        with grpclib.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            response = generator_pb2_grpc.GeneratorStub(channel).Generate(request, timeout=120)
+        face = response.images[0].faces[0]
+        assert face.user_id == "amy" and face.HasField("identity_score")
+    finally:
+        app.stop(0)
+    bad = ServerConfig(port=0, data=tmp_path, backend="triton", triton_url="127.0.0.1:1")
+    from easyphoto.engines.errors import EngineUnavailable
+    from easyphoto.server.app import EngineHolder
+
+    with pytest.raises(EngineUnavailable):
+        EngineHolder(bad).load()
