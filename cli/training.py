@@ -26,6 +26,8 @@ def _trainer(args: argparse.Namespace) -> int:
             data=Path(args.data) if args.data else default_data_root(),
             orchestrator=args.orchestrator,
             face_pack=Path(args.face_models) if args.face_models else None,
+            metrics_host=args.metrics_host,
+            metrics_port=None if args.no_metrics else args.metrics_port,
         )
     )
     return 0
@@ -167,6 +169,9 @@ def register(commands: Any) -> None:
     )
     trainer.add_argument("--orchestrator", default="", help="host:port to tell when a user is published")
     trainer.add_argument("--face-models", default=None, help="an insightface pack directory")
+    trainer.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics, /healthz, /readyz")
+    trainer.add_argument("--metrics-port", type=int, default=9465, help="the orchestrator's default is 9464")
+    trainer.add_argument("--no-metrics", action="store_true", help="serve no HTTP metrics endpoint")
     trainer.set_defaults(run=_trainer)
 
     train = commands.add_parser("train", help="train a user's LoRA from photos (waits with a progress bar)")

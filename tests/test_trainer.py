@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def other_person(faces: FaceAnalyzer) -> np.ndarray:
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainerApp]:
     app = build_trainer(
-        TrainerConfig(port=0, data=tmp_path_factory.mktemp("trainer"), device="cpu"), default_face_models()
+        TrainerConfig(port=0, data=tmp_path_factory.mktemp("trainer"), device="cpu", metrics_port=0),
+        default_face_models(),
     )
     app.start()
     yield app
@@ -130,6 +132,38 @@ def test_a_job_publishes_a_user_and_reports_every_dropped_photo(
     user = users_pb2_grpc.UsersStub(channel).GetUser(users_pb2.GetUserRequest(user_id="ann"), timeout=10)
     assert user.state == users_pb2.USER_STATE_READY and user.version == 1 and len(user.lora_sha256) == 64
     assert not (trainer.runner.job_dir(job.job_id) / "checkpoints").exists()
+
+
+def test_metrics_count_jobs_steps_and_dropped_photos(trainer: TrainerApp, channel: grpc.Channel) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stub = trainer_pb2_grpc.TrainerStub(channel)
+    job = stub.CreateTrainingJob(_request("ivy", [*person_photos()[:2], b"junk"]), timeout=30)
+    assert _watch(channel, job.job_id)[-1].state == trainer_pb2.JOB_STATE_SUCCEEDED
+    assert trainer.app.http is not None
+    base = f"http://127.0.0.1:{trainer.app.http.port}"
+    with urllib.request.urlopen(f"{base}/readyz", timeout=5) as reply:
+        assert reply.status == 200
+    finished = ("easyphoto_training_jobs_finished_total", (("state", "JOB_STATE_SUCCEEDED"),))
+    for _ in range(50):  # the runner counts a job just after its final state is stored
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as reply:
+            samples = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(reply.read().decode())
+                for s in family.samples
+            }
+        if finished in samples:
+            break
+        time.sleep(0.1)
+    assert samples[("easyphoto_training_jobs_finished_total", (("state", "JOB_STATE_SUCCEEDED"),))] >= 1
+    assert samples[("easyphoto_training_photos_dropped_total", (("reason", "IMAGE_UNREADABLE"),))] >= 1
+    assert samples[("easyphoto_training_steps_total", ())] >= 4
+    handled = {
+        dict(labels)["grpc_method"]: value
+        for (name, labels), value in samples.items()
+        if name == "grpc_server_handled_total" and dict(labels)["grpc_code"] == "OK"
+    }
+    assert handled["CreateTrainingJob"] >= 1
 
 
 def test_all_photos_unusable_fails_with_every_reason(channel: grpc.Channel) -> None:

@@ -17,6 +17,7 @@ from easyphoto.engines.artifacts import UserStore, default_data_root
 from easyphoto.engines.faces.models import FaceModels, load_face_models
 from easyphoto.engines.family import ModelFamily
 from easyphoto.engines.loading import resolve_family
+from easyphoto.engines.metrics import DEFAULT_HOST, Metrics
 from easyphoto.engines.rpc import GrpcApp, Service
 from easyphoto.engines.torch_backend import TorchBackend, default_device
 from easyphoto.v1 import (
@@ -29,6 +30,7 @@ from easyphoto.v1 import (
 )
 
 from .jobs import JobStore
+from .metrics import TrainerMetrics
 from .runner import JobRunner, Notify, RunnerConfig
 from .service import TrainerService, UsersService
 
@@ -47,6 +49,9 @@ class TrainerConfig:
     # The orchestrator to tell when a user version is published ("" = nobody).
     orchestrator: str = ""
     face_pack: Path | None = None
+    # HTTP /metrics, /healthz, /readyz: None serves none, 0 any free port (`easyphoto trainer`: 9465).
+    metrics_host: str = DEFAULT_HOST
+    metrics_port: int | None = None
 
 
 def refresh_notifier(address: str) -> Notify:
@@ -82,7 +87,8 @@ class TrainerApp:
 def build_trainer(config: TrainerConfig, face_models: FaceModels | None = None) -> TrainerApp:
     store = JobStore(config.data / "trainer.sqlite3")
     users = UserStore(config.data)
-    runner = _runner(config, store, users, face_models)
+    metrics = Metrics(host=config.metrics_host, port=config.metrics_port)
+    runner = _runner(config, store, users, face_models, TrainerMetrics(metrics.registry))
     services = [
         Service(
             TrainerService(store, runner),
@@ -95,11 +101,15 @@ def build_trainer(config: TrainerConfig, face_models: FaceModels | None = None) 
             users_pb2.DESCRIPTOR.services_by_name["Users"].full_name,
         ),
     ]
-    return TrainerApp(GrpcApp(services, host=config.host, port=config.port), store, runner)
+    return TrainerApp(GrpcApp(services, host=config.host, port=config.port, metrics=metrics), store, runner)
 
 
 def _runner(
-    config: TrainerConfig, store: JobStore, users: UserStore, face_models: FaceModels | None
+    config: TrainerConfig,
+    store: JobStore,
+    users: UserStore,
+    face_models: FaceModels | None,
+    metrics: TrainerMetrics,
 ) -> JobRunner:
     device = config.device or str(default_device())
     models = face_models or load_face_models(pack=config.face_pack)
@@ -115,6 +125,7 @@ def _runner(
         face_models=models,
         analyzer=models.analyzer(backend),
         notify=refresh_notifier(config.orchestrator) if config.orchestrator else None,
+        metrics=metrics,
     )
     return JobRunner(store, users, runner_config)
 
@@ -129,6 +140,8 @@ def serve_trainer(config: TrainerConfig) -> None:
         config.models,
         config.data,
     )
+    if trainer.app.http:
+        log.info("metrics, /healthz and /readyz on http://%s:%d", config.metrics_host, trainer.app.http.port)
     try:
         trainer.app.wait()
     except KeyboardInterrupt:

@@ -18,11 +18,12 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client import CollectorRegistry
 
 from easyphoto.engines.artifacts import LORA_FILE, UserStore, write_atomically
 from easyphoto.engines.errors import Cancelled, EasyPhotoError, InvalidArgument
@@ -31,10 +32,12 @@ from easyphoto.engines.faces.models import FaceModels
 from easyphoto.engines.family import ModelFamily
 from easyphoto.engines.imaging import decode_image, encode_png
 from easyphoto.engines.lora import load_lora, save_lora
+from easyphoto.v1 import trainer_pb2
 
 from .jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobStore, error_record
 from .lora_training import LoraTrainer, TrainingImages, checkpoint_step, checkpoints
 from .merge import merge_checkpoints
+from .metrics import TrainerMetrics
 from .options import TrainingOptions
 from .photos import PhotoReport, PreparedPhotos, prepare_photos
 from .validation import ValidationImage, Validator
@@ -53,6 +56,7 @@ class RunnerConfig:
     face_models: FaceModels
     analyzer: FaceAnalyzer
     notify: Notify | None = None  # tells the serving side a user version is ready
+    metrics: TrainerMetrics = field(default_factory=lambda: TrainerMetrics(CollectorRegistry()))
 
 
 class JobRunner:
@@ -126,6 +130,20 @@ class JobRunner:
         """Runs (or resumes) ``job`` to its end; the final record."""
         started = time.time()
         job = self.store.update(job.job_id, state=RUNNING)
+        try:
+            final = self._run(job)
+        finally:
+            metrics = self.config.metrics
+            metrics.job_seconds.observe(time.time() - started)
+        record = self.store.get(job.job_id)
+        metrics.jobs_finished.labels(trainer_pb2.JobState.Name(record.state)).inc()
+        for photo in record.photos:
+            if not photo["kept"]:
+                metrics.photos_dropped.labels(photo["reason"]).inc()
+        return final
+
+    def _run(self, job: JobRecord) -> JobRecord:
+        started = time.time()
         try:
             version = _Job(self, job).run()
         except Cancelled:
@@ -236,7 +254,10 @@ class _Job:
         began = time.perf_counter()
         for step in range(start + 1, total + 1):
             self.stop()
+            stepped = time.perf_counter()
             loss = trainer.train_step(step)
+            self.config.metrics.steps.inc()
+            self.config.metrics.step_seconds.observe(time.perf_counter() - stepped)
             per_step = (time.perf_counter() - began) / (step - start)
             self.update(stage="train", step=step, loss=loss, eta_seconds=per_step * (total - step))
             if step % self.options.validation_interval == 0 or step == total:
