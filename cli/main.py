@@ -24,6 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
             models=args.models,
             backend=args.backend,
             triton_url=args.triton_url,
+            triton_shared_memory=args.triton_shared_memory,
             device=args.device,
             data=Path(args.data) if args.data else default_data_root(),
             metrics_host=args.metrics_host,
@@ -235,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", default="torch", choices=["torch", "triton"])
     serve.add_argument(
         "--triton-url", default="127.0.0.1:8001", help="Triton's gRPC address (--backend triton)"
+    )
+    serve.add_argument(
+        "--triton-shared-memory", action="store_true", help="send large tensors through system shared memory"
     )
     serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     serve.add_argument("--data", default=None, help="user artifacts root (default: $EASYPHOTO_DATA)")

@@ -11,6 +11,8 @@ until then a LoRA on this backend is refused with UNIMPLEMENTED rather than sile
 from __future__ import annotations
 
 import logging
+import os
+import threading
 
 import numpy as np
 import torch
@@ -39,6 +41,55 @@ NUMPY_DTYPES = {
     "bool": np.bool_,
 }
 DEFAULT_TIMEOUT_SECONDS = 60.0
+# Inputs at least this large travel through system shared memory when it is on (co-located server).
+SHARED_MEMORY_MIN_BYTES = 16 * 1024
+
+
+class SharedInputs:
+    """One system shared memory region per (role, input), registered with Triton once and reused.
+
+    A region is rewritten only when its source tensor changed: the same tensor object at the same
+    torch version counter (kept alive here, so its memory cannot be reused by another tensor) is
+    already in place. Prompt embeddings and control images, the same at every step of a pass, are
+    therefore copied once per pass instead of being serialized into every call.
+    """
+
+    def __init__(self, client: object, prefix: str) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        self._shm = shm
+        self._client = client
+        self._prefix = prefix
+        self._regions: dict[str, tuple[object, int]] = {}
+        self._sources: dict[str, tuple[torch.Tensor, int]] = {}
+        self.writes = 0
+
+    def place(self, key: str, source: torch.Tensor, array: np.ndarray) -> tuple[str, int]:
+        """The region's name and the bytes used, with ``array`` (the prepared ``source``) in it."""
+        name = f"{self._prefix}-{key}"
+        held = self._regions.get(key)
+        if held is None or held[1] < array.nbytes:
+            if held is not None:
+                self._drop(key)
+            handle = self._shm.create_shared_memory_region(name, f"/{name}", array.nbytes)
+            self._client.register_system_shared_memory(name, f"/{name}", array.nbytes)  # type: ignore[attr-defined]
+            self._regions[key] = (handle, array.nbytes)
+        cached = self._sources.get(key)
+        if cached is None or cached[0] is not source or cached[1] != source._version:
+            self._shm.set_shared_memory_region(self._regions[key][0], [np.ascontiguousarray(array)])
+            self._sources[key] = (source, source._version)
+            self.writes += 1
+        return name, array.nbytes
+
+    def _drop(self, key: str) -> None:
+        handle, _ = self._regions.pop(key)
+        self._sources.pop(key, None)
+        self._client.unregister_system_shared_memory(f"{self._prefix}-{key}")  # type: ignore[attr-defined]
+        self._shm.destroy_shared_memory_region(handle)
+
+    def close(self) -> None:
+        for key in list(self._regions):
+            self._drop(key)
 
 
 class TritonBackend:
@@ -50,11 +101,19 @@ class TritonBackend:
         roles: dict[str, RoleDescription],
         fallback: Backend | None = None,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        shared_memory: bool = False,
+        shared_memory_min_bytes: int = SHARED_MEMORY_MIN_BYTES,
     ) -> None:
         import tritonclient.grpc as grpcclient
 
         self._client = grpcclient.InferenceServerClient(url=url)
         self._grpc = grpcclient
+        # System shared memory needs Triton on this host; one call at a time owns the regions.
+        self.shared = (
+            SharedInputs(self._client, f"easyphoto-{os.getpid()}-{id(self):x}") if shared_memory else None
+        )
+        self.shared_min_bytes = shared_memory_min_bytes
+        self._lock = threading.Lock()
         self.url = url
         self.timeout = timeout
         self.fallback = fallback
@@ -99,23 +158,39 @@ class TritonBackend:
             return self.fallback.infer(role, inputs)
         description = self._roles[role]
         description.bind({name: tuple(t.shape) for name, t in inputs.items()})
-        request = []
-        for spec in description.inputs:
-            array: np.ndarray = inputs[spec.name].detach().to("cpu").numpy()
-            array = array.astype(NUMPY_DTYPES[spec.dtype], copy=False)
-            if description.batched and array.ndim == 1:
-                array = array.reshape(-1, 1)  # declared [1] per sample, reshaped to [] for the model
-            tensor = self._grpc.InferInput(spec.name, list(array.shape), TRITON_DTYPES[spec.dtype])
-            tensor.set_data_from_numpy(np.ascontiguousarray(array))
-            request.append(tensor)
-        outputs = [self._grpc.InferRequestedOutput(spec.name) for spec in description.outputs]
-        try:
-            result = self._client.infer(role, request, outputs=outputs, client_timeout=self.timeout)
-        except Exception as exc:
-            raise _engine_error(role, exc) from exc
+        with self._lock:
+            request = [
+                self._input(role, description, spec.name, spec.dtype, inputs[spec.name])
+                for spec in description.inputs
+            ]
+            outputs = [self._grpc.InferRequestedOutput(spec.name) for spec in description.outputs]
+            try:
+                result = self._client.infer(role, request, outputs=outputs, client_timeout=self.timeout)
+            except Exception as exc:
+                raise _engine_error(role, exc) from exc
         return {
             spec.name: torch.from_numpy(result.as_numpy(spec.name).copy()) for spec in description.outputs
         }
+
+    def _input(
+        self, role: str, description: RoleDescription, name: str, dtype: str, source: torch.Tensor
+    ) -> object:
+        array: np.ndarray = source.detach().to("cpu").numpy()
+        array = array.astype(NUMPY_DTYPES[dtype], copy=False)
+        if description.batched and array.ndim == 1:
+            array = array.reshape(-1, 1)  # declared [1] per sample, reshaped to [] for the model
+        tensor = self._grpc.InferInput(name, list(array.shape), TRITON_DTYPES[dtype])
+        if self.shared is not None and array.nbytes >= self.shared_min_bytes:
+            region, size = self.shared.place(f"{role}-{name}", source, array)
+            tensor.set_shared_memory(region, size)
+        else:
+            tensor.set_data_from_numpy(np.ascontiguousarray(array))
+        return tensor
+
+    def close(self) -> None:
+        """Unregisters and frees the shared memory regions."""
+        if self.shared is not None:
+            self.shared.close()
 
 
 def _engine_error(role: str, exc: Exception) -> EasyPhotoError:

@@ -41,6 +41,8 @@ class ServerConfig:
     models: str = "tiny"
     backend: str = "torch"  # or "triton": the roles served by tritonserver at triton_url
     triton_url: str = "127.0.0.1:8001"
+    # Large per-request tensors through system shared memory (Triton on this host only).
+    triton_shared_memory: bool = False
     device: str | None = None
     data: Path = field(default_factory=default_data_root)
     # HTTP /metrics, /healthz, /readyz: None serves none (metrics are still counted), 0 any free port.
@@ -91,7 +93,9 @@ class EngineHolder:
                 **describe_roles(family),
                 **{k: v for k, v in face_models.roles.items() if k != "face_embedder"},
             }
-            backend = TritonBackend(self.config.triton_url, served, fallback=local)
+            backend = TritonBackend(
+                self.config.triton_url, served, fallback=local, shared_memory=self.config.triton_shared_memory
+            )
             if not backend.ready():
                 raise EngineUnavailable(
                     f"Triton at {self.config.triton_url} is not ready (is `make triton` running?)"

@@ -183,3 +183,28 @@ def test_the_server_serves_generate_through_triton(
 
     with pytest.raises(EngineUnavailable):
         EngineHolder(bad).load()
+
+
+def test_shared_memory_inputs_match_and_constant_inputs_are_written_once(
+    server: TritonServer, tiny: ModelFamily, triton_backend: TritonBackend
+) -> None:
+    unet = describe_roles(tiny)["unet"]
+    shared = TritonBackend(server.grpc_url, {"unet": unet}, shared_memory=True, shared_memory_min_bytes=1)
+    try:
+        sample = unet.sample_inputs("opt", seed=4)
+        inline = triton_backend.infer("unet", sample)["noise_pred"]
+        assert torch.equal(shared.infer("unet", sample)["noise_pred"], inline)
+        assert shared.shared is not None
+        first = shared.shared.writes
+        assert first == len(unet.inputs)  # every input went through shared memory
+        registered = shared._client.get_system_shared_memory_status(as_json=True)
+        assert len(registered.get("regions", {})) == first
+        moved = {**sample, "sample": sample["sample"] + 1.0}  # only the latents change between steps
+        shared.infer("unet", moved)
+        assert shared.shared.writes == first + 1
+        sample["encoder_hidden_states"].mul_(2.0)  # changed in place: detected by its version counter
+        doubled = shared.infer("unet", sample)["noise_pred"]
+        assert torch.equal(doubled, triton_backend.infer("unet", sample)["noise_pred"])
+    finally:
+        shared.close()
+    assert not shared._client.get_system_shared_memory_status(as_json=True).get("regions")
