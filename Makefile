@@ -73,7 +73,7 @@ trainer: setup
 	$(BIN)/easyphoto trainer --port $(TRAINER_PORT) --models $(MODELS)
 
 export: setup
-	$(BIN)/easyphoto export --models $(MODELS) --out $(EXPORT_DIR) --triton $(TRITON_REPO)
+	$(BIN)/easyphoto export --models $(MODELS) --out $(EXPORT_DIR) --fused --triton $(TRITON_REPO)
 
 # Exports (skipping unchanged roles) and serves the repository on loopback until interrupted.
 triton: export triton-setup

@@ -165,13 +165,17 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _triton_bench(models: str) -> str:
     from easyphoto.engines.loading import resolve_family
-    from easyphoto.engines.roles import describe_roles
+    from easyphoto.engines.roles import describe_roles, describe_stage
     from easyphoto.export.onnx_export import export_all
-    from easyphoto.export.triton_bench import ROLE, triton_section
+    from easyphoto.export.triton_bench import FIRST_PASS_KINDS, ROLE, triton_section
     from easyphoto.export.triton_repository import write_repository
     from easyphoto.export.triton_server import find_install
 
-    roles = {ROLE: describe_roles(resolve_family(models))[ROLE]}
+    family = resolve_family(models)
+    stage = describe_stage(family, FIRST_PASS_KINDS)
+    wanted = {ROLE, *(f"controlnet_{kind}" for kind in FIRST_PASS_KINDS)}
+    roles = {name: role for name, role in describe_roles(family).items() if name in wanted}
+    roles[stage.name] = stage
     export_dir, repository = Path("build/bench-export"), Path("build/bench-triton-repo")
     export_all(roles, export_dir)
     write_repository(export_dir, roles, repository)
@@ -193,10 +197,14 @@ def _faces(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from easyphoto.engines.faces.models import default_face_models
     from easyphoto.engines.loading import resolve_family
-    from easyphoto.engines.roles import describe_roles
+    from easyphoto.engines.roles import REFERENCE_STAGES, describe_roles, describe_stage
     from easyphoto.export.onnx_export import export_all
 
-    roles = describe_roles(resolve_family(args.models))
+    family = resolve_family(args.models)
+    roles = describe_roles(family)
+    if args.fused:
+        stages = [describe_stage(family, kinds) for kinds in REFERENCE_STAGES]
+        roles.update({stage.name: stage for stage in stages})
     if not args.no_faces:
         roles.update(default_face_models().roles)
     if args.roles:
@@ -300,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--roles", default="", help="comma-separated role names (default: all)")
     export.add_argument("--no-faces", action="store_true", help="leave out the face roles")
     export.add_argument("--force", action="store_true", help="re-export even when nothing changed")
+    export.add_argument("--fused", action="store_true", help="also one graph per reference pass step")
     export.add_argument("--tensorrt", action="store_true", help="build the TensorRT engines (GPU host only)")
     export.add_argument("--triton", default="", metavar="DIR", help="write a Triton model repository there")
     export.add_argument(

@@ -18,7 +18,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTokenizer
 
 from .lora import LoraWeights
-from .roles import RoleDescription
+from .roles import RoleDescription, stage_role_name
 from .shapes import Dim
 
 Tensors = dict[str, torch.Tensor]
@@ -191,8 +191,18 @@ class Engines:
         encoder_hidden_states: torch.Tensor,
         controls: Sequence[ControlInput],
     ) -> torch.Tensor:
-        """One model evaluation: every ControlNet, residuals summed in order, then the UNet."""
+        """One model evaluation: every ControlNet, residuals summed in order, then the UNet; one call
+        of the fused stage role when the backend serves one for exactly these ControlNets."""
         timesteps = timestep.reshape(-1).expand(sample.shape[0]).to(sample.dtype)
+        stage = stage_role_name(tuple(c.kind for c in controls)) if controls else ""
+        if stage in self.roles:
+            inputs = {"sample": sample, "timestep": timesteps, "encoder_hidden_states": encoder_hidden_states}
+            for control in controls:
+                inputs[f"{control.kind}_cond"] = control.image
+                inputs[f"{control.kind}_scale"] = torch.tensor(
+                    [control.scale], dtype=sample.dtype, device=sample.device
+                )
+            return self.backend.infer(stage, inputs)["noise_pred"]
         residuals: list[torch.Tensor] | None = None
         for control in controls:
             outputs = self.controlnet(control, sample, timesteps, encoder_hidden_states)

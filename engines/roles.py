@@ -246,6 +246,44 @@ class ControlNetModule(nn.Module):
         return (*(d * conditioning_scale for d in down), mid * conditioning_scale)
 
 
+class StageModule(nn.Module):
+    """One denoising step of a pass in one graph: the pass's ControlNets, residuals summed in order
+    (as diffusers' MultiControlNetModel does), then the UNet. Four engine calls become one."""
+
+    def __init__(self, family: ModelFamily, kinds: tuple[str, ...]) -> None:
+        super().__init__()
+        self.controlnets = nn.ModuleList(ControlNetModule(family, kind) for kind in kinds)
+        self.unet = UNetModule(family)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *controls: torch.Tensor,  # per ControlNet: its image, then its scale
+    ) -> tuple[torch.Tensor]:
+        residuals: list[torch.Tensor] | None = None
+        for index, net in enumerate(self.controlnets):
+            image, scale = controls[2 * index], controls[2 * index + 1]
+            outputs = net(sample, timestep, encoder_hidden_states, image, scale)
+            residuals = (
+                list(outputs)
+                if residuals is None
+                else [a + b for a, b in zip(residuals, outputs, strict=True)]
+            )
+        assert residuals is not None
+        return self.unet(sample, timestep, encoder_hidden_states, *residuals)
+
+
+# The ControlNets of the reference passes, in the order the orchestrator runs them (first pass,
+# second pass, seam pass; tests check these against server.options): the fused stages worth building.
+REFERENCE_STAGES = (("canny", "openpose", "color"), ("canny", "tile"), ("canny", "color"))
+
+
+def stage_role_name(kinds: tuple[str, ...]) -> str:
+    return "stage_" + "_".join(kinds)
+
+
 # ---- descriptions ---------------------------------------------------------------------------
 
 
@@ -362,3 +400,32 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
             sample_ranges={**timestep_range, "controlnet_cond": (0.0, 1.0), "conditioning_scale": (0.5, 1.0)},
         )
     return roles
+
+
+def describe_stage(family: ModelFamily, kinds: tuple[str, ...]) -> RoleDescription:
+    """The fused step of a pass with these ControlNets (in this order): the UNet's step inputs, then
+    ``<kind>_cond`` and ``<kind>_scale`` per ControlNet; ``noise_pred`` out."""
+    roles = describe_roles(family)
+    unet = roles["unet"]
+    if not kinds or any(f"controlnet_{kind}" not in roles for kind in kinds):
+        raise ValueError(
+            f"a stage needs loaded ControlNets; asked for {kinds}, have {sorted(family.controlnets)}"
+        )
+    if any(roles[f"controlnet_{kind}"].inputs[0] != unet.inputs[0] for kind in kinds):
+        raise ValueError("a fused stage needs ControlNets that take the UNet's sample (a 4-channel UNet)")
+    controls = []
+    for kind in kinds:
+        control = roles[f"controlnet_{kind}"]
+        controls += [
+            TensorSpec(f"{kind}_cond", "float32", control.input("controlnet_cond").shape),
+            TensorSpec(f"{kind}_scale", "float32", (1,)),
+        ]
+    ranges = {f"{kind}_cond": (0.0, 1.0) for kind in kinds} | {f"{kind}_scale": (0.5, 1.0) for kind in kinds}
+    return RoleDescription(
+        name=stage_role_name(kinds),
+        inputs=(*unet.inputs[:3], *controls),
+        outputs=unet.outputs,
+        axes=unet.axes,
+        build_module=lambda: StageModule(family, kinds),
+        sample_ranges={**unet.sample_ranges, **ranges},
+    )

@@ -81,6 +81,10 @@ class TorchBackend:
         """(name, weight) of the patched LoRA, None for the base weights."""
         return self._lora.active
 
+    def add_role(self, description: RoleDescription) -> None:
+        """Serves one more role of this family (a fused stage, say); its module is built on first use."""
+        self._roles[description.name] = description
+
     def describe(self, role: str) -> RoleDescription:
         description = self._roles.get(role)
         if description is None:

@@ -134,6 +134,13 @@ class TritonBackend:
     def dtype(self) -> torch.dtype:
         return torch.float32
 
+    def has_model(self, name: str) -> bool:
+        """Whether Triton serves a ready model of this name (optional ones, like fused stages)."""
+        try:
+            return bool(self._client.is_model_ready(name, client_timeout=5))
+        except Exception:  # unknown model or unreachable server
+            return False
+
     def ready(self) -> bool:
         """Triton's server readiness and every served model's readiness."""
         try:

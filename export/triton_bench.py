@@ -22,7 +22,7 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
-from easyphoto.engines.roles import RoleDescription
+from easyphoto.engines.roles import RoleDescription, stage_role_name
 
 from .triton_server import TritonInstall, start_server
 
@@ -30,6 +30,7 @@ MARK_BEGIN = "<!-- bench:triton:begin -->"
 MARK_END = "<!-- bench:triton:end -->"
 CONCURRENCY = (1, 2, 4)
 ROLE = "unet"
+FIRST_PASS_KINDS = ("canny", "openpose", "color")  # the fused stage measured against separate calls
 
 
 def perf_analyzer(install: TritonInstall) -> tuple[Path, dict[str, str]]:
@@ -107,17 +108,49 @@ def client_overhead(
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     feed = {name: tensor.numpy() for name, tensor in sample.items()}
 
-    def median_ms(run: Callable[[], object]) -> float:
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - started) * 1000)
-        return statistics.median(times)
+    through_triton = _median_ms(lambda: infer(description.name, sample), repeats)
+    return through_triton, _median_ms(lambda: session.run(None, feed), repeats)
 
-    median_ms(lambda: session.run(None, feed))  # warm both up
-    median_ms(lambda: infer(description.name, sample))
-    return median_ms(lambda: infer(description.name, sample)), median_ms(lambda: session.run(None, feed))
+
+def _median_ms(run: Callable[[], object], repeats: int) -> float:
+    run()  # warm up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def step_times(
+    infer: Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    roles: dict[str, RoleDescription],
+    kinds: tuple[str, ...],
+    repeats: int = 20,
+) -> tuple[float, float]:
+    """Median ms of one denoising step of a pass (batch 2 for CFG, opt size): its ControlNets then the
+    UNet as separate calls (residuals summed here), and the fused stage graph as one call."""
+    step = roles[ROLE].sample_inputs("opt", seed=0)
+    common = {name: step[name] for name in ("sample", "timestep", "encoder_hidden_states")}
+    controls = {kind: roles[f"controlnet_{kind}"].sample_inputs("opt", seed=1) for kind in kinds}
+    residual_names = [spec.name for spec in roles[ROLE].inputs[3:]]
+
+    def separate() -> None:
+        total: list[torch.Tensor] = []
+        for kind in kinds:
+            extra = {k: controls[kind][k] for k in ("controlnet_cond", "conditioning_scale")}
+            out = list(infer(f"controlnet_{kind}", {**common, **extra}).values())
+            total = out if not total else [a + b for a, b in zip(total, out, strict=True)]
+        infer(ROLE, {**common, **dict(zip(residual_names, total, strict=True))})
+
+    def fused() -> None:
+        inputs = dict(common)
+        for kind in kinds:
+            inputs[f"{kind}_cond"] = controls[kind]["controlnet_cond"]
+            inputs[f"{kind}_scale"] = controls[kind]["conditioning_scale"]
+        infer(stage_role_name(kinds), inputs)
+
+    return _median_ms(separate, repeats), _median_ms(fused, repeats)
 
 
 def triton_section(
@@ -139,6 +172,12 @@ def triton_section(
             with_shm, _ = client_overhead(shared.infer, export_dir / ROLE / "model.onnx", description)
         finally:
             shared.close()
+        fused_served = stage_role_name(FIRST_PASS_KINDS) in roles
+        steps = (
+            step_times(TritonBackend(server.grpc_url, roles).infer, roles, FIRST_PASS_KINDS)
+            if fused_served
+            else None
+        )
     finally:
         server.stop()
     shape = description.shapes("opt", {"batch": 1})["sample"]
@@ -162,6 +201,15 @@ def triton_section(
         f" in process: {local:.2f} ms; Triton adds **{ours - local:.2f} ms** per call (target ≤ 1 ms).",
         f"With every input in system shared memory, unchanged between calls (the best case: prompt embeddings"
         f" and control images are constant within a pass): **{with_shm:.2f} ms** per call.",
+        *(
+            [
+                f"One first-pass step ({' + '.join(FIRST_PASS_KINDS)} ControlNets, then the UNet; batch 2):"
+                f" four calls **{steps[0]:.2f} ms**, the fused stage graph in one call **{steps[1]:.2f} ms**"
+                f" ({steps[0] / steps[1]:.2f}x)."
+            ]
+            if steps
+            else []
+        ),
         "On this CPU build the overhead is the python backend's: each request crosses into a stub process"
         " through shared memory and back, and the ONNX graph runs there; a GPU host serves the TensorRT"
         " engines natively (`deploy/README.md`), which this machine cannot measure.",

@@ -22,7 +22,7 @@ from easyphoto.engines.family import ModelFamily
 from easyphoto.engines.interface import Backend, Engines
 from easyphoto.engines.loading import resolve_family
 from easyphoto.engines.metrics import DEFAULT_HOST, Metrics
-from easyphoto.engines.roles import describe_roles
+from easyphoto.engines.roles import REFERENCE_STAGES, describe_roles, describe_stage
 from easyphoto.engines.rpc import GrpcApp, Service, abort
 from easyphoto.engines.torch_backend import TorchBackend
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
@@ -93,6 +93,9 @@ class EngineHolder:
                 **describe_roles(family),
                 **{k: v for k, v in face_models.roles.items() if k != "face_embedder"},
             }
+            probe = TritonBackend(self.config.triton_url, {})
+            stages = [describe_stage(family, kinds) for kinds in REFERENCE_STAGES if family.controlnets]
+            served.update({stage.name: stage for stage in stages if probe.has_model(stage.name)})
             backend = TritonBackend(
                 self.config.triton_url, served, fallback=local, shared_memory=self.config.triton_shared_memory
             )

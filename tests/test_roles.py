@@ -93,3 +93,37 @@ def test_manifest_is_json_ready(tiny: ModelFamily) -> None:
     text = json.dumps(manifest)
     assert '"conditioning_scale"' in text
     assert manifest["inputs"][0]["shape"] == ["batch", 4, "latent_height", "latent_width"]  # type: ignore[index]
+
+
+def test_fused_stages_equal_the_separate_calls_and_match_the_orchestrator_passes(tiny: ModelFamily) -> None:
+    from easyphoto.engines.interface import ControlInput, Engines
+    from easyphoto.engines.roles import REFERENCE_STAGES, describe_stage, stage_role_name
+    from easyphoto.engines.torch_backend import TorchBackend
+    from easyphoto.server.options import FIRST_PASS, SEAM_PASS, SECOND_PASS
+
+    passes = tuple(tuple(p.control_weights()) for p in (FIRST_PASS, SECOND_PASS, SEAM_PASS))
+    assert passes == REFERENCE_STAGES  # the stages worth fusing are the orchestrator's passes
+    separate = Engines(TorchBackend(tiny, "cpu"), tiny.tokenizer, 1.0)
+    fused_backend = TorchBackend(tiny, "cpu")
+    for kinds in REFERENCE_STAGES:
+        fused_backend.add_role(describe_stage(tiny, kinds))
+    fused = Engines(fused_backend, tiny.tokenizer, 1.0)
+    called: list[str] = []
+    infer = fused_backend.infer
+    fused_backend.infer = lambda role, inputs: called.append(role) or infer(role, inputs)  # type: ignore[method-assign]
+    unet = describe_roles(tiny)["unet"]
+    sample = unet.sample_inputs("opt", seed=5)
+    generator = torch.Generator().manual_seed(6)
+    height, width = (8 * side for side in sample["sample"].shape[2:])
+    for kinds in REFERENCE_STAGES:
+        controls = [
+            ControlInput(kind, torch.rand(2, 3, height, width, generator=generator), 0.5 + 0.1 * i)
+            for i, kind in enumerate(kinds)
+        ]
+        args = (sample["sample"], sample["timestep"], sample["encoder_hidden_states"], controls)
+        assert stage_role_name(kinds) in fused.roles and stage_role_name(kinds) not in separate.roles
+        called.clear()
+        assert torch.allclose(fused.predict_noise(*args), separate.predict_noise(*args), atol=1e-5)
+        assert called == [stage_role_name(kinds)]  # one call per step
+    with pytest.raises(ValueError):
+        describe_stage(tiny, ("canny", "depth"))

@@ -21,7 +21,7 @@ from easyphoto.engines.faces.models import FaceModels, default_face_models
 from easyphoto.engines.family import ModelFamily
 from easyphoto.engines.imaging import encode_png, grow_box, int_box
 from easyphoto.engines.interface import Engines
-from easyphoto.engines.roles import describe_roles
+from easyphoto.engines.roles import REFERENCE_STAGES, RoleDescription, describe_roles, describe_stage
 from easyphoto.engines.samples import sample_photo
 from easyphoto.engines.torch_backend import TorchBackend
 from easyphoto.engines.triton_backend import TritonBackend
@@ -58,7 +58,7 @@ def server(
     except TritonUnavailable as why:
         pytest.skip(f"the CPU tritonserver is not installed: {why}")
     root = tmp_path_factory.mktemp("triton")
-    roles = {**describe_roles(tiny), **face_models.roles}
+    roles = {**describe_roles(tiny), **face_models.roles, **_stages(tiny)}
     export_all(roles, root / "export")
     write_repository(root / "export", roles, root / "repository")
     http, grpc, metrics = _free_ports(3)
@@ -70,9 +70,15 @@ def server(
         server.stop()
 
 
+def _stages(tiny: ModelFamily) -> dict[str, RoleDescription]:
+    """The fused steps of the first and second pass (what a whole Generate at the defaults calls)."""
+    return {stage.name: stage for stage in (describe_stage(tiny, kinds) for kinds in REFERENCE_STAGES[:2])}
+
+
 @pytest.fixture(scope="module")
 def triton_backend(server: TritonServer, tiny: ModelFamily, face_models: FaceModels) -> TritonBackend:
     served = {**describe_roles(tiny), **{k: v for k, v in face_models.roles.items() if k != "face_embedder"}}
+    served.update(_stages(tiny))
     return TritonBackend(server.grpc_url, served, fallback=TorchBackend(None, "cpu", faces=face_models))
 
 
@@ -80,6 +86,8 @@ def test_every_role_through_triton_equals_the_torch_backend(
     triton_backend: TritonBackend, tiny: ModelFamily, face_models: FaceModels
 ) -> None:
     local = TorchBackend(tiny, "cpu", faces=face_models)
+    for stage in _stages(tiny).values():
+        local.add_role(stage)
     assert triton_backend.ready()
     for name, description in triton_backend.roles.items():
         for point in ("min", "opt"):
@@ -106,7 +114,16 @@ def _publish_user(root: Path, faces: FaceAnalyzer, user_id: str = "amy") -> None
     (root / "users" / user_id / "CURRENT").write_text("1")
 
 
+def _inference_count(server: TritonServer, model: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports['metrics']}/metrics", timeout=5) as reply:
+        for line in reply.read().decode().splitlines():
+            if line.startswith(f'nv_inference_count{{model="{model}",'):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_a_whole_generate_through_triton_equals_torch(
+    server: TritonServer,
     triton_backend: TritonBackend,
     tiny: ModelFamily,
     face_models: FaceModels,
@@ -121,6 +138,8 @@ def test_a_whole_generate_through_triton_equals_torch(
         second_pass=replace(options.second_pass, steps=6),
     )
     images = []
+    fused = describe_stage(tiny, REFERENCE_STAGES[0]).name
+    before = _inference_count(server, fused)
     for backend in (triton_backend, TorchBackend(tiny, "cpu", faces=face_models)):
         engines = Engines(backend, tiny.tokenizer, float(tiny.vae.config.scaling_factor))
         analyzer = face_models.analyzer(backend)
@@ -128,6 +147,7 @@ def test_a_whole_generate_through_triton_equals_torch(
             engines, tiny.scheduler_config, face_models, analyzer, UserStore(tmp_path)
         )
         images.append(orchestrator.generate(sample_photo("astronaut"), ["amy"], options, seed=11).image)
+    assert _inference_count(server, fused) > before  # Triton ran the first pass as one fused call per step
     difference = np.abs(images[0].astype(int) - images[1].astype(int))
     assert difference.max() <= 2 and difference.mean() < 0.05, (difference.max(), difference.mean())
 
