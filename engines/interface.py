@@ -38,6 +38,10 @@ class Backend(Protocol):
 
     def infer(self, role: str, inputs: Tensors) -> Tensors: ...
 
+    def infer_many(self, calls: list[tuple[str, Tensors]]) -> list[Tensors]:
+        """Several independent calls; a remote backend runs them concurrently."""
+        ...
+
     def ready(self) -> bool: ...
 
     def set_lora(self, lora: LoraWeights | None, weight: float) -> None: ...
@@ -141,27 +145,27 @@ class Engines:
 
     # ---- denoising ----
 
-    def controlnet(
+    def controlnets(
         self,
-        control: ControlInput,
+        controls: Sequence[ControlInput],
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-    ) -> list[torch.Tensor]:
-        role = f"controlnet_{control.kind}"
-        if role not in self.roles:
-            raise KeyError(f"no ControlNet {control.kind!r} loaded; have {self.controlnet_kinds}")
-        outputs = self.backend.infer(
-            role,
-            {
-                "sample": sample,
-                "timestep": timestep,
-                "encoder_hidden_states": encoder_hidden_states,
-                "controlnet_cond": control.image,
-                "conditioning_scale": torch.tensor([control.scale], dtype=sample.dtype, device=sample.device),
-            },
-        )
-        return [outputs[spec.name] for spec in self.roles[role].outputs]
+    ) -> list[list[torch.Tensor]]:
+        """Every ControlNet's residuals (in declared order), the calls sent together."""
+        calls = []
+        for control in controls:
+            role = f"controlnet_{control.kind}"
+            if role not in self.roles:
+                raise KeyError(f"no ControlNet {control.kind!r} loaded; have {self.controlnet_kinds}")
+            scale = torch.tensor([control.scale], dtype=sample.dtype, device=sample.device)
+            inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+            calls.append((role, {**inputs, "controlnet_cond": control.image, "conditioning_scale": scale}))
+        results = self.backend.infer_many(calls)
+        return [
+            [out[spec.name] for spec in self.roles[role].outputs]
+            for (role, _), out in zip(calls, results, strict=True)
+        ]
 
     def zero_residuals(self, sample: torch.Tensor) -> list[torch.Tensor]:
         _, _, height, width = sample.shape
@@ -204,8 +208,7 @@ class Engines:
                 )
             return self.backend.infer(stage, inputs)["noise_pred"]
         residuals: list[torch.Tensor] | None = None
-        for control in controls:
-            outputs = self.controlnet(control, sample, timesteps, encoder_hidden_states)
+        for outputs in self.controlnets(controls, sample, timesteps, encoder_hidden_states):
             residuals = (
                 outputs if residuals is None else [a + b for a, b in zip(residuals, outputs, strict=True)]
             )

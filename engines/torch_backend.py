@@ -100,6 +100,9 @@ class TorchBackend:
                 self._runners[role] = module
             return self._runners[role]
 
+    def infer_many(self, calls: list[tuple[str, Tensors]]) -> list[Tensors]:
+        return [self.infer(role, inputs) for role, inputs in calls]
+
     def infer(self, role: str, inputs: Tensors) -> Tensors:
         description = self.describe(role)
         description.bind({name: tuple(t.shape) for name, t in inputs.items()})

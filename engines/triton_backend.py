@@ -1,5 +1,9 @@
 """The triton backend: roles served by a Triton Inference Server, called over gRPC (KServe v2).
 
+Inference goes through tritonclient's asyncio client on a private event loop, so
+:meth:`TritonBackend.infer_many` sends several calls at once (a step's ControlNets when no fused
+stage is served); control-plane calls (readiness, shared memory registration) use the sync client.
+
 Inputs are built from the role descriptions (names, dtypes, shapes checked against the profile
 before anything is sent), outputs come back as CPU tensors. Roles the repository does not serve
 (dlib's embedder) go to a local ``fallback`` backend. Readiness mirrors Triton's server and model
@@ -10,9 +14,12 @@ until then a LoRA on this backend is refused with UNIMPLEMENTED rather than sile
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -41,6 +48,7 @@ NUMPY_DTYPES = {
     "bool": np.bool_,
 }
 DEFAULT_TIMEOUT_SECONDS = 60.0
+T = TypeVar("T")
 # Inputs at least this large travel through system shared memory when it is on (co-located server).
 SHARED_MEMORY_MIN_BYTES = 16 * 1024
 
@@ -108,6 +116,9 @@ class TritonBackend:
 
         self._client = grpcclient.InferenceServerClient(url=url)
         self._grpc = grpcclient
+        self._loop = asyncio.new_event_loop()
+        threading.Thread(target=self._loop.run_forever, name="triton-client", daemon=True).start()
+        self._aio = self._await(self._connect(url))
         # System shared memory needs Triton on this host; one call at a time owns the regions.
         self.shared = (
             SharedInputs(self._client, f"easyphoto-{os.getpid()}-{id(self):x}") if shared_memory else None
@@ -159,24 +170,51 @@ class TritonBackend:
         return {}
 
     def infer(self, role: str, inputs: Tensors) -> Tensors:
-        if role not in self._served:
+        return self.infer_many([(role, inputs)])[0]
+
+    def infer_many(self, calls: list[tuple[str, Tensors]]) -> list[Tensors]:
+        """Several calls at once (concurrently on the server); results in the order of ``calls``."""
+        local = [i for i, (role, _) in enumerate(calls) if role not in self._served]
+        for index in local:
+            role = calls[index][0]
             if self.fallback is None or role not in self.fallback.roles:
                 raise EngineInputError(role, "role", f"unknown; this backend serves {sorted(self._roles)}")
-            return self.fallback.infer(role, inputs)
+        results: dict[int, Tensors] = {i: self.fallback.infer(*calls[i]) for i in local}  # type: ignore[union-attr]
+        remote = [i for i in range(len(calls)) if i not in results]
+        with self._lock:
+            requests = [self._request(*calls[i]) for i in remote]
+            answers = self._await(self._call_all(requests))
+        results.update(zip(remote, answers, strict=True))
+        return [results[i] for i in range(len(calls))]
+
+    async def _connect(self, url: str) -> object:
+        import tritonclient.grpc.aio as aioclient
+
+        return aioclient.InferenceServerClient(url=url)
+
+    def _await(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def _request(self, role: str, inputs: Tensors) -> tuple[str, list[object], list[object]]:
         description = self._roles[role]
         description.bind({name: tuple(t.shape) for name, t in inputs.items()})
-        with self._lock:
-            request = [
-                self._input(role, description, spec.name, spec.dtype, inputs[spec.name])
-                for spec in description.inputs
-            ]
-            outputs = [self._grpc.InferRequestedOutput(spec.name) for spec in description.outputs]
-            try:
-                result = self._client.infer(role, request, outputs=outputs, client_timeout=self.timeout)
-            except Exception as exc:
-                raise _engine_error(role, exc) from exc
+        request = [
+            self._input(role, description, spec.name, spec.dtype, inputs[spec.name])
+            for spec in description.inputs
+        ]
+        return role, request, [self._grpc.InferRequestedOutput(spec.name) for spec in description.outputs]
+
+    async def _call_all(self, requests: list[tuple[str, list[object], list[object]]]) -> list[Tensors]:
+        return list(await asyncio.gather(*(self._call(*request) for request in requests)))
+
+    async def _call(self, role: str, request: list[object], outputs: list[object]) -> Tensors:
+        try:
+            result = await self._aio.infer(role, request, outputs=outputs, client_timeout=self.timeout)  # type: ignore[attr-defined]
+        except Exception as exc:
+            raise _engine_error(role, exc) from exc
         return {
-            spec.name: torch.from_numpy(result.as_numpy(spec.name).copy()) for spec in description.outputs
+            spec.name: torch.from_numpy(result.as_numpy(spec.name).copy())
+            for spec in self._roles[role].outputs
         }
 
     def _input(
@@ -195,9 +233,12 @@ class TritonBackend:
         return tensor
 
     def close(self) -> None:
-        """Unregisters and frees the shared memory regions."""
+        """Unregisters and frees the shared memory regions and closes the connections."""
         if self.shared is not None:
             self.shared.close()
+        self._await(self._aio.close())  # type: ignore[attr-defined]
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._client.close()
 
 
 def _engine_error(role: str, exc: Exception) -> EasyPhotoError:
