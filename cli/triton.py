@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ def _triton(args: argparse.Namespace) -> int:
     except TritonUnavailable as why:
         print(f"error: {why}")
         return 2
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the server too when we are terminated
     ports = {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port}
     server = start_server(Path(args.repository), install, ports)
     try:
@@ -26,6 +28,10 @@ def _triton(args: argparse.Namespace) -> int:
     finally:
         server.stop()
     return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def register(commands: Any) -> None:
