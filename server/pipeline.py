@@ -13,6 +13,7 @@ goes through the engines.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -135,6 +136,7 @@ class Orchestrator:
         self.analyzer = analyzer
         self.users = users
         self._references: OrderedDict[tuple[str, int | None], _Reference] = OrderedDict()
+        self._references_lock = threading.Lock()  # RefreshUser runs beside Generate
 
     # ---- the request ----
 
@@ -205,15 +207,16 @@ class Orchestrator:
         """The user's published version with its faces, embedding and LoRA loaded; cached per
         version (published versions never change, so a new version is a new cache entry)."""
         check_user_id(user_id, field_name)
-        key = (user_id, self.users.current_version(user_id))
-        if key in self._references:
-            self._references.move_to_end(key)
-            return self._references[key]
-        reference = self._load_reference(user_id, field_name)
-        self._references[(user_id, reference.artifacts.version)] = reference
-        while len(self._references) > USER_CACHE:
-            self._references.popitem(last=False)
-        return reference
+        with self._references_lock:
+            key = (user_id, self.users.current_version(user_id))
+            if key in self._references:
+                self._references.move_to_end(key)
+                return self._references[key]
+            reference = self._load_reference(user_id, field_name)
+            self._references[(user_id, reference.artifacts.version)] = reference
+            while len(self._references) > USER_CACHE:
+                self._references.popitem(last=False)
+            return reference
 
     def _load_reference(self, user_id: str, field_name: str) -> _Reference:
         artifacts = self.users.load(user_id, field_name)
@@ -303,8 +306,10 @@ class Orchestrator:
                 parts,
                 options.fusion_after_ratio,
             )
+        repainted = mask
         if options.second_pass.enabled:
             ring = ring_mask(parts, crop_face.width)
+            repainted = union([mask, ring])  # the ring reaches past the first mask's edge
             ctx.keep("second_mask", ring)
             painted = self._diffuse(
                 "second_diffusion", painted, ring, options.second_pass, options, generator, ctx, keep_pose
@@ -314,8 +319,8 @@ class Orchestrator:
             without_lips = cv2.subtract(face_mask, parts["lips"])
             painted = transfer_color(painted, crop, without_lips)
         back = self._native_size(painted, x1 - x0, y1 - y0, options.super_resolution_ratio)
-        # Only the repainted face changes: blend through the feathered mask, then into the template.
-        region = resize(cv2.dilate(mask, np.ones((3, 3), np.uint8)), x1 - x0, y1 - y0)
+        # Only what a pass repainted changes: blend through its feathered mask, then into the template.
+        region = resize(cv2.dilate(repainted, np.ones((3, 3), np.uint8)), x1 - x0, y1 - y0)
         where = _Painted(index, face, (x0, y0, x1, y1), region)
         return _blend_into(image, back, region, where.box, max(1, round(face.width / 20))), where
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -208,3 +209,22 @@ def test_one_person_gets_no_seam_pass(orchestrator: Orchestrator) -> None:
         sample_photo("astronaut"), ["alice"], GenerateOptions(first_pass=FAST, second_pass=FAST), seed=4
     )
     assert len(engines.calls) == 4
+
+
+def test_the_whole_second_pass_ring_reaches_the_template(orchestrator: Orchestrator) -> None:
+    """The ring reaches past the first pass's mask; what the second pass paints there is kept."""
+    only_second = GenerateOptions(
+        first_pass=replace(FAST, enabled=False), second_pass=FAST, fusion_before=False,
+        fusion_after=False, color_shift=False, return_intermediates=True,
+    )  # fmt: skip
+    template = sample_photo("astronaut")
+    result = orchestrator.generate(template, ["alice"], only_second, seed=7)
+    kept = dict(result.intermediates)
+    x0, y0, x1, y1 = int_box(grow_box(result.faces[0].face.box, 3.0, 512, 512))
+    size = (x1 - x0, y1 - y0)
+    ring = cv2.resize(kept["face0_second_mask"], size, interpolation=cv2.INTER_NEAREST) > 127
+    first = cv2.resize(kept["face0_inpaint_mask"], size, interpolation=cv2.INTER_NEAREST)
+    beyond = ring & (cv2.dilate(first, np.ones((5, 5), np.uint8)) <= 127)
+    changed = np.any(result.image[y0:y1, x0:x1] != template[y0:y1, x0:x1], axis=-1)
+    assert beyond.sum() > 100
+    assert changed[beyond].mean() > 0.3
