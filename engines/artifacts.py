@@ -5,11 +5,14 @@ Layout under the data root: ``users/<user_id>/v<N>/`` holding ``lora.safetensors
 ``embeddings.npy``, ``report.json`` and ``meta.json`` (with the face geometry of both images);
 ``users/<user_id>/CURRENT`` names the published version. A version is written under a hidden
 temporary name and renamed into place, and ``CURRENT`` is replaced atomically, so a reader sees a
-whole version or none.
+whole version or none. Version numbers are never reused, even after the user is deleted
+(``version-counters/<user_id>`` keeps the last one), so a cache keyed by (user, version) cannot
+serve a deleted identity.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -44,6 +47,14 @@ class UserArtifacts:
     def lora_path(self) -> Path:
         return self.directory / LORA_FILE
 
+    @property
+    def lora_sha256(self) -> str:
+        """Recorded at publish time; hashed here only for versions published before that."""
+        recorded = self.meta.get("lora_sha256")
+        if recorded:
+            return str(recorded)
+        return sha256_file(self.lora_path) if self.lora_path.is_file() else ""
+
     def face(self, image: str) -> Face | None:
         """The face the trainer recorded for ``face_id`` or ``reference`` (None: detect it)."""
         recorded = self.meta.get("faces", {}).get(image)
@@ -56,8 +67,11 @@ def default_data_root() -> Path:
 
 
 def check_user_id(user_id: str, field_name: str) -> None:
-    if not USER_ID.match(user_id) or user_id in (".", ".."):
-        raise InvalidArgument(f"user id {user_id!r} must match {USER_ID.pattern}", field=field_name)
+    # A leading dot is reserved for the store's own hidden folders.
+    if not USER_ID.match(user_id) or user_id.startswith("."):
+        raise InvalidArgument(
+            f"user id {user_id!r} must match {USER_ID.pattern} and not start with '.'", field=field_name
+        )
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -68,6 +82,14 @@ def write_atomically(path: Path, data: bytes) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, path)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class UserStore:
@@ -90,7 +112,9 @@ class UserStore:
 
     def user_ids(self) -> list[str]:
         users = self.root / "users"
-        return sorted(p.name for p in users.iterdir() if p.is_dir()) if users.is_dir() else []
+        if not users.is_dir():
+            return []
+        return sorted(p.name for p in users.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def load(self, user_id: str, field_name: str = "user_ids") -> UserArtifacts:
         check_user_id(user_id, field_name)
@@ -120,20 +144,41 @@ class UserStore:
         directory = self.user_dir(user_id)
         directory.mkdir(parents=True, exist_ok=True)
         with self._publish_lock:
-            version = max(self.versions(user_id), default=0) + 1
+            version = max(self.versions(user_id), default=self._last_version(user_id)) + 1
             staging = directory / f".staging-v{version}-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
             try:
                 write(staging)
-                (staging / "meta.json").write_text(json.dumps({**meta, "version": version}, indent=2))
+                lora = staging / LORA_FILE
+                recorded = {**meta, "version": version}
+                if lora.is_file():
+                    recorded["lora_sha256"] = sha256_file(lora)
+                (staging / "meta.json").write_text(json.dumps(recorded, indent=2))
                 _fsync_tree(staging)
                 os.rename(staging, directory / f"v{version}")
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
             write_atomically(directory / "CURRENT", str(version).encode())
+            self._counter(user_id).parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(self._counter(user_id), str(version).encode())
         return version
+
+    def _counter(self, user_id: str) -> Path:
+        return self.root / "version-counters" / user_id
+
+    def _last_version(self, user_id: str) -> int:
+        counter = self._counter(user_id)
+        return int(counter.read_text().strip()) if counter.is_file() else 0
+
+    def version_of_job(self, user_id: str, job_id: str) -> int | None:
+        """The version that job ``job_id`` published, if any (a resumed job must not publish twice)."""
+        for version in self.versions(user_id):
+            meta_path = self.user_dir(user_id) / f"v{version}" / "meta.json"
+            if meta_path.is_file() and json.loads(meta_path.read_text()).get("job_id") == job_id:
+                return version
+        return None
 
     def delete(self, user_id: str) -> int:
         """Removes every version of the user; returns how many there were."""
@@ -141,13 +186,16 @@ class UserStore:
         count = len(self.versions(user_id))
         if not self.user_dir(user_id).is_dir():
             raise UnknownUser(f"no user {user_id!r}", field="user_id")
-        shutil.rmtree(self.user_dir(user_id))
+        # Renamed first so that no reader sees a half-deleted user.
+        doomed = self.root / "users" / f".deleting-{user_id}-{os.getpid()}"
+        os.rename(self.user_dir(user_id), doomed)
+        shutil.rmtree(doomed)
         return count
 
     def clean_staging(self) -> list[Path]:
         """Removes half-written versions left by a killed publisher (call at start-up)."""
         users = self.root / "users"
-        leftovers = list(users.glob("*/.staging-*")) if users.is_dir() else []
+        leftovers = [*users.glob("*/.staging-*"), *users.glob(".deleting-*")] if users.is_dir() else []
         for path in leftovers:
             shutil.rmtree(path, ignore_errors=True)
         return leftovers

@@ -85,6 +85,13 @@ class DeadlineExceeded(EasyPhotoError):
     reason = "DEADLINE_EXCEEDED"
 
 
+class Overloaded(EasyPhotoError):
+    """Too many requests are already waiting; the client should back off and retry."""
+
+    code = "RESOURCE_EXHAUSTED"
+    reason = "OVERLOADED"
+
+
 class EngineUnavailable(EasyPhotoError):
     code = "UNAVAILABLE"
     reason = "ENGINE_UNAVAILABLE"

@@ -50,6 +50,10 @@ class Backend(Protocol):
         """The modules a LoRA patches, by target name (their module names resolve kohya keys)."""
         ...
 
+    def close(self) -> None:
+        """Releases connections and shared memory (the server calls it when it stops)."""
+        ...
+
 
 @dataclass(frozen=True)
 class ControlInput:

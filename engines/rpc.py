@@ -9,6 +9,8 @@ What clients need too (the size limit, decoding the details) is in the lighter :
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -72,7 +74,7 @@ class GrpcApp:
         services: Sequence[Service],
         host: str,
         port: int,
-        max_workers: int = 16,
+        max_workers: int = 64,
         metrics: Metrics | None = None,
     ) -> None:
         options = [
@@ -80,8 +82,13 @@ class GrpcApp:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
         interceptors = [GrpcMetrics(metrics.registry)] if metrics else []
+        # Streams (WatchJob, GenerateStream) hold a worker thread each; beyond max_workers calls
+        # are refused with RESOURCE_EXHAUSTED rather than queued behind them with no answer.
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max_workers), options=options, interceptors=interceptors
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            options=options,
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=max_workers,
         )
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -126,3 +133,23 @@ class GrpcApp:
 
     def wait(self) -> None:
         self.server.wait_for_termination()
+
+
+def wait_for_termination() -> str:
+    """Blocks the main thread until SIGTERM or SIGINT (what a container runtime or Ctrl-C sends);
+    returns the signal's name so the caller can stop gracefully and log why."""
+    received: list[str] = []
+    done = threading.Event()
+
+    def handle(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        done.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not done.wait(1.0):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return received[0]

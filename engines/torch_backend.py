@@ -69,6 +69,9 @@ class TorchBackend:
     def ready(self) -> bool:
         return True
 
+    def close(self) -> None:
+        """In process: nothing to release."""
+
     def set_lora(self, lora: LoraWeights | None, weight: float) -> None:
         """Patches the LoRA into the UNet and text encoder (None restores the base weights)."""
         self._lora.apply(lora, weight)

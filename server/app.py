@@ -23,7 +23,7 @@ from easyphoto.engines.interface import Backend, Engines
 from easyphoto.engines.loading import resolve_family
 from easyphoto.engines.metrics import DEFAULT_HOST, Metrics
 from easyphoto.engines.roles import REFERENCE_STAGES, describe_roles, describe_stage
-from easyphoto.engines.rpc import GrpcApp, Service, abort
+from easyphoto.engines.rpc import GrpcApp, Service, abort, wait_for_termination
 from easyphoto.engines.torch_backend import TorchBackend
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
@@ -32,6 +32,8 @@ from .pipeline import Orchestrator
 from .service import GeneratorService
 
 log = logging.getLogger(__name__)
+# How long a stopping orchestrator lets requests in flight finish before cancelling them.
+DRAIN_SECONDS = 30.0
 
 
 @dataclass
@@ -94,8 +96,11 @@ class EngineHolder:
                 **{k: v for k, v in face_models.roles.items() if k != "face_embedder"},
             }
             probe = TritonBackend(self.config.triton_url, {})
-            stages = [describe_stage(family, kinds) for kinds in REFERENCE_STAGES if family.controlnets]
-            served.update({stage.name: stage for stage in stages if probe.has_model(stage.name)})
+            try:
+                stages = [describe_stage(family, kinds) for kinds in REFERENCE_STAGES if family.controlnets]
+                served.update({stage.name: stage for stage in stages if probe.has_model(stage.name)})
+            finally:
+                probe.close()
             backend = TritonBackend(
                 self.config.triton_url, served, fallback=local, shared_memory=self.config.triton_shared_memory
             )
@@ -118,6 +123,11 @@ class EngineHolder:
                 self.loaded.set()
 
         threading.Thread(target=run, name="load-engines", daemon=True).start()
+
+    def close(self) -> None:
+        """Releases the backend's connections (and Triton shared-memory regions)."""
+        if self._orchestrator is not None:
+            self._orchestrator.engines.backend.close()
 
     def get(self) -> Orchestrator:
         if self._orchestrator is None:
@@ -189,7 +199,7 @@ def serve(config: ServerConfig) -> None:
     if app.http:
         log.info("metrics, /healthz and /readyz on http://%s:%d", config.metrics_host, app.http.port)
     holder.load_in_background(lambda: app.set_serving(True))
-    try:
-        app.wait()
-    except KeyboardInterrupt:
-        app.stop()
+    signal_name = wait_for_termination()
+    log.info("%s: draining requests, then stopping", signal_name)
+    app.stop(grace=DRAIN_SECONDS)
+    holder.close()

@@ -10,13 +10,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
 import grpc
 from prometheus_client import CollectorRegistry
 
-from easyphoto.engines.errors import Cancelled, DeadlineExceeded, EasyPhotoError, InvalidArgument
+from easyphoto.engines.errors import Cancelled, DeadlineExceeded, EasyPhotoError, InvalidArgument, Overloaded
 from easyphoto.engines.imaging import decode_image, encode_png
 from easyphoto.engines.rpc import abort
 from easyphoto.v1 import common_pb2, generator_pb2, generator_pb2_grpc
@@ -28,6 +29,39 @@ from .pipeline import Generation, Orchestrator, Progress, planned_steps
 log = logging.getLogger(__name__)
 
 MAX_TEMPLATES = 8
+# Requests waiting for the engines beyond the one running; more are refused with RESOURCE_EXHAUSTED.
+MAX_WAITING = 8
+# How often a waiting request looks at its deadline and whether its client is still there.
+WAIT_POLL_SECONDS = 0.05
+
+
+class _Admission:
+    """The embedded backend runs one request at a time (step batching comes later). Requests wait
+    in line, at most ``max_waiting`` of them, each leaving the line when its deadline passes or
+    its client cancels, so a waiting request never holds a worker thread past its deadline."""
+
+    def __init__(self, max_waiting: int) -> None:
+        self.max_waiting = max_waiting
+        self._running = threading.Lock()
+        self._count = threading.Lock()
+        self.waiting = 0
+
+    @contextmanager
+    def slot(self, should_stop: Callable[[], bool]) -> Iterator[None]:
+        with self._count:
+            if self.waiting >= self.max_waiting:
+                raise Overloaded(f"{self.waiting} requests are already waiting; retry later")
+            self.waiting += 1
+        try:
+            while not self._running.acquire(timeout=WAIT_POLL_SECONDS):
+                should_stop()
+        finally:
+            with self._count:
+                self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._running.release()
 
 
 class GeneratorService(generator_pb2_grpc.GeneratorServicer):
@@ -36,12 +70,12 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         orchestrator: Callable[[], Orchestrator],
         model_family: Callable[[], str],
         metrics: GeneratorMetrics | None = None,
+        max_waiting: int = MAX_WAITING,
     ) -> None:
         self._orchestrator = orchestrator
         self._model_family = model_family
         self._metrics = metrics or GeneratorMetrics(CollectorRegistry())
-        # The embedded torch backend runs one request at a time (step batching comes later).
-        self._lock = threading.Lock()
+        self._admission = _Admission(max_waiting)
 
     def Generate(
         self, request: generator_pb2.GenerateRequest, context: grpc.ServicerContext
@@ -97,7 +131,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         should_stop = _stopper(context)
         response = generator_pb2.GenerateResponse(model_family=self._model_family())
         timings: dict[str, float] = {}
-        with self._lock:
+        with self._admission.slot(should_stop):
             orchestrator = self._orchestrator()
             for index, template in enumerate(templates):
                 for k in range(options.images_per_template):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections.abc import Iterator
 
@@ -12,8 +13,10 @@ import pytest
 from PIL import Image
 
 from easyphoto.engines.imaging import encode_png
-from easyphoto.engines.rpc import error_details
+from easyphoto.engines.rpc import GrpcApp, Service, error_details
 from easyphoto.engines.samples import sample_photo
+from easyphoto.server.pipeline import Generation
+from easyphoto.server.service import GeneratorService
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
 
@@ -111,3 +114,57 @@ def test_deadline_is_honoured_mid_loop(stub: generator_pb2_grpc.GeneratorStub) -
     # The server stopped: the next request is served promptly.
     response = stub.Generate(_request(sample_photo("astronaut"), ["alice"]), timeout=60)
     assert len(response.images) == 1
+
+
+class _BlockingOrchestrator:
+    """Holds the engines until released, as a long generation would."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def generate(self, template, user_ids, options, seed, on_progress, should_stop, field):  # type: ignore[no-untyped-def]
+        self.entered.set()
+        self.release.wait(60)
+        return Generation(template, [], seed, {}, [])
+
+
+def test_waiting_requests_leave_at_their_deadline_and_a_full_line_is_refused() -> None:
+    orchestrator = _BlockingOrchestrator()
+    service = GeneratorService(lambda: orchestrator, lambda: "fake", max_waiting=1)  # type: ignore[arg-type, return-value]
+    app = GrpcApp(
+        [
+            Service(
+                service,
+                generator_pb2_grpc.add_GeneratorServicer_to_server,
+                generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name,
+            )
+        ],
+        host="127.0.0.1",
+        port=0,
+    )
+    app.start()
+    request = _request(sample_photo("astronaut"), [])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = generator_pb2_grpc.GeneratorStub(channel)
+            running = stub.Generate.future(request, timeout=60)
+            assert orchestrator.entered.wait(30)
+            waiting = stub.Generate.future(request, timeout=1.5)
+            deadline = time.monotonic() + 10
+            while service._admission.waiting < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Generate(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert error_details(info.value)["reason"] == "OVERLOADED"
+            assert waiting.exception(timeout=10).code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[union-attr]
+            deadline = time.monotonic() + 5
+            while service._admission.waiting and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert service._admission.waiting == 0  # the server let go of it, not only the client
+            orchestrator.release.set()
+            assert len(running.result(timeout=30).images) == 1
+    finally:
+        orchestrator.release.set()
+        app.stop(0)

@@ -196,6 +196,30 @@ def test_cancel_stops_a_running_job_and_a_queued_one(trainer: TrainerApp, channe
     assert trainer.runner.users.current_version("cat") is None
 
 
+def test_deleting_a_user_removes_its_finished_jobs_and_their_files(
+    trainer: TrainerApp, channel: grpc.Channel
+) -> None:
+    stub = trainer_pb2_grpc.TrainerStub(channel)
+    users = users_pb2_grpc.UsersStub(channel)
+    job = stub.CreateTrainingJob(_request("gus", person_photos()[:1]), timeout=30)
+    stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=job.job_id), timeout=10)
+    _watch(channel, job.job_id)
+    assert users.GetUser(users_pb2.GetUserRequest(user_id="gus"), timeout=10).user_id == "gus"
+    reply = users.DeleteUser(users_pb2.DeleteUserRequest(user_id="gus"), timeout=10)
+    assert reply.deleted_versions == 0
+    listed = users.ListUsers(users_pb2.ListUsersRequest(page_size=500), timeout=10)
+    assert "gus" not in {u.user_id for u in listed.users}
+    assert not trainer.runner.job_dir(job.job_id).exists()
+    for call, request in (
+        (users.GetUser, users_pb2.GetUserRequest(user_id="gus")),
+        (users.DeleteUser, users_pb2.DeleteUserRequest(user_id="gus")),
+        (stub.GetJob, trainer_pb2.GetJobRequest(job_id=job.job_id)),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, timeout=10)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 def test_bad_requests_get_their_codes(channel: grpc.Channel) -> None:
     stub = trainer_pb2_grpc.TrainerStub(channel)
     photo = person_photos()[0]

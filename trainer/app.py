@@ -18,7 +18,7 @@ from easyphoto.engines.faces.models import FaceModels, load_face_models
 from easyphoto.engines.family import ModelFamily
 from easyphoto.engines.loading import resolve_family
 from easyphoto.engines.metrics import DEFAULT_HOST, Metrics
-from easyphoto.engines.rpc import GrpcApp, Service
+from easyphoto.engines.rpc import GrpcApp, Service, wait_for_termination
 from easyphoto.engines.torch_backend import TorchBackend, default_device
 from easyphoto.v1 import (
     generator_pb2,
@@ -96,7 +96,7 @@ def build_trainer(config: TrainerConfig, face_models: FaceModels | None = None) 
             trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name,
         ),
         Service(
-            UsersService(store, users),
+            UsersService(store, users, runner),
             users_pb2_grpc.add_UsersServicer_to_server,
             users_pb2.DESCRIPTOR.services_by_name["Users"].full_name,
         ),
@@ -142,7 +142,6 @@ def serve_trainer(config: TrainerConfig) -> None:
     )
     if trainer.app.http:
         log.info("metrics, /healthz and /readyz on http://%s:%d", config.metrics_host, trainer.app.http.port)
-    try:
-        trainer.app.wait()
-    except KeyboardInterrupt:
-        trainer.stop()
+    signal_name = wait_for_termination()
+    log.info("%s: stopping; a running job pauses and resumes on the next start", signal_name)
+    trainer.stop()

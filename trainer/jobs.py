@@ -54,12 +54,30 @@ CREATE TABLE IF NOT EXISTS jobs (
     photo_count INTEGER NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    revision INTEGER NOT NULL DEFAULT 0
+    revision INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_user ON jobs (user_id, created_at);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs (request_id) WHERE request_id != '';
 """
 JSON_COLUMNS = ("error", "photos", "options", "warnings")
+# Columns added after the first release, created on an older database at open.
+ADDED_COLUMNS = {"attempts": "INTEGER NOT NULL DEFAULT 0"}
+SIGNED_64 = 2**63
+
+
+class UserBusy(EasyPhotoError):
+    code = "FAILED_PRECONDITION"
+    reason = "USER_TRAINING"
+
+
+def _to_sqlite_seed(seed: int) -> int:
+    """Seeds are uint64 in the API; SQLite integers are signed 64-bit (two's complement)."""
+    return seed - 2**64 if seed >= SIGNED_64 else seed
+
+
+def _from_sqlite_seed(value: int) -> int:
+    return value + 2**64 if value < 0 else value
 
 
 @dataclass
@@ -83,6 +101,7 @@ class JobRecord:
     warnings: list[str] = field(default_factory=list)
     published_version: int = 0
     revision: int = 0
+    attempts: int = 0  # how many times a worker started it (a crash-looping job stops after a few)
 
     @property
     def finished(self) -> bool:
@@ -132,6 +151,10 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        existing = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, declaration in ADDED_COLUMNS.items():
+            if name not in existing:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
 
@@ -140,11 +163,19 @@ class JobStore:
             self._db.close()
 
     def create(
-        self, user_id: str, options: TrainingOptions, seed: int, photo_count: int, request_id: str = ""
+        self,
+        user_id: str,
+        options: TrainingOptions,
+        seed: int,
+        photo_count: int,
+        request_id: str = "",
+        job_id: str = "",
     ) -> JobRecord:
+        """A new QUEUED job; or, for a ``request_id`` seen before, that job. Raises UserBusy when
+        the user already has an active job (checked and inserted under one lock)."""
         now = time.time()
         record = JobRecord(
-            job_id=uuid.uuid4().hex,
+            job_id=job_id or new_job_id(),
             user_id=user_id,
             state=QUEUED,
             options=options.to_json(),
@@ -158,8 +189,19 @@ class JobStore:
         values = {f.name: getattr(record, f.name) for f in fields(JobRecord)}
         for name in JSON_COLUMNS:
             values[name] = json.dumps(values[name])
+        values["seed"] = _to_sqlite_seed(seed)
         columns = ", ".join(values)
         with self._changed:
+            if request_id and (seen := self._by_request_id(request_id)) is not None:
+                return seen
+            active = self._db.execute(
+                f"SELECT job_id FROM jobs WHERE user_id = ? AND state IN ({QUEUED}, {RUNNING}) LIMIT 1",
+                (user_id,),
+            ).fetchone()
+            if active is not None:
+                raise UserBusy(
+                    f"user {user_id!r} already has job {active['job_id']} in progress", field="user_id"
+                )
             self._db.execute(
                 f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * len(values))})", list(values.values())
             )
@@ -178,22 +220,54 @@ class JobStore:
 
     def by_request_id(self, request_id: str) -> JobRecord | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
+            return self._by_request_id(request_id)
+
+    def _by_request_id(self, request_id: str) -> JobRecord | None:
+        row = self._db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
         return _record(row) if row is not None else None
 
     def update(self, job_id: str, **values: Any) -> JobRecord:
+        record = self.transition(job_id, (), **values)
+        assert record is not None  # no state condition: the update always applies
+        return record
+
+    def transition(self, job_id: str, from_states: tuple[int, ...], **values: Any) -> JobRecord | None:
+        """Applies ``values`` only while the job is in one of ``from_states`` (any state when
+        empty), atomically: the updated job, or None when it was in another state."""
         values["updated_at"] = time.time()
         for name in JSON_COLUMNS:
             if name in values:
                 values[name] = json.dumps(values[name])
         assignments = ", ".join(f"{name} = ?" for name in values)
+        condition, args = "job_id = ?", list[Any]([job_id])
+        if from_states:
+            condition += f" AND state IN ({', '.join('?' * len(from_states))})"
+            args += list(from_states)
         with self._changed:
-            self._db.execute(
-                f"UPDATE jobs SET {assignments}, revision = revision + 1 WHERE job_id = ?",
-                [*values.values(), job_id],
+            cursor = self._db.execute(
+                f"UPDATE jobs SET {assignments}, revision = revision + 1 WHERE {condition}",
+                [*values.values(), *args],
             )
+            if cursor.rowcount == 0:
+                self._fetch(job_id)  # NotFound for an unknown job
+                return None
             self._changed.notify_all()
             return self._fetch(job_id)
+
+    def delete_user_jobs(self, user_id: str) -> list[str]:
+        """Removes the user's finished jobs; returns their ids."""
+        finished = ", ".join(str(state) for state in FINISHED)
+        with self._changed:
+            rows = self._db.execute(
+                f"SELECT job_id FROM jobs WHERE user_id = ? AND state IN ({finished})", (user_id,)
+            ).fetchall()
+            self._db.execute(f"DELETE FROM jobs WHERE user_id = ? AND state IN ({finished})", (user_id,))
+            self._changed.notify_all()
+        return [row["job_id"] for row in rows]
+
+    def job_ids(self) -> set[str]:
+        with self._lock:
+            return {row["job_id"] for row in self._db.execute("SELECT job_id FROM jobs")}
 
     def list(
         self, user_id: str = "", states: tuple[int, ...] = (), limit: int = 50, offset: int = 0
@@ -221,8 +295,13 @@ class JobStore:
                 self._changed.wait(remaining)
 
 
+def new_job_id() -> str:
+    return uuid.uuid4().hex
+
+
 def _record(row: sqlite3.Row) -> JobRecord:
     values = dict(row)
     for name in JSON_COLUMNS:
         values[name] = json.loads(values[name])
+    values["seed"] = _from_sqlite_seed(values["seed"])
     return JobRecord(**values)

@@ -91,14 +91,18 @@ class LoraTrainer:
             module.requires_grad_(False)
             module.to(self.device)
         patterns = {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS}
-        for target, module in self.targets.items():
+        for salt, (target, module) in enumerate(self.targets.items()):
             config = LoraConfig(
                 r=options.rank,
                 lora_alpha=options.alpha,  # type: ignore[arg-type]  # peft scales by alpha / r; floats work
                 init_lora_weights="gaussian",
                 target_modules=patterns[target],
             )
-            inject_adapter_in_model(config, module, ADAPTER)
+            # peft draws the initial weights from torch's global generator (on the CPU, before
+            # moving them): seeded from the job's seed, and the process's generator left as it was.
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed(step_generator(seed, 0, salt).initial_seed())
+                inject_adapter_in_model(config, module, ADAPTER)
         learning_rates = {
             "unet": options.unet_learning_rate,
             "text_encoder": options.text_encoder_learning_rate,

@@ -34,7 +34,17 @@ from easyphoto.engines.imaging import decode_image, encode_png
 from easyphoto.engines.lora import load_lora, save_lora
 from easyphoto.v1 import trainer_pb2
 
-from .jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobStore, error_record
+from .jobs import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    JobRecord,
+    JobStore,
+    error_record,
+    new_job_id,
+)
 from .lora_training import LoraTrainer, TrainingImages, checkpoint_step, checkpoints
 from .merge import merge_checkpoints
 from .metrics import TrainerMetrics
@@ -46,6 +56,14 @@ log = logging.getLogger(__name__)
 
 Notify = Callable[[str, int], None]
 MAX_ERROR_CHARS = 500
+# A job that was running when the trainer died this many times is failed rather than resumed again.
+MAX_ATTEMPTS = 3
+# What a finished job keeps: validation images and scores. Photos, crops and checkpoints go.
+DISCARDED_WHEN_FINISHED = ("photos", "prepared", "checkpoints")
+
+
+class CrashLoop(EasyPhotoError):
+    reason = "JOB_CRASH_LOOP"
 
 
 @dataclass
@@ -68,6 +86,7 @@ class JobRunner:
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
+        self._stopping = False
 
     def job_dir(self, job_id: str) -> Path:
         return self.config.data / "jobs" / job_id
@@ -78,60 +97,119 @@ class JobRunner:
         """Resumes what a previous process left running, then serves the queue."""
         for leftover in self.users.clean_staging():
             log.warning("removed a half-published version: %s", leftover)
+        self._remove_orphan_folders()
         for job in self.store.list(states=(RUNNING,), limit=10_000):
-            log.warning(
-                "job %s was running when the trainer stopped; resuming at step %d", job.job_id, job.step
-            )
-            self.store.update(
-                job.job_id,
-                state=QUEUED,
-                warnings=[*job.warnings, f"resumed after a trainer restart (was at step {job.step})"],
-            )
+            self._requeue_after_crash(job)
         for job in self.store.list(states=(QUEUED,), limit=10_000):
             self._queue.put(job.job_id)
         self._worker = threading.Thread(target=self._work, name="trainer-jobs", daemon=True)
         self._worker.start()
 
-    def stop(self) -> None:
+    def _requeue_after_crash(self, job: JobRecord) -> None:
+        if job.attempts >= MAX_ATTEMPTS:
+            log.error("job %s stopped the trainer %d times; failing it", job.job_id, job.attempts)
+            error = CrashLoop(f"the trainer stopped {job.attempts} times while running this job")
+            self.store.update(job.job_id, state=FAILED, error=error_record(error), eta_seconds=0.0)
+            self.discard_files(job.job_id)
+            return
+        log.warning("job %s was running when the trainer stopped; resuming at step %d", job.job_id, job.step)
+        self.store.update(
+            job.job_id,
+            state=QUEUED,
+            warnings=[*job.warnings, f"resumed after a trainer restart (was at step {job.step})"],
+        )
+
+    def _remove_orphan_folders(self) -> None:
+        """Job folders whose job row was never written (killed inside ``submit``) or was deleted."""
+        folder = self.config.data / "jobs"
+        if not folder.is_dir():
+            return
+        known = self.store.job_ids()
+        for path in folder.iterdir():
+            if path.name not in known:
+                log.warning("removing job folder %s: no such job", path)
+                shutil.rmtree(path, ignore_errors=True)
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Asks the worker to stop after its current job (which is cancelled at its next step and
+        resumes on the next start); True when it stopped within ``timeout``."""
+        with self._lock:
+            self._stopping = True
         self._queue.put(None)
-        if self._worker is not None:
-            self._worker.join(timeout=30)
+        if self._worker is None:
+            return True
+        self._worker.join(timeout=timeout)
+        return not self._worker.is_alive()
+
+    @property
+    def alive(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
 
     def submit(
         self, user_id: str, photos: list[bytes], options: TrainingOptions, seed: int, request_id: str
     ) -> JobRecord:
-        job = self.store.create(user_id, options, seed, len(photos), request_id)
-        folder = self.job_dir(job.job_id) / "photos"
+        """Writes the photos, then the job row (a crash in between leaves only an orphan folder)."""
+        job_id = new_job_id()
+        folder = self.job_dir(job_id) / "photos"
         folder.mkdir(parents=True)
-        for index, data in enumerate(photos):
-            write_atomically(folder / f"{index:03d}.bin", data)
+        try:
+            for index, data in enumerate(photos):
+                write_atomically(folder / f"{index:03d}.bin", data)
+            job = self.store.create(user_id, options, seed, len(photos), request_id, job_id=job_id)
+        except BaseException:
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            raise
+        if job.job_id != job_id:  # a retried request_id: the earlier job answers
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            return job
         self._queue.put(job.job_id)
         log.info("job %s queued for user %s with %d photos", job.job_id, user_id, len(photos))
         return job
 
     def cancel(self, job_id: str) -> JobRecord:
+        cancelled = self.store.transition(job_id, (QUEUED,), state=CANCELLED, stage="cancelled")
+        if cancelled is not None:
+            self.discard_files(job_id)
+            return cancelled
+        with self._lock:  # RUNNING: the worker sees this at its next step
+            self._cancelled.add(job_id)
         job = self.store.get(job_id)
-        if job.state == QUEUED:
-            return self.store.update(job_id, state=CANCELLED, stage="cancelled")
-        if job.state == RUNNING:
+        if job.finished:
             with self._lock:
-                self._cancelled.add(job_id)
+                self._cancelled.discard(job_id)
         return job
+
+    def delete_user_jobs(self, user_id: str) -> int:
+        """Removes the user's finished jobs and their folders; returns how many."""
+        removed = self.store.delete_user_jobs(user_id)
+        for job_id in removed:
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        return len(removed)
+
+    def discard_files(self, job_id: str) -> None:
+        for name in DISCARDED_WHEN_FINISHED:
+            shutil.rmtree(self.job_dir(job_id) / name, ignore_errors=True)
 
     def _work(self) -> None:
         while (job_id := self._queue.get()) is not None:
-            job = self.store.get(job_id)
-            if job.state == QUEUED:
-                self.run(job)
+            try:
+                job = self.store.get(job_id)
+                if job.state == QUEUED:
+                    self.run(job)
+            except Exception:  # the worker must outlive any one job's failure to record its end
+                log.exception("the trainer worker could not run job %s", job_id)
 
     # ---- one job ----
 
     def run(self, job: JobRecord) -> JobRecord:
-        """Runs (or resumes) ``job`` to its end; the final record."""
+        """Runs (or resumes) ``job`` to its end; the final record. A job no longer QUEUED (cancelled
+        meanwhile) is returned as it is."""
         started = time.time()
-        job = self.store.update(job.job_id, state=RUNNING)
+        running = self.store.transition(job.job_id, (QUEUED,), state=RUNNING, attempts=job.attempts + 1)
+        if running is None:
+            return self.store.get(job.job_id)
         try:
-            final = self._run(job)
+            final = self._run(running)
         finally:
             metrics = self.config.metrics
             metrics.job_seconds.observe(time.time() - started)
@@ -147,13 +225,19 @@ class JobRunner:
         try:
             version = _Job(self, job).run()
         except Cancelled:
+            if self._stopping:  # the trainer is shutting down: the job resumes on the next start
+                log.info("job %s paused at step %d for shutdown", job.job_id, self.store.get(job.job_id).step)
+                return self.store.update(job.job_id, state=QUEUED, stage="queued", eta_seconds=0.0)
             log.info("job %s cancelled at step %d", job.job_id, self.store.get(job.job_id).step)
+            self.discard_files(job.job_id)
             return self.store.update(job.job_id, state=CANCELLED, stage="cancelled", eta_seconds=0.0)
         except EasyPhotoError as error:
             log.warning("job %s failed: %s %s", job.job_id, error.reason, error.message)
+            self.discard_files(job.job_id)
             return self.store.update(job.job_id, state=FAILED, error=error_record(error), eta_seconds=0.0)
         except Exception as exc:
             log.exception("job %s failed", job.job_id)
+            self.discard_files(job.job_id)
             internal = EasyPhotoError(f"{type(exc).__name__}: {str(exc)[:MAX_ERROR_CHARS]}")
             return self.store.update(job.job_id, state=FAILED, error=error_record(internal), eta_seconds=0.0)
         finally:
@@ -164,6 +248,8 @@ class JobRunner:
 
     def should_stop(self, job_id: str) -> bool:
         with self._lock:
+            if self._stopping:
+                raise Cancelled("the trainer is stopping")
             if job_id in self._cancelled:
                 raise Cancelled(f"job {job_id} was cancelled")
         return False
@@ -187,6 +273,11 @@ class _Job:
         return self.runner.should_stop(self.job.job_id)
 
     def run(self) -> int:
+        published = self.runner.users.version_of_job(self.job.user_id, self.job.job_id)
+        if published is not None:  # the trainer stopped between publishing and recording it
+            log.info("job %s already published %s v%d", self.job.job_id, self.job.user_id, published)
+            self.finish(published)
+            return published
         prepared = self.prepare()
         if not prepared.crops:
             raise prepared.no_usable_photos()
@@ -316,11 +407,14 @@ class _Job:
             faces["reference"] = prepared.reference_face.to_json()
         meta = {"job_id": self.job.job_id, "base_model": family.source, "family": family.name, "faces": faces}
         version = self.runner.users.publish(self.job.user_id, write, meta)
+        self.finish(version)
+        return version
+
+    def finish(self, version: int) -> None:
         self.update(published_version=version)
         self.notify(version)
         self.update(state=SUCCEEDED, stage="done", eta_seconds=0.0)
-        shutil.rmtree(folder, ignore_errors=True)  # checkpoints are large; the report keeps their scores
-        return version
+        self.runner.discard_files(self.job.job_id)  # the report keeps the checkpoints' scores
 
     def notify(self, version: int) -> None:
         if self.config.notify is None:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -17,7 +15,7 @@ from easyphoto.engines.imaging import MAX_ENCODED_BYTES
 from easyphoto.engines.rpc import abort
 from easyphoto.v1 import trainer_pb2, trainer_pb2_grpc, users_pb2, users_pb2_grpc
 
-from .jobs import ACTIVE, FAILED, JobRecord, JobStore, timestamp
+from .jobs import ACTIVE, FAILED, JobRecord, JobStore, UserBusy, timestamp
 from .options import MAX_PHOTOS, resolve_training_options
 from .runner import JobRunner
 
@@ -28,11 +26,6 @@ MAX_PAGE = 500
 WATCH_POLL_SECONDS = 1.0
 
 Message = TypeVar("Message")
-
-
-class UserBusy(EasyPhotoError):
-    code = "FAILED_PRECONDITION"
-    reason = "USER_TRAINING"
 
 
 def _page(size: int, token: str) -> tuple[int, int]:
@@ -75,11 +68,6 @@ class TrainerService(trainer_pb2_grpc.TrainerServicer):
                     f"{len(photo)} bytes; the limit is {MAX_ENCODED_BYTES}", field=f"photos[{index}]"
                 )
         options = resolve_training_options(request.options)
-        active = self.store.list(user_id=request.user_id, states=ACTIVE, limit=1)
-        if active:
-            raise UserBusy(
-                f"user {request.user_id!r} already has job {active[0].job_id} in progress", field="user_id"
-            )
         seed = options.seed if options.seed is not None else secrets.randbits(62)
         return self.runner.submit(request.user_id, list(request.photos), options, seed, request.request_id)
 
@@ -118,9 +106,10 @@ class TrainerService(trainer_pb2_grpc.TrainerServicer):
 
 
 class UsersService(users_pb2_grpc.UsersServicer):
-    def __init__(self, store: JobStore, users: UserStore) -> None:
+    def __init__(self, store: JobStore, users: UserStore, runner: JobRunner) -> None:
         self.store = store
         self.users = users
+        self.runner = runner
 
     def GetUser(self, request: users_pb2.GetUserRequest, context: grpc.ServicerContext) -> users_pb2.User:
         return _guard(context, lambda: self._user(request.user_id, request.include_artifacts))
@@ -149,8 +138,12 @@ class UsersService(users_pb2_grpc.UsersServicer):
                 raise UserBusy(
                     f"user {request.user_id!r} is training (job {active[0].job_id})", field="user_id"
                 )
-            deleted = self.users.delete(request.user_id)
-            log.info("deleted user %s (%d versions)", request.user_id, deleted)
+            has_versions = self.users.user_dir(request.user_id).is_dir()
+            jobs = self.runner.delete_user_jobs(request.user_id)
+            if not has_versions and not jobs:
+                raise UnknownUser(f"no user {request.user_id!r}", field="user_id")
+            deleted = self.users.delete(request.user_id) if has_versions else 0
+            log.info("deleted user %s (%d versions, %d jobs)", request.user_id, deleted, jobs)
             return users_pb2.DeleteUserResponse(deleted_versions=deleted)
 
         return _guard(context, run)
@@ -168,8 +161,7 @@ class UsersService(users_pb2_grpc.UsersServicer):
         if version is not None:
             user.state = users_pb2.USER_STATE_READY
             artifacts = self.users.load(user_id, "user_id")
-            if artifacts.lora_path.is_file():
-                user.lora_sha256 = _sha256(artifacts.lora_path)
+            user.lora_sha256 = artifacts.lora_sha256
             user.base_model = str(artifacts.meta.get("base_model", ""))
             user.updated_at.CopyFrom(timestamp(artifacts.directory.stat().st_mtime))
             if include_artifacts:
@@ -182,11 +174,3 @@ class UsersService(users_pb2_grpc.UsersServicer):
         if jobs:
             user.created_at.CopyFrom(timestamp(jobs[0].created_at))
         return user
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

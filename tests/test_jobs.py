@@ -1,0 +1,241 @@
+"""The job store and runner around the training itself: state transitions that cannot race, idempotent
+and per-user-exclusive creation, crash recovery (resume limits, publish-once, orphan folders), a
+graceful stop, and user versions that are never reused."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from easyphoto.engines.artifacts import LORA_FILE, UserStore, check_user_id, sha256_file
+from easyphoto.engines.errors import Cancelled, InvalidArgument
+from easyphoto.engines.faces.detect import FaceAnalyzer
+from easyphoto.engines.faces.models import default_face_models
+from easyphoto.engines.family import ModelFamily
+from easyphoto.engines.imaging import encode_png
+from easyphoto.engines.loading import tiny_family
+from easyphoto.engines.samples import person_photos
+from easyphoto.trainer.jobs import (
+    CANCELLED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SCHEMA,
+    SUCCEEDED,
+    JobRecord,
+    JobStore,
+    UserBusy,
+)
+from easyphoto.trainer.options import TrainingOptions
+from easyphoto.trainer.runner import MAX_ATTEMPTS, JobRunner, RunnerConfig
+
+OPTIONS = TrainingOptions(
+    rank=4, alpha=4.0, resolution=64, gradient_accumulation_steps=1, steps_per_photo=200,
+    max_train_steps=400, validation_interval=1000, validation_steps=2, validation_templates=1,
+)  # fmt: skip
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[JobStore]:
+    jobs = JobStore(tmp_path / "trainer.sqlite3")
+    yield jobs
+    jobs.close()
+
+
+def _runner(store: JobStore, data: Path, faces: FaceAnalyzer) -> JobRunner:
+    config = RunnerConfig(
+        data=data, device="cpu", load_family=tiny_family, face_models=default_face_models(), analyzer=faces
+    )
+    return JobRunner(store, UserStore(data), config)
+
+
+def _wait_for(store: JobStore, job_id: str, done: tuple[int, ...], timeout: float = 120) -> JobRecord:
+    deadline = time.monotonic() + timeout
+    job = store.get(job_id)
+    while job.state not in done and time.monotonic() < deadline:
+        job = store.wait_for_change(job_id, job.revision, 1.0)
+    assert job.state in done, job
+    return job
+
+
+def test_only_one_transition_out_of_a_state_wins(store: JobStore) -> None:
+    job = store.create("ann", OPTIONS, seed=1, photo_count=1)
+    running = store.transition(job.job_id, (QUEUED,), state=RUNNING)
+    assert running is not None and running.state == RUNNING
+    assert store.transition(job.job_id, (QUEUED,), state=CANCELLED) is None
+    assert store.get(job.job_id).state == RUNNING
+
+
+def test_a_cancel_that_loses_to_the_worker_cancels_the_running_job(
+    store: JobStore, tmp_path: Path, faces: FaceAnalyzer
+) -> None:
+    runner = _runner(store, tmp_path, faces)
+    job = store.create("ann", OPTIONS, seed=1, photo_count=1)
+    store.transition(job.job_id, (QUEUED,), state=RUNNING)  # the worker got there first
+    assert runner.cancel(job.job_id).state == RUNNING
+    with pytest.raises(Cancelled):
+        runner.should_stop(job.job_id)
+
+
+def test_a_job_cancelled_before_the_worker_takes_it_never_runs(
+    store: JobStore, tmp_path: Path, faces: FaceAnalyzer
+) -> None:
+    runner = _runner(store, tmp_path, faces)
+    job = store.create("ann", OPTIONS, seed=1, photo_count=1)
+    assert runner.cancel(job.job_id).state == CANCELLED
+    final = runner.run(job)  # the worker's stale copy still says QUEUED
+    assert final.state == CANCELLED and final.attempts == 0
+
+
+def test_creation_is_atomic_per_user_and_per_request_id(store: JobStore) -> None:
+    outcomes: list[str] = []
+
+    def create(user_id: str, request_id: str) -> None:
+        try:
+            outcomes.append(store.create(user_id, OPTIONS, 1, 1, request_id).job_id)
+        except UserBusy:
+            outcomes.append("busy")
+
+    def race(user_id: str, request_ids: list[str]) -> list[str]:
+        outcomes.clear()
+        threads = [threading.Thread(target=create, args=(user_id, r)) for r in request_ids]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return sorted(outcomes)
+
+    different = race("ann", [f"r{i}" for i in range(8)])
+    assert different.count("busy") == 7 and len(store.list(user_id="ann")) == 1
+    retried = race("bob", ["same"] * 8)
+    assert len(set(retried)) == 1 and retried[0] != "busy"
+
+
+def test_every_uint64_seed_round_trips(store: JobStore) -> None:
+    for user, seed in (("a", 0), ("b", 2**63 - 1), ("c", 2**63), ("d", 2**64 - 1)):
+        job = store.create(user, OPTIONS, seed, 1)
+        assert store.get(job.job_id).seed == seed
+
+
+def test_an_old_database_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    first_release = SCHEMA.replace(",\n    attempts INTEGER NOT NULL DEFAULT 0", "")
+    assert first_release != SCHEMA
+    with sqlite3.connect(path) as db:
+        db.executescript(first_release)
+    store = JobStore(path)
+    columns = {row["name"] for row in store._db.execute("PRAGMA table_info(jobs)")}
+    store.close()
+    assert "attempts" in columns
+
+
+def test_a_job_that_keeps_killing_the_trainer_fails_instead_of_resuming(
+    store: JobStore, tmp_path: Path, faces: FaceAnalyzer
+) -> None:
+    job = store.create("ann", OPTIONS, seed=1, photo_count=1)
+    store.update(job.job_id, state=RUNNING, attempts=MAX_ATTEMPTS)
+    runner = _runner(store, tmp_path, faces)
+    runner.start()
+    runner.stop()
+    final = store.get(job.job_id)
+    assert final.state == FAILED and final.error["reason"] == "JOB_CRASH_LOOP"
+
+
+def test_a_job_that_published_before_the_trainer_died_does_not_publish_again(
+    store: JobStore, tmp_path: Path, faces: FaceAnalyzer
+) -> None:
+    users = UserStore(tmp_path)
+    job = store.create("ann", OPTIONS, seed=1, photo_count=1)
+    version = users.publish("ann", lambda folder: None, {"job_id": job.job_id})
+    store.update(job.job_id, state=RUNNING, attempts=1)  # killed before it recorded the version
+    runner = _runner(store, tmp_path, faces)
+    runner.start()
+    try:
+        final = _wait_for(store, job.job_id, (SUCCEEDED, FAILED))
+    finally:
+        runner.stop()
+    assert final.state == SUCCEEDED and final.published_version == version
+    assert users.versions("ann") == [version]
+
+
+def test_folders_of_jobs_that_were_never_recorded_are_removed_at_start(
+    store: JobStore, tmp_path: Path, faces: FaceAnalyzer
+) -> None:
+    orphan = tmp_path / "jobs" / "killed-inside-submit" / "photos"
+    orphan.mkdir(parents=True)
+    runner = _runner(store, tmp_path, faces)
+    runner.start()
+    runner.stop()
+    assert not orphan.parent.exists()
+
+
+def test_stopping_pauses_the_running_job_and_the_next_start_resumes_it(
+    store: JobStore, tmp_path: Path, faces: FaceAnalyzer
+) -> None:
+    runner = _runner(store, tmp_path, faces)
+    runner.start()
+    job = runner.submit("ann", [encode_png(p) for p in person_photos()[:2]], OPTIONS, 3, "")
+    deadline = time.monotonic() + 120
+    while store.get(job.job_id).step < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert runner.stop(timeout=60)
+    paused = store.get(job.job_id)
+    assert paused.state == QUEUED and paused.step >= 2
+    assert (runner.job_dir(job.job_id) / "photos").is_dir()
+
+    again = _runner(store, tmp_path, faces)
+    again.start()
+    try:
+        deadline = time.monotonic() + 120
+        while store.get(job.job_id).step <= paused.step and time.monotonic() < deadline:
+            time.sleep(0.1)
+        again.cancel(job.job_id)
+        final = _wait_for(store, job.job_id, (CANCELLED,))
+    finally:
+        again.stop()
+    assert final.step > paused.step and final.attempts == 2
+    assert not (again.job_dir(job.job_id) / "photos").exists()  # a finished job keeps no photos
+
+
+def test_version_numbers_are_never_reused_after_a_delete(tmp_path: Path) -> None:
+    users = UserStore(tmp_path)
+
+    def write(folder: Path) -> None:
+        (folder / LORA_FILE).write_bytes(b"weights")
+
+    assert users.publish("ann", write, {}) == 1
+    users.delete("ann")
+    assert users.user_ids() == []
+    assert users.publish("ann", write, {}) == 2
+    meta = json.loads((users.user_dir("ann") / "v2" / "meta.json").read_text())
+    assert meta["lora_sha256"] == sha256_file(users.user_dir("ann") / "v2" / LORA_FILE)
+
+
+def test_user_ids_cannot_name_the_stores_hidden_folders() -> None:
+    for bad in (".deleting-ann-1", ".", "..", "a/b", "x" * 65, ""):
+        with pytest.raises(InvalidArgument):
+            check_user_id(bad, "user_id")
+    check_user_id("ann.b-c_1", "user_id")
+
+
+def test_lora_initialisation_follows_the_jobs_seed(tiny: ModelFamily) -> None:
+    import torch
+
+    from easyphoto.trainer.lora_training import LoraTrainer, TrainingImages
+
+    def initial(seed: int, global_seed: int) -> list[np.ndarray]:
+        torch.manual_seed(global_seed)
+        images = TrainingImages(person_photos()[:1], OPTIONS.resolution, False)
+        trainer = LoraTrainer(tiny_family(), images, OPTIONS, seed=seed, device="cpu")
+        return [layer.down.numpy() for layer in trainer.lora("x").layers]
+
+    first, again, other = initial(1, 0), initial(1, 123), initial(2, 0)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
