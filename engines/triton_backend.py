@@ -89,6 +89,17 @@ class SharedInputs:
             self.writes += 1
         return name, array.nbytes
 
+    def register_again(self) -> None:
+        """Registers every region with Triton again: a restarted server has forgotten them, while
+        their memory (ours) still holds the inputs."""
+        for key, (_, size) in self._regions.items():
+            name = f"{self._prefix}-{key}"
+            try:
+                self._client.unregister_system_shared_memory(name)  # type: ignore[attr-defined]
+            except Exception:  # not registered: the usual case after a restart
+                pass
+            self._client.register_system_shared_memory(name, f"/{name}", size)  # type: ignore[attr-defined]
+
     def _drop(self, key: str) -> None:
         handle, _ = self._regions.pop(key)
         self._sources.pop(key, None)
@@ -119,7 +130,8 @@ class TritonBackend:
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="triton-client", daemon=True).start()
         self._aio = self._await(self._connect(url))
-        # System shared memory needs Triton on this host; one call at a time owns the regions.
+        # System shared memory needs Triton on this host; one call at a time owns the regions
+        # (calls without it run concurrently).
         self.shared = (
             SharedInputs(self._client, f"easyphoto-{os.getpid()}-{id(self):x}") if shared_memory else None
         )
@@ -181,11 +193,26 @@ class TritonBackend:
                 raise EngineInputError(role, "role", f"unknown; this backend serves {sorted(self._roles)}")
         results: dict[int, Tensors] = {i: self.fallback.infer(*calls[i]) for i in local}  # type: ignore[union-attr]
         remote = [i for i in range(len(calls)) if i not in results]
-        with self._lock:
-            requests = [self._request(*calls[i]) for i in remote]
-            answers = self._await(self._call_all(requests))
+        if self.shared is None:
+            answers = self._await(self._call_all([self._request(*calls[i]) for i in remote]))
+        else:
+            answers = self._infer_shared([calls[i] for i in remote])
         results.update(zip(remote, answers, strict=True))
         return [results[i] for i in range(len(calls))]
+
+    def _infer_shared(self, calls: list[tuple[str, Tensors]]) -> list[Tensors]:
+        """One call at a time owns the shared regions; a server that lost them (restarted) gets
+        them registered again, once, and the calls are retried."""
+        assert self.shared is not None
+        with self._lock:
+            try:
+                return self._await(self._call_all([self._request(*call) for call in calls]))
+            except EasyPhotoError as error:
+                if "shared memory region" not in error.message:
+                    raise
+                log.warning("triton at %s lost our shared memory regions; registering them again", self.url)
+                self.shared.register_again()
+                return self._await(self._call_all([self._request(*call) for call in calls]))
 
     async def _connect(self, url: str) -> object:
         import tritonclient.grpc.aio as aioclient

@@ -224,6 +224,10 @@ def test_shared_memory_inputs_match_and_constant_inputs_are_written_once(
         sample["encoder_hidden_states"].mul_(2.0)  # changed in place: detected by its version counter
         doubled = shared.infer("unet", sample)["noise_pred"]
         assert torch.equal(doubled, triton_backend.infer("unet", sample)["noise_pred"])
+        shared._client.unregister_system_shared_memory()  # every region, as a restarted server
+        assert torch.equal(shared.infer("unet", sample)["noise_pred"], doubled)
+        again = shared._client.get_system_shared_memory_status(as_json=True)
+        assert len(again.get("regions", {})) == first
     finally:
         shared.close()
     assert not triton_backend._client.get_system_shared_memory_status(as_json=True).get("regions")
