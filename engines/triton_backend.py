@@ -15,6 +15,7 @@ until then a LoRA on this backend is refused with UNIMPLEMENTED rather than sile
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
@@ -94,10 +95,8 @@ class SharedInputs:
         their memory (ours) still holds the inputs."""
         for key, (_, size) in self._regions.items():
             name = f"{self._prefix}-{key}"
-            try:
+            with contextlib.suppress(Exception):  # not registered: the usual case after a restart
                 self._client.unregister_system_shared_memory(name)  # type: ignore[attr-defined]
-            except Exception:  # not registered: the usual case after a restart
-                pass
             self._client.register_system_shared_memory(name, f"/{name}", size)  # type: ignore[attr-defined]
 
     def _drop(self, key: str) -> None:
