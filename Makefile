@@ -12,7 +12,8 @@ BACKEND ?= torch
 MODELS ?= tiny
 EXPORT_DIR ?= build/export
 TRITON_VENV ?= .venv-triton
-TRITON_STAMP := $(TRITON_VENV)/.easyphoto-triton
+# Bump the stamp's suffix when the recipe changes, so existing environments are brought up to date.
+TRITON_STAMP := $(TRITON_VENV)/.easyphoto-triton-2
 TRITON_REPO ?= build/triton-repo
 TRITON_HTTP_PORT ?= 8000
 TRITON_GRPC_PORT ?= 8001
@@ -38,6 +39,8 @@ $(STAMP): pyproject.toml
 $(TRITON_STAMP):
 	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
 	$(TRITON_VENV)/bin/python -m pip install -q nvidia-pytriton==0.7.0 onnxruntime 'numpy<2'
+	# dlib for the face_embedder model (dlib has no graph: a python-backend model over it).
+	$(TRITON_VENV)/bin/python -m pip install -q 'dlib-bin>=19.24'
 	# The real perf_analyzer binary ships in this tritonclient wheel (the client library is unused here).
 	$(TRITON_VENV)/bin/python -m pip install -q --no-deps tritonclient==2.51.0
 	touch $(TRITON_STAMP)

@@ -8,6 +8,9 @@ Two targets share the layout and the tensor declarations:
 * ``cpu``: a python-backend model (``export/triton_python_model.py``) running the role's ONNX graph in
   onnxruntime, for the CPU ``tritonserver`` that has no other backend; used by the tests here.
 
+dlib's face embedder has no graph on either target: it is the same python-backend model over
+dlib (:func:`write_dlib_embedder`), on CPU instances beside the GPU engines.
+
 Roles whose every tensor starts with the ``batch`` axis get Triton's implicit batch dimension
 (``max_batch_size`` from the profile, dims without the batch axis) and dynamic batching, so
 requests from different users at the same step can be merged into one engine call.
@@ -22,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from easyphoto.engines.faces.models import DlibEmbedder
 from easyphoto.engines.roles import RoleDescription
 from easyphoto.engines.shapes import TensorSpec
 
@@ -58,12 +62,16 @@ def _tensor(spec: TensorSpec, batched: bool) -> str:
     )
 
 
-def config_pbtxt(description: RoleDescription, target: Target, settings: ServingSettings) -> str:
-    """The model configuration of one role, in Triton's protobuf text format."""
+def config_pbtxt(
+    description: RoleDescription, target: Target, settings: ServingSettings, python: bool = False
+) -> str:
+    """The model configuration of one role, in Triton's protobuf text format (``python``: a
+    python-backend model on CPU instances whatever the target)."""
     batched = description.batched
     max_batch = description.axes["batch"].max if batched else 0
-    runtime = 'platform: "tensorrt_plan"' if target == "gpu" else 'backend: "python"'
-    kind = "KIND_GPU" if target == "gpu" else "KIND_CPU"
+    engine = target == "gpu" and not python
+    runtime = 'platform: "tensorrt_plan"' if engine else 'backend: "python"'
+    kind = "KIND_GPU" if engine else "KIND_CPU"
     lines = [
         f'name: "{description.name}"',
         runtime,
@@ -84,6 +92,34 @@ def python_model_source() -> str:
     return resources.files("easyphoto.export").joinpath("triton_python_model.py").read_text()
 
 
+def _version_dir(repository: Path, role: str, settings: ServingSettings) -> Path:
+    version_dir = repository / role / str(settings.version)
+    shutil.rmtree(version_dir, ignore_errors=True)
+    version_dir.mkdir(parents=True)
+    return version_dir
+
+
+def write_dlib_embedder(
+    description: RoleDescription,
+    resnet: Path,
+    repository: Path,
+    target: Target = "cpu",
+    settings: ServingSettings | None = None,
+) -> str:
+    """The ``face_embedder`` role as a python-backend model over dlib: the model source, the
+    descriptor module it shares with the in-process embedder, and the ResNet weights."""
+    settings = settings or ServingSettings()
+    version_dir = _version_dir(repository, description.name, settings)
+    (repository / description.name / "config.pbtxt").write_text(
+        config_pbtxt(description, target, settings, python=True)
+    )
+    (version_dir / "model.py").write_text(python_model_source())
+    descriptor = resources.files("easyphoto.engines.faces").joinpath("dlib_descriptor.py")
+    (version_dir / "dlib_descriptor.py").write_text(descriptor.read_text())
+    shutil.copyfile(resnet, version_dir / resnet.name)
+    return description.name
+
+
 def write_repository(
     export_dir: Path,
     roles: dict[str, RoleDescription],
@@ -91,17 +127,15 @@ def write_repository(
     target: Target = "cpu",
     settings: ServingSettings | None = None,
 ) -> list[str]:
-    """Writes one model per role in ``export_dir/plans.json``; returns the model names. The gpu
-    target needs the engines built first (``build_all``); the cpu target serves the ONNX graphs."""
+    """Writes one model per role in ``export_dir/plans.json``, and dlib's embedder when it is among
+    ``roles``; returns the model names. The gpu target needs the engines built first
+    (``build_all``); the cpu target serves the ONNX graphs."""
     settings = settings or ServingSettings()
     written = []
     for plan in read_plans(export_dir):
         description = roles[plan.role]
-        model_dir = repository / plan.role
-        version_dir = model_dir / str(settings.version)
-        shutil.rmtree(version_dir, ignore_errors=True)
-        version_dir.mkdir(parents=True)
-        (model_dir / "config.pbtxt").write_text(config_pbtxt(description, target, settings))
+        version_dir = _version_dir(repository, plan.role, settings)
+        (repository / plan.role / "config.pbtxt").write_text(config_pbtxt(description, target, settings))
         if target == "gpu":
             engine = export_dir / plan.engine
             if not engine.is_file():
@@ -113,5 +147,9 @@ def write_repository(
             shutil.copyfile(export_dir / plan.onnx, version_dir / "model.onnx")
             (version_dir / "model.py").write_text(python_model_source())
         written.append(plan.role)
+    for description in roles.values():
+        module = description.build_module()
+        if description.name not in written and isinstance(module, DlibEmbedder):
+            written.append(write_dlib_embedder(description, module.resnet_path, repository, target, settings))
     log.info("wrote %d %s models into %s", len(written), target, repository)
     return written

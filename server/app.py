@@ -82,9 +82,11 @@ class EngineHolder:
         return self._orchestrator
 
     def _backend(self, family: ModelFamily, face_models: FaceModels) -> Backend:
-        """The embedded torch backend, or Triton serving every exported role (dlib's embedder, which
-        has no graph, runs in process). The family still supplies the descriptions, tokenizer and
-        scheduler config; with Triton its weights are not used for inference."""
+        """The embedded torch backend, or Triton serving every exported role; the fused stages and
+        dlib's embedder are used when the repository has them (else the embedder runs in process,
+        and each step calls its ControlNets and the UNet). The family still supplies the
+        descriptions, tokenizer and scheduler config; with Triton its weights are not used for
+        inference."""
         if self.config.backend == "torch":
             return TorchBackend(family, device=self.config.device, faces=face_models)
         if self.config.backend == "triton":
@@ -95,10 +97,11 @@ class EngineHolder:
                 **describe_roles(family),
                 **{k: v for k, v in face_models.roles.items() if k != "face_embedder"},
             }
+            optional = [describe_stage(family, kinds) for kinds in REFERENCE_STAGES if family.controlnets]
+            optional.append(face_models.roles["face_embedder"])
             probe = TritonBackend(self.config.triton_url, {})
             try:
-                stages = [describe_stage(family, kinds) for kinds in REFERENCE_STAGES if family.controlnets]
-                served.update({stage.name: stage for stage in stages if probe.has_model(stage.name)})
+                served.update({role.name: role for role in optional if probe.has_model(role.name)})
             finally:
                 probe.close()
             backend = TritonBackend(

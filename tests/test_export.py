@@ -104,7 +104,15 @@ def test_triton_repository_configs_come_from_the_descriptions(
     roles = describe_roles(tiny)
     roles.update(default_face_models().roles)
     models = write_repository(out, roles, tmp_path / "cpu")
-    assert set(models) == set(results)
+    assert set(models) == set(results) | {"face_embedder"}  # dlib: a python model, not a graph
+    dlib_model = tmp_path / "cpu" / "face_embedder"
+    assert {p.name for p in (dlib_model / "1").iterdir()} == {
+        "model.py", "dlib_descriptor.py", "dlib_face_recognition_resnet_model_v1.dat",
+    }  # fmt: skip
+    from easyphoto.export.triton_repository import ServingSettings, config_pbtxt
+
+    on_gpu = config_pbtxt(roles["face_embedder"], "gpu", ServingSettings(), python=True)
+    assert 'backend: "python"' in on_gpu and "KIND_CPU" in on_gpu and "max_batch_size: 64" in on_gpu
     unet = (tmp_path / "cpu" / "unet" / "config.pbtxt").read_text()
     assert 'backend: "python"' in unet and "max_batch_size: 16" in unet and "dynamic_batching" in unet
     assert 'name: "sample"\n    data_type: TYPE_FP32\n    dims: [ 4, -1, -1 ]' in unet
@@ -115,8 +123,6 @@ def test_triton_repository_configs_come_from_the_descriptions(
         write_repository(out, roles, tmp_path / "gpu", target="gpu")
     (out / "unet" / "model.plan").write_bytes(b"engine")  # what the GPU host's build leaves
     try:
-        from easyphoto.export.triton_repository import ServingSettings, config_pbtxt
-
         gpu = config_pbtxt(roles["unet"], "gpu", ServingSettings(instances=2))
         assert 'platform: "tensorrt_plan"' in gpu and "count: 2 kind: KIND_GPU" in gpu
     finally:

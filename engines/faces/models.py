@@ -24,6 +24,7 @@ from ..packages import package_dir
 from ..roles import RoleDescription
 from ..shapes import AxisRange, Dim, TensorSpec, sym
 from .detect import SAME_PERSON_THRESHOLD, Aligner, Detector, Face, FaceAnalyzer, MtcnnDetector
+from .dlib_descriptor import RESNET_FILE, describe_chips, load_descriptor
 from .mtcnn import load_mtcnn_nets
 from .parts import (
     BiSeNetParser,
@@ -53,18 +54,17 @@ class DlibEmbedder:
     def __init__(self, models_dir: Path | None = None) -> None:
         import dlib
 
-        directory = models_dir or face_recognition_models_dir()
-        self.net = dlib.face_recognition_model_v1(
-            str(directory / "dlib_face_recognition_resnet_model_v1.dat")
-        )
-        self.predictor = dlib.shape_predictor(str(directory / "shape_predictor_5_face_landmarks.dat"))
+        self.models_dir = models_dir or face_recognition_models_dir()
+        self.net = load_descriptor(str(self.resnet_path))
+        self.predictor = dlib.shape_predictor(str(self.models_dir / "shape_predictor_5_face_landmarks.dat"))
+
+    @property
+    def resnet_path(self) -> Path:
+        return self.models_dir / RESNET_FILE
 
     def __call__(self, faces: torch.Tensor) -> tuple[torch.Tensor]:
-        chips = faces.detach().to("cpu", torch.float32).clamp(0, 255).round().to(torch.uint8)
-        arrays = [np.ascontiguousarray(c.permute(1, 2, 0).numpy()) for c in chips]
-        vectors = np.asarray([np.asarray(v) for v in self.net.compute_face_descriptor(arrays)], np.float32)
-        embeddings = torch.from_numpy(vectors.reshape(len(arrays), -1))
-        return (torch.nn.functional.normalize(embeddings, dim=1),)
+        chips = faces.detach().to("cpu", torch.float32).numpy()
+        return (torch.from_numpy(describe_chips(self.net, chips)),)
 
     def chip(self, image: np.ndarray, face: Face) -> np.ndarray:
         """The 150x150 chip dlib's descriptor expects (0..255 floats), aligned by its own 5-point
