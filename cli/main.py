@@ -214,8 +214,10 @@ def _export(args: argparse.Namespace) -> int:
     for result in results:
         state = "unchanged" if result.skipped else f"{result.seconds:.1f}s"
         verdict = "ok" if result.ok else "MISMATCH"
+        fp16 = f" fp16 rel={result.fp16_rel_diff:.1e}" if result.fp16_path else ""
         print(
-            f"{result.role:20s} {verdict:8s} max|ort-torch|={result.max_abs_diff:.2e} ({state}) {result.path}"
+            f"{result.role:20s} {verdict:8s} max|ort-torch|={result.max_abs_diff:.2e}{fp16} ({state})"
+            f" {result.path}"
         )
     if args.tensorrt:  # only on a GPU host with the gpu extra (NVIDIA's Triton container)
         from easyphoto.export.tensorrt_plan import build_all

@@ -30,7 +30,26 @@ def test_every_torch_role_exports_and_matches_pytorch(exported: tuple[Path, dict
     expected |= {f"controlnet_{k}" for k in ("canny", "openpose", "color", "tile")}
     assert set(results) == expected  # face_embedder is dlib: served by its own runtime
     for result in results.values():
-        assert result.ok, (result.role, result.max_abs_diff)
+        assert result.ok, (result.role, result.max_abs_diff, result.fp16_rel_diff)
+
+
+def test_fp16_graphs_where_the_role_allows_with_fp32_io_and_the_same_names(
+    exported: tuple[Path, dict], tiny: ModelFamily
+) -> None:
+    out, results = exported
+    roles = {**describe_roles(tiny), **default_face_models().roles}
+    with_fp16 = {name for name, result in results.items() if result.fp16_path is not None}
+    assert with_fp16 == {name for name in results if roles[name].fp16}
+    assert "unet" in with_fp16 and "face_pnet" not in with_fp16
+    for name in ("unet", "controlnet_canny", "text_encoder"):
+        fp32, fp16 = onnx.load(str(out / name / "model.onnx")), onnx.load(str(results[name].fp16_path))
+        halves = [i for i in fp16.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
+        assert len(halves) > 0.9 * len(fp32.graph.initializer), name
+        assert {i.name for i in fp16.graph.initializer} >= {i.name for i in fp32.graph.initializer}
+        assert [i.type.tensor_type.elem_type for i in fp16.graph.input] == [
+            i.type.tensor_type.elem_type for i in fp32.graph.input
+        ]
+        assert 0 < results[name].fp16_rel_diff <= 2e-2, (name, results[name].fp16_rel_diff)
 
 
 def test_graph_names_and_dynamic_axes_follow_the_description(
@@ -47,6 +66,8 @@ def test_graph_names_and_dynamic_axes_follow_the_description(
     assert inputs["mid_block_res"] == ["batch", 64, "latent_height/8", "latent_width/8"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["roles"]["unet"]["onnx"] == "unet/model.onnx"
+    assert manifest["roles"]["unet"]["onnx_fp16"] == "unet/model.fp16.onnx"
+    assert manifest["roles"]["face_pnet"]["onnx_fp16"] is None
 
 
 def test_parameter_names_survive_for_lora_refit(exported: tuple[Path, dict]) -> None:
