@@ -136,7 +136,9 @@ def start_server(
         "--allow-metrics=true",
         "--log-verbose=0",
     ]
-    handle = open(log_path, "wb")  # noqa: SIM115 (the server writes to it for its lifetime)
-    process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=install.environment())
+    with open(log_path, "wb") as handle:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, env=install.environment()
+        )
     log.info("tritonserver pid %d on %s (log %s)", process.pid, ports, log_path)
     return TritonServer(process, ports, log_path)
