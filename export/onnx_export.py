@@ -132,7 +132,11 @@ def export_role(description: RoleDescription, out_dir: Path, force: bool = False
     onnx.checker.check_model(str(path))
     # The opt point traced the graph; the min point checks that the dynamic axes really are dynamic.
     samples = [description.sample_inputs(point, seed=1) for point in ("opt", "min")]
-    diff = max(compare_with_torch(description, module, path, sample) for sample in samples)
+    expected = [torch_outputs(description, module, sample) for sample in samples]
+    diff = max(
+        compare_with_torch(description, path, sample, outputs)
+        for sample, outputs in zip(samples, expected, strict=True)
+    )
     fp16_path, fp16_diff = None, 0.0
     if description.fp16:
         # Checked at the opt point only: at the tiny family's min point the mid block is 1x1, so its
@@ -140,7 +144,7 @@ def export_role(description: RoleDescription, out_dir: Path, force: bool = False
         # (measured 0.14 off on a ControlNet, whatever ops were kept fp32). SD 1.5's min point
         # normalises 160 values per group.
         fp16_path = write_fp16(path)
-        fp16_diff = compare_with_torch(description, module, fp16_path, samples[0], relative=True)
+        fp16_diff = compare_with_torch(description, fp16_path, samples[0], expected[0], relative=True)
     seconds = time.perf_counter() - started
     parameters = [name for name, _ in module.named_parameters()]
     meta_path.write_text(
@@ -167,11 +171,10 @@ def write_fp16(path: Path) -> Path:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    external = any(
-        init.data_location == onnx.TensorProto.EXTERNAL
-        for init in onnx.load(str(path), load_external_data=False).graph.initializer
-    )
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
+    external = any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer)
+    if external:
+        onnx.load_external_data_for_model(model, str(path.parent))
     # The sinusoidal timestep embedding stays fp32: fp16 cannot hold sin/cos arguments of up to
     # ~1000 rad (its spacing there is 0.5 rad). Measured on the tiny ControlNets: 6.3e-3 -> 4.8e-3.
     fp32_nodes = [node.name for node in model.graph.node if FP32_SCOPE in node.name]
@@ -196,23 +199,29 @@ def write_fp16(path: Path) -> Path:
     return out
 
 
+def torch_outputs(
+    description: RoleDescription, module: nn.Module, sample: dict[str, torch.Tensor]
+) -> list[np.ndarray]:
+    """The PyTorch module's outputs on the description's sample input."""
+    with torch.no_grad():
+        outputs = module(*(sample[spec.name] for spec in description.inputs))
+    return [output.numpy() for output in outputs]
+
+
 def compare_with_torch(
     description: RoleDescription,
-    module: nn.Module,
     path: Path,
     sample: dict[str, torch.Tensor],
+    expected: list[np.ndarray],
     relative: bool = False,
 ) -> float:
-    """Max |onnxruntime - PyTorch| over all outputs on the description's sample input (divided by
-    max(1, max |PyTorch output|) when ``relative``)."""
+    """Max |onnxruntime - PyTorch| over all outputs on the description's sample input, ``expected``
+    being :func:`torch_outputs` (divided by max(1, max |PyTorch output|) when ``relative``)."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {spec.name: sample[spec.name].numpy() for spec in description.inputs}
     ours = session.run([spec.name for spec in description.outputs], feed)
-    with torch.no_grad():
-        expected = module(*(sample[spec.name] for spec in description.inputs))
     diffs = []
-    for output, reference in zip(ours, expected, strict=True):
-        value = reference.numpy()
+    for output, value in zip(ours, expected, strict=True):
         scale = max(1.0, float(np.max(np.abs(value)))) if relative else 1.0
         diffs.append(float(np.max(np.abs(output.astype(np.float32) - value))) / scale)
     return max(diffs)

@@ -32,6 +32,7 @@ from easyphoto.engines.faces.parts import fuse_faces, super_resolve
 from easyphoto.engines.imaging import (
     FACE_PARTS,
     border_ring,
+    box_iou,
     canny_control,
     color_control,
     draw_pose,
@@ -183,8 +184,9 @@ class Orchestrator:
         if painted and options.background_restore.enabled:
             result = self._restore_background(result, painted, options, generator, context(0))
         scored = time.perf_counter()
+        found = self.analyzer.detect(result) if painted else []  # once for every face's score
         outcomes = [
-            FaceOutcome(uid, face, self._score(result, face, references[uid]) if uid else None)
+            FaceOutcome(uid, face, self._score(result, found, face, references[uid]) if uid else None)
             for uid, face in zip(user_ids + [""] * (len(faces) - len(user_ids)), faces, strict=True)
         ]
         timings["score"] = time.perf_counter() - scored
@@ -240,10 +242,11 @@ class Orchestrator:
             return None
         return load_lora(path, self.engines.backend.lora_modules())
 
-    def _score(self, image: np.ndarray, face: Face, reference: _Reference) -> float:
-        """dot(emb(output face), emb(reference)); the face is re-detected near where it was."""
-        found = [f for f in self.analyzer.detect(image) if _overlap(f.box, face.box) > 0.3]
-        target = max(found, key=lambda f: _overlap(f.box, face.box)) if found else face
+    def _score(self, image: np.ndarray, found: list[Face], face: Face, reference: _Reference) -> float:
+        """dot(emb(output face), emb(reference)); the face is the one of ``found`` (detected in
+        ``image``) where it was, else where it was."""
+        near = [f for f in found if box_iou(f.box, face.box) > 0.3]
+        target = max(near, key=lambda f: box_iou(f.box, face.box)) if near else face
         return float(self.analyzer.embed(image, [target])[0] @ reference.embedding)
 
     # ---- one face ----
@@ -478,12 +481,3 @@ def _blend_into(
     original = image[y0:y1, x0:x1]
     blended = (patch * alpha + original * (1 - alpha)).round().astype(np.uint8)
     return paste_back(image, blended, box, feather_px=0)
-
-
-def _overlap(a: tuple, b: tuple) -> float:
-    """Intersection over union of two boxes."""
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union_area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union_area if union_area > 0 else 0.0

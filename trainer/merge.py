@@ -41,5 +41,6 @@ def merge_checkpoints(
     chosen = best_images(results, top_k)
     cache: dict[int, LoraWeights] = {}
     for image in chosen:
-        cache.setdefault(image.step, load(image.step))
+        if image.step not in cache:  # each checkpoint read once, however many images name it
+            cache[image.step] = load(image.step)
     return mean_lora([cache[image.step] for image in chosen], name), chosen
