@@ -11,24 +11,18 @@ from pathlib import Path
 from typing import Any
 
 from . import training, triton
+from .service_args import add_service_arguments, service_settings
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from easyphoto.engines.artifacts import default_data_root
     from easyphoto.server.app import ServerConfig, serve
 
     serve(
         ServerConfig(
-            host=args.host,
-            port=args.port,
-            models=args.models,
+            **service_settings(args),
             backend=args.backend,
             triton_url=args.triton_url,
             triton_shared_memory=args.triton_shared_memory,
-            device=args.device,
-            data=Path(args.data) if args.data else default_data_root(),
-            metrics_host=args.metrics_host,
-            metrics_port=None if args.no_metrics else args.metrics_port,
         )
     )
     return 0
@@ -238,11 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the orchestrator (Generator) gRPC server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=50051)
-    serve.add_argument(
-        "--models", default="tiny", help="'tiny', a diffusers folder, an SD 1.5 file or a spec .json"
-    )
+    add_service_arguments(serve, port=50051, metrics_port=9464, data="user artifacts")
     serve.add_argument("--backend", default="torch", choices=["torch", "triton"])
     serve.add_argument(
         "--triton-url", default="127.0.0.1:8001", help="Triton's gRPC address (--backend triton)"
@@ -250,11 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--triton-shared-memory", action="store_true", help="send large tensors through system shared memory"
     )
-    serve.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    serve.add_argument("--data", default=None, help="user artifacts root (default: $EASYPHOTO_DATA)")
-    serve.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics, /healthz, /readyz")
-    serve.add_argument("--metrics-port", type=int, default=9464, help="their HTTP port (0: any free port)")
-    serve.add_argument("--no-metrics", action="store_true", help="serve no metrics HTTP endpoint")
     serve.set_defaults(run=_serve)
 
     generate = commands.add_parser(

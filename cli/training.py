@@ -5,29 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from .service_args import add_service_arguments, service_settings
 
 DEFAULT_TRAINER = "127.0.0.1:50052"
 TERMINAL = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED")
 
 
 def _trainer(args: argparse.Namespace) -> int:
-    from easyphoto.engines.artifacts import default_data_root
     from easyphoto.trainer.app import TrainerConfig, serve_trainer
 
     serve_trainer(
         TrainerConfig(
-            host=args.host,
-            port=args.port,
-            models=args.models,
-            device=args.device,
-            data=Path(args.data) if args.data else default_data_root(),
+            **service_settings(args),
             orchestrator=args.orchestrator,
             face_pack=Path(args.face_models) if args.face_models else None,
-            metrics_host=args.metrics_host,
-            metrics_port=None if args.no_metrics else args.metrics_port,
         )
     )
     return 0
@@ -121,17 +116,27 @@ def _jobs(args: argparse.Namespace) -> int:
             if args.cancel:
                 print(_job_line(stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=args.cancel), timeout=30)))
                 return 0
-            token = ""
-            while True:
-                page = stub.ListJobs(
+            pages = _pages(
+                lambda token: stub.ListJobs(
                     trainer_pb2.ListJobsRequest(user_id=args.user, page_token=token), timeout=30
                 )
+            )
+            for page in pages:
                 for job in page.jobs:
                     print(_job_line(job))
-                if not (token := page.next_page_token):
-                    return 0
+            return 0
         except grpc.RpcError as error:
             return _fail(error)
+
+
+def _pages(fetch: Callable[[str], Any]) -> Iterator[Any]:
+    """Every page of a List call, ``fetch`` taking the page token ("" for the first)."""
+    token = ""
+    while True:
+        page = fetch(token)
+        yield page
+        if not (token := page.next_page_token):
+            return
 
 
 def _users(args: argparse.Namespace) -> int:
@@ -147,31 +152,21 @@ def _users(args: argparse.Namespace) -> int:
                 reply = stub.DeleteUser(users_pb2.DeleteUserRequest(user_id=args.delete), timeout=30)
                 print(json.dumps({"deleted_versions": reply.deleted_versions}))
                 return 0
-            token = ""
-            while True:
-                page = stub.ListUsers(users_pb2.ListUsersRequest(page_token=token), timeout=30)
+            for page in _pages(
+                lambda token: stub.ListUsers(users_pb2.ListUsersRequest(page_token=token), timeout=30)
+            ):
                 for user in page.users:
                     print(json.dumps(MessageToDict(user, preserving_proto_field_name=True)))
-                if not (token := page.next_page_token):
-                    return 0
+            return 0
         except grpc.RpcError as error:
             return _fail(error)
 
 
 def register(commands: Any) -> None:
     trainer = commands.add_parser("trainer", help="run the trainer (Trainer + Users) gRPC server")
-    trainer.add_argument("--host", default="127.0.0.1")
-    trainer.add_argument("--port", type=int, default=50052)
-    trainer.add_argument("--models", default="tiny", help="the base model family jobs train on")
-    trainer.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    trainer.add_argument(
-        "--data", default=None, help="jobs and user artifacts root (default: $EASYPHOTO_DATA)"
-    )
+    add_service_arguments(trainer, port=50052, metrics_port=9465, data="jobs and user artifacts")
     trainer.add_argument("--orchestrator", default="", help="host:port to tell when a user is published")
     trainer.add_argument("--face-models", default=None, help="an insightface pack directory")
-    trainer.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics, /healthz, /readyz")
-    trainer.add_argument("--metrics-port", type=int, default=9465, help="the orchestrator's default is 9464")
-    trainer.add_argument("--no-metrics", action="store_true", help="serve no HTTP metrics endpoint")
     trainer.set_defaults(run=_trainer)
 
     train = commands.add_parser("train", help="train a user's LoRA from photos (waits with a progress bar)")

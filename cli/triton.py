@@ -9,7 +9,7 @@ from typing import Any
 
 
 def _triton(args: argparse.Namespace) -> int:
-    from easyphoto.export.triton_server import TritonUnavailable, find_install, start_server
+    from easyphoto.export.triton_server import PORTS, TritonUnavailable, find_install, start_server
 
     try:
         install = find_install(Path(args.venv))
@@ -17,7 +17,7 @@ def _triton(args: argparse.Namespace) -> int:
         print(f"error: {why}")
         return 2
     signal.signal(signal.SIGTERM, _interrupt)  # stop the server too when we are terminated
-    ports = {"http": args.http_port, "grpc": args.grpc_port, "metrics": args.metrics_port}
+    ports = {endpoint: getattr(args, f"{endpoint}_port") for endpoint in PORTS}
     server = start_server(Path(args.repository), install, ports)
     try:
         server.wait_ready()
@@ -38,9 +38,10 @@ def register(commands: Any) -> None:
     triton = commands.add_parser(
         "triton", help="serve an exported Triton repository with the CPU tritonserver"
     )
+    from easyphoto.export.triton_server import DEFAULT_VENV, PORTS
+
     triton.add_argument("--repository", default="build/triton-repo")
-    triton.add_argument("--venv", default=".venv-triton", help="where `make triton-setup` installed it")
-    triton.add_argument("--http-port", type=int, default=8000)
-    triton.add_argument("--grpc-port", type=int, default=8001)
-    triton.add_argument("--metrics-port", type=int, default=8002)
+    triton.add_argument("--venv", default=str(DEFAULT_VENV), help="where `make triton-setup` installed it")
+    for endpoint, port in PORTS.items():
+        triton.add_argument(f"--{endpoint}-port", type=int, default=port)
     triton.set_defaults(run=_triton)

@@ -63,6 +63,10 @@ class ControlInput:
     image: torch.Tensor
     scale: float
 
+    def scale_tensor(self, like: torch.Tensor) -> torch.Tensor:
+        """The scale as the ``[1]`` tensor the ControlNet and stage roles take, on ``like``'s device."""
+        return torch.tensor([self.scale], dtype=like.dtype, device=like.device)
+
 
 class Engines:
     def __init__(
@@ -162,9 +166,9 @@ class Engines:
             role = f"controlnet_{control.kind}"
             if role not in self.roles:
                 raise KeyError(f"no ControlNet {control.kind!r} loaded; have {self.controlnet_kinds}")
-            scale = torch.tensor([control.scale], dtype=sample.dtype, device=sample.device)
-            inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
-            calls.append((role, {**inputs, "controlnet_cond": control.image, "conditioning_scale": scale}))
+            inputs = _step_inputs(sample, timestep, encoder_hidden_states)
+            inputs.update(controlnet_cond=control.image, conditioning_scale=control.scale_tensor(sample))
+            calls.append((role, inputs))
         results = self.backend.infer_many(calls)
         return [
             [out[spec.name] for spec in self.roles[role].outputs]
@@ -188,7 +192,7 @@ class Engines:
         residuals: Sequence[torch.Tensor],
     ) -> torch.Tensor:
         unet = self.roles["unet"]
-        inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+        inputs = _step_inputs(sample, timestep, encoder_hidden_states)
         inputs.update({spec.name: r for spec, r in zip(unet.inputs[3:], residuals, strict=True)})
         return self.backend.infer("unet", inputs)["noise_pred"]
 
@@ -204,12 +208,10 @@ class Engines:
         timesteps = timestep.reshape(-1).expand(sample.shape[0]).to(sample.dtype)
         stage = stage_role_name(tuple(c.kind for c in controls)) if controls else ""
         if stage in self.roles:
-            inputs = {"sample": sample, "timestep": timesteps, "encoder_hidden_states": encoder_hidden_states}
+            inputs = _step_inputs(sample, timesteps, encoder_hidden_states)
             for control in controls:
                 inputs[f"{control.kind}_cond"] = control.image
-                inputs[f"{control.kind}_scale"] = torch.tensor(
-                    [control.scale], dtype=sample.dtype, device=sample.device
-                )
+                inputs[f"{control.kind}_scale"] = control.scale_tensor(sample)
             return self.backend.infer(stage, inputs)["noise_pred"]
         residuals: list[torch.Tensor] | None = None
         for outputs in self.controlnets(controls, sample, timesteps, encoder_hidden_states):
@@ -217,3 +219,10 @@ class Engines:
                 outputs if residuals is None else [a + b for a, b in zip(residuals, outputs, strict=True)]
             )
         return self.unet(sample, timesteps, encoder_hidden_states, residuals or self.zero_residuals(sample))
+
+
+def _step_inputs(
+    sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+) -> Tensors:
+    """The inputs every denoising role (UNet, ControlNet, fused stage) takes first."""
+    return {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}

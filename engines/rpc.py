@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -53,6 +53,12 @@ def abort(context: grpc.ServicerContext, error: EasyPhotoError) -> NoReturn:
     log.info("request failed: %s %s (%s)", error.code, error.reason, error.message)
     context.abort_with_status(to_status(error))
     raise AssertionError("unreachable: abort_with_status raises")
+
+
+def present_fields(message: Any, names: Iterable[str]) -> dict[str, Any]:
+    """The values of those of ``names`` set in ``message`` (proto3 ``optional``: unset is not zero),
+    for ``dataclasses.replace`` onto the defaults."""
+    return {name: getattr(message, name) for name in names if message.HasField(name)}
 
 
 @dataclass
@@ -130,9 +136,6 @@ class GrpcApp:
         self.server.stop(grace).wait()
         if self.http:
             self.http.stop()
-
-    def wait(self) -> None:
-        self.server.wait_for_termination()
 
 
 def wait_for_termination() -> str:

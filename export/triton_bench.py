@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import platform
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -24,7 +23,7 @@ import torch
 
 from easyphoto.engines.roles import RoleDescription, stage_role_name
 
-from .triton_server import TritonInstall, start_server
+from .triton_server import TritonInstall, free_ports, start_server
 
 MARK_BEGIN = "<!-- bench:triton:begin -->"
 MARK_END = "<!-- bench:triton:end -->"
@@ -45,16 +44,6 @@ def perf_analyzer(install: TritonInstall) -> tuple[Path, dict[str, str]]:
         if found and not (libs / name).exists():
             (libs / name).symlink_to(found[0].resolve())
     return binary, {"LD_LIBRARY_PATH": str(libs), "PATH": "/usr/bin:/bin"}
-
-
-def _free_ports() -> dict[str, int]:
-    sockets = [socket.socket() for _ in range(3)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = dict(zip(("http", "grpc", "metrics"), (int(s.getsockname()[1]) for s in sockets), strict=True))
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def _shape_flags(description: RoleDescription) -> list[str]:
@@ -158,7 +147,7 @@ def triton_section(
 ) -> str:
     from easyphoto.engines.triton_backend import TritonBackend
 
-    server = start_server(repository, install, _free_ports())
+    server = start_server(repository, install, free_ports())
     try:
         server.wait_ready()
         description = roles[ROLE]

@@ -28,20 +28,15 @@ from typing import Literal
 from easyphoto.engines.faces.models import DlibEmbedder
 from easyphoto.engines.roles import RoleDescription
 from easyphoto.engines.shapes import TensorSpec
+from easyphoto.engines.triton_backend import TRITON_DTYPES
 
 from .tensorrt_plan import read_plans
 
 log = logging.getLogger(__name__)
 
 Target = Literal["cpu", "gpu"]
-TRITON_TYPES = {
-    "float32": "TYPE_FP32",
-    "float16": "TYPE_FP16",
-    "int32": "TYPE_INT32",
-    "int64": "TYPE_INT64",
-    "uint8": "TYPE_UINT8",
-    "bool": "TYPE_BOOL",
-}
+# config.pbtxt spells the KServe v2 datatypes the client sends with a TYPE_ prefix.
+TRITON_TYPES = {dtype: f"TYPE_{name}" for dtype, name in TRITON_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -147,9 +142,9 @@ def write_repository(
             shutil.copyfile(export_dir / plan.onnx, version_dir / "model.onnx")
             (version_dir / "model.py").write_text(python_model_source())
         written.append(plan.role)
-    for description in roles.values():
+    for description in (d for d in roles.values() if d.name not in written):
         module = description.build_module()
-        if description.name not in written and isinstance(module, DlibEmbedder):
+        if isinstance(module, DlibEmbedder):
             written.append(write_dlib_embedder(description, module.resnet_path, repository, target, settings))
     log.info("wrote %d %s models into %s", len(written), target, repository)
     return written

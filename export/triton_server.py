@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import time
 import urllib.request
@@ -25,6 +26,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_VENV = Path(".venv-triton")
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+
+
+def free_ports() -> dict[str, int]:
+    """A free loopback port for each of Triton's endpoints (tests, benchmarks)."""
+    sockets = {name: socket.socket() for name in PORTS}
+    for sock in sockets.values():
+        sock.bind(("127.0.0.1", 0))
+    ports = {name: int(sock.getsockname()[1]) for name, sock in sockets.items()}
+    for sock in sockets.values():
+        sock.close()
+    return ports
 
 
 class TritonUnavailable(RuntimeError):

@@ -6,11 +6,12 @@ violation is an :class:`InvalidArgument` naming the field (``first_pass.strength
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from easyphoto.engines.errors import InvalidArgument, check_range
 from easyphoto.engines.inpaint import SCHEDULERS, strength_steps
+from easyphoto.engines.rpc import present_fields
 from easyphoto.v1 import generator_pb2
 
 FACE_PROMPT = "easyphoto_face, easyphoto, 1person"
@@ -93,23 +94,29 @@ class GenerateOptions:
         return ", ".join(p for p in (self.negative_prompt, self.extra_negative_prompt) if p)
 
 
+# Request fields that map one to one onto GenerateOptions; the passes and fusion are nested messages.
+_REQUEST_FIELDS = (
+    "lora_weight",
+    "color_shift",
+    "crop_face",
+    "crop_scale",
+    "crop_short_side",
+    "super_resolution_ratio",
+    "positive_prompt",
+    "negative_prompt",
+    "seed",
+    "images_per_template",
+)
+_FUSION_FIELDS = {
+    "before_enabled": "fusion_before",
+    "before_ratio": "fusion_before_ratio",
+    "after_enabled": "fusion_after",
+    "after_ratio": "fusion_after_ratio",
+}
+
+
 def _pass(message: Any, defaults: PassOptions, name: str) -> PassOptions:
-    values: dict[str, Any] = {}
-    for field in (
-        "enabled",
-        "steps",
-        "strength",
-        "guidance_scale",
-        "canny_weight",
-        "openpose_weight",
-        "color_weight",
-        "tile_weight",
-        "canny_low_threshold",
-        "canny_high_threshold",
-        "scheduler",
-    ):
-        if message.HasField(field):
-            values[field] = getattr(message, field)
+    values = present_fields(message, (f.name for f in fields(PassOptions)))
     options = replace(defaults, **values)
     check_range(f"{name}.steps", options.steps, 1, 200)
     check_range(f"{name}.strength", options.strength, 0.0, 1.0, low_open=True)
@@ -141,29 +148,9 @@ def resolve_options(request: generator_pb2.GenerateRequest) -> GenerateOptions:
         "extra_negative_prompt": request.extra_negative_prompt,
         "return_intermediates": request.return_intermediates,
     }
-    fusion = request.fusion
-    for proto_field, ours in (
-        ("before_enabled", "fusion_before"),
-        ("before_ratio", "fusion_before_ratio"),
-        ("after_enabled", "fusion_after"),
-        ("after_ratio", "fusion_after_ratio"),
-    ):
-        if fusion.HasField(proto_field):
-            values[ours] = getattr(fusion, proto_field)
-    for field in (
-        "lora_weight",
-        "color_shift",
-        "crop_face",
-        "crop_scale",
-        "crop_short_side",
-        "super_resolution_ratio",
-        "positive_prompt",
-        "negative_prompt",
-        "seed",
-        "images_per_template",
-    ):
-        if request.HasField(field):
-            values[field] = getattr(request, field)
+    fusion = present_fields(request.fusion, _FUSION_FIELDS)
+    values.update({_FUSION_FIELDS[name]: value for name, value in fusion.items()})
+    values.update(present_fields(request, _REQUEST_FIELDS))
     options = replace(defaults, **values)
     check_range("fusion.before_ratio", options.fusion_before_ratio, 0.0, 1.0)
     check_range("fusion.after_ratio", options.fusion_after_ratio, 0.0, 1.0)

@@ -5,7 +5,6 @@ installed (``make triton-setup``; ``make test`` runs it)."""
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
@@ -27,21 +26,17 @@ from easyphoto.engines.torch_backend import TorchBackend
 from easyphoto.engines.triton_backend import TritonBackend
 from easyphoto.export.onnx_export import export_all, tolerance_for
 from easyphoto.export.triton_repository import write_repository
-from easyphoto.export.triton_server import TritonServer, TritonUnavailable, find_install, start_server
+from easyphoto.export.triton_server import (
+    TritonServer,
+    TritonUnavailable,
+    find_install,
+    free_ports,
+    start_server,
+)
 from easyphoto.server.options import GenerateOptions
 from easyphoto.server.pipeline import Orchestrator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("127.0.0.1", 0))
-    ports = [int(sock.getsockname()[1]) for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +57,7 @@ def server(
     exported = export_all(roles, root / "export")
     assert all(result.ok for result in exported), [(r.role, r.max_abs_diff) for r in exported if not r.ok]
     write_repository(root / "export", roles, root / "repository")
-    http, grpc, metrics = _free_ports(3)
-    server = start_server(root / "repository", install, {"http": http, "grpc": grpc, "metrics": metrics})
+    server = start_server(root / "repository", install, free_ports())
     try:
         server.wait_ready()
         yield server

@@ -212,8 +212,8 @@ class LoraTrainer:
         """``step-N.safetensors`` (the LoRA) and ``step-N.pt`` (optimizer and scaler), each written
         under a temporary name and renamed, the LoRA last: a LoRA file means a whole checkpoint."""
         folder.mkdir(parents=True, exist_ok=True)
-        lora_path = folder / f"step-{step:06d}.safetensors"
-        state_path = folder / f"step-{step:06d}.pt"
+        lora_path = checkpoint_path(folder, step)
+        state_path = lora_path.with_suffix(".pt")
         temporary = folder / f".step-{step:06d}.pt.tmp"
         torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}, temporary)
         os.replace(temporary, state_path)
@@ -227,6 +227,11 @@ class LoraTrainer:
         state = torch.load(lora_path.with_suffix(".pt"), map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    """Step ``step``'s LoRA in ``folder`` (its optimizer state: the same name with ``.pt``)."""
+    return folder / f"step-{step:06d}.safetensors"
 
 
 def checkpoint_step(path: Path) -> int:

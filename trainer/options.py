@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from easyphoto.engines.errors import InvalidArgument, check_range
+from easyphoto.engines.rpc import present_fields
 from easyphoto.v1 import trainer_pb2
 
 CAPTION = "easyphoto_face, easyphoto, 1person"
@@ -94,7 +95,7 @@ RANGES: dict[str, tuple[float, float]] = {
 
 
 def resolve_training_options(message: trainer_pb2.TrainingOptions) -> TrainingOptions:
-    values = {f.name: getattr(message, f.name) for f in fields(TrainingOptions) if message.HasField(f.name)}
+    values = present_fields(message, (f.name for f in fields(TrainingOptions)))
     options = replace(TrainingOptions(), **values)
     for name, (low, high) in RANGES.items():
         check_range(f"options.{name}", getattr(options, name), low, high)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from easyphoto.engines.errors import EasyPhotoError, NoUsablePhotos
-from easyphoto.engines.faces.detect import Face, FaceAnalyzer
+from easyphoto.engines.faces.detect import Face, FaceAnalyzer, nearest_face
 from easyphoto.engines.faces.models import FaceModels
 from easyphoto.engines.faces.parts import apply_matte, super_resolve
 from easyphoto.engines.imaging import decode_image, grow_box, int_box, roll_score, tighten_box
@@ -157,8 +157,7 @@ def _tight_crop(
     x0, y0, x1, y1 = int_box(grow_box(face.box, options.crop_scale, width, height))
     wide = image[y0:y1, x0:x1]
     expected = face.shifted(-x0, -y0)
-    found = analyzer.detect(wide)
-    local = min(found, key=lambda f: float(np.linalg.norm(f.center - expected.center)), default=expected)
+    local = nearest_face(analyzer.detect(wide), expected)
     wide_h, wide_w = wide.shape[:2]
     tx0, ty0, tx1, ty1 = int_box(
         tighten_box(local.box, wide_w, wide_h, options.tighten_x, options.tighten_top, options.tighten_bottom)

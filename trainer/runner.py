@@ -45,7 +45,7 @@ from .jobs import (
     error_record,
     new_job_id,
 )
-from .lora_training import LoraTrainer, TrainingImages, checkpoint_step, checkpoints
+from .lora_training import LoraTrainer, TrainingImages, checkpoint_path, checkpoint_step, checkpoints
 from .merge import merge_checkpoints
 from .metrics import TrainerMetrics
 from .options import TrainingOptions
@@ -388,7 +388,7 @@ class _Job:
         merged, chosen = merge_checkpoints(
             results,
             self.options.merge_top_k,
-            lambda step: load_lora(folder / f"step-{step:06d}.safetensors"),
+            lambda step: load_lora(checkpoint_path(folder, step)),
             name=f"{self.job.user_id}:{self.job.job_id}",
         )
         best = chosen[0]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from easyphoto.engines.faces.detect import Face, FaceAnalyzer
+from easyphoto.engines.faces.detect import Face, FaceAnalyzer, nearest_face
 from easyphoto.engines.family import ModelFamily
 from easyphoto.engines.imaging import (
     canny_control,
@@ -136,8 +136,5 @@ class Validator:
     def _score(self, image: np.ndarray, face: Face) -> float:
         """The output's face (re-detected near the template face, else the template face itself)
         against the training faces."""
-        near = [
-            f for f in self.analyzer.detect(image) if np.linalg.norm(f.center - face.center) < face.width / 2
-        ]
-        found = min(near, key=lambda f: float(np.linalg.norm(f.center - face.center)), default=face)
+        found = nearest_face(self.analyzer.detect(image), face, within=face.width / 2)
         return float(self.analyzer.embed(image, [found])[0] @ self.target)

@@ -8,6 +8,7 @@ are cosine similarities of L2-normalised embeddings, whatever embedder is loaded
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -70,6 +71,14 @@ class Face:
     def from_json(cls, values: dict[str, Any]) -> Face:
         x0, y0, x1, y1 = (float(v) for v in values["box"])
         return cls((x0, y0, x1, y1), float(values["score"]), np.array(values["landmarks"], np.float64))
+
+
+def nearest_face(faces: list[Face], expected: Face, within: float = math.inf) -> Face:
+    """The face of ``faces`` whose centre is nearest ``expected``'s, closer than ``within``;
+    ``expected`` itself when there is none (a re-detection that found nothing there)."""
+    distances = [(float(np.linalg.norm(f.center - expected.center)), f) for f in faces]
+    near = [(distance, face) for distance, face in distances if distance < within]
+    return min(near, key=lambda pair: pair[0])[1] if near else expected
 
 
 class Detector(Protocol):

@@ -1,0 +1,38 @@
+"""The command-line arguments the two servers (``serve``, ``trainer``) share, and their values."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_service_arguments(parser: argparse.ArgumentParser, port: int, metrics_port: int, data: str) -> None:
+    """Where it listens, the models, the device, the data root and the metrics endpoint."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=port)
+    parser.add_argument(
+        "--models", default="tiny", help="'tiny', a diffusers folder, an SD 1.5 file or a spec .json"
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--data", default=None, help=f"{data} root (default: $EASYPHOTO_DATA)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", help="address of /metrics, /healthz, /readyz")
+    parser.add_argument(
+        "--metrics-port", type=int, default=metrics_port, help="their HTTP port (0: any free port)"
+    )
+    parser.add_argument("--no-metrics", action="store_true", help="serve no metrics HTTP endpoint")
+
+
+def service_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields :func:`add_service_arguments` sets (ServerConfig and TrainerConfig both)."""
+    from easyphoto.engines.artifacts import default_data_root
+
+    return {
+        "host": args.host,
+        "port": args.port,
+        "models": args.models,
+        "device": args.device,
+        "data": Path(args.data) if args.data else default_data_root(),
+        "metrics_host": args.metrics_host,
+        "metrics_port": None if args.no_metrics else args.metrics_port,
+    }
