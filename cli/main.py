@@ -23,6 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
             backend=args.backend,
             triton_url=args.triton_url,
             triton_shared_memory=args.triton_shared_memory,
+            triton_cuda_device=args.triton_cuda_device,
         )
     )
     return 0
@@ -238,8 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--triton-url", default="127.0.0.1:8001", help="Triton's gRPC address (--backend triton)"
     )
     serve.add_argument(
-        "--triton-shared-memory", action="store_true", help="send large tensors through system shared memory"
+        "--triton-shared-memory",
+        nargs="?",
+        const="system",
+        default="none",
+        metavar="none|system|cuda",
+        help="send large tensors through shared memory with a co-located Triton: system (the bare"
+        " flag) or cuda (a GPU host; the gpu extra)",
     )
+    serve.add_argument("--triton-cuda-device", type=int, default=0, help="Triton's GPU (cuda shared memory)")
     serve.set_defaults(run=_serve)
 
     generate = commands.add_parser(

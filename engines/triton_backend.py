@@ -7,7 +7,8 @@ stage is served); control-plane calls (readiness, shared memory registration) us
 Inputs are built from the role descriptions (names, dtypes, shapes checked against the profile
 before anything is sent), outputs come back as CPU tensors. Roles the repository does not serve
 (dlib's embedder) go to a local ``fallback`` backend. Readiness mirrors Triton's server and model
-readiness; Triton's UNAVAILABLE and deadline errors become :class:`EngineUnavailable` and
+readiness; each call's timeout is the backend's ``timeout`` or, nearer, the request's deadline
+(:mod:`.deadline`); Triton's UNAVAILABLE and deadline errors become :class:`EngineUnavailable` and
 :class:`DeadlineExceeded`. LoRA switching needs refit into the built engines (the refit issue):
 until then a LoRA on this backend is refused with UNIMPLEMENTED rather than silently ignored.
 """
@@ -19,12 +20,13 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from .deadline import time_left
 from .errors import DeadlineExceeded, EasyPhotoError, EngineInputError, EngineUnavailable, Unimplemented
 from .interface import Backend, Tensors
 from .lora import LoraWeights
@@ -54,8 +56,80 @@ T = TypeVar("T")
 SHARED_MEMORY_MIN_BYTES = 16 * 1024
 
 
+class SystemRegions:
+    """POSIX shared memory (``/dev/shm``): a Triton server on this host reads the inputs in place."""
+
+    kind = "system"
+
+    def __init__(self, client: Any) -> None:
+        import tritonclient.utils.shared_memory as shm
+
+        self._shm = shm
+        self._client = client
+
+    def create(self, name: str, size: int) -> object:
+        return self._shm.create_shared_memory_region(name, f"/{name}", size)
+
+    def register(self, name: str, handle: object, size: int) -> None:
+        self._client.register_system_shared_memory(name, f"/{name}", size)
+
+    def unregister(self, name: str) -> None:
+        self._client.unregister_system_shared_memory(name)
+
+    def write(self, handle: object, array: np.ndarray) -> None:
+        self._shm.set_shared_memory_region(handle, [array])
+
+    def destroy(self, handle: object) -> None:
+        self._shm.destroy_shared_memory_region(handle)
+
+
+class CudaRegions:
+    """Device memory on Triton's GPU, shared through a CUDA IPC handle (a GPU host, with the
+    ``gpu`` extra's cuda-python): the inputs are copied to the GPU once and every step's call
+    reads them there. A probe region is made at start, so a host without a usable GPU says so
+    at once instead of at the first request."""
+
+    kind = "cuda"
+
+    def __init__(self, client: Any, device_id: int = 0) -> None:
+        try:
+            import tritonclient.utils.cuda_shared_memory as cudashm
+        except (ImportError, RuntimeError) as exc:  # tritonclient raises RuntimeError without cuda-python
+            raise EngineUnavailable(f"CUDA shared memory needs cuda-python (the gpu extra): {exc}") from exc
+        self._cudashm = cudashm
+        self._client = client
+        self.device_id = device_id
+        try:
+            self.destroy(self.create(f"easyphoto-probe-{os.getpid()}", 64))
+        except Exception as exc:  # CudaSharedMemoryException: no device, no driver
+            why = f"{exc} ({exc.__cause__})" if exc.__cause__ else str(exc)
+            raise EngineUnavailable(
+                f"CUDA shared memory on GPU {device_id} is not usable here: {why}"
+            ) from exc
+
+    def create(self, name: str, size: int) -> object:
+        return self._cudashm.create_shared_memory_region(name, size, self.device_id)
+
+    def register(self, name: str, handle: object, size: int) -> None:
+        raw = self._cudashm.get_raw_handle(handle)
+        self._client.register_cuda_shared_memory(name, raw, self.device_id, size)
+
+    def unregister(self, name: str) -> None:
+        self._client.unregister_cuda_shared_memory(name)
+
+    def write(self, handle: object, array: np.ndarray) -> None:
+        self._cudashm.set_shared_memory_region(handle, [array])
+
+    def destroy(self, handle: object) -> None:
+        self._cudashm.destroy_shared_memory_region(handle)
+
+
+SharedRegions = SystemRegions | CudaRegions
+SHARED_MEMORY_KINDS = ("none", "system", "cuda")
+
+
 class SharedInputs:
-    """One system shared memory region per (role, input), registered with Triton once and reused.
+    """One shared memory region per (role, input), registered with Triton once and reused.
 
     A region is rewritten only when its source tensor changed: the same tensor object at the same
     torch version counter (kept alive here, so its memory cannot be reused by another tensor) is
@@ -63,29 +137,26 @@ class SharedInputs:
     therefore copied once per pass instead of being serialized into every call.
     """
 
-    def __init__(self, client: object, prefix: str) -> None:
-        import tritonclient.utils.shared_memory as shm
-
-        self._shm = shm
-        self._client = client
+    def __init__(self, regions: SharedRegions, prefix: str) -> None:
+        self.regions = regions
         self._prefix = prefix
-        self._regions: dict[str, tuple[object, int]] = {}
+        self._held: dict[str, tuple[object, int]] = {}
         self._sources: dict[str, tuple[torch.Tensor, int]] = {}
         self.writes = 0
 
     def place(self, key: str, source: torch.Tensor, array: np.ndarray) -> tuple[str, int]:
         """The region's name and the bytes used, with ``array`` (the prepared ``source``) in it."""
         name = f"{self._prefix}-{key}"
-        held = self._regions.get(key)
+        held = self._held.get(key)
         if held is None or held[1] < array.nbytes:
             if held is not None:
                 self._drop(key)
-            handle = self._shm.create_shared_memory_region(name, f"/{name}", array.nbytes)
-            self._client.register_system_shared_memory(name, f"/{name}", array.nbytes)  # type: ignore[attr-defined]
-            self._regions[key] = (handle, array.nbytes)
+            handle = self.regions.create(name, array.nbytes)
+            self.regions.register(name, handle, array.nbytes)
+            self._held[key] = (handle, array.nbytes)
         cached = self._sources.get(key)
         if cached is None or cached[0] is not source or cached[1] != source._version:
-            self._shm.set_shared_memory_region(self._regions[key][0], [np.ascontiguousarray(array)])
+            self.regions.write(self._held[key][0], np.ascontiguousarray(array))
             self._sources[key] = (source, source._version)
             self.writes += 1
         return name, array.nbytes
@@ -93,20 +164,20 @@ class SharedInputs:
     def register_again(self) -> None:
         """Registers every region with Triton again: a restarted server has forgotten them, while
         their memory (ours) still holds the inputs."""
-        for key, (_, size) in self._regions.items():
+        for key, (handle, size) in self._held.items():
             name = f"{self._prefix}-{key}"
             with contextlib.suppress(Exception):  # not registered: the usual case after a restart
-                self._client.unregister_system_shared_memory(name)  # type: ignore[attr-defined]
-            self._client.register_system_shared_memory(name, f"/{name}", size)  # type: ignore[attr-defined]
+                self.regions.unregister(name)
+            self.regions.register(name, handle, size)
 
     def _drop(self, key: str) -> None:
-        handle, _ = self._regions.pop(key)
+        handle, _ = self._held.pop(key)
         self._sources.pop(key, None)
-        self._client.unregister_system_shared_memory(f"{self._prefix}-{key}")  # type: ignore[attr-defined]
-        self._shm.destroy_shared_memory_region(handle)
+        self.regions.unregister(f"{self._prefix}-{key}")
+        self.regions.destroy(handle)
 
     def close(self) -> None:
-        for key in list(self._regions):
+        for key in list(self._held):
             self._drop(key)
 
 
@@ -119,21 +190,24 @@ class TritonBackend:
         roles: dict[str, RoleDescription],
         fallback: Backend | None = None,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
-        shared_memory: bool = False,
+        shared_memory: str = "none",
         shared_memory_min_bytes: int = SHARED_MEMORY_MIN_BYTES,
+        cuda_device: int = 0,
     ) -> None:
         import tritonclient.grpc as grpcclient
 
         self._client = grpcclient.InferenceServerClient(url=url)
         self._grpc = grpcclient
+        # Shared memory needs Triton on this host; one call at a time owns the regions (calls
+        # without it run concurrently).
+        try:
+            self.shared = self._shared_inputs(shared_memory, cuda_device)
+        except Exception:
+            self._client.close()
+            raise
         self._loop = asyncio.new_event_loop()
         threading.Thread(target=self._loop.run_forever, name="triton-client", daemon=True).start()
         self._aio = self._await(self._connect(url))
-        # System shared memory needs Triton on this host; one call at a time owns the regions
-        # (calls without it run concurrently).
-        self.shared = (
-            SharedInputs(self._client, f"easyphoto-{os.getpid()}-{id(self):x}") if shared_memory else None
-        )
         self.shared_min_bytes = shared_memory_min_bytes
         self._lock = threading.Lock()
         self.url = url
@@ -143,6 +217,16 @@ class TritonBackend:
         self._served = set(roles)  # by Triton; the rest of the fallback's roles run locally
         if fallback is not None:
             self._roles.update({k: v for k, v in fallback.roles.items() if k not in roles})
+
+    def _shared_inputs(self, kind: str, cuda_device: int) -> SharedInputs | None:
+        prefix = f"easyphoto-{os.getpid()}-{id(self):x}"
+        if kind == "system":
+            return SharedInputs(SystemRegions(self._client), prefix)
+        if kind == "cuda":
+            return SharedInputs(CudaRegions(self._client, cuda_device), prefix)
+        if kind == "none":
+            return None
+        raise ValueError(f"shared memory {kind!r} is unknown; use one of {SHARED_MEMORY_KINDS}")
 
     @property
     def roles(self) -> dict[str, RoleDescription]:
@@ -193,7 +277,7 @@ class TritonBackend:
         results: dict[int, Tensors] = {i: self.fallback.infer(*calls[i]) for i in local}  # type: ignore[union-attr]
         remote = [i for i in range(len(calls)) if i not in results]
         if self.shared is None:
-            answers = self._await(self._call_all([self._request(*calls[i]) for i in remote]))
+            answers = self._send([self._request(*calls[i]) for i in remote])
         else:
             answers = self._infer_shared([calls[i] for i in remote])
         results.update(zip(remote, answers, strict=True))
@@ -205,13 +289,13 @@ class TritonBackend:
         assert self.shared is not None
         with self._lock:
             try:
-                return self._await(self._call_all([self._request(*call) for call in calls]))
+                return self._send([self._request(*call) for call in calls])
             except EasyPhotoError as error:
                 if "shared memory region" not in error.message:
                     raise
                 log.warning("triton at %s lost our shared memory regions; registering them again", self.url)
                 self.shared.register_again()
-                return self._await(self._call_all([self._request(*call) for call in calls]))
+                return self._send([self._request(*call) for call in calls])
 
     async def _connect(self, url: str) -> object:
         import tritonclient.grpc.aio as aioclient
@@ -230,12 +314,15 @@ class TritonBackend:
         ]
         return role, request, [self._grpc.InferRequestedOutput(spec.name) for spec in description.outputs]
 
-    async def _call_all(self, requests: list[tuple[str, list[object], list[object]]]) -> list[Tensors]:
-        return list(await asyncio.gather(*(self._call(*request) for request in requests)))
+    def _send(self, requests: list[tuple[str, list[object], list[object]]]) -> list[Tensors]:
+        """The requests, concurrently, each bounded by the timeout (or the request's deadline)."""
+        timeout = time_left(self.timeout)
+        calls = (self._call(*request, timeout) for request in requests)
+        return self._await(_gather(calls))
 
-    async def _call(self, role: str, request: list[object], outputs: list[object]) -> Tensors:
+    async def _call(self, role: str, request: list[object], outputs: list[object], timeout: float) -> Tensors:
         try:
-            result = await self._aio.infer(role, request, outputs=outputs, client_timeout=self.timeout)  # type: ignore[attr-defined]
+            result = await self._aio.infer(role, request, outputs=outputs, client_timeout=timeout)  # type: ignore[attr-defined]
         except Exception as exc:
             raise _engine_error(role, exc) from exc
         return {
@@ -265,6 +352,10 @@ class TritonBackend:
         self._await(self._aio.close())  # type: ignore[attr-defined]
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._client.close()
+
+
+async def _gather(calls: Iterator[Coroutine[Any, Any, T]]) -> list[T]:
+    return list(await asyncio.gather(*calls))
 
 
 def _engine_error(role: str, exc: Exception) -> EasyPhotoError:

@@ -155,7 +155,7 @@ def triton_section(
         backend = TritonBackend(server.grpc_url, {ROLE: description})
         ours, local = client_overhead(backend.infer, export_dir / ROLE / "model.onnx", description)
         shared = TritonBackend(
-            server.grpc_url, {ROLE: description}, shared_memory=True, shared_memory_min_bytes=1
+            server.grpc_url, {ROLE: description}, shared_memory="system", shared_memory_min_bytes=1
         )
         try:
             with_shm, _ = client_overhead(shared.infer, export_dir / ROLE / "model.onnx", description)

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 
 from easyphoto.engines.artifacts import UserStore, default_data_root
+from easyphoto.engines.deadline import request_deadline
 from easyphoto.engines.errors import EasyPhotoError, EngineUnavailable, UserNotReady
 from easyphoto.engines.faces.models import FaceModels, default_face_models
 from easyphoto.engines.family import ModelFamily
@@ -43,8 +44,10 @@ class ServerConfig:
     models: str = "tiny"
     backend: str = "torch"  # or "triton": the roles served by tritonserver at triton_url
     triton_url: str = "127.0.0.1:8001"
-    # Large per-request tensors through system shared memory (Triton on this host only).
-    triton_shared_memory: bool = False
+    # Large per-request tensors through shared memory (Triton on this host only): "none",
+    # "system" or "cuda" (on triton_cuda_device; engines.triton_backend.CudaRegions).
+    triton_shared_memory: str = "none"
+    triton_cuda_device: int = 0
     device: str | None = None
     data: Path = field(default_factory=default_data_root)
     # HTTP /metrics, /healthz, /readyz: None serves none (metrics are still counted), 0 any free port.
@@ -105,7 +108,11 @@ class EngineHolder:
             finally:
                 probe.close()
             backend = TritonBackend(
-                self.config.triton_url, served, fallback=local, shared_memory=self.config.triton_shared_memory
+                self.config.triton_url,
+                served,
+                fallback=local,
+                shared_memory=self.config.triton_shared_memory,
+                cuda_device=self.config.triton_cuda_device,
             )
             if not backend.ready():
                 raise EngineUnavailable(
@@ -151,7 +158,8 @@ class ServingService(generator_pb2_grpc.ServingServicer):
     ) -> generator_pb2.RefreshUserResponse:
         started = time.perf_counter()
         try:
-            reference = self._orchestrator().prepare_user(request.user_id, "user_id")
+            with request_deadline(context.time_remaining()):
+                reference = self._orchestrator().prepare_user(request.user_id, "user_id")
             if reference.artifacts.version < request.version:
                 raise UserNotReady(
                     f"user {request.user_id!r} v{request.version} is not published here"

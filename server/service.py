@@ -17,6 +17,7 @@ from functools import partial
 import grpc
 from prometheus_client import CollectorRegistry
 
+from easyphoto.engines.deadline import request_deadline
 from easyphoto.engines.errors import Cancelled, DeadlineExceeded, EasyPhotoError, InvalidArgument, Overloaded
 from easyphoto.engines.imaging import decode_image, encode_png
 from easyphoto.engines.rpc import abort
@@ -131,7 +132,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         should_stop = _stopper(context)
         response = generator_pb2.GenerateResponse(model_family=self._model_family())
         timings: dict[str, float] = {}
-        with self._admission.slot(should_stop):
+        with self._admission.slot(should_stop), request_deadline(context.time_remaining()):
             orchestrator = self._orchestrator()
             for index, template in enumerate(templates):
                 for k in range(options.images_per_template):

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from easyphoto.engines.deadline import request_deadline, time_left
+from easyphoto.engines.errors import DeadlineExceeded
 from easyphoto.engines.imaging import encode_png
 from easyphoto.engines.rpc import GrpcApp, Service, error_details
 from easyphoto.engines.samples import sample_photo
@@ -129,9 +131,7 @@ class _BlockingOrchestrator:
         return Generation(template, [], seed, {}, [])
 
 
-def test_waiting_requests_leave_at_their_deadline_and_a_full_line_is_refused() -> None:
-    orchestrator = _BlockingOrchestrator()
-    service = GeneratorService(lambda: orchestrator, lambda: "fake", max_waiting=1)  # type: ignore[arg-type, return-value]
+def _serve(service: GeneratorService) -> GrpcApp:
     app = GrpcApp(
         [
             Service(
@@ -144,6 +144,43 @@ def test_waiting_requests_leave_at_their_deadline_and_a_full_line_is_refused() -
         port=0,
     )
     app.start()
+    return app
+
+
+class _DeadlineRecorder:
+    """Records the timeout a remote engine call made during generation would get."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[float] = []
+
+    def generate(self, template, user_ids, options, seed, on_progress, should_stop, field):  # type: ignore[no-untyped-def]
+        self.timeouts.append(time_left(1000.0))
+        return Generation(template, [], seed, {}, [])
+
+
+def test_engine_calls_get_the_requests_deadline() -> None:
+    orchestrator = _DeadlineRecorder()
+    app = _serve(GeneratorService(lambda: orchestrator, lambda: "fake"))  # type: ignore[arg-type, return-value]
+    request = _request(sample_photo("astronaut"), [])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = generator_pb2_grpc.GeneratorStub(channel)
+            stub.Generate(request, timeout=20)
+            stub.Generate(request)
+            list(stub.GenerateStream(request, timeout=30))
+    finally:
+        app.stop(0)
+    bounded, unbounded, streamed = orchestrator.timeouts
+    # gRPC's timeout header rounds up a little (30.08 s seen for 30 s).
+    assert 0 < bounded <= 21 and unbounded == 1000.0 and 21 < streamed <= 31
+    with pytest.raises(DeadlineExceeded), request_deadline(0.0):
+        time_left(1000.0)  # a passed deadline stops the call before it is sent
+
+
+def test_waiting_requests_leave_at_their_deadline_and_a_full_line_is_refused() -> None:
+    orchestrator = _BlockingOrchestrator()
+    service = GeneratorService(lambda: orchestrator, lambda: "fake", max_waiting=1)  # type: ignore[arg-type, return-value]
+    app = _serve(service)
     request = _request(sample_photo("astronaut"), [])
     try:
         with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from easyphoto.engines.artifacts import UserStore
+from easyphoto.engines.deadline import request_deadline
+from easyphoto.engines.errors import DeadlineExceeded
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels, default_face_models
 from easyphoto.engines.family import ModelFamily
@@ -159,6 +161,21 @@ def test_triton_health_and_metrics_answer(server: TritonServer, triton_backend: 
     assert 'nv_inference_count{model="text_encoder",version="1"}' in text
 
 
+def test_a_call_ends_with_the_request_deadline(server: TritonServer, triton_backend: TritonBackend) -> None:
+    unet = triton_backend.roles["unet"]
+    large = unet.sample_inputs("max", seed=3)  # ~0.1 s on this server
+    # Sent, then cut by the client's timeout, which was the request's 20 ms left, not the 60 s default.
+    with request_deadline(0.02), pytest.raises(DeadlineExceeded, match="triton unet"):
+        triton_backend.infer("unet", large)
+    text = triton_backend.roles["text_encoder"].sample_inputs("min")
+    before = _inference_count(server, "text_encoder")
+    with request_deadline(0.0), pytest.raises(DeadlineExceeded, match="before an engine call"):
+        triton_backend.infer("text_encoder", text)  # not sent at all
+    with request_deadline(60.0):
+        triton_backend.infer("text_encoder", text)
+    assert _inference_count(server, "text_encoder") == before + 1
+
+
 def test_a_lora_on_the_triton_backend_is_refused(triton_backend: TritonBackend) -> None:
     from easyphoto.engines.errors import Unimplemented
     from easyphoto.engines.lora import LoraLayer, LoraWeights
@@ -206,7 +223,7 @@ def test_shared_memory_inputs_match_and_constant_inputs_are_written_once(
     server: TritonServer, tiny: ModelFamily, triton_backend: TritonBackend
 ) -> None:
     unet = describe_roles(tiny)["unet"]
-    shared = TritonBackend(server.grpc_url, {"unet": unet}, shared_memory=True, shared_memory_min_bytes=1)
+    shared = TritonBackend(server.grpc_url, {"unet": unet}, shared_memory="system", shared_memory_min_bytes=1)
     try:
         sample = unet.sample_inputs("opt", seed=4)
         inline = triton_backend.infer("unet", sample)["noise_pred"]
@@ -257,3 +274,58 @@ def test_a_step_without_a_fused_stage_sends_its_controlnets_together(
         alone = backend.infer(role, inputs)
         assert all(torch.equal(result[name], alone[name]) for name in alone)
     backend.close()
+
+
+def _cuda_shared_memory_usable() -> bool:
+    try:
+        import tritonclient.utils.cuda_shared_memory  # noqa: F401
+    except (ImportError, RuntimeError):
+        return False
+    return torch.cuda.is_available()
+
+
+def test_shared_memory_that_this_host_cannot_give_is_refused_at_start() -> None:
+    from easyphoto.engines.errors import EngineUnavailable
+
+    if _cuda_shared_memory_usable():
+        pytest.skip("this host has CUDA and cuda-python: the refusal is for hosts without them")
+    # No server is needed: the regions are checked before anything is sent.
+    with pytest.raises(EngineUnavailable, match="CUDA shared memory"):
+        TritonBackend("127.0.0.1:1", {}, shared_memory="cuda")
+    with pytest.raises(ValueError, match="'posix' is unknown"):
+        TritonBackend("127.0.0.1:1", {}, shared_memory="posix")
+
+
+class _RecordingClient:
+    """Stands in for Triton's control plane (the GPU machines here run no Triton): records what
+    would be registered."""
+
+    def __init__(self) -> None:
+        self.registered: dict[str, tuple[int, int]] = {}
+
+    def register_cuda_shared_memory(self, name: str, raw: bytes, device_id: int, size: int) -> None:
+        assert raw, "an empty CUDA IPC handle"
+        self.registered[name] = (device_id, size)
+
+    def unregister_cuda_shared_memory(self, name: str) -> None:
+        del self.registered[name]
+
+
+@pytest.mark.skipif(not _cuda_shared_memory_usable(), reason="needs a GPU and cuda-python (the gpu extra)")
+def test_cuda_regions_hold_the_inputs_on_the_gpu() -> None:
+    import tritonclient.utils.cuda_shared_memory as cudashm
+
+    from easyphoto.engines.triton_backend import CudaRegions, SharedInputs
+
+    client = _RecordingClient()
+    shared = SharedInputs(CudaRegions(client, device_id=0), "easyphoto-test")
+    source = torch.randn(2, 4, 8, 8)
+    name, size = shared.place("unet-sample", source, source.numpy())
+    assert client.registered == {name: (0, size)} and size == source.numel() * 4
+    handle = shared._held["unet-sample"][0]
+    back = cudashm.get_contents_as_numpy(handle, "FP32", list(source.shape))
+    assert np.array_equal(back, source.numpy())
+    shared.place("unet-sample", source, source.numpy())
+    assert shared.writes == 1  # unchanged: not copied again
+    shared.close()
+    assert client.registered == {}
