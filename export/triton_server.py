@@ -81,11 +81,30 @@ def find_install(venv: Path = DEFAULT_VENV, server_dir: Path | None = None) -> T
     if not (server / "bin" / "tritonserver").is_file():
         if not stub.is_file():
             raise TritonUnavailable(f"nvidia-pytriton has no python backend stub for Python {version}")
-        shutil.rmtree(server, ignore_errors=True)
-        for part in ("bin", "backends", "caches"):
-            shutil.copytree(packaged / part, server / part)
-        shutil.copy2(stub, server / "backends" / "python" / stub.name)
+        _install_server(packaged, stub, server)
     return TritonInstall(venv, site_packages, server)
+
+
+def _install_server(packaged: Path, stub: Path, server: Path) -> None:
+    """Copies the server's files beside ``server`` and renames the copy into place, so a copy cut
+    short (or a second process copying too) never leaves a half-installed server behind."""
+    partial = server.with_name(f"{server.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        for part in ("bin", "backends", "caches"):
+            shutil.copytree(packaged / part, partial / part)
+        shutil.copy2(stub, partial / "backends" / "python" / stub.name)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if server.exists() and not (server / "bin" / "tritonserver").is_file():
+        shutil.rmtree(server, ignore_errors=True)  # an older, incomplete install
+    try:
+        partial.rename(server)
+    except OSError:  # another process installed it first
+        shutil.rmtree(partial, ignore_errors=True)
+        if not (server / "bin" / "tritonserver").is_file():
+            raise
 
 
 @dataclass

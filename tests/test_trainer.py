@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -218,6 +219,38 @@ def test_deleting_a_user_removes_its_finished_jobs_and_their_files(
         with pytest.raises(grpc.RpcError) as info:
             call(request, timeout=10)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+class _WorkerKilled(BaseException):
+    """Not an Exception: nothing in the worker's loop catches it, as with a fatal fault."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_worker_makes_the_trainer_unready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = build_trainer(
+        TrainerConfig(port=0, data=tmp_path, device="cpu", metrics_port=0), default_face_models()
+    )
+
+    def die(job: object) -> None:
+        raise _WorkerKilled()
+
+    monkeypatch.setattr(app.runner, "run", die)
+    app.start()
+    try:
+        assert app.app.serving
+        with grpc.insecure_channel(f"127.0.0.1:{app.app.port}") as channel:
+            trainer_pb2_grpc.TrainerStub(channel).CreateTrainingJob(_request("eve", person_photos()[:2]))
+            deadline = time.monotonic() + 30
+            while app.runner.alive and time.monotonic() < deadline:
+                time.sleep(0.05)
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert app.app.http is not None
+        with pytest.raises(urllib.error.HTTPError) as unready:
+            urllib.request.urlopen(f"http://127.0.0.1:{app.app.http.port}/readyz", timeout=5)
+        assert unready.value.code == 503
+    finally:
+        app.stop(0)
 
 
 def test_bad_requests_get_their_codes(channel: grpc.Channel) -> None:

@@ -5,6 +5,7 @@ installed (``make triton-setup``; ``make test`` runs it)."""
 
 from __future__ import annotations
 
+import shutil
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
@@ -329,3 +330,30 @@ def test_cuda_regions_hold_the_inputs_on_the_gpu() -> None:
     assert shared.writes == 1  # unchanged: not copied again
     shared.close()
     assert client.registered == {}
+
+
+def test_an_interrupted_server_install_is_replaced_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    packaged = tmp_path / "venv" / "lib" / "python3.11" / "site-packages" / "pytriton" / "tritonserver"
+    for name in ("bin/tritonserver", "backends/python/libtriton_python.so", "caches/local/libtritoncache.so"):
+        (packaged / name).parent.mkdir(parents=True, exist_ok=True)
+        (packaged / name).write_text(name)
+    stub = packaged / "python_backend_stubs" / "3.11" / "triton_python_backend_stub"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("stub")
+    server = tmp_path / "server"
+
+    def cut_short(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(shutil, "copy2", cut_short)  # the copy's last file fails
+    with pytest.raises(OSError):
+        find_install(tmp_path / "venv", server)
+    monkeypatch.undo()
+    assert not (server / "bin" / "tritonserver").exists()  # else the next start would take it as installed
+    install = find_install(tmp_path / "venv", server)
+    assert (install.server / "bin" / "tritonserver").read_text() == "bin/tritonserver"
+    assert (install.server / "backends" / "python" / "triton_python_backend_stub").read_text() == "stub"
+    assert (install.server / "caches" / "local" / "libtritoncache.so").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["server", "venv"]  # no partial copy left

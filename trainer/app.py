@@ -75,8 +75,10 @@ class TrainerApp:
 
     def start(self) -> None:
         self.app.start()
-        self.runner.start()
+        self.runner.start(on_worker_exit=lambda: self.app.set_serving(False))
         self.app.set_serving(True)
+        if not self.runner.alive:  # ended before it could report (else it reports itself)
+            self.app.set_serving(False)
 
     def stop(self, grace: float = 5.0) -> None:
         self.app.stop(grace)

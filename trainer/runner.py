@@ -87,14 +87,18 @@ class JobRunner:
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._stopping = False
+        self._on_worker_exit: Callable[[], None] | None = None
 
     def job_dir(self, job_id: str) -> Path:
         return self.config.data / "jobs" / job_id
 
     # ---- lifecycle ----
 
-    def start(self) -> None:
-        """Resumes what a previous process left running, then serves the queue."""
+    def start(self, on_worker_exit: Callable[[], None] | None = None) -> None:
+        """Resumes what a previous process left running, then serves the queue. ``on_worker_exit``
+        is called if the worker ever ends other than by :meth:`stop` (the trainer is then unready:
+        jobs would be accepted and never run)."""
+        self._on_worker_exit = on_worker_exit
         for leftover in self.users.clean_staging():
             log.warning("removed a half-published version: %s", leftover)
         self._remove_orphan_folders()
@@ -191,13 +195,19 @@ class JobRunner:
             shutil.rmtree(self.job_dir(job_id) / name, ignore_errors=True)
 
     def _work(self) -> None:
-        while (job_id := self._queue.get()) is not None:
-            try:
-                job = self.store.get(job_id)
-                if job.state == QUEUED:
-                    self.run(job)
-            except Exception:  # the worker must outlive any one job's failure to record its end
-                log.exception("the trainer worker could not run job %s", job_id)
+        try:
+            while (job_id := self._queue.get()) is not None:
+                try:
+                    job = self.store.get(job_id)
+                    if job.state == QUEUED:
+                        self.run(job)
+                except Exception:  # the worker must outlive any one job's failure to record its end
+                    log.exception("the trainer worker could not run job %s", job_id)
+        finally:
+            if not self._stopping:
+                log.critical("the trainer worker ended unexpectedly; no job will run until a restart")
+                if self._on_worker_exit is not None:
+                    self._on_worker_exit()
 
     # ---- one job ----
 
