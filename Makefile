@@ -69,8 +69,12 @@ lint: setup
 bench: setup triton-setup
 	$(BIN)/easyphoto bench --out docs/benchmarks.md
 
+# BACKEND=triton: against `make triton` on this host (TRITON_GRPC_PORT); TRITON_SHM=system|cuda to
+# send large inputs through shared memory.
+TRITON_SHM ?= none
 serve: setup
-	$(BIN)/easyphoto serve --port $(PORT) --backend $(BACKEND) --models $(MODELS)
+	$(BIN)/easyphoto serve --port $(PORT) --backend $(BACKEND) --models $(MODELS) \
+		--triton-url 127.0.0.1:$(TRITON_GRPC_PORT) --triton-shared-memory $(TRITON_SHM)
 
 trainer: setup
 	$(BIN)/easyphoto trainer --port $(TRAINER_PORT) --models $(MODELS)

@@ -30,6 +30,9 @@ from .wire import error_details as error_details  # re-exported: callers import 
 
 log = logging.getLogger(__name__)
 
+# How often a running app asks whether it is still ready (its backend, its worker).
+READINESS_POLL_SECONDS = 5.0
+
 
 def to_status(error: EasyPhotoError) -> grpc.Status:
     detail = any_pb2.Any()
@@ -110,6 +113,7 @@ class GrpcApp:
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
         self.serving = False
+        self._stopped = threading.Event()
         self.http = (
             MetricsEndpoint(metrics.registry, lambda: self.serving, metrics.host, metrics.port)
             if metrics and metrics.port is not None
@@ -125,12 +129,31 @@ class GrpcApp:
         for name in ["", *self.service_names]:
             self.health.set(name, status)
 
+    def follow_readiness(self, ready: Callable[[], bool], interval: float = READINESS_POLL_SECONDS) -> None:
+        """Keeps health (and ``/readyz``) equal to ``ready()``, asked every ``interval`` seconds
+        until the app stops: when what the app depends on goes away (Triton restarting), load
+        balancers stop sending it calls, and send them again once it is back."""
+
+        def watch() -> None:
+            while not self._stopped.wait(interval):
+                try:
+                    now = bool(ready())
+                except Exception as exc:  # a failing probe means not ready
+                    log.warning("readiness probe failed: %s", exc)
+                    now = False
+                if now != self.serving and not self._stopped.is_set():
+                    log.warning("readiness changed: %s", "SERVING" if now else "NOT_SERVING")
+                    self.set_serving(now)
+
+        threading.Thread(target=watch, name="readiness", daemon=True).start()
+
     def start(self) -> None:
         self.server.start()
         if self.http:
             self.http.start()
 
     def stop(self, grace: float = 5.0) -> None:
+        self._stopped.set()
         self.serving = False
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()

@@ -134,6 +134,10 @@ class EngineHolder:
 
         threading.Thread(target=run, name="load-engines", daemon=True).start()
 
+    def backend_ready(self) -> bool:
+        """Whether the loaded backend can serve now (Triton's server and models ready)."""
+        return self._orchestrator is not None and self._orchestrator.engines.backend.ready()
+
     def close(self) -> None:
         """Releases the backend's connections (and Triton shared-memory regions)."""
         if self._orchestrator is not None:
@@ -209,7 +213,12 @@ def serve(config: ServerConfig) -> None:
     )
     if app.http:
         log.info("metrics, /healthz and /readyz on http://%s:%d", config.metrics_host, app.http.port)
-    holder.load_in_background(lambda: app.set_serving(True))
+
+    def on_ready() -> None:
+        app.set_serving(True)
+        app.follow_readiness(holder.backend_ready)
+
+    holder.load_in_background(on_ready)
     signal_name = wait_for_termination()
     log.info("%s: draining requests, then stopping", signal_name)
     app.stop(grace=DRAIN_SECONDS)

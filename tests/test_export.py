@@ -96,6 +96,24 @@ def test_unchanged_roles_are_skipped_and_changed_weights_reexported(
             tiny.text_encoder.get_input_embeddings().weight.copy_(original)
 
 
+def test_the_export_key_follows_the_description_and_the_exporter(
+    tiny: ModelFamily, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from easyphoto.export import onnx_export
+
+    text_encoder = describe_roles(tiny)["text_encoder"]
+    module = text_encoder.build_module()
+    key = onnx_export.export_key(text_encoder, module)
+    assert onnx_export.export_key(text_encoder, module) == key
+    batch = text_encoder.axes["batch"]
+    wider = replace(text_encoder, axes={**text_encoder.axes, "batch": replace(batch, max=batch.max + 1)})
+    assert onnx_export.export_key(wider, module) != key  # a new profile: the graph is written again
+    monkeypatch.setattr(onnx_export, "EXPORTER_VERSION", onnx_export.EXPORTER_VERSION + "-next")
+    assert onnx_export.export_key(text_encoder, module) != key
+
+
 def test_tensorrt_plans_follow_the_descriptions(exported: tuple[Path, dict], tiny: ModelFamily) -> None:
     from easyphoto.export.tensorrt_plan import read_plans
 

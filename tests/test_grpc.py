@@ -39,6 +39,36 @@ def test_health_turns_serving_when_models_load(channel: grpc.Channel) -> None:
     assert _health(channel, "") == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_health_follows_readiness_while_running() -> None:
+    from easyphoto.engines.rpc import GrpcApp
+
+    backend_up = [True]
+    app = GrpcApp([], host="127.0.0.1", port=0)
+    app.start()
+    app.set_serving(True)
+    app.follow_readiness(lambda: backend_up[0], interval=0.02)
+
+    def wait_for(status: int) -> int:
+        deadline = time.monotonic() + 10
+        while (now := _health(chan, "")) != status and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return now
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as chan:
+            backend_up[0] = False  # e.g. Triton restarting
+            assert (
+                wait_for(health_pb2.HealthCheckResponse.NOT_SERVING)
+                == health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            backend_up[0] = True
+            assert wait_for(health_pb2.HealthCheckResponse.SERVING) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        app.stop(0)
+    time.sleep(0.1)
+    assert not app.serving  # a stopped app never turns ready again
+
+
 def test_unknown_service_health_is_not_found(channel: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as info:
         _health(channel, "no.such.Service")

@@ -285,6 +285,19 @@ def _cuda_shared_memory_usable() -> bool:
     return torch.cuda.is_available()
 
 
+def test_an_unreachable_server_is_unavailable_not_an_internal_error(tiny: ModelFamily) -> None:
+    from easyphoto.engines.errors import EngineUnavailable
+
+    text_encoder = describe_roles(tiny)["text_encoder"]
+    backend = TritonBackend("127.0.0.1:1", {"text_encoder": text_encoder})  # nothing listens there
+    try:
+        assert not backend.ready()
+        with pytest.raises(EngineUnavailable, match="triton text_encoder"):
+            backend.infer("text_encoder", text_encoder.sample_inputs("min"))
+    finally:
+        backend.close()
+
+
 def test_shared_memory_that_this_host_cannot_give_is_refused_at_start() -> None:
     from easyphoto.engines.errors import EngineUnavailable
 
