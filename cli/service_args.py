@@ -21,11 +21,24 @@ def add_service_arguments(parser: argparse.ArgumentParser, port: int, metrics_po
         "--metrics-port", type=int, default=metrics_port, help="their HTTP port (0: any free port)"
     )
     parser.add_argument("--no-metrics", action="store_true", help="serve no metrics HTTP endpoint")
+    faces = parser.add_argument_group("face models (give the trainer and the orchestrator the same)")
+    faces.add_argument(
+        "--face-models",
+        default=None,
+        help="an insightface pack directory (SCRFD + ArcFace ONNX), not MTCNN + dlib",
+    )
+    faces.add_argument("--face-parsing", default=None, help="a BiSeNet face parsing ONNX file")
+    faces.add_argument("--face-saliency", default=None, help="a saliency matte ONNX file")
+    faces.add_argument("--face-enhancer", default=None, help="a face upscaler ONNX file")
 
 
 def service_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields :func:`add_service_arguments` sets (ServerConfig and TrainerConfig both)."""
     from easyphoto.engines.artifacts import default_data_root
+    from easyphoto.engines.faces.models import FaceModelPaths
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
 
     return {
         "host": args.host,
@@ -35,4 +48,10 @@ def service_settings(args: argparse.Namespace) -> dict[str, Any]:
         "data": Path(args.data) if args.data else default_data_root(),
         "metrics_host": args.metrics_host,
         "metrics_port": None if args.no_metrics else args.metrics_port,
+        "faces": FaceModelPaths(
+            pack=path(args.face_models),
+            parsing=path(args.face_parsing),
+            saliency=path(args.face_saliency),
+            enhancer=path(args.face_enhancer),
+        ),
     }

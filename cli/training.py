@@ -22,7 +22,6 @@ def _trainer(args: argparse.Namespace) -> int:
         TrainerConfig(
             **service_settings(args),
             orchestrator=args.orchestrator,
-            face_pack=Path(args.face_models) if args.face_models else None,
         )
     )
     return 0
@@ -166,7 +165,6 @@ def register(commands: Any) -> None:
     trainer = commands.add_parser("trainer", help="run the trainer (Trainer + Users) gRPC server")
     add_service_arguments(trainer, port=50052, metrics_port=9465, data="jobs and user artifacts")
     trainer.add_argument("--orchestrator", default="", help="host:port to tell when a user is published")
-    trainer.add_argument("--face-models", default=None, help="an insightface pack directory")
     trainer.set_defaults(run=_trainer)
 
     train = commands.add_parser("train", help="train a user's LoRA from photos (waits with a progress bar)")

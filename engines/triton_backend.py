@@ -240,12 +240,24 @@ class TritonBackend:
     def dtype(self) -> torch.dtype:
         return torch.float32
 
-    def has_model(self, name: str) -> bool:
-        """Whether Triton serves a ready model of this name (optional ones, like fused stages)."""
+    def serves(self, description: RoleDescription) -> bool:
+        """Whether Triton has a ready model of this role whose inputs and outputs are the
+        description's (names and datatypes): an optional role (a fused stage, a face model) is sent
+        there only then, so a repository written for other face models is not called by mistake."""
         try:
-            return bool(self._client.is_model_ready(name, client_timeout=5))
+            if not self._client.is_model_ready(description.name, client_timeout=5):
+                return False
+            metadata = self._client.get_model_metadata(description.name, as_json=True, client_timeout=5)
         except Exception:  # unknown model or unreachable server
             return False
+        theirs = {
+            (t["name"], t["datatype"]) for t in [*metadata.get("inputs", []), *metadata.get("outputs", [])]
+        }
+        ours = {(t.name, TRITON_DTYPES[t.dtype]) for t in (*description.inputs, *description.outputs)}
+        if theirs != ours:
+            log.warning("triton's %s is another model (%s); not using it", description.name, sorted(theirs))
+            return False
+        return True
 
     def ready(self) -> bool:
         """Triton's server readiness and every served model's readiness."""

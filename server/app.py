@@ -18,7 +18,7 @@ import grpc
 from easyphoto.engines.artifacts import UserStore, default_data_root
 from easyphoto.engines.deadline import request_deadline
 from easyphoto.engines.errors import EasyPhotoError, EngineUnavailable, UserNotReady
-from easyphoto.engines.faces.models import FaceModels, default_face_models
+from easyphoto.engines.faces.models import FaceModelPaths, FaceModels
 from easyphoto.engines.family import ModelFamily
 from easyphoto.engines.interface import Backend, Engines
 from easyphoto.engines.loading import resolve_family
@@ -50,6 +50,7 @@ class ServerConfig:
     triton_cuda_device: int = 0
     device: str | None = None
     data: Path = field(default_factory=default_data_root)
+    faces: FaceModelPaths = field(default_factory=FaceModelPaths)
     # HTTP /metrics, /healthz, /readyz: None serves none (metrics are still counted), 0 any free port.
     # `easyphoto serve` listens on 9464 (the usual exporter port); a library default binds nothing fixed.
     metrics_host: str = DEFAULT_HOST
@@ -68,7 +69,7 @@ class EngineHolder:
 
     def load(self) -> Orchestrator:
         family = resolve_family(self.config.models)
-        face_models = default_face_models()
+        face_models = self.config.faces.load()
         backend = self._backend(family, face_models)
         engines = Engines(backend, family.tokenizer, float(family.vae.config.scaling_factor))
         analyzer = face_models.analyzer(backend)
@@ -86,7 +87,7 @@ class EngineHolder:
 
     def _backend(self, family: ModelFamily, face_models: FaceModels) -> Backend:
         """The embedded torch backend, or Triton serving every exported role; the fused stages and
-        dlib's embedder are used when the repository has them (else the embedder runs in process,
+        the face roles are used when the repository has them (else the face models run in process,
         and each step calls its ControlNets and the UNet). The family still supplies the
         descriptions, tokenizer and scheduler config; with Triton its weights are not used for
         inference."""
@@ -96,17 +97,17 @@ class EngineHolder:
             from easyphoto.engines.triton_backend import TritonBackend
 
             local = TorchBackend(None, device="cpu", faces=face_models)
-            served = {
-                **describe_roles(family),
-                **{k: v for k, v in face_models.roles.items() if k != "face_embedder"},
-            }
+            served = describe_roles(family)
             optional = [describe_stage(family, kinds) for kinds in REFERENCE_STAGES if family.controlnets]
-            optional.append(face_models.roles["face_embedder"])
+            optional.extend(face_models.roles.values())
             probe = TritonBackend(self.config.triton_url, {})
             try:
-                served.update({role.name: role for role in optional if probe.has_model(role.name)})
+                served.update({role.name: role for role in optional if probe.serves(role)})
             finally:
                 probe.close()
+            local_faces = sorted(set(face_models.roles) - set(served))
+            if local_faces:
+                log.info("face roles %s are not in Triton's repository: they run in process", local_faces)
             backend = TritonBackend(
                 self.config.triton_url,
                 served,

@@ -150,3 +150,24 @@ def test_scrfd_decoding_of_known_outputs(pack: Path) -> None:
     assert faces[0].score == pytest.approx(0.9)
     offsets = (np.arange(10, dtype=np.float32) / 10 * 8).reshape(5, 2)
     assert np.allclose(faces[0].landmarks, (np.array([cx, cy]) + offsets) / 2)
+
+
+def test_both_services_take_the_same_face_model_options(pack: Path, tmp_path: Path) -> None:
+    from easyphoto.cli.main import build_parser
+    from easyphoto.cli.service_args import service_settings
+    from easyphoto.engines.faces.models import FaceModelPaths
+    from easyphoto.server.app import EngineHolder, ServerConfig
+    from easyphoto.trainer.app import TrainerConfig, build_trainer
+
+    for command in ("serve", "trainer"):
+        args = build_parser().parse_args([command, "--face-models", str(pack), "--face-enhancer", "up.onnx"])
+        assert service_settings(args)["faces"] == FaceModelPaths(pack=pack, enhancer=Path("up.onnx"))
+    faces = FaceModelPaths(pack=pack)
+    orchestrator = EngineHolder(ServerConfig(data=tmp_path, faces=faces)).load()
+    trainer = build_trainer(TrainerConfig(port=0, data=tmp_path, faces=faces, metrics_port=None))
+    try:
+        assert orchestrator.face_models.name == f"insightface:{pack}"
+        assert trainer.runner.config.face_models.name == f"insightface:{pack}"
+        assert "face_detector" in orchestrator.engines.roles  # SCRFD, in place of MTCNN's three nets
+    finally:
+        trainer.store.close()

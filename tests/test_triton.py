@@ -162,6 +162,17 @@ def test_triton_health_and_metrics_answer(server: TritonServer, triton_backend: 
     assert 'nv_inference_count{model="text_encoder",version="1"}' in text
 
 
+def test_an_optional_role_is_served_only_by_a_model_with_its_signature(
+    triton_backend: TritonBackend, face_models: FaceModels, tiny: ModelFamily
+) -> None:
+    embedder = face_models.roles["face_embedder"]
+    assert triton_backend.serves(embedder) and triton_backend.serves(_stages(tiny)["stage_canny_tile"])
+    # Another embedder under the same role name (an insightface pack's ArcFace takes "input.1").
+    arcface = replace(embedder, inputs=(replace(embedder.inputs[0], name="input.1"),))
+    assert not triton_backend.serves(arcface)
+    assert not triton_backend.serves(replace(embedder, name="face_detector"))  # not in the repository
+
+
 def test_a_call_ends_with_the_request_deadline(server: TritonServer, triton_backend: TritonBackend) -> None:
     unet = triton_backend.roles["unet"]
     large = unet.sample_inputs("max", seed=3)  # ~0.1 s on this server

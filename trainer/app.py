@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from easyphoto.engines.artifacts import UserStore, default_data_root
-from easyphoto.engines.faces.models import FaceModels, load_face_models
+from easyphoto.engines.faces.models import FaceModelPaths, FaceModels
 from easyphoto.engines.family import ModelFamily
 from easyphoto.engines.loading import resolve_family
 from easyphoto.engines.metrics import DEFAULT_HOST, Metrics
@@ -48,7 +48,7 @@ class TrainerConfig:
     data: Path = field(default_factory=default_data_root)
     # The orchestrator to tell when a user version is published ("" = nobody).
     orchestrator: str = ""
-    face_pack: Path | None = None
+    faces: FaceModelPaths = field(default_factory=FaceModelPaths)
     # HTTP /metrics, /healthz, /readyz: None serves none, 0 any free port (`easyphoto trainer`: 9465).
     metrics_host: str = DEFAULT_HOST
     metrics_port: int | None = None
@@ -114,7 +114,7 @@ def _runner(
     metrics: TrainerMetrics,
 ) -> JobRunner:
     device = config.device or str(default_device())
-    models = face_models or load_face_models(pack=config.face_pack)
+    models = face_models or config.faces.load()
     backend = TorchBackend(None, device, faces=models)
 
     def load_family() -> ModelFamily:

@@ -111,6 +111,21 @@ def default_face_models() -> FaceModels:
     )
 
 
+@dataclass(frozen=True)
+class FaceModelPaths:
+    """Where a service finds its face models: an insightface pack instead of MTCNN + dlib, and
+    ONNX files that replace the classical face parsing, saliency matte and upscaling. The trainer
+    and the orchestrator should be given the same ones, so that both score identity alike."""
+
+    pack: Path | None = None
+    parsing: Path | None = None
+    saliency: Path | None = None
+    enhancer: Path | None = None
+
+    def load(self) -> FaceModels:
+        return load_face_models(self.pack, self.parsing, self.saliency, self.enhancer)
+
+
 def load_face_models(
     pack: Path | None = None,
     parsing: Path | None = None,
