@@ -74,14 +74,29 @@ def check_user_id(user_id: str, field_name: str) -> None:
         )
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a part."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+def flush_to_disk(*paths: Path) -> None:
+    """fsyncs files, and directories so that renames in them last: after a power loss each file
+    written before is whole on disk, not the empty file some filesystems leave behind."""
+    for path in paths:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def replace_durably(temporary: Path, path: Path) -> None:
+    """Renames a fully written ``temporary`` onto ``path``: readers, and a restart after a crash,
+    see the old file or the whole new one, never a part."""
+    flush_to_disk(temporary)
     os.replace(temporary, path)
+    flush_to_disk(path.parent)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    replace_durably(temporary, path)
 
 
 def sha256_file(path: Path) -> str:

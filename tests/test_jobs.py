@@ -239,3 +239,34 @@ def test_lora_initialisation_follows_the_jobs_seed(tiny: ModelFamily) -> None:
     first, again, other = initial(1, 0), initial(1, 123), initial(2, 0)
     assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_an_unreadable_last_checkpoint_is_dropped_and_the_one_before_resumed(
+    store: JobStore, tmp_path: Path, faces: FaceAnalyzer
+) -> None:
+    import torch
+
+    from easyphoto.trainer.lora_training import LoraTrainer, TrainingImages
+    from easyphoto.trainer.runner import _Job
+
+    runner = _runner(store, tmp_path, faces)
+    job = _Job(runner, store.create("ann", OPTIONS, seed=1, photo_count=1))
+    folder = job.folder / "checkpoints"
+
+    def trainer() -> LoraTrainer:
+        images = TrainingImages(person_photos()[:1], OPTIONS.resolution, OPTIONS.random_flip)
+        return LoraTrainer(tiny_family(), images, OPTIONS, seed=1, device="cpu")
+
+    training = trainer()
+    training.train_step(1)
+    training.save_checkpoint(folder, 1)
+    expected = training.lora("step 1")
+    training.train_step(2)
+    last = training.save_checkpoint(folder, 2)
+    last.with_suffix(".pt").write_bytes(b"")  # the optimizer state of step 2 never reached the disk
+    resumed = trainer()
+    assert job._resume(resumed) == 1
+    assert not last.exists() and not last.with_suffix(".pt").exists()
+    assert any("step-000002" in warning for warning in store.get(job.job.job_id).warnings)
+    for ours, theirs in zip(resumed.lora("x").layers, expected.layers, strict=True):
+        assert torch.equal(ours.up, theirs.up) and torch.equal(ours.down, theirs.down)

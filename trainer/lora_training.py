@@ -11,7 +11,6 @@ seeded by ``(seed, n)``, so a job resumed from a checkpoint continues exactly as
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from diffusers import DDPMScheduler
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from torch import nn
 
+from easyphoto.engines.artifacts import replace_durably
 from easyphoto.engines.family import ModelFamily
 from easyphoto.engines.imaging import resize, to_model
 from easyphoto.engines.lora import LoraLayer, LoraWeights, file_name, load_lora, module_name, save_lora
@@ -216,15 +216,18 @@ class LoraTrainer:
         state_path = lora_path.with_suffix(".pt")
         temporary = folder / f".step-{step:06d}.pt.tmp"
         torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}, temporary)
-        os.replace(temporary, state_path)
+        replace_durably(temporary, state_path)
         temporary = folder / f".step-{step:06d}.safetensors.tmp"
         save_lora(self.lora(f"step-{step}"), temporary)
-        os.replace(temporary, lora_path)
+        replace_durably(temporary, lora_path)
         return lora_path
 
     def load_checkpoint(self, lora_path: Path) -> None:
-        self.load_lora(load_lora(lora_path))
+        """Both files are read before anything is applied: an unreadable checkpoint raises and
+        leaves the trainer as it was."""
+        lora = load_lora(lora_path)
         state = torch.load(lora_path.with_suffix(".pt"), map_location=self.device, weights_only=True)
+        self.load_lora(lora)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from easyphoto.engines.artifacts import LORA_FILE, UserStore, write_atomically
+from easyphoto.engines.artifacts import LORA_FILE, UserStore, flush_to_disk, write_atomically
 from easyphoto.engines.errors import Cancelled, EasyPhotoError, InvalidArgument
 from easyphoto.engines.faces.detect import Face, FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
@@ -342,12 +342,9 @@ class _Job:
         return prepared
 
     def train(self, trainer: LoraTrainer, validator: Validator, total: int) -> list[ValidationImage]:
-        saved = checkpoints(self.folder / "checkpoints")
         results = self._load_results()
-        start = 0
-        if saved:
-            trainer.load_checkpoint(saved[-1])
-            start = checkpoint_step(saved[-1])
+        start = self._resume(trainer)
+        if start:
             results = [r for r in results if r.step <= start]
             if not any(r.step == start for r in results):
                 results += self.validate(trainer, validator, start, results)
@@ -366,6 +363,27 @@ class _Job:
                 results += self.validate(trainer, validator, step, results)
         self.timings["train"] = time.perf_counter() - began
         return results
+
+    def _resume(self, trainer: LoraTrainer) -> int:
+        """Loads the newest checkpoint that reads back whole and returns its step (0: none). One
+        that does not (a disk fault, a crash the filesystem did not order) is removed."""
+        for path in reversed(checkpoints(self.folder / "checkpoints")):
+            try:
+                trainer.load_checkpoint(path)
+                return checkpoint_step(path)
+            except Exception as exc:
+                log.warning(
+                    "job %s: checkpoint %s is unreadable (%s); using the one before",
+                    self.job.job_id,
+                    path.name,
+                    exc,
+                )
+                self.update(
+                    warnings=[*self.job.warnings, f"checkpoint {path.name} was unreadable and was dropped"]
+                )
+                path.unlink(missing_ok=True)
+                path.with_suffix(".pt").unlink(missing_ok=True)
+        return 0
 
     def validate(
         self, trainer: LoraTrainer, validator: Validator, step: int, earlier: list[ValidationImage]
@@ -477,8 +495,10 @@ def _save_prepared(prepared: PreparedPhotos, folder: Path) -> None:
         "warnings": prepared.warnings,
     }
     (staging / "prepared.json").write_text(json.dumps(manifest))
+    flush_to_disk(*staging.iterdir(), staging)
     shutil.rmtree(folder, ignore_errors=True)
     os.rename(staging, folder)
+    flush_to_disk(folder.parent)
 
 
 def _load_prepared(folder: Path) -> PreparedPhotos:
