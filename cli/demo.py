@@ -81,6 +81,8 @@ def run_demo(
     say: Callable[[str], None] = print,
 ) -> DemoResult:
     """``steps`` > 0 overrides every diffusion pass's step count (quick runs)."""
+    data = out_dir / "data"
+    _check_demo_data(data)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     family = resolve_family(models)
@@ -90,7 +92,6 @@ def run_demo(
     result = DemoResult(out_dir, family.name, family.is_random)
     result.seconds["load_models"] = time.perf_counter() - started
 
-    data = out_dir / "data"
     shutil.rmtree(data, ignore_errors=True)  # the demo user starts fresh every run
     result.training = _train_user(data, models, face_models, analyzer, training, say)
     result.seconds["train_user"] = float(result.training["seconds"])  # type: ignore[arg-type]
@@ -117,6 +118,20 @@ def run_demo(
     summary = {k: v for k, v in vars(result).items() if k != "out_dir"}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return result
+
+
+class DataInUse(ValueError):
+    """``--out`` holds users other than the demo's, which a run would delete."""
+
+
+def _check_demo_data(data: Path) -> None:
+    """Each run deletes ``data``: only a folder holding no user but the demo's may be deleted."""
+    users = data / "users"
+    others = sorted(p.name for p in users.iterdir() if p.name != DEMO_USER) if users.is_dir() else []
+    if others:
+        raise DataInUse(
+            f"{data} holds users other than the demo's ({', '.join(others[:3])}); choose another --out"
+        )
 
 
 def _train_user(

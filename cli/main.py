@@ -107,9 +107,13 @@ def _timings_line(seconds: dict[str, float]) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import DataInUse, run_demo
 
-    result = run_demo(Path(args.out), models=args.models, steps=args.steps, seed=args.seed)
+    try:
+        result = run_demo(Path(args.out), models=args.models, steps=args.steps, seed=args.seed)
+    except DataInUse as refused:
+        print(refused, file=sys.stderr)
+        return 2
     for name, generation in result.generations.items():
         scores = ", ".join("-" if s is None else f"{s:.3f}" for s in generation["scores"])  # type: ignore[attr-defined]
         print(

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from easyphoto.cli.demo import RANDOM_WEIGHTS_NOTE, run_demo
@@ -42,3 +43,13 @@ def test_models_command_prints_manifest(capsys) -> None:  # type: ignore[no-unty
     assert manifest["is_random"] is True
     assert manifest["roles"]["unet"]["inputs"][0]["name"] == "sample"
     assert len(manifest["roles"]["unet"]["inputs"]) == 3 + 13
+
+
+def test_the_demo_never_deletes_other_users_data(tmp_path: Path) -> None:
+    alice = tmp_path / "data" / "users" / "alice" / "v1"
+    alice.mkdir(parents=True)
+    with pytest.raises(ValueError, match="alice"):
+        run_demo(tmp_path, steps=4, training=QUICK_TRAINING, say=lambda line: None)
+    assert alice.is_dir()
+    assert main(["demo", "--out", str(tmp_path), "--steps", "4"]) == 2
+    assert alice.is_dir()
