@@ -78,7 +78,7 @@ def find_install(venv: Path = DEFAULT_VENV, server_dir: Path | None = None) -> T
     version = site_packages.parent.name.removeprefix("python")
     server = server_dir or venv / "tritonserver"
     stub = packaged / "python_backend_stubs" / version / "triton_python_backend_stub"
-    if not (server / "bin" / "tritonserver").is_file():
+    if not _installed(server):
         if not stub.is_file():
             raise TritonUnavailable(f"nvidia-pytriton has no python backend stub for Python {version}")
         _install_server(packaged, stub, server)
@@ -97,14 +97,20 @@ def _install_server(packaged: Path, stub: Path, server: Path) -> None:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    if server.exists() and not (server / "bin" / "tritonserver").is_file():
+    if server.exists() and not _installed(server):
         shutil.rmtree(server, ignore_errors=True)  # an older, incomplete install
     try:
         partial.rename(server)
     except OSError:  # another process installed it first
         shutil.rmtree(partial, ignore_errors=True)
-        if not (server / "bin" / "tritonserver").is_file():
+        if not _installed(server):
             raise
+
+
+def _installed(server: Path) -> bool:
+    """Whether ``server`` holds a whole install: the folder appears only by the final rename of a
+    complete copy (an install from before that rule may have left a partial one)."""
+    return (server / "bin" / "tritonserver").is_file()
 
 
 @dataclass

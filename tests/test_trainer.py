@@ -237,9 +237,10 @@ def test_a_dead_worker_makes_the_trainer_unready(tmp_path: Path, monkeypatch: py
         with grpc.insecure_channel(f"127.0.0.1:{app.app.port}") as channel:
             trainer_pb2_grpc.TrainerStub(channel).CreateTrainingJob(_request("eve", person_photos()[:2]))
             deadline = time.monotonic() + 30
-            while app.runner.alive and time.monotonic() < deadline:
+            while app.app.serving and time.monotonic() < deadline:
                 time.sleep(0.05)
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert not app.runner.alive
         assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert app.app.http is not None
         with pytest.raises(urllib.error.HTTPError) as unready:

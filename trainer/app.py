@@ -67,6 +67,10 @@ def refresh_notifier(address: str) -> Notify:
     return notify
 
 
+# Asking whether the worker thread lives costs nothing, so health follows it closely.
+WORKER_POLL_SECONDS = 0.5
+
+
 @dataclass
 class TrainerApp:
     app: GrpcApp
@@ -75,10 +79,9 @@ class TrainerApp:
 
     def start(self) -> None:
         self.app.start()
-        self.runner.start(on_worker_exit=lambda: self.app.set_serving(False))
+        self.runner.start()
         self.app.set_serving(True)
-        if not self.runner.alive:  # ended before it could report (else it reports itself)
-            self.app.set_serving(False)
+        self.app.follow_readiness(lambda: self.runner.alive, interval=WORKER_POLL_SECONDS)
 
     def stop(self, grace: float = 5.0) -> None:
         self.app.stop(grace)

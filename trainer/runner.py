@@ -87,18 +87,14 @@ class JobRunner:
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
         self._stopping = False
-        self._on_worker_exit: Callable[[], None] | None = None
 
     def job_dir(self, job_id: str) -> Path:
         return self.config.data / "jobs" / job_id
 
     # ---- lifecycle ----
 
-    def start(self, on_worker_exit: Callable[[], None] | None = None) -> None:
-        """Resumes what a previous process left running, then serves the queue. ``on_worker_exit``
-        is called if the worker ever ends other than by :meth:`stop` (the trainer is then unready:
-        jobs would be accepted and never run)."""
-        self._on_worker_exit = on_worker_exit
+    def start(self) -> None:
+        """Resumes what a previous process left running, then serves the queue."""
         for leftover in self.users.clean_staging():
             log.warning("removed a half-published version: %s", leftover)
         self._remove_orphan_folders()
@@ -147,6 +143,7 @@ class JobRunner:
 
     @property
     def alive(self) -> bool:
+        """Whether the worker runs: once it is gone, jobs would be accepted and never run."""
         return self._worker is not None and self._worker.is_alive()
 
     def submit(
@@ -206,8 +203,6 @@ class JobRunner:
         finally:
             if not self._stopping:
                 log.critical("the trainer worker ended unexpectedly; no job will run until a restart")
-                if self._on_worker_exit is not None:
-                    self._on_worker_exit()
 
     # ---- one job ----
 
