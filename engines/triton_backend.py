@@ -146,7 +146,7 @@ class SharedInputs:
 
     def place(self, key: str, source: torch.Tensor, array: np.ndarray) -> tuple[str, int]:
         """The region's name and the bytes used, with ``array`` (the prepared ``source``) in it."""
-        name = f"{self._prefix}-{key}"
+        name = self._name(key)
         held = self._held.get(key)
         if held is None or held[1] < array.nbytes:
             if held is not None:
@@ -165,16 +165,19 @@ class SharedInputs:
         """Registers every region with Triton again: a restarted server has forgotten them, while
         their memory (ours) still holds the inputs."""
         for key, (handle, size) in self._held.items():
-            name = f"{self._prefix}-{key}"
             with contextlib.suppress(Exception):  # not registered: the usual case after a restart
-                self.regions.unregister(name)
-            self.regions.register(name, handle, size)
+                self.regions.unregister(self._name(key))
+            self.regions.register(self._name(key), handle, size)
 
     def _drop(self, key: str) -> None:
         handle, _ = self._held.pop(key)
         self._sources.pop(key, None)
-        self.regions.unregister(f"{self._prefix}-{key}")
+        self.regions.unregister(self._name(key))
         self.regions.destroy(handle)
+
+    def _name(self, key: str) -> str:
+        """The region's name, in Triton and in /dev/shm: unique to this backend and input."""
+        return f"{self._prefix}-{key}"
 
     def close(self) -> None:
         for key in list(self._held):
