@@ -436,8 +436,10 @@ class _Job:
     def finish(self, version: int) -> None:
         self.update(published_version=version)
         self.notify(version)
-        self.update(state=SUCCEEDED, stage="done", eta_seconds=0.0)
+        # Before SUCCEEDED, so that a watcher seeing the job done finds its large files gone; a crash
+        # in between resumes into this same finish (the version is found by its job id).
         self.runner.discard_files(self.job.job_id)  # the report keeps the checkpoints' scores
+        self.update(state=SUCCEEDED, stage="done", eta_seconds=0.0)
 
     def notify(self, version: int) -> None:
         if self.config.notify is None:
