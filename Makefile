@@ -64,7 +64,7 @@ test: setup triton-setup
 lint: setup
 	$(BIN)/ruff check cli engines server trainer export tests
 	$(BIN)/ruff format --check cli engines server trainer export tests
-	$(BIN)/mypy cli engines server trainer export
+	$(BIN)/python tests/typecheck.py
 
 bench: setup triton-setup
 	$(BIN)/easyphoto bench --out docs/benchmarks.md

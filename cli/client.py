@@ -83,8 +83,10 @@ class ServiceError(Exception):
 # ---- options by name ----
 
 
-def option_field(descriptor: Descriptor, name: str) -> FieldDescriptor:
-    """The field a (dotted) option name names; ValueError listing the known names otherwise."""
+def option_field(message: Message | type[Message], name: str) -> FieldDescriptor:
+    """The field a (dotted) option name names in ``message`` (a message or its class); ValueError
+    listing the known names otherwise."""
+    descriptor = cast(Descriptor, message.DESCRIPTOR)  # protobuf's stubs union it with upb's type
     *parents, last = name.split(".")
     for part in parents:
         field = _known(descriptor, part, name)
@@ -108,7 +110,7 @@ def _known(descriptor: Descriptor, part: str, name: str) -> FieldDescriptor:
 
 def set_option(message: Message, name: str, value: Any) -> None:
     """Sets the (dotted) field ``name`` of ``message``; a mapping or message sets a nested message."""
-    field = option_field(cast(Descriptor, message.DESCRIPTOR), name)
+    field = option_field(message, name)
     *parents, last = name.split(".")
     for part in parents:
         message = getattr(message, part)
@@ -126,12 +128,12 @@ def set_option(message: Message, name: str, value: Any) -> None:
         raise ValueError(f"option {name!r}: {error}") from error
 
 
-def parse_option(descriptor: Descriptor, assignment: str) -> tuple[str, Any]:
-    """``NAME=VALUE`` (a dotted name) with the value typed from the proto field."""
+def parse_option(message: Message | type[Message], assignment: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` (a dotted name) with the value typed from the field of ``message``."""
     name, equals, text = assignment.partition("=")
     if not equals:
         raise ValueError(f"{assignment!r} is not NAME=VALUE")
-    field = option_field(descriptor, name)
+    field = option_field(message, name)
     try:
         return name, _typed(field, text)
     except ValueError as error:

@@ -60,8 +60,7 @@ def _generate_options(args: argparse.Namespace) -> dict[str, Any]:
         "return_intermediates": args.intermediates or None,
     }
     options = {name: value for name, value in flags.items() if value is not None}
-    descriptor = generator_pb2.GenerateRequest.DESCRIPTOR
-    options.update(parse_option(descriptor, assignment) for assignment in args.set)
+    options.update(parse_option(generator_pb2.GenerateRequest, assignment) for assignment in args.set)
     return options
 
 
@@ -189,7 +188,8 @@ def _faces(args: argparse.Namespace) -> int:
         if len(args.photos) != 2:
             print("--compare takes exactly two photos", file=sys.stderr)
             return 2
-        return compare_faces(*args.photos, analyzer=analyzer)
+        first, second = args.photos
+        return compare_faces(first, second, analyzer=analyzer)
     return list_faces(args.photos, analyzer)
 
 

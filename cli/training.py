@@ -32,7 +32,7 @@ def _set_option(options: Any, assignment: str) -> None:
     from .client import parse_option, set_option
 
     try:
-        set_option(options, *parse_option(options.DESCRIPTOR, assignment))
+        set_option(options, *parse_option(options, assignment))
     except ValueError as error:
         raise SystemExit(f"error: --set {assignment}: {error}") from None
 

@@ -134,7 +134,8 @@ class GrpcMetrics(grpc.ServerInterceptor):
         default: grpc.StatusCode = grpc.StatusCode.UNKNOWN,
     ) -> None:
         """The code the handler set (abort sets it); else OK, or what gRPC reports for a failure."""
-        code = context.code() or (default if failed else grpc.StatusCode.OK)
+        # ServicerContext.code() is grpcio's (since 1.38); types-grpcio does not declare it.
+        code = context.code() or (default if failed else grpc.StatusCode.OK)  # type: ignore[attr-defined]
         self.handled.labels(*labels, code.name).inc()
         self.seconds.labels(*labels).observe(time.perf_counter() - started)
 

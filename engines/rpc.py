@@ -90,7 +90,7 @@ class GrpcApp:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        interceptors = [GrpcMetrics(metrics.registry)] if metrics else []
+        interceptors: list[grpc.ServerInterceptor] = [GrpcMetrics(metrics.registry)] if metrics else []
         # Streams (WatchJob, GenerateStream) hold a worker thread each; beyond max_workers calls
         # are refused with RESOURCE_EXHAUSTED rather than queued behind them with no answer.
         self.server = grpc.server(

@@ -6,7 +6,7 @@ server machinery of :mod:`engines.rpc`, which packs those details.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.rpc import error_details_pb2
@@ -27,7 +27,7 @@ def error_details(error: grpc.RpcError) -> dict[str, Any]:
         "metadata": {},
         "fields": {},
     }
-    status = rpc_status.from_call(error)
+    status = rpc_status.from_call(cast(grpc.Call, error))  # a stub's RpcError is also its Call
     if status is None:
         return result
     for detail in status.details:

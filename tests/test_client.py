@@ -75,13 +75,13 @@ def test_a_bad_option_raises_with_code_and_field(client: GeneratorClient, templa
 
 
 def test_options_are_checked_and_typed_from_the_proto(client: GeneratorClient) -> None:
-    descriptor = generator_pb2.GenerateRequest.DESCRIPTOR
-    assert parse_option(descriptor, "first_pass.steps=30") == ("first_pass.steps", 30)
-    assert parse_option(descriptor, "color_shift=off") == ("color_shift", False)
-    assert parse_option(descriptor, "extra_prompt=a=b") == ("extra_prompt", "a=b")
+    request = generator_pb2.GenerateRequest
+    assert parse_option(request, "first_pass.steps=30") == ("first_pass.steps", 30)
+    assert parse_option(request, "color_shift=off") == ("color_shift", False)
+    assert parse_option(request, "extra_prompt=a=b") == ("extra_prompt", "a=b")
     for bad in ("first_pass.nope=1", "seed=x", "color_shift=maybe", "first_pass=1", "user_ids=a", "seed"):
         with pytest.raises(ValueError):
-            parse_option(descriptor, bad)
+            parse_option(request, bad)
     with pytest.raises(ValueError, match="lora_weight"):  # refused before any call
         client.generate([b""], ["alice"], lora_wieght=1.0)
 

@@ -115,7 +115,7 @@ class JobRecord:
         job = trainer_pb2.Job(
             job_id=self.job_id,
             user_id=self.user_id,
-            state=self.state,
+            state=trainer_pb2.JobState.Name(self.state),
             stage=self.stage,
             step=self.step,
             total_steps=self.total_steps,
