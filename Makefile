@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.easyphoto-setup
+PACKAGES := cli engines server trainer export rpc imaging users diffusion fixtures
 PROTOS := $(wildcard proto/easyphoto/v1/*.proto)
 PROTO_OUT := $(PROTOS:.proto=_pb2.py)
 PORT ?= 50051
@@ -62,8 +63,8 @@ test: setup triton-setup
 	if [ $$rc -eq 5 ]; then echo "no tests collected: failing on purpose"; exit 1; fi; exit $$rc
 
 lint: setup
-	$(BIN)/ruff check cli engines server trainer export tests
-	$(BIN)/ruff format --check cli engines server trainer export tests
+	$(BIN)/ruff check $(PACKAGES) tests
+	$(BIN)/ruff format --check $(PACKAGES) tests
 	$(BIN)/python tests/typecheck.py
 
 bench: setup triton-setup

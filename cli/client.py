@@ -1,7 +1,7 @@
 """A small Python client of the Generator service.
 
 Imports only the generated API (``easyphoto.v1``), grpc and the standard library, plus the light
-:mod:`easyphoto.engines.wire` (no torch, no server machinery), so it is cheap to import anywhere::
+:mod:`easyphoto.rpc.wire` (no torch, no server machinery), so it is cheap to import anywhere::
 
     with GeneratorClient("127.0.0.1:50051", timeout=120) as client:
         response = client.generate(["template.jpg"], ["alice"], seed=7, **{"first_pass.steps": 30})
@@ -23,7 +23,7 @@ import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from easyphoto.engines.wire import MAX_MESSAGE_BYTES, error_details
+from easyphoto.rpc.wire import MAX_MESSAGE_BYTES, error_details
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"

@@ -23,19 +23,21 @@ from pathlib import Path
 
 import numpy as np
 
-from easyphoto.engines.artifacts import UserStore
+from easyphoto.engines.backends.torch_backend import TorchBackend, default_device
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels, default_face_models
-from easyphoto.engines.imaging import contact_sheet_rows, encode_png
 from easyphoto.engines.interface import Engines
-from easyphoto.engines.loading import resolve_family
-from easyphoto.engines.samples import person_photos, sample_photo
-from easyphoto.engines.torch_backend import TorchBackend, default_device
+from easyphoto.engines.models.loading import resolve_family
+from easyphoto.fixtures.photos import person_photos, sample_photo
+from easyphoto.imaging.codec import encode_png
 from easyphoto.server.options import GenerateOptions
 from easyphoto.server.pipeline import Generation, Orchestrator, Progress
 from easyphoto.trainer.jobs import SUCCEEDED, JobStore
 from easyphoto.trainer.options import TrainingOptions
 from easyphoto.trainer.runner import JobRunner, RunnerConfig
+from easyphoto.users.store import UserStore
+
+from .sheets import contact_sheet_rows
 
 log = logging.getLogger(__name__)
 

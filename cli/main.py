@@ -129,8 +129,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from easyphoto.engines.loading import resolve_family
-    from easyphoto.engines.roles import describe_roles
+    from easyphoto.engines.models.loading import resolve_family
+    from easyphoto.engines.roles.diffusion import describe_roles
 
     family = resolve_family(args.models)
     manifest = {
@@ -162,8 +162,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _triton_bench(models: str) -> str:
-    from easyphoto.engines.loading import resolve_family
-    from easyphoto.engines.roles import describe_roles, describe_stage
+    from easyphoto.engines.models.loading import resolve_family
+    from easyphoto.engines.roles.diffusion import describe_roles, describe_stage
     from easyphoto.export.onnx_export import export_all
     from easyphoto.export.triton_bench import FIRST_PASS_KINDS, ROLE, triton_section
     from easyphoto.export.triton_repository import write_repository
@@ -181,7 +181,7 @@ def _triton_bench(models: str) -> str:
 
 
 def _faces(args: argparse.Namespace) -> int:
-    from easyphoto.engines.faces.cli import compare_faces, default_analyzer, list_faces
+    from .faces import compare_faces, default_analyzer, list_faces
 
     analyzer = default_analyzer(Path(args.face_models) if args.face_models else None)
     if args.compare:
@@ -195,8 +195,8 @@ def _faces(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from easyphoto.engines.faces.models import default_face_models
-    from easyphoto.engines.loading import resolve_family
-    from easyphoto.engines.roles import REFERENCE_STAGES, describe_roles, describe_stage
+    from easyphoto.engines.models.loading import resolve_family
+    from easyphoto.engines.roles.diffusion import REFERENCE_STAGES, describe_roles, describe_stage
     from easyphoto.export.onnx_export import export_all
 
     family = resolve_family(args.models)

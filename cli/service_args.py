@@ -34,8 +34,8 @@ def add_service_arguments(parser: argparse.ArgumentParser, port: int, metrics_po
 
 def service_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields :func:`add_service_arguments` sets (ServerConfig and TrainerConfig both)."""
-    from easyphoto.engines.artifacts import default_data_root
     from easyphoto.engines.faces.models import FaceModelPaths
+    from easyphoto.users.store import default_data_root
 
     def path(value: str | None) -> Path | None:
         return Path(value) if value else None

@@ -1,1 +1,1 @@
-"""Model roles, their descriptions and the backends that run them (see README.md)."""
+"""Model roles and the backends that run them (see README.md)."""

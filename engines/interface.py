@@ -18,7 +18,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTokenizer
 
 from .lora import LoraWeights
-from .roles import RoleDescription, stage_role_name
+from .roles.description import RoleDescription
+from .roles.diffusion import stage_role_name
 from .shapes import Dim
 
 Tensors = dict[str, torch.Tensor]

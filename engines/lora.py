@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .errors import InvalidArgument
+from easyphoto.rpc.errors import InvalidArgument
 
 TARGETS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 # LoRA files name CLIP text-encoder modules ``text_model.encoder...`` (transformers 4 layout);

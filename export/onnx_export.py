@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from easyphoto.engines.roles import RoleDescription
+from easyphoto.engines.roles.description import RoleDescription
 
 from .tensorrt_plan import plan_role, write_plans
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from easyphoto.engines.roles import RoleDescription
+from easyphoto.engines.roles.description import RoleDescription
 from easyphoto.engines.shapes import PROFILE_POINTS
 
 log = logging.getLogger(__name__)

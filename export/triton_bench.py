@@ -21,7 +21,8 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
-from easyphoto.engines.roles import RoleDescription, stage_role_name
+from easyphoto.engines.roles.description import RoleDescription
+from easyphoto.engines.roles.diffusion import stage_role_name
 
 from .triton_server import TritonInstall, free_ports, start_server
 
@@ -145,7 +146,7 @@ def step_times(
 def triton_section(
     install: TritonInstall, repository: Path, export_dir: Path, roles: dict[str, RoleDescription]
 ) -> str:
-    from easyphoto.engines.triton_backend import TritonBackend
+    from easyphoto.engines.backends.triton_backend import TritonBackend
 
     server = start_server(repository, install, free_ports())
     try:

@@ -25,10 +25,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from easyphoto.engines.backends.triton_backend import TRITON_DTYPES
 from easyphoto.engines.faces.models import DlibEmbedder
-from easyphoto.engines.roles import RoleDescription
+from easyphoto.engines.roles.description import RoleDescription
 from easyphoto.engines.shapes import TensorSpec
-from easyphoto.engines.triton_backend import TRITON_DTYPES
 
 from .tensorrt_plan import read_plans
 

@@ -15,17 +15,17 @@ from pathlib import Path
 
 import grpc
 
-from easyphoto.engines.artifacts import UserStore, default_data_root
-from easyphoto.engines.deadline import request_deadline
-from easyphoto.engines.errors import EasyPhotoError, EngineUnavailable, UserNotReady
+from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.models import FaceModelPaths, FaceModels
-from easyphoto.engines.family import ModelFamily
 from easyphoto.engines.interface import Backend, Engines
-from easyphoto.engines.loading import resolve_family
-from easyphoto.engines.metrics import DEFAULT_HOST, Metrics
-from easyphoto.engines.roles import REFERENCE_STAGES, describe_roles, describe_stage
-from easyphoto.engines.rpc import GrpcApp, Service, abort, wait_for_termination
-from easyphoto.engines.torch_backend import TorchBackend
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.models.loading import resolve_family
+from easyphoto.engines.roles.diffusion import REFERENCE_STAGES, describe_roles, describe_stage
+from easyphoto.rpc.deadline import request_deadline
+from easyphoto.rpc.errors import EasyPhotoError, EngineUnavailable, UserNotReady
+from easyphoto.rpc.metrics import DEFAULT_HOST, Metrics
+from easyphoto.rpc.server import GrpcApp, Service, abort, wait_for_termination
+from easyphoto.users.store import UserStore, default_data_root
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
 from .metrics import GeneratorMetrics
@@ -45,7 +45,7 @@ class ServerConfig:
     backend: str = "torch"  # or "triton": the roles served by tritonserver at triton_url
     triton_url: str = "127.0.0.1:8001"
     # Large per-request tensors through shared memory (Triton on this host only): "none",
-    # "system" or "cuda" (on triton_cuda_device; engines.triton_backend.CudaRegions).
+    # "system" or "cuda" (on triton_cuda_device; engines.backends.shared_memory.CudaRegions).
     triton_shared_memory: str = "none"
     triton_cuda_device: int = 0
     device: str | None = None
@@ -94,7 +94,7 @@ class EngineHolder:
         if self.config.backend == "torch":
             return TorchBackend(family, device=self.config.device, faces=face_models)
         if self.config.backend == "triton":
-            from easyphoto.engines.triton_backend import TritonBackend
+            from easyphoto.engines.backends.triton_backend import TritonBackend
 
             local = TorchBackend(None, device="cpu", faces=face_models)
             served = describe_roles(family)

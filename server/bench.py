@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from diffusers import MultiControlNetModel, StableDiffusionControlNetInpaintPipeline
 
-from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.inpaint import InpaintRequest, make_scheduler, run_inpaint
+from easyphoto.diffusion.inpaint import InpaintRequest, run_inpaint
+from easyphoto.diffusion.schedulers import make_scheduler
+from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.interface import ControlInput, Engines
-from easyphoto.engines.loading import resolve_family
-from easyphoto.engines.torch_backend import TorchBackend
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.models.loading import resolve_family
 
 PROMPT = "easyphoto_face, easyphoto, 1person"
 CONTROL_SCALES = {"canny": 0.5, "openpose": 0.5, "color": 0.85}
@@ -69,7 +70,7 @@ def baseline_inpaint(
     strength: float = 0.45,
     guidance_scale: float = 7.0,
 ) -> torch.Tensor:
-    """The same pass as :func:`engines.inpaint.run_inpaint`, through diffusers: ``image`` and the
+    """The same pass as :func:`diffusion.inpaint.run_inpaint`, through diffusers: ``image`` and the
     result in [0, 1] (NCHW), ``mask`` 1 where repainted."""
     return pipe(
         prompt=prompt,

@@ -10,10 +10,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.detect import SAME_PERSON_THRESHOLD
 from easyphoto.engines.faces.models import default_face_models
-from easyphoto.engines.samples import PHOTOS, sample_photo
-from easyphoto.engines.torch_backend import TorchBackend
+from easyphoto.fixtures.photos import PHOTOS, sample_photo
 
 MARK_BEGIN = "<!-- bench:faces:begin -->"
 MARK_END = "<!-- bench:faces:end -->"

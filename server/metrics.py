@@ -1,4 +1,4 @@
-"""The orchestrator's own metrics (the per-call gRPC ones come from ``engines.metrics``)."""
+"""The orchestrator's own metrics (the per-call gRPC ones come from ``rpc.metrics``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from easyphoto.engines.metrics import LATENCY_BUCKETS
+from easyphoto.rpc.metrics import LATENCY_BUCKETS
 
 # Denoising steps per second, from a full-size model on CPU to a batched GPU.
 STEP_RATE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from easyphoto.engines.errors import InvalidArgument, check_range
-from easyphoto.engines.inpaint import SCHEDULERS, strength_steps
-from easyphoto.engines.rpc import present_fields
+from easyphoto.diffusion.schedulers import SCHEDULERS, strength_steps
+from easyphoto.rpc.errors import InvalidArgument, check_range
+from easyphoto.rpc.server import present_fields
 from easyphoto.v1 import generator_pb2
 
 FACE_PROMPT = "easyphoto_face, easyphoto, 1person"

@@ -24,38 +24,28 @@ import cv2
 import numpy as np
 import torch
 
-from easyphoto.engines.artifacts import UserArtifacts, UserStore, check_user_id
-from easyphoto.engines.errors import InvalidArgument
-from easyphoto.engines.faces.detect import Face, FaceAnalyzer
+from easyphoto.diffusion.inpaint import InpaintRequest, StepEvent, run_inpaint
+from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
 from easyphoto.engines.faces.parts import fuse_faces, super_resolve
-from easyphoto.engines.imaging import (
-    FACE_PARTS,
-    border_ring,
-    box_iou,
-    canny_control,
-    color_control,
-    draw_pose,
-    feather,
-    fit_size,
-    from_model,
-    grow_box,
-    inpaint_mask,
-    int_box,
-    paint_boxes_white,
-    paste_back,
-    resize,
-    ring_mask,
-    similarity_transform,
-    tile_control,
-    to_model,
-    transfer_color,
-    transform_points,
-    union,
-)
-from easyphoto.engines.inpaint import InpaintRequest, StepEvent, run_inpaint
 from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.engines.lora import LoraWeights, load_lora
+from easyphoto.imaging.codec import from_model, to_model
+from easyphoto.imaging.compose import paint_boxes_white, paste_back, transfer_color
+from easyphoto.imaging.controls import canny_control, color_control, draw_pose, tile_control
+from easyphoto.imaging.geometry import (
+    Face,
+    box_iou,
+    fit_size,
+    grow_box,
+    int_box,
+    resize,
+    similarity_transform,
+    transform_points,
+)
+from easyphoto.imaging.masks import FACE_PARTS, border_ring, feather, inpaint_mask, ring_mask, union
+from easyphoto.rpc.errors import InvalidArgument
+from easyphoto.users.store import UserArtifacts, UserStore, check_user_id
 
 from .options import GenerateOptions, PassOptions
 

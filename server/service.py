@@ -17,10 +17,10 @@ from functools import partial
 import grpc
 from prometheus_client import CollectorRegistry
 
-from easyphoto.engines.deadline import request_deadline
-from easyphoto.engines.errors import Cancelled, DeadlineExceeded, EasyPhotoError, InvalidArgument, Overloaded
-from easyphoto.engines.imaging import decode_image, encode_png
-from easyphoto.engines.rpc import abort
+from easyphoto.imaging.codec import decode_image, encode_png
+from easyphoto.rpc.deadline import request_deadline
+from easyphoto.rpc.errors import Cancelled, DeadlineExceeded, EasyPhotoError, InvalidArgument, Overloaded
+from easyphoto.rpc.server import abort
 from easyphoto.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
 from .metrics import GeneratorMetrics

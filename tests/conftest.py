@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
+from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import default_face_models
-from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.imaging import encode_png, grow_box, int_box
 from easyphoto.engines.interface import Engines
-from easyphoto.engines.loading import tiny_family
-from easyphoto.engines.samples import sample_photo
-from easyphoto.engines.torch_backend import TorchBackend
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.models.loading import tiny_family
+from easyphoto.fixtures.photos import sample_photo
+from easyphoto.imaging.codec import encode_png
+from easyphoto.imaging.geometry import grow_box, int_box
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -15,8 +15,8 @@ from PIL import Image
 
 from easyphoto.cli.client import GeneratorClient, ServiceError, parse_option
 from easyphoto.cli.main import main
-from easyphoto.engines.imaging import encode_png
-from easyphoto.engines.samples import sample_photo
+from easyphoto.fixtures.photos import sample_photo
+from easyphoto.imaging.codec import encode_png
 from easyphoto.v1 import generator_pb2
 
 # 4 steps at strength 0.5: 2 denoising steps per pass; both option forms (dotted, mapping).
@@ -88,7 +88,7 @@ def test_options_are_checked_and_typed_from_the_proto(client: GeneratorClient) -
 
 def test_the_client_imports_no_torch_and_no_server_side() -> None:
     code = "import sys, easyphoto.cli.client; print(sorted(set(sys.modules) & {MODULES!r}))"
-    modules = {"torch", "prometheus_client", "easyphoto.engines.rpc", "grpc_health.v1.health"}
+    modules = {"torch", "prometheus_client", "easyphoto.rpc.server", "grpc_health.v1.health"}
     out = subprocess.run(
         [sys.executable, "-c", code.replace("{MODULES!r}", repr(modules))],
         capture_output=True,

@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionControlNetInpaintPipeline
 
-from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.inpaint import InpaintRequest, run_inpaint
+from easyphoto.diffusion.inpaint import InpaintRequest, run_inpaint
 from easyphoto.engines.interface import ControlInput, Engines
+from easyphoto.engines.models.family import ModelFamily
 from easyphoto.server.bench import baseline_inpaint, baseline_pipeline
 
 SIZE = 128
@@ -99,7 +99,7 @@ def test_whole_pass_equals_diffusers_with_same_seed(
 
 
 def test_pass_stops_when_asked(engines: Engines, inputs: dict[str, torch.Tensor], tiny: ModelFamily) -> None:
-    from easyphoto.engines.errors import Cancelled
+    from easyphoto.rpc.errors import Cancelled
 
     calls = []
     request = _request(

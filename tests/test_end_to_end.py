@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from easyphoto.engines.faces.models import default_face_models
-from easyphoto.engines.imaging import encode_png
-from easyphoto.engines.samples import person_photos, sample_photo
+from easyphoto.fixtures.photos import person_photos, sample_photo
+from easyphoto.imaging.codec import encode_png
 from easyphoto.server.app import ServerConfig, build_app
 from easyphoto.trainer.app import TrainerApp, TrainerConfig, build_trainer
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc

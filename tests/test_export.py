@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from easyphoto.engines.faces.models import default_face_models
-from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.roles import describe_roles
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.roles.diffusion import describe_roles
 from easyphoto.export.onnx_export import export_all, export_role, initializer_names
 
 

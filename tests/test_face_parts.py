@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from easyphoto.engines import imaging
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.parts import (
     BiSeNetParser,
@@ -22,7 +21,8 @@ from easyphoto.engines.faces.parts import (
     fuse_faces,
     super_resolve,
 )
-from easyphoto.engines.samples import sample_photo
+from easyphoto.fixtures.photos import sample_photo
+from easyphoto.imaging import geometry, masks
 
 
 def _export(module: nn.Module, example: torch.Tensor, path: Path, dynamic: bool = False) -> Path:
@@ -68,11 +68,11 @@ def test_landmark_parser_is_the_default_geometry(faces: FaceAnalyzer) -> None:
 def test_grabcut_matte_keeps_the_person_and_drops_the_border(faces: FaceAnalyzer) -> None:
     image = sample_photo("astronaut")
     face = faces.largest(image)
-    x0, y0, x1, y1 = imaging.int_box(imaging.grow_box(face.box, 3.0, 512, 512))
+    x0, y0, x1, y1 = geometry.int_box(geometry.grow_box(face.box, 3.0, 512, 512))
     crop = image[y0:y1, x0:x1]
     local_box = (face.box[0] - x0, face.box[1] - y0, face.box[2] - x0, face.box[3] - y0)
     matte = GrabCutMatte()(crop, local_box)
-    fx0, fy0, fx1, fy1 = imaging.int_box(local_box)
+    fx0, fy0, fx1, fy1 = geometry.int_box(local_box)
     assert (matte[fy0:fy1, fx0:fx1] == 255).all()
     assert matte[:3].max() == 0 and matte[:, :3].max() == 0
     assert 0.2 < (matte > 0).mean() < 0.9
@@ -87,7 +87,7 @@ def test_fusion_keeps_lips_and_outside_and_repaints_eyes(faces: FaceAnalyzer) ->
     parts = LandmarkParser()(target, target_face)
     assert np.array_equal(fuse_faces(target, target_face, group, reference_face, parts, ratio=0), target)
     fused = fuse_faces(target, target_face, group, reference_face, parts, ratio=0.5)
-    face_mask = imaging.union([parts[p] for p in imaging.FACE_PARTS if p != "lips"])
+    face_mask = masks.union([parts[p] for p in masks.FACE_PARTS if p != "lips"])
     outside = face_mask == 0
     assert np.array_equal(fused[outside], target[outside])
     mouth = ((target_face.landmarks[3] + target_face.landmarks[4]) / 2).round().astype(int)

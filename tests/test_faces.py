@@ -6,9 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from easyphoto.engines.errors import NoFace
 from easyphoto.engines.faces.detect import FaceAnalyzer
-from easyphoto.engines.samples import sample_photo
+from easyphoto.fixtures.photos import sample_photo
+from easyphoto.rpc.errors import NoFace
 
 # Measured (docs/benchmarks.md): same person >= 0.98, different people <= 0.90 with dlib's ResNet.
 SAME_PERSON_MARGIN = 0.04
@@ -40,7 +40,7 @@ def test_photo_without_face_raises_typed_error(faces: FaceAnalyzer) -> None:
 
 
 def test_too_small_and_too_many_faces_are_typed_errors(faces: FaceAnalyzer) -> None:
-    from easyphoto.engines.errors import FaceTooSmall, TooManyFaces
+    from easyphoto.rpc.errors import FaceTooSmall, TooManyFaces
 
     group = sample_photo("group")
     with pytest.raises(TooManyFaces) as many:
@@ -55,7 +55,7 @@ def test_too_small_and_too_many_faces_are_typed_errors(faces: FaceAnalyzer) -> N
 
 
 def test_rotation_by_known_angle_is_recovered(faces: FaceAnalyzer) -> None:
-    from easyphoto.engines.imaging import roll_angle
+    from easyphoto.imaging.geometry import roll_angle
 
     image = sample_photo("astronaut")
     before = roll_angle(faces.largest(image).landmarks)

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from easyphoto.engines.faces.cli import compare_faces, list_faces
+from easyphoto.cli.faces import compare_faces, list_faces
 from easyphoto.engines.faces.detect import FaceAnalyzer
-from easyphoto.engines.imaging import encode_png
-from easyphoto.engines.samples import sample_path, sample_photo
+from easyphoto.fixtures.photos import sample_path, sample_photo
+from easyphoto.imaging.codec import encode_png
 
 
 @pytest.fixture

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from easyphoto.engines.deadline import request_deadline, time_left
-from easyphoto.engines.errors import DeadlineExceeded
-from easyphoto.engines.imaging import encode_png
-from easyphoto.engines.rpc import GrpcApp, Service, error_details
-from easyphoto.engines.samples import sample_photo
+from easyphoto.fixtures.photos import sample_photo
+from easyphoto.imaging.codec import encode_png
+from easyphoto.rpc.deadline import request_deadline, time_left
+from easyphoto.rpc.errors import DeadlineExceeded
+from easyphoto.rpc.server import GrpcApp, Service
+from easyphoto.rpc.wire import error_details
 from easyphoto.server.pipeline import Generation
 from easyphoto.server.service import GeneratorService
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc

@@ -10,8 +10,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from easyphoto.engines.errors import ImageUnreadable
-from easyphoto.engines.rpc import error_details, to_status
+from easyphoto.rpc.errors import ImageUnreadable
+from easyphoto.rpc.server import to_status
+from easyphoto.rpc.wire import error_details
 from easyphoto.server.app import ServerConfig, build_app
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, users_pb2
 
@@ -40,7 +41,7 @@ def test_health_turns_serving_when_models_load(channel: grpc.Channel) -> None:
 
 
 def test_health_follows_readiness_while_running() -> None:
-    from easyphoto.engines.rpc import GrpcApp
+    from easyphoto.rpc.server import GrpcApp
 
     backend_up = [True]
     app = GrpcApp([], host="127.0.0.1", port=0)

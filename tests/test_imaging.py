@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from easyphoto.engines import imaging
-from easyphoto.engines.errors import ImageTooSmall, ImageUnreadable
+from easyphoto.imaging import codec, compose, controls, geometry, masks
+from easyphoto.rpc.errors import ImageTooSmall, ImageUnreadable
 
 # The astronaut's landmarks as MTCNN finds them (pixels of the 512x512 photo).
 ASTRONAUT = np.array(
@@ -23,42 +23,42 @@ def test_similarity_transform_recovers_known_transform() -> None:
     rotation = scale * np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
     source = ASTRONAUT
     target = source @ rotation.T + shift
-    matrix = imaging.similarity_transform(source, target)
+    matrix = geometry.similarity_transform(source, target)
     assert np.allclose(matrix[:, :2], rotation, atol=1e-4)
-    assert np.allclose(imaging.transform_points(matrix, source), target, atol=1e-3)
+    assert np.allclose(geometry.transform_points(matrix, source), target, atol=1e-3)
 
 
 def test_align_face_puts_landmarks_on_the_template() -> None:
     image = np.zeros((512, 512, 3), np.uint8)
-    crop, matrix = imaging.align_face(image, ASTRONAUT, size=112)
+    crop, matrix = geometry.align_face(image, ASTRONAUT, size=112)
     assert crop.shape == (112, 112, 3)
-    moved = imaging.transform_points(matrix, ASTRONAUT)
-    assert np.abs(moved - imaging.ARCFACE_TEMPLATE_112).max() < 6  # a similarity fit of 5 real points
-    _, matrix512 = imaging.align_face(image, ASTRONAUT, size=512)
+    moved = geometry.transform_points(matrix, ASTRONAUT)
+    assert np.abs(moved - geometry.ARCFACE_TEMPLATE_112).max() < 6  # a similarity fit of 5 real points
+    _, matrix512 = geometry.align_face(image, ASTRONAUT, size=512)
     assert np.allclose(matrix512, matrix * (512 / 112), atol=1e-3)
 
 
 def test_roll_angle_and_score() -> None:
     level = np.array([[0, 0], [10, 0], [5, 5], [2, 8], [8, 8]], np.float32)
-    assert imaging.roll_angle(level) == 0 and imaging.roll_score(level) == 1
+    assert geometry.roll_angle(level) == 0 and geometry.roll_score(level) == 1
     tilted = level.copy()
     tilted[1] = [10 * math.cos(math.radians(30)), 10 * math.sin(math.radians(30))]
-    assert imaging.roll_angle(tilted) == pytest.approx(30)
-    assert imaging.roll_score(tilted) == pytest.approx(60 / 90)
+    assert geometry.roll_angle(tilted) == pytest.approx(30)
+    assert geometry.roll_score(tilted) == pytest.approx(60 / 90)
 
 
 def test_box_grow_and_tighten() -> None:
-    assert imaging.grow_box((40, 40, 60, 80), 3.0, 1000, 1000) == (20, 0, 80, 120)
-    assert imaging.grow_box((0, 0, 10, 10), 3.0, 20, 20) == (0, 0, 20, 20)  # clipped
-    assert imaging.tighten_box((100, 100, 200, 300), 1000, 1000) == pytest.approx((70, 70, 230, 330))
+    assert geometry.grow_box((40, 40, 60, 80), 3.0, 1000, 1000) == (20, 0, 80, 120)
+    assert geometry.grow_box((0, 0, 10, 10), 3.0, 20, 20) == (0, 0, 20, 20)  # clipped
+    assert geometry.tighten_box((100, 100, 200, 300), 1000, 1000) == pytest.approx((70, 70, 230, 330))
 
 
 def test_fit_size_keeps_multiples() -> None:
-    assert imaging.fit_size(1200, 800, 512, 64) == (768, 512)
-    width, height = imaging.fit_size(333, 517, 512, 8)
+    assert geometry.fit_size(1200, 800, 512, 64) == (768, 512)
+    width, height = geometry.fit_size(333, 517, 512, 8)
     assert width == 512 and height % 8 == 0
-    assert imaging.fit_size(300, 390, 512, 64, max_side=256) == (192, 256)  # the long side bounds it
-    assert imaging.fit_size(1000, 1010, 512, 64, max_side=512) == (512, 512)  # never past the maximum
+    assert geometry.fit_size(300, 390, 512, 64, max_side=256) == (192, 256)  # the long side bounds it
+    assert geometry.fit_size(1000, 1010, 512, 64, max_side=512) == (512, 512)  # never past the maximum
 
 
 def test_color_transfer_moves_lab_statistics() -> None:
@@ -67,7 +67,7 @@ def test_color_transfer_moves_lab_statistics() -> None:
     reference = np.clip(rng.normal((150, 110, 90), 12, (128, 128, 3)), 0, 255).astype(np.uint8)
     mask = np.zeros((128, 128), np.uint8)
     mask[32:96, 32:96] = 255
-    moved = imaging.transfer_color(source, reference, mask)
+    moved = compose.transfer_color(source, reference, mask)
     moved_lab = cv2.cvtColor(moved, cv2.COLOR_RGB2LAB).astype(np.float32)[mask > 0]
     ref_lab = cv2.cvtColor(reference, cv2.COLOR_RGB2LAB).astype(np.float32)[mask > 0]
     assert np.abs(moved_lab.mean(0) - ref_lab.mean(0)).max() < 1.5
@@ -78,36 +78,36 @@ def test_color_transfer_moves_lab_statistics() -> None:
 def test_paste_back_leaves_outside_untouched_and_feathers_inside() -> None:
     image = np.full((100, 120, 3), 50, np.uint8)
     crop = np.full((40, 60, 3), 250, np.uint8)
-    out = imaging.paste_back(image, crop, (30, 20, 90, 60), feather_px=6)
+    out = compose.paste_back(image, crop, (30, 20, 90, 60), feather_px=6)
     outside = np.ones((100, 120), bool)
     outside[20:60, 30:90] = False
     assert np.array_equal(out[outside], image[outside])
     assert out[40, 60, 0] == 250  # centre fully pasted
     assert 50 <= out[20, 60, 0] < 150  # border faded toward the template
     with pytest.raises(ValueError):
-        imaging.paste_back(image, crop, (0, 0, 10, 10), feather_px=2)
+        compose.paste_back(image, crop, (0, 0, 10, 10), feather_px=2)
 
 
 def test_landmark_masks_cover_the_face_not_the_background() -> None:
-    parts = imaging.face_part_masks((512, 512), ASTRONAUT)
+    parts = masks.face_part_masks((512, 512), ASTRONAUT)
     for eye in ASTRONAUT[:2]:
         assert parts["eyes"][round(eye[1]), round(eye[0])] == 255
     for corner in ASTRONAUT[3:]:
         assert parts["lips"][round(corner[1]), round(corner[0])] == 255
     face_width = ASTRONAUT_BOX[2] - ASTRONAUT_BOX[0]
-    mask = imaging.inpaint_mask(parts, face_width)
+    mask = masks.inpaint_mask(parts, face_width)
     assert all(mask[round(y), round(x)] == 255 for x, y in ASTRONAUT)
     assert mask[:20].max() == 0 and mask[:, :100].max() == 0 and mask[400:].max() == 0
     x0, y0, x1, y1 = ASTRONAUT_BOX
     assert (mask > 0).sum() < 2.5 * (x1 - x0) * (y1 - y0)
-    ring = imaging.ring_mask(parts, face_width)
+    ring = masks.ring_mask(parts, face_width)
     nose = ASTRONAUT[2]
     assert ring[round(nose[1]), round(nose[0])] == 0  # the ring leaves the nose alone
     assert ring[round(ASTRONAUT[0][1]), round(ASTRONAUT[0][0])] == 255  # but repaints the eyes
 
 
 def test_pose_drawing_marks_landmarks_and_body() -> None:
-    pose = imaging.draw_pose((512, 512), [ASTRONAUT])
+    pose = controls.draw_pose((512, 512), [ASTRONAUT])
     for x, y in ASTRONAUT:
         assert pose[round(y), round(x)].max() == 255
     chin = round(ASTRONAUT[3:, 1].max()) + 20
@@ -117,16 +117,16 @@ def test_pose_drawing_marks_landmarks_and_body() -> None:
 
 def test_paint_boxes_white() -> None:
     image = np.zeros((50, 50, 3), np.uint8)
-    out = imaging.paint_boxes_white(image, [(10, 10, 20, 30)])
+    out = compose.paint_boxes_white(image, [(10, 10, 20, 30)])
     assert out[15, 15].tolist() == [255, 255, 255] and out[5, 5].tolist() == [0, 0, 0]
     assert image.max() == 0
 
 
 def test_decode_rejects_bad_images() -> None:
     with pytest.raises(ImageUnreadable):
-        imaging.decode_image(b"not an image", field="templates[0]")
-    tiny = imaging.encode_png(np.zeros((10, 10, 3), np.uint8))
+        codec.decode_image(b"not an image", field="templates[0]")
+    tiny = codec.encode_png(np.zeros((10, 10, 3), np.uint8))
     with pytest.raises(ImageTooSmall):
-        imaging.decode_image(tiny)
-    png = imaging.encode_png(np.full((80, 70, 3), 7, np.uint8))
-    assert imaging.decode_image(png).shape == (80, 70, 3)
+        codec.decode_image(tiny)
+    png = codec.encode_png(np.full((80, 70, 3), 7, np.uint8))
+    assert codec.decode_image(png).shape == (80, 70, 3)

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from easyphoto.engines.errors import EngineUnavailable
+from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.insightface_pack import SCRFD_SIZE, ScrfdDetector, find_pack_files
 from easyphoto.engines.faces.models import load_face_models
-from easyphoto.engines.samples import sample_photo
-from easyphoto.engines.torch_backend import TorchBackend
+from easyphoto.fixtures.photos import sample_photo
+from easyphoto.rpc.errors import EngineUnavailable
 
 STRIDES = (8, 16, 32)
 
@@ -109,7 +109,7 @@ def test_pack_loads_through_the_same_roles(pack: Path) -> None:
     image = sample_photo("astronaut")
     faces = analyzer.detect(image)  # random weights: any number of faces, all inside the image
     assert all(0 <= f.box[0] <= f.box[2] <= 512 and f.landmarks.shape == (5, 2) for f in faces)
-    from easyphoto.engines.faces.detect import Face
+    from easyphoto.imaging.geometry import Face
 
     face = Face(
         (180, 60, 270, 175),

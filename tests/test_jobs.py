@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from easyphoto.engines.artifacts import LORA_FILE, UserStore, check_user_id, sha256_file
-from easyphoto.engines.errors import Cancelled, InvalidArgument
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import default_face_models
-from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.imaging import encode_png
-from easyphoto.engines.loading import tiny_family
-from easyphoto.engines.samples import person_photos
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.models.loading import tiny_family
+from easyphoto.fixtures.photos import person_photos
+from easyphoto.imaging.codec import encode_png
+from easyphoto.rpc.errors import Cancelled, InvalidArgument
 from easyphoto.trainer.jobs import (
     CANCELLED,
     FAILED,
@@ -35,6 +34,8 @@ from easyphoto.trainer.jobs import (
 )
 from easyphoto.trainer.options import TrainingOptions
 from easyphoto.trainer.runner import MAX_ATTEMPTS, JobRunner, RunnerConfig
+from easyphoto.users.durable import sha256_file
+from easyphoto.users.store import LORA_FILE, UserStore, check_user_id
 
 OPTIONS = TrainingOptions(
     rank=4, alpha=4.0, resolution=64, gradient_accumulation_steps=1, steps_per_photo=200,

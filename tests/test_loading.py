@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from easyphoto.engines.builders import TINY_VERSION, build_tiny_family
-from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.loading import FamilySpec, ModelLoadError, load_controlnet, load_family
-from easyphoto.engines.tokenizer import sd15_tokenizer
+from easyphoto.engines.models.builders import TINY_VERSION, build_tiny_family
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.models.loading import FamilySpec, ModelLoadError, load_controlnet, load_family
+from easyphoto.engines.models.tokenizer import sd15_tokenizer
 
 
 def test_sd15_tokenizer_builds_offline_with_clip_ids(tmp_path: Path) -> None:
@@ -70,7 +70,7 @@ def test_missing_paths_raise_typed_errors(tmp_path: Path) -> None:
 def test_single_file_checkpoint_round_trip(tmp_path: Path, tiny: ModelFamily, cache_dir: Path) -> None:
     from safetensors import safe_open
 
-    from easyphoto.engines.checkpoint import save_single_file
+    from easyphoto.fixtures.checkpoints import save_single_file
 
     path = tmp_path / "tiny.safetensors"
     save_single_file(tiny, path)
@@ -90,8 +90,8 @@ def test_single_file_checkpoint_round_trip(tmp_path: Path, tiny: ModelFamily, ca
 def test_shipped_sd15_configs_have_sd15_sizes(cache_dir: Path) -> None:
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from easyphoto.engines.builders import sd15_config
-    from easyphoto.engines.loading import single_file_config_dir
+    from easyphoto.engines.models.builders import sd15_config
+    from easyphoto.engines.models.loading import single_file_config_dir
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(sd15_config("unet"))

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from easyphoto.engines.errors import InvalidArgument
-from easyphoto.engines.family import ModelFamily
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.lora import LoraLayer, LoraWeights, load_lora, save_lora, submodule
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.rpc.errors import InvalidArgument
 
 UNET_TARGETS = [
     "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",

@@ -12,9 +12,9 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from easyphoto.engines.imaging import encode_png
-from easyphoto.engines.rpc import GrpcApp
-from easyphoto.engines.samples import sample_photo
+from easyphoto.fixtures.photos import sample_photo
+from easyphoto.imaging.codec import encode_png
+from easyphoto.rpc.server import GrpcApp
 from easyphoto.server.app import EngineHolder, ServerConfig, build_app
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 

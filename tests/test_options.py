@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from easyphoto.engines.errors import InvalidArgument
+from easyphoto.rpc.errors import InvalidArgument
 from easyphoto.server.options import FACE_PROMPT, resolve_options
 from easyphoto.v1 import generator_pb2
 

@@ -10,18 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from easyphoto.engines.artifacts import UserStore
-from easyphoto.engines.errors import Cancelled, InvalidArgument, UnknownUser, UserNotReady
+from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import default_face_models
-from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.imaging import encode_png, grow_box, int_box
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.lora import LoraLayer, LoraWeights, save_lora
-from easyphoto.engines.samples import sample_photo
-from easyphoto.engines.torch_backend import TorchBackend
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.fixtures.photos import sample_photo
+from easyphoto.imaging.codec import encode_png
+from easyphoto.imaging.geometry import grow_box, int_box
+from easyphoto.rpc.errors import Cancelled, InvalidArgument, UnknownUser, UserNotReady
 from easyphoto.server.options import BACKGROUND_PASS, SEAM_PASS, GenerateOptions, PassOptions
 from easyphoto.server.pipeline import Orchestrator
+from easyphoto.users.store import UserStore
 
 FAST = PassOptions(True, 4, 0.5, 7.0, canny_weight=0.5, color_weight=0.85)
 

@@ -7,10 +7,10 @@ from fractions import Fraction
 import pytest
 import torch
 
-from easyphoto.engines.errors import EngineInputError
-from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.roles import describe_roles, residual_specs
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.roles.diffusion import describe_roles, residual_specs
 from easyphoto.engines.shapes import AxisRange, Dim
+from easyphoto.rpc.errors import EngineInputError
 
 EXPECTED_ROLES = {
     "text_encoder",
@@ -96,9 +96,9 @@ def test_manifest_is_json_ready(tiny: ModelFamily) -> None:
 
 
 def test_fused_stages_equal_the_separate_calls_and_match_the_orchestrator_passes(tiny: ModelFamily) -> None:
+    from easyphoto.engines.backends.torch_backend import TorchBackend
     from easyphoto.engines.interface import ControlInput, Engines
-    from easyphoto.engines.roles import REFERENCE_STAGES, describe_stage, stage_role_name
-    from easyphoto.engines.torch_backend import TorchBackend
+    from easyphoto.engines.roles.diffusion import REFERENCE_STAGES, describe_stage, stage_role_name
     from easyphoto.server.options import FIRST_PASS, SEAM_PASS, SECOND_PASS
 
     passes = tuple(tuple(p.control_weights()) for p in (FIRST_PASS, SECOND_PASS, SEAM_PASS))

@@ -24,15 +24,15 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from easyphoto.engines.errors import NoUsablePhotos
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import default_face_models
-from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.imaging import encode_png
-from easyphoto.engines.loading import tiny_family
 from easyphoto.engines.lora import load_lora
-from easyphoto.engines.rpc import error_details
-from easyphoto.engines.samples import person_photos, sample_photo
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.models.loading import tiny_family
+from easyphoto.fixtures.photos import person_photos, sample_photo
+from easyphoto.imaging.codec import encode_png
+from easyphoto.rpc.errors import NoUsablePhotos
+from easyphoto.rpc.wire import error_details
 from easyphoto.trainer.app import TrainerApp, TrainerConfig, build_trainer
 from easyphoto.trainer.lora_training import LoraTrainer, TrainingImages
 from easyphoto.trainer.merge import merge_checkpoints

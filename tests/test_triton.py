@@ -15,18 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from easyphoto.engines.artifacts import UserStore
-from easyphoto.engines.deadline import request_deadline
-from easyphoto.engines.errors import DeadlineExceeded
+from easyphoto.engines.backends.torch_backend import TorchBackend
+from easyphoto.engines.backends.triton_backend import TritonBackend
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels, default_face_models
-from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.imaging import encode_png, grow_box, int_box
 from easyphoto.engines.interface import Engines
-from easyphoto.engines.roles import REFERENCE_STAGES, RoleDescription, describe_roles, describe_stage
-from easyphoto.engines.samples import sample_photo
-from easyphoto.engines.torch_backend import TorchBackend
-from easyphoto.engines.triton_backend import TritonBackend
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.roles.description import RoleDescription
+from easyphoto.engines.roles.diffusion import REFERENCE_STAGES, describe_roles, describe_stage
 from easyphoto.export.onnx_export import export_all, tolerance_for
 from easyphoto.export.triton_repository import write_repository
 from easyphoto.export.triton_server import (
@@ -36,8 +32,14 @@ from easyphoto.export.triton_server import (
     free_ports,
     start_server,
 )
+from easyphoto.fixtures.photos import sample_photo
+from easyphoto.imaging.codec import encode_png
+from easyphoto.imaging.geometry import grow_box, int_box
+from easyphoto.rpc.deadline import request_deadline
+from easyphoto.rpc.errors import DeadlineExceeded
 from easyphoto.server.options import GenerateOptions
 from easyphoto.server.pipeline import Orchestrator
+from easyphoto.users.store import UserStore
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -189,8 +191,8 @@ def test_a_call_ends_with_the_request_deadline(server: TritonServer, triton_back
 
 
 def test_a_lora_on_the_triton_backend_is_refused(triton_backend: TritonBackend) -> None:
-    from easyphoto.engines.errors import Unimplemented
     from easyphoto.engines.lora import LoraLayer, LoraWeights
+    from easyphoto.rpc.errors import Unimplemented
 
     layer = LoraLayer("unet", "conv_in", torch.zeros(1, 4, 1, 1), torch.zeros(4, 1, 1, 1), 1.0)
     with pytest.raises(Unimplemented):
@@ -224,7 +226,7 @@ def test_the_server_serves_generate_through_triton(
     finally:
         app.stop(0)
     bad = ServerConfig(port=0, data=tmp_path, backend="triton", triton_url="127.0.0.1:1")
-    from easyphoto.engines.errors import EngineUnavailable
+    from easyphoto.rpc.errors import EngineUnavailable
     from easyphoto.server.app import EngineHolder
 
     with pytest.raises(EngineUnavailable):
@@ -297,7 +299,7 @@ def _cuda_shared_memory_usable() -> bool:
 
 
 def test_an_unreachable_server_is_unavailable_not_an_internal_error(tiny: ModelFamily) -> None:
-    from easyphoto.engines.errors import EngineUnavailable
+    from easyphoto.rpc.errors import EngineUnavailable
 
     text_encoder = describe_roles(tiny)["text_encoder"]
     backend = TritonBackend("127.0.0.1:1", {"text_encoder": text_encoder})  # nothing listens there
@@ -310,7 +312,7 @@ def test_an_unreachable_server_is_unavailable_not_an_internal_error(tiny: ModelF
 
 
 def test_shared_memory_that_this_host_cannot_give_is_refused_at_start() -> None:
-    from easyphoto.engines.errors import EngineUnavailable
+    from easyphoto.rpc.errors import EngineUnavailable
 
     if _cuda_shared_memory_usable():
         pytest.skip("this host has CUDA and cuda-python: the refusal is for hosts without them")
@@ -340,7 +342,7 @@ class _RecordingClient:
 def test_cuda_regions_hold_the_inputs_on_the_gpu() -> None:
     import tritonclient.utils.cuda_shared_memory as cudashm
 
-    from easyphoto.engines.triton_backend import CudaRegions, SharedInputs
+    from easyphoto.engines.backends.shared_memory import CudaRegions, SharedInputs
 
     client = _RecordingClient()
     shared = SharedInputs(CudaRegions(client, device_id=0), "easyphoto-test")

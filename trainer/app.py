@@ -13,13 +13,13 @@ from pathlib import Path
 
 import grpc
 
-from easyphoto.engines.artifacts import UserStore, default_data_root
+from easyphoto.engines.backends.torch_backend import TorchBackend, default_device
 from easyphoto.engines.faces.models import FaceModelPaths, FaceModels
-from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.loading import resolve_family
-from easyphoto.engines.metrics import DEFAULT_HOST, Metrics
-from easyphoto.engines.rpc import GrpcApp, Service, wait_for_termination
-from easyphoto.engines.torch_backend import TorchBackend, default_device
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.models.loading import resolve_family
+from easyphoto.rpc.metrics import DEFAULT_HOST, Metrics
+from easyphoto.rpc.server import GrpcApp, Service, wait_for_termination
+from easyphoto.users.store import UserStore, default_data_root
 from easyphoto.v1 import (
     generator_pb2,
     generator_pb2_grpc,

@@ -19,7 +19,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from easyphoto.engines.errors import EasyPhotoError, NotFound
+from easyphoto.rpc.errors import EasyPhotoError, NotFound
 from easyphoto.v1 import common_pb2, trainer_pb2
 
 from .options import TrainingOptions

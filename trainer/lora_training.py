@@ -21,10 +21,11 @@ from diffusers import DDPMScheduler
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from torch import nn
 
-from easyphoto.engines.artifacts import replace_durably
-from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.imaging import resize, to_model
 from easyphoto.engines.lora import LoraLayer, LoraWeights, file_name, load_lora, module_name, save_lora
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.imaging.codec import to_model
+from easyphoto.imaging.geometry import resize
+from easyphoto.users.durable import replace_durably
 
 from .options import TrainingOptions
 

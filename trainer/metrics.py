@@ -1,10 +1,10 @@
-"""The trainer's own metrics (the per-call gRPC ones come from ``engines.metrics``)."""
+"""The trainer's own metrics (the per-call gRPC ones come from ``rpc.metrics``)."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from easyphoto.engines.metrics import LATENCY_BUCKETS
+from easyphoto.rpc.metrics import LATENCY_BUCKETS
 
 # Seconds per training step, from a tiny CPU model to SD 1.5 with accumulation on a GPU.
 STEP_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from easyphoto.engines.errors import InvalidArgument, check_range
-from easyphoto.engines.rpc import present_fields
+from easyphoto.rpc.errors import InvalidArgument, check_range
+from easyphoto.rpc.server import present_fields
 from easyphoto.v1 import trainer_pb2
 
 CAPTION = "easyphoto_face, easyphoto, 1person"

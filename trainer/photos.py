@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from easyphoto.engines.errors import EasyPhotoError, NoUsablePhotos
-from easyphoto.engines.faces.detect import Face, FaceAnalyzer, nearest_face
+from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
 from easyphoto.engines.faces.parts import apply_matte, super_resolve
-from easyphoto.engines.imaging import decode_image, grow_box, int_box, roll_score, tighten_box
+from easyphoto.imaging.codec import decode_image
+from easyphoto.imaging.geometry import Face, grow_box, int_box, nearest_face, roll_score, tighten_box
+from easyphoto.rpc.errors import EasyPhotoError, NoUsablePhotos
 
 from .options import TrainingOptions
 

@@ -25,26 +25,18 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from easyphoto.engines.artifacts import LORA_FILE, UserStore, flush_to_disk, write_atomically
-from easyphoto.engines.errors import Cancelled, EasyPhotoError, InvalidArgument
-from easyphoto.engines.faces.detect import Face, FaceAnalyzer
+from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
-from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.imaging import decode_image, encode_png
 from easyphoto.engines.lora import load_lora, save_lora
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.imaging.codec import decode_image, encode_png
+from easyphoto.imaging.geometry import Face
+from easyphoto.rpc.errors import Cancelled, EasyPhotoError, InvalidArgument
+from easyphoto.users.durable import flush_to_disk, write_atomically
+from easyphoto.users.store import LORA_FILE, UserStore
 from easyphoto.v1 import trainer_pb2
 
-from .jobs import (
-    CANCELLED,
-    FAILED,
-    QUEUED,
-    RUNNING,
-    SUCCEEDED,
-    JobRecord,
-    JobStore,
-    error_record,
-    new_job_id,
-)
+from .jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobStore, error_record, new_job_id
 from .lora_training import LoraTrainer, TrainingImages, checkpoint_path, checkpoint_step, checkpoints
 from .merge import merge_checkpoints
 from .metrics import TrainerMetrics

@@ -9,10 +9,10 @@ from typing import TypeVar
 
 import grpc
 
-from easyphoto.engines.artifacts import UserStore, check_user_id
-from easyphoto.engines.errors import EasyPhotoError, ImageTooLarge, InvalidArgument, UnknownUser
-from easyphoto.engines.imaging import MAX_ENCODED_BYTES
-from easyphoto.engines.rpc import abort
+from easyphoto.imaging.codec import MAX_ENCODED_BYTES
+from easyphoto.rpc.errors import EasyPhotoError, ImageTooLarge, InvalidArgument, UnknownUser
+from easyphoto.rpc.server import abort
+from easyphoto.users.store import UserStore, check_user_id
 from easyphoto.v1 import trainer_pb2, trainer_pb2_grpc, users_pb2, users_pb2_grpc
 
 from .jobs import ACTIVE, FAILED, JobRecord, JobStore, UserBusy, timestamp

@@ -11,21 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from easyphoto.engines.faces.detect import Face, FaceAnalyzer, nearest_face
-from easyphoto.engines.family import ModelFamily
-from easyphoto.engines.imaging import (
-    canny_control,
-    encode_png,
-    fit_size,
-    from_model,
-    grow_box,
-    int_box,
-    resize,
-    to_model,
-)
-from easyphoto.engines.inpaint import InpaintRequest, StepEvent, run_inpaint
+from easyphoto.diffusion.inpaint import InpaintRequest, StepEvent, run_inpaint
+from easyphoto.engines.backends.torch_backend import TorchBackend
+from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.interface import ControlInput, Engines
-from easyphoto.engines.torch_backend import TorchBackend
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.imaging.codec import encode_png, from_model, to_model
+from easyphoto.imaging.controls import canny_control
+from easyphoto.imaging.geometry import Face, fit_size, grow_box, int_box, nearest_face, resize
 
 from .lora_training import step_generator
 from .options import TrainingOptions

@@ -8,17 +8,16 @@ are cosine similarities of L2-normalised embeddings, whatever embedder is loaded
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import FaceTooSmall, NoFace, TooManyFaces
-from ..imaging import clip_box
+from easyphoto.imaging.geometry import Face, clip_box
+from easyphoto.rpc.errors import FaceTooSmall, NoFace, TooManyFaces
+
 from ..interface import Backend
 from .mtcnn import MtcnnOptions, crop_patches, nms, normalize, pyramid_scales, regress, square
 
@@ -28,57 +27,6 @@ SAME_PERSON_THRESHOLD = 0.93
 
 # Makes the embedder's input for one face: an HxWx3 float chip in the embedder's value range.
 Aligner = Callable[[np.ndarray, "Face"], np.ndarray]
-
-
-@dataclass(frozen=True)
-class Face:
-    """A face in pixels of the image it was found in: box (x0, y0, x1, y1), detector score and
-    5 landmarks (left eye, right eye, nose, left mouth corner, right mouth corner) as (x, y)."""
-
-    box: tuple[float, float, float, float]
-    score: float
-    landmarks: np.ndarray
-
-    @property
-    def width(self) -> float:
-        return self.box[2] - self.box[0]
-
-    @property
-    def height(self) -> float:
-        return self.box[3] - self.box[1]
-
-    @property
-    def area(self) -> float:
-        return self.width * self.height
-
-    @property
-    def center(self) -> np.ndarray:
-        return np.array([(self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2])
-
-    def shifted(self, dx: float, dy: float) -> Face:
-        """The same face in a crop whose origin is at (-dx, -dy) of this image."""
-        x0, y0, x1, y1 = self.box
-        return Face((x0 + dx, y0 + dy, x1 + dx, y1 + dy), self.score, self.landmarks + np.array([dx, dy]))
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "box": [round(float(v), 1) for v in self.box],
-            "score": round(float(self.score), 4),
-            "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in self.landmarks],
-        }
-
-    @classmethod
-    def from_json(cls, values: dict[str, Any]) -> Face:
-        x0, y0, x1, y1 = (float(v) for v in values["box"])
-        return cls((x0, y0, x1, y1), float(values["score"]), np.array(values["landmarks"], np.float64))
-
-
-def nearest_face(faces: list[Face], expected: Face, within: float = math.inf) -> Face:
-    """The face of ``faces`` whose centre is nearest ``expected``'s, closer than ``within``;
-    ``expected`` itself when there is none (a re-detection that found nothing there)."""
-    distances = [(float(np.linalg.norm(f.center - expected.center)), f) for f in faces]
-    near = [(distance, face) for distance, face in distances if distance < within]
-    return min(near, key=lambda pair: pair[0])[1] if near else expected
 
 
 class Detector(Protocol):

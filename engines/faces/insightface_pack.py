@@ -18,12 +18,12 @@ import cv2
 import numpy as np
 import torch
 
-from ..errors import EngineUnavailable
-from ..imaging import align_face, clip_box
+from easyphoto.imaging.geometry import Face, align_face, clip_box
+from easyphoto.rpc.errors import EngineUnavailable
+
 from ..interface import Backend
-from ..roles import RoleDescription
+from ..roles.description import RoleDescription
 from ..shapes import AxisRange, Dim, TensorSpec, sym
-from .detect import Face
 from .mtcnn import nms
 from .onnx_runner import OnnxRunner, onnx_role, signature
 

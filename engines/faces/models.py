@@ -19,11 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from easyphoto.imaging.geometry import Face
+
 from ..interface import Backend
 from ..packages import package_dir
-from ..roles import RoleDescription
+from ..roles.description import RoleDescription
 from ..shapes import AxisRange, Dim, TensorSpec, sym
-from .detect import SAME_PERSON_THRESHOLD, Aligner, Detector, Face, FaceAnalyzer, MtcnnDetector
+from .detect import SAME_PERSON_THRESHOLD, Aligner, Detector, FaceAnalyzer, MtcnnDetector
 from .dlib_descriptor import RESNET_FILE, describe_chips, load_descriptor
 from .mtcnn import load_mtcnn_nets
 from .parts import (

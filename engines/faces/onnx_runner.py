@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ..roles import RoleDescription
+from ..roles.description import RoleDescription
 from ..shapes import AxisRange, TensorSpec
 
 ONNX_DTYPES = {

@@ -15,18 +15,10 @@ import cv2
 import numpy as np
 import torch
 
-from ..imaging import (
-    FACE_PARTS,
-    Box,
-    face_part_masks,
-    feather,
-    grow_box,
-    int_box,
-    similarity_transform,
-    transfer_color,
-    union,
-)
-from .detect import Face
+from easyphoto.imaging.compose import transfer_color
+from easyphoto.imaging.geometry import Box, Face, grow_box, int_box, similarity_transform
+from easyphoto.imaging.masks import FACE_PARTS, face_part_masks, feather, union
+
 from .onnx_runner import OnnxRunner
 
 # What a face-parts provider, a matte and an upscaler look like to callers.

@@ -16,38 +16,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
     SchedulerMixin,
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from .errors import Cancelled, InvalidArgument
-from .interface import ControlInput, Engines
+from easyphoto.engines.interface import ControlInput, Engines
+from easyphoto.rpc.errors import Cancelled, InvalidArgument
 
-SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
-    "dpmpp_2m_sde_karras": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True, "solver_order": 2},
-    ),
-    "dpmpp_2m_karras": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True, "solver_order": 2},
-    ),
-    "dpm_solver": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "ddim": (DDIMScheduler, {}),
-    "euler_a": (EulerAncestralDiscreteScheduler, {}),
-}
-
-
-def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
-    """A fresh diffusers scheduler (schedulers hold per-run state: never share one across runs)."""
-    if name not in SCHEDULERS:
-        raise InvalidArgument(f"unknown scheduler {name!r}; known: {sorted(SCHEDULERS)}", field="scheduler")
-    cls, overrides = SCHEDULERS[name]
-    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
-    return cls.from_config({**config, **overrides})
+from .schedulers import make_scheduler, strength_timesteps
 
 
 @dataclass
@@ -75,21 +51,6 @@ class InpaintRequest:
     on_step: Callable[[StepEvent], None] | None = None
     # Returns True when the caller went away (client cancelled, deadline passed).
     should_stop: Callable[[], bool] = field(default=lambda: False)
-
-
-def strength_steps(steps: int, strength: float) -> int:
-    """How many of ``steps`` a pass of ``strength`` runs (diffusers' rule; the last ones)."""
-    return min(int(steps * strength), steps)
-
-
-def strength_timesteps(scheduler: SchedulerMixin, steps: int, strength: float) -> torch.Tensor:
-    """The timesteps a pass of ``strength`` runs, with the scheduler told where it begins."""
-    scheduler.set_timesteps(steps)
-    start = steps - strength_steps(steps, strength)
-    order = int(getattr(scheduler, "order", 1))
-    if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(start * order)
-    return scheduler.timesteps[start * order :]
 
 
 def binarize_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """What servers and clients agree on about the wire, with nothing of the server side: the
 message-size limit and the decoding of a failed call's google.rpc details. Imports only grpc and
 the google.rpc messages, so clients (``easyphoto.cli.client``) use it without torch or the
-server machinery of :mod:`engines.rpc`, which packs those details.
+server machinery of :mod:`rpc.server`, which packs those details.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""gRPC plumbing shared by the orchestrator and the trainer.
-
-Both services need the same things: the standard health and reflection services, message-size
-limits, and typed errors turned into statuses with google.rpc details. It lives here, beside the
-errors it maps, so that ``server`` and ``trainer`` depend on ``engines`` and never on each other.
-What clients need too (the size limit, decoding the details) is in the lighter :mod:`engines.wire`.
+"""The gRPC server both services run: the standard health and reflection services, message-size
+limits, typed errors turned into statuses with google.rpc details, graceful termination. It lives
+below both, so that ``server`` and ``trainer`` never depend on each other. What clients need too
+(the size limit, decoding the details) is in the lighter :mod:`rpc.wire`.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ from grpc_status import rpc_status
 from .errors import EasyPhotoError
 from .metrics import GrpcMetrics, Metrics, MetricsEndpoint
 from .wire import ERROR_DOMAIN, MAX_MESSAGE_BYTES
-from .wire import error_details as error_details  # re-exported: callers import it from here
 
 log = logging.getLogger(__name__)
 

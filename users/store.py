@@ -12,7 +12,6 @@ serve a deleted identity.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,12 +24,18 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidArgument, UnknownUser, UserNotReady
-from .faces.detect import Face
-from .imaging import decode_image
+from easyphoto.imaging.codec import decode_image
+from easyphoto.imaging.geometry import Face
+from easyphoto.rpc.errors import InvalidArgument, UnknownUser, UserNotReady
+
+from .durable import fsync_tree, sha256_file, write_atomically
 
 USER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
 VERSION = re.compile(r"^v(\d+)$")
+
+
 LORA_FILE = "lora.safetensors"
 
 
@@ -72,39 +77,6 @@ def check_user_id(user_id: str, field_name: str) -> None:
         raise InvalidArgument(
             f"user id {user_id!r} must match {USER_ID.pattern} and not start with '.'", field=field_name
         )
-
-
-def flush_to_disk(*paths: Path) -> None:
-    """fsyncs files, and directories so that renames in them last: after a power loss each file
-    written before is whole on disk, not the empty file some filesystems leave behind."""
-    for path in paths:
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-
-
-def replace_durably(temporary: Path, path: Path) -> None:
-    """Renames a fully written ``temporary`` onto ``path``: readers, and a restart after a crash,
-    see the old file or the whole new one, never a part."""
-    flush_to_disk(temporary)
-    os.replace(temporary, path)
-    flush_to_disk(path.parent)
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    replace_durably(temporary, path)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class UserStore:
@@ -170,7 +142,7 @@ class UserStore:
                 if lora.is_file():
                     recorded["lora_sha256"] = sha256_file(lora)
                 (staging / "meta.json").write_text(json.dumps(recorded, indent=2))
-                _fsync_tree(staging)
+                fsync_tree(staging)
                 os.rename(staging, directory / f"v{version}")
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -214,10 +186,3 @@ class UserStore:
         for path in leftovers:
             shutil.rmtree(path, ignore_errors=True)
         return leftovers
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import CLIPTokenizer
 
-from .packages import PackageDataMissing, package_dir
+from ..packages import PackageDataMissing, package_dir
 
 CLIP_MERGES = 49152 - 256 - 2
 BOS_TOKEN = "<|startoftext|>"

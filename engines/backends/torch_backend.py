@@ -7,12 +7,14 @@ from collections.abc import Callable
 
 import torch
 
-from .errors import EngineInputError
-from .faces.models import FaceModels
-from .family import ModelFamily
-from .interface import Tensors
-from .lora import LoraPatcher, LoraWeights
-from .roles import TORCH_DTYPES, RoleDescription, describe_roles
+from easyphoto.rpc.errors import EngineInputError
+
+from ..faces.models import FaceModels
+from ..interface import Tensors
+from ..lora import LoraPatcher, LoraWeights
+from ..models.family import ModelFamily
+from ..roles.description import TORCH_DTYPES, RoleDescription
+from ..roles.diffusion import describe_roles
 
 Runner = Callable[..., tuple[torch.Tensor, ...]]
 

@@ -1,6 +1,6 @@
 """Typed errors shared by both services, each carrying the gRPC status it maps to.
 
-Engines and pipelines raise these; the gRPC layer (:mod:`engines.rpc`) turns them into a status
+Engines and pipelines raise these; the gRPC layer (:mod:`rpc.server`) turns them into a status
 with a google.rpc ``BadRequest`` (for a field) or ``ErrorInfo`` (for a reason) attached, so the
 client always learns which field or stage failed and why.
 """

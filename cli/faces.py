@@ -6,11 +6,11 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import EasyPhotoError
-from ..imaging import decode_image
-from ..torch_backend import TorchBackend
-from .detect import FaceAnalyzer
-from .models import load_face_models
+from easyphoto.engines.backends.torch_backend import TorchBackend
+from easyphoto.engines.faces.detect import FaceAnalyzer
+from easyphoto.engines.faces.models import load_face_models
+from easyphoto.imaging.codec import decode_image
+from easyphoto.rpc.errors import EasyPhotoError
 
 
 def default_analyzer(pack: Path | None = None) -> FaceAnalyzer:

@@ -1,0 +1,1 @@
+"""The denoising pass over the engines: schedulers and the inpainting loop (see README.md)."""

@@ -1,0 +1,1 @@
+"""The torch weights of a model family: loading local files, the seeded random families, configs."""

@@ -1,0 +1,1 @@
+"""Pure image and face geometry shared by every package (see README.md)."""

@@ -1,0 +1,54 @@
+"""Compositing: LAB colour transfer, painting boxes white and pasting a crop back feathered."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .geometry import Box, int_box
+from .masks import feather
+
+
+def paint_boxes_white(image: np.ndarray, boxes: list[Box]) -> np.ndarray:
+    """A copy with every box filled white (the other faces of a template, MISSION.md §2.1)."""
+    out = image.copy()
+    for box in boxes:
+        x0, y0, x1, y1 = int_box(box)
+        out[y0:y1, x0:x1] = 255
+    return out
+
+
+def transfer_color(
+    source: np.ndarray, reference: np.ndarray, mask: np.ndarray, reference_mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Moves the LAB mean/std of ``source`` inside ``mask`` to those of ``reference`` inside
+    ``reference_mask`` (default: the same mask); pixels outside the mask are unchanged."""
+    inside = mask > 127
+    ref_inside = (reference_mask if reference_mask is not None else mask) > 127
+    if not inside.any() or not ref_inside.any():
+        return source.copy()
+    src_lab = cv2.cvtColor(source, cv2.COLOR_RGB2LAB).astype(np.float32)
+    ref_lab = cv2.cvtColor(reference, cv2.COLOR_RGB2LAB).astype(np.float32)
+    src_px, ref_px = src_lab[inside], ref_lab[ref_inside]
+    src_mean, src_std = src_px.mean(axis=0), src_px.std(axis=0) + 1e-6
+    ref_mean, ref_std = ref_px.mean(axis=0), ref_px.std(axis=0)
+    moved = src_lab.copy()
+    moved[inside] = (src_px - src_mean) * (ref_std / src_std) + ref_mean
+    out = cv2.cvtColor(np.clip(moved, 0, 255).round().astype(np.uint8), cv2.COLOR_LAB2RGB)
+    out[~inside] = source[~inside]
+    return out
+
+
+def paste_back(
+    image: np.ndarray, crop: np.ndarray, box: tuple[int, int, int, int], feather_px: int
+) -> np.ndarray:
+    """``crop`` (already resized to the box) blended into ``image`` at ``box`` through a feathered
+    rectangle; pixels outside the box are untouched."""
+    x0, y0, x1, y1 = box
+    region = image[y0:y1, x0:x1]
+    if crop.shape[:2] != region.shape[:2]:
+        raise ValueError(f"crop {crop.shape[:2]} does not fit box {box}")
+    alpha = feather(np.full(region.shape[:2], 255, np.uint8), feather_px)[..., None]
+    out = image.copy()
+    out[y0:y1, x0:x1] = (crop * alpha + region * (1 - alpha)).round().astype(np.uint8)
+    return out

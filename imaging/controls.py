@@ -1,0 +1,89 @@
+"""The ControlNets' input images: canny edges, the colour mosaic, the tile blur and an
+openpose-style skeleton drawn from face landmarks.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def canny_control(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    edges = cv2.Canny(image, low, high)
+    return np.repeat(edges[..., None], 3, axis=2)
+
+
+def color_control(image: np.ndarray, cells: int = 16) -> np.ndarray:
+    """The colour ControlNet's input: a mosaic of mean colours, ``cells`` across the short side
+    (the reference resizes to a 1024 short side and averages 64 px cells)."""
+    height, width = image.shape[:2]
+    cell = min(height, width) / cells
+    small_size = (max(1, round(width / cell)), max(1, round(height / cell)))
+    small = cv2.resize(image, small_size, interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_NEAREST)
+
+
+def tile_control(image: np.ndarray, factor: int = 4) -> np.ndarray:
+    """The tile ControlNet's input: the image blurred by a down/up-sample."""
+    height, width = image.shape[:2]
+    small = cv2.resize(
+        image, (max(1, width // factor), max(1, height // factor)), interpolation=cv2.INTER_AREA
+    )
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+# OpenPose's limb colours, in its drawing order.
+POSE_COLORS = [
+    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
+    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
+    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
+]  # fmt: skip
+
+
+# (from, to) keypoint pairs: 0 nose, 1 neck, 2 right shoulder, 5 left shoulder, 14/15 eyes, 16/17 ears.
+POSE_LIMBS = [(1, 2), (1, 5), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17)]
+
+
+def body_keypoints(landmarks: np.ndarray) -> dict[int, np.ndarray]:
+    """OpenPose body keypoints estimated from 5 face landmarks (nose, eyes, ears, neck, shoulders)."""
+    left_eye, right_eye, nose, mouth_l, mouth_r = (np.asarray(p, np.float32) for p in landmarks)
+    eye_vec = right_eye - left_eye
+    eye_dist = float(np.hypot(*eye_vec)) or 1.0
+    across = eye_vec / eye_dist
+    down = np.array([-across[1], across[0]], np.float32)
+    chin = (mouth_l + mouth_r) / 2 + down * 0.6 * eye_dist
+    neck = chin + down * 0.9 * eye_dist
+    # The subject's right eye is on the image's left (landmark 0), as OpenPose labels it.
+    return {
+        0: nose,
+        1: neck,
+        2: neck - across * 1.9 * eye_dist,
+        5: neck + across * 1.9 * eye_dist,
+        14: left_eye,
+        15: right_eye,
+        16: left_eye - across * 0.75 * eye_dist,
+        17: right_eye + across * 0.75 * eye_dist,
+    }
+
+
+def draw_pose(shape: tuple[int, int], faces_landmarks: list[np.ndarray]) -> np.ndarray:
+    """The openpose ControlNet's input: limbs and keypoints on black, one skeleton per face."""
+    height, width = shape
+    canvas = np.zeros((height, width, 3), np.uint8)
+    thickness = max(2, round(min(height, width) / 128))
+    for landmarks in faces_landmarks:
+        points = body_keypoints(landmarks)
+        for index, (a, b) in enumerate(POSE_LIMBS):
+            pa, pb = points[a], points[b]
+            cv2.line(canvas, _pt(pa), _pt(pb), POSE_COLORS[index], thickness * 2, cv2.LINE_AA)
+        for key, point in points.items():
+            cv2.circle(
+                canvas, _pt(point), thickness * 2, POSE_COLORS[key % len(POSE_COLORS)], -1, cv2.LINE_AA
+            )
+        for point in landmarks:
+            cv2.circle(canvas, _pt(point), thickness, (255, 255, 255), -1, cv2.LINE_AA)
+    return canvas
+
+
+def _pt(point: np.ndarray) -> tuple[int, int]:
+    return round(float(point[0])), round(float(point[1]))

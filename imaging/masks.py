@@ -1,0 +1,107 @@
+"""Masks: face parts from 5-landmark geometry (the default when no face-parsing model is given),
+the passes' inpaint and ring masks, border rings and feathering.
+"""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+
+
+def ellipse_mask(height: int, width: int, box: tuple[float, float, float, float]) -> np.ndarray:
+    """A filled ellipse inscribed in ``box`` (x0, y0, x1, y1) as an HxW uint8 mask (255 inside)."""
+    x0, y0, x1, y1 = box
+    mask = np.zeros((height, width), np.uint8)
+    center = (round((x0 + x1) / 2), round((y0 + y1) / 2))
+    axes = (round((x1 - x0) / 2), round((y1 - y0) / 2))
+    cv2.ellipse(mask, center, axes, 0, 0, 360, 255, thickness=-1)
+    return mask
+
+
+FACE_PARTS = ("skin", "brows", "eyes", "nose", "mouth", "lips")
+
+
+def _ellipse(mask: np.ndarray, center: np.ndarray, axes: tuple[float, float], angle: float) -> None:
+    cv2.ellipse(
+        mask,
+        (round(float(center[0])), round(float(center[1]))),
+        (max(1, round(axes[0])), max(1, round(axes[1]))),
+        angle,
+        0,
+        360,
+        255,
+        thickness=-1,
+    )
+
+
+def face_part_masks(shape: tuple[int, int], landmarks: np.ndarray) -> dict[str, np.ndarray]:
+    """Face-part masks estimated from 5 landmarks (the default when no face-parsing model is given).
+
+    Sizes are proportional to the eye distance and the parts follow the face's roll.
+    """
+    height, width = shape
+    left_eye, right_eye, nose, mouth_l, mouth_r = (np.asarray(p, np.float32) for p in landmarks)
+    eye_vec = right_eye - left_eye
+    eye_dist = float(np.hypot(*eye_vec)) or 1.0
+    angle = math.degrees(math.atan2(eye_vec[1], eye_vec[0]))
+    across = eye_vec / eye_dist
+    down = np.array([-across[1], across[0]], np.float32)
+    eye_mid, mouth_mid = (left_eye + right_eye) / 2, (mouth_l + mouth_r) / 2
+    face_len = float(np.dot(mouth_mid - eye_mid, down)) or eye_dist
+    masks = {part: np.zeros((height, width), np.uint8) for part in FACE_PARTS}
+    for eye in (left_eye, right_eye):
+        _ellipse(masks["eyes"], eye, (0.28 * eye_dist, 0.14 * eye_dist), angle)
+        _ellipse(masks["brows"], eye - down * 0.32 * eye_dist, (0.36 * eye_dist, 0.09 * eye_dist), angle)
+    nose_top = eye_mid + down * 0.15 * eye_dist
+    wing = across * 0.22 * eye_dist
+    nose_poly = np.stack(
+        [nose_top - wing * 0.5, nose_top + wing * 0.5, nose + wing, nose + down * 0.1 * eye_dist, nose - wing]
+    )
+    cv2.fillPoly(masks["nose"], [np.round(nose_poly).astype(np.int32)], 255)
+    mouth_w = float(np.hypot(*(mouth_r - mouth_l)))
+    _ellipse(masks["lips"], mouth_mid, (0.6 * mouth_w, 0.2 * mouth_w), angle)
+    _ellipse(masks["mouth"], mouth_mid, (0.45 * mouth_w, 0.12 * mouth_w), angle)
+    skin_center = eye_mid + down * 0.45 * face_len
+    _ellipse(masks["skin"], skin_center, (1.05 * eye_dist, 1.25 * face_len + 0.3 * eye_dist), angle)
+    return masks
+
+
+def union(masks: list[np.ndarray]) -> np.ndarray:
+    return np.maximum.reduce(masks) if masks else np.zeros((0, 0), np.uint8)
+
+
+def inpaint_mask(parts: dict[str, np.ndarray], face_width: float) -> np.ndarray:
+    """The first pass's mask: every face part, closed and dilated by face-width / 10."""
+    mask = union([parts[p] for p in FACE_PARTS])
+    radius = max(1, round(face_width / 10))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return cv2.dilate(cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel), kernel)
+
+
+def ring_mask(parts: dict[str, np.ndarray], face_width: float) -> np.ndarray:
+    """The second pass's mask: a ring around the face border plus the eyes and the lips."""
+    ring = border_ring(inpaint_mask(parts, face_width), max(1, round(face_width / 20)))
+    return union([ring, parts["eyes"], parts["lips"]])
+
+
+def border_ring(mask: np.ndarray, radius: int) -> np.ndarray:
+    """The band of half-width ``radius`` around the edge of ``mask`` (dilated minus eroded)."""
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    return cv2.subtract(cv2.dilate(mask, kernel), cv2.erode(mask, kernel))
+
+
+def feather(mask: np.ndarray, radius: int) -> np.ndarray:
+    """A soft 0..1 float mask: eroded by ``radius`` then blurred, so it fades to exactly 0 at its
+    edge (the image border counts as outside)."""
+    if radius <= 0:
+        return (mask > 127).astype(np.float32)
+    pad = 2 * radius
+    padded = np.pad(mask, pad)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    eroded = cv2.erode(padded, kernel)
+    # OpenCV sizes a float kernel to 4 sigma each side: sigma = radius / 4 keeps the blur inside the
+    # eroded margin, so the mask stays exactly 0 outside the original region.
+    soft = cv2.GaussianBlur(eroded.astype(np.float32) / 255.0, (0, 0), sigmaX=radius / 4)
+    return soft[pad:-pad, pad:-pad]
