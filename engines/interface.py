@@ -19,7 +19,14 @@ from transformers import CLIPTokenizer
 
 from .lora import LoraWeights
 from .roles.description import RoleDescription
-from .roles.diffusion import stage_role_name
+from .roles.diffusion import (
+    CONTROLNET_PREFIX,
+    STEP_INPUTS,
+    controlnet_role,
+    residual_inputs,
+    stage_control_inputs,
+    stage_role_name,
+)
 from .shapes import Dim
 
 Tensors = dict[str, torch.Tensor]
@@ -92,7 +99,7 @@ class Engines:
     @property
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel, read off the VAE decoder's description."""
-        height = self.roles["vae_decoder"].outputs[0].shape[2]
+        height = self.roles["vae_decoder"].output("images").shape[2]
         return int(height.scale) if isinstance(height, Dim) else 1
 
     @property
@@ -106,7 +113,9 @@ class Engines:
 
     @property
     def controlnet_kinds(self) -> list[str]:
-        return [name.removeprefix("controlnet_") for name in self.roles if name.startswith("controlnet_")]
+        return [
+            name.removeprefix(CONTROLNET_PREFIX) for name in self.roles if name.startswith(CONTROLNET_PREFIX)
+        ]
 
     # ---- text ----
 
@@ -164,7 +173,7 @@ class Engines:
         """Every ControlNet's residuals (in declared order), the calls sent together."""
         calls = []
         for control in controls:
-            role = f"controlnet_{control.kind}"
+            role = controlnet_role(control.kind)
             if role not in self.roles:
                 raise KeyError(f"no ControlNet {control.kind!r} loaded; have {self.controlnet_kinds}")
             inputs = _step_inputs(sample, timestep, encoder_hidden_states)
@@ -179,10 +188,9 @@ class Engines:
     def zero_residuals(self, sample: torch.Tensor) -> list[torch.Tensor]:
         _, _, height, width = sample.shape
         values = {"batch": sample.shape[0], "latent_height": height, "latent_width": width}
-        unet = self.roles["unet"]
         return [
             torch.zeros(spec.resolve(values), dtype=sample.dtype, device=sample.device)
-            for spec in unet.inputs[3:]
+            for spec in residual_inputs(self.roles["unet"])
         ]
 
     def unet(
@@ -192,9 +200,9 @@ class Engines:
         encoder_hidden_states: torch.Tensor,
         residuals: Sequence[torch.Tensor],
     ) -> torch.Tensor:
-        unet = self.roles["unet"]
         inputs = _step_inputs(sample, timestep, encoder_hidden_states)
-        inputs.update({spec.name: r for spec, r in zip(unet.inputs[3:], residuals, strict=True)})
+        names = (spec.name for spec in residual_inputs(self.roles["unet"]))
+        inputs.update(zip(names, residuals, strict=True))
         return self.backend.infer("unet", inputs)["noise_pred"]
 
     def predict_noise(
@@ -211,8 +219,8 @@ class Engines:
         if stage in self.roles:
             inputs = _step_inputs(sample, timesteps, encoder_hidden_states)
             for control in controls:
-                inputs[f"{control.kind}_cond"] = control.image
-                inputs[f"{control.kind}_scale"] = control.scale_tensor(sample)
+                image, scale = stage_control_inputs(control.kind)
+                inputs.update({image: control.image, scale: control.scale_tensor(sample)})
             return self.backend.infer(stage, inputs)["noise_pred"]
         residuals: list[torch.Tensor] | None = None
         for outputs in self.controlnets(controls, sample, timesteps, encoder_hidden_states):
@@ -226,4 +234,4 @@ def _step_inputs(
     sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
 ) -> Tensors:
     """The inputs every denoising role (UNet, ControlNet, fused stage) takes first."""
-    return {"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states}
+    return dict(zip(STEP_INPUTS, (sample, timestep, encoder_hidden_states), strict=True))

@@ -12,7 +12,30 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
 
+import numpy as np
+import torch
+
 DType = Literal["float32", "float16", "int32", "int64", "uint8", "bool"]
+
+
+@dataclass(frozen=True)
+class DTypeNames:
+    """One declared dtype as each runtime spells it."""
+
+    torch: torch.dtype
+    numpy: type[np.generic]
+    triton: str  # KServe v2 datatype (the client's name; config.pbtxt adds a TYPE_ prefix)
+    onnx: str  # onnxruntime's type string
+
+
+DTYPES: dict[DType, DTypeNames] = {
+    "float32": DTypeNames(torch.float32, np.float32, "FP32", "tensor(float)"),
+    "float16": DTypeNames(torch.float16, np.float16, "FP16", "tensor(float16)"),
+    "int32": DTypeNames(torch.int32, np.int32, "INT32", "tensor(int32)"),
+    "int64": DTypeNames(torch.int64, np.int64, "INT64", "tensor(int64)"),
+    "uint8": DTypeNames(torch.uint8, np.uint8, "UINT8", "tensor(uint8)"),
+    "bool": DTypeNames(torch.bool, np.bool_, "BOOL", "tensor(bool)"),
+}
 ProfilePoint = Literal["min", "opt", "max"]
 PROFILE_POINTS: tuple[ProfilePoint, ...] = ("min", "opt", "max")
 

@@ -48,12 +48,12 @@ def perf_analyzer(install: TritonInstall) -> tuple[Path, dict[str, str]]:
 
 
 def _shape_flags(description: RoleDescription) -> list[str]:
-    """``--shape name:dims`` at the opt point, without the batch axis Triton adds."""
-    shapes = description.shapes("opt", {"batch": 1})
+    """``--shape name:dims`` at the opt point, as the Triton model declares them."""
+    values = description.axis_values("opt")
     flags = []
     for spec in description.inputs:
-        dims = shapes[spec.name][1:] if description.batched else shapes[spec.name]
-        flags += ["--shape", f"{spec.name}:{','.join(str(d) for d in (dims or (1,)))}"]
+        dims = [d if isinstance(d, int) else d.resolve(values) for d in description.triton_dims(spec)]
+        flags += ["--shape", f"{spec.name}:{','.join(str(d) for d in dims)}"]
     return flags
 
 

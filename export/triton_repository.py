@@ -25,18 +25,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from easyphoto.engines.backends.triton_backend import TRITON_DTYPES
 from easyphoto.engines.faces.models import DlibEmbedder
 from easyphoto.engines.roles.description import RoleDescription
-from easyphoto.engines.shapes import TensorSpec
+from easyphoto.engines.shapes import DTYPES, TensorSpec
 
 from .tensorrt_plan import read_plans
 
 log = logging.getLogger(__name__)
 
 Target = Literal["cpu", "gpu"]
-# config.pbtxt spells the KServe v2 datatypes the client sends with a TYPE_ prefix.
-TRITON_TYPES = {dtype: f"TYPE_{name}" for dtype, name in TRITON_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -46,14 +43,12 @@ class ServingSettings:
     version: int = 1
 
 
-def _tensor(spec: TensorSpec, batched: bool) -> str:
-    shape = spec.shape[1:] if batched else spec.shape
-    dims = [str(d) if isinstance(d, int) else "-1" for d in shape]
-    # A per-sample scalar (shape [batch]) is declared [1] and reshaped to [] for the model.
-    reshape = "\n    reshape: { shape: [ ] }" if batched and not dims else ""
+def _tensor(description: RoleDescription, spec: TensorSpec) -> str:
+    dims = [str(d) if isinstance(d, int) else "-1" for d in description.triton_dims(spec)]
+    reshape = "\n    reshape: { shape: [ ] }" if description.per_sample_scalar(spec) else ""
     return (
-        f'  {{\n    name: "{spec.name}"\n    data_type: {TRITON_TYPES[spec.dtype]}\n'
-        f"    dims: [ {', '.join(dims or ['1'])} ]{reshape}\n  }}"
+        f'  {{\n    name: "{spec.name}"\n    data_type: TYPE_{DTYPES[spec.dtype].triton}\n'
+        f"    dims: [ {', '.join(dims)} ]{reshape}\n  }}"
     )
 
 
@@ -71,8 +66,8 @@ def config_pbtxt(
         f'name: "{description.name}"',
         runtime,
         f"max_batch_size: {max_batch}",
-        "input [\n" + ",\n".join(_tensor(s, batched) for s in description.inputs) + "\n]",
-        "output [\n" + ",\n".join(_tensor(s, batched) for s in description.outputs) + "\n]",
+        "input [\n" + ",\n".join(_tensor(description, s) for s in description.inputs) + "\n]",
+        "output [\n" + ",\n".join(_tensor(description, s) for s in description.outputs) + "\n]",
         f"instance_group [ {{ count: {settings.instances} kind: {kind} }} ]",
         "version_policy: { latest: { num_versions: 1 } }",
     ]

@@ -13,8 +13,9 @@ from ..faces.models import FaceModels
 from ..interface import Tensors
 from ..lora import LoraPatcher, LoraWeights
 from ..models.family import ModelFamily
-from ..roles.description import TORCH_DTYPES, RoleDescription
+from ..roles.description import RoleDescription
 from ..roles.diffusion import describe_roles
+from ..shapes import DTYPES, DType
 
 Runner = Callable[..., tuple[torch.Tensor, ...]]
 
@@ -117,6 +118,6 @@ class TorchBackend:
             outputs = self.runner(role)(*args)
         return {spec.name: out for spec, out in zip(description.outputs, outputs, strict=True)}
 
-    def _cast(self, tensor: torch.Tensor, declared: str, float_dtype: torch.dtype) -> torch.Tensor:
-        dtype = float_dtype if declared in ("float32", "float16") else TORCH_DTYPES[declared]
+    def _cast(self, tensor: torch.Tensor, declared: DType, float_dtype: torch.dtype) -> torch.Tensor:
+        dtype = float_dtype if declared in ("float32", "float16") else DTYPES[declared].torch
         return tensor.to(device=self._device, dtype=dtype)

@@ -37,29 +37,10 @@ from easyphoto.rpc.errors import (
 from ..interface import Backend, Tensors
 from ..lora import LoraWeights
 from ..roles.description import RoleDescription
+from ..shapes import DTYPES, TensorSpec
 from .shared_memory import SHARED_MEMORY_KINDS, CudaRegions, SharedInputs, SystemRegions
 
 log = logging.getLogger(__name__)
-
-
-TRITON_DTYPES = {
-    "float32": "FP32",
-    "float16": "FP16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "uint8": "UINT8",
-    "bool": "BOOL",
-}
-
-
-NUMPY_DTYPES = {
-    "float32": np.float32,
-    "float16": np.float16,
-    "int32": np.int32,
-    "int64": np.int64,
-    "uint8": np.uint8,
-    "bool": np.bool_,
-}
 
 
 DEFAULT_TIMEOUT_SECONDS = 60.0
@@ -144,7 +125,7 @@ class TritonBackend:
         theirs = {
             (t["name"], t["datatype"]) for t in [*metadata.get("inputs", []), *metadata.get("outputs", [])]
         }
-        ours = {(t.name, TRITON_DTYPES[t.dtype]) for t in (*description.inputs, *description.outputs)}
+        ours = {(t.name, DTYPES[t.dtype].triton) for t in (*description.inputs, *description.outputs)}
         if theirs != ours:
             log.warning("triton's %s is another model (%s); not using it", description.name, sorted(theirs))
             return False
@@ -211,10 +192,7 @@ class TritonBackend:
     def _request(self, role: str, inputs: Tensors) -> tuple[str, list[object], list[object]]:
         description = self._roles[role]
         description.bind({name: tuple(t.shape) for name, t in inputs.items()})
-        request = [
-            self._input(role, description, spec.name, spec.dtype, inputs[spec.name])
-            for spec in description.inputs
-        ]
+        request = [self._input(role, description, spec, inputs[spec.name]) for spec in description.inputs]
         return role, request, [self._grpc.InferRequestedOutput(spec.name) for spec in description.outputs]
 
     def _send(self, requests: list[tuple[str, list[object], list[object]]]) -> list[Tensors]:
@@ -234,15 +212,15 @@ class TritonBackend:
         }
 
     def _input(
-        self, role: str, description: RoleDescription, name: str, dtype: str, source: torch.Tensor
+        self, role: str, description: RoleDescription, spec: TensorSpec, source: torch.Tensor
     ) -> object:
         array: np.ndarray = source.detach().to("cpu").numpy()
-        array = array.astype(NUMPY_DTYPES[dtype], copy=False)
-        if description.batched and array.ndim == 1:
-            array = array.reshape(-1, 1)  # declared [1] per sample, reshaped to [] for the model
-        tensor = self._grpc.InferInput(name, list(array.shape), TRITON_DTYPES[dtype])
+        array = array.astype(DTYPES[spec.dtype].numpy, copy=False)
+        if description.per_sample_scalar(spec):
+            array = array.reshape(-1, 1)
+        tensor = self._grpc.InferInput(spec.name, list(array.shape), DTYPES[spec.dtype].triton)
         if self.shared is not None and array.nbytes >= self.shared_min_bytes:
-            region, size = self.shared.place(f"{role}-{name}", source, array)
+            region, size = self.shared.place(f"{role}-{spec.name}", source, array)
             tensor.set_shared_memory(region, size)
         else:
             tensor.set_data_from_numpy(np.ascontiguousarray(array))

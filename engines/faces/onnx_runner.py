@@ -14,14 +14,10 @@ import onnxruntime as ort
 import torch
 
 from ..roles.description import RoleDescription
-from ..shapes import AxisRange, TensorSpec
+from ..shapes import DTYPES, AxisRange, DType, TensorSpec
 
-ONNX_DTYPES = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-}
+# onnxruntime's type strings back to declared dtypes.
+ONNX_DTYPES: dict[str, DType] = {names.onnx: dtype for dtype, names in DTYPES.items()}
 
 
 class OnnxRunner:

@@ -15,19 +15,9 @@ import torch
 
 from easyphoto.rpc.errors import EngineInputError
 
-from ..shapes import AxisRange, ProfilePoint, TensorSpec, sym
+from ..shapes import DTYPES, AxisRange, DimLike, ProfilePoint, TensorSpec, sym
 
 BATCH = sym("batch")
-
-
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
 
 
 @dataclass(frozen=True)
@@ -52,6 +42,18 @@ class RoleDescription:
         (Triton's implicit batch dimension; per-sample scalars travel as ``[batch, 1]``)."""
         tensors = (*self.inputs, *self.outputs)
         return all(spec.shape and spec.shape[0] == BATCH for spec in tensors)
+
+    def per_sample_scalar(self, spec: TensorSpec) -> bool:
+        """A ``[batch]`` tensor of a batched role (a timestep): Triton's implicit batch axis leaves it
+        no dims of its own, so it travels as ``[batch, 1]`` and the model config reshapes it back."""
+        return self.batched and len(spec.shape) == 1
+
+    def triton_dims(self, spec: TensorSpec) -> tuple[DimLike, ...]:
+        """The dims a Triton model declares for ``spec``: without the implicit batch axis of a
+        batched role, and a per-sample scalar as ``[1]``."""
+        if self.per_sample_scalar(spec):
+            return (1,)
+        return spec.shape[1:] if self.batched else spec.shape
 
     def input(self, name: str) -> TensorSpec:
         return next(spec for spec in self.inputs if spec.name == name)
@@ -142,7 +144,7 @@ class RoleDescription:
             low, high = self.sample_ranges.get(spec.name, (0.0, 0.0))
             if spec.dtype in ("int32", "int64"):
                 value = torch.randint(int(low), int(high), shape, generator=generator)
-                samples[spec.name] = value.to(TORCH_DTYPES[spec.dtype])
+                samples[spec.name] = value.to(DTYPES[spec.dtype].torch)
             elif spec.name in self.sample_ranges:
                 value = torch.rand(shape, generator=generator) * (high - low) + low
                 samples[spec.name] = value.to(float_dtype)

@@ -148,8 +148,28 @@ class StageModule(nn.Module):
 REFERENCE_STAGES = (("canny", "openpose", "color"), ("canny", "tile"), ("canny", "color"))
 
 
+# Every denoising role (UNet, ControlNet, fused stage) takes these first, in this order.
+STEP_INPUTS = ("sample", "timestep", "encoder_hidden_states")
+CONTROLNET_PREFIX = "controlnet_"
+
+
+def controlnet_role(kind: str) -> str:
+    """The role name of the ControlNet of ``kind`` (``canny`` -> ``controlnet_canny``)."""
+    return CONTROLNET_PREFIX + kind
+
+
 def stage_role_name(kinds: tuple[str, ...]) -> str:
     return "stage_" + "_".join(kinds)
+
+
+def stage_control_inputs(kind: str) -> tuple[str, str]:
+    """A fused stage's inputs for the ControlNet of ``kind``: its image and its scale."""
+    return f"{kind}_cond", f"{kind}_scale"
+
+
+def residual_inputs(unet: RoleDescription) -> tuple[TensorSpec, ...]:
+    """The UNet's ControlNet residual inputs, in order: every input after the step inputs."""
+    return tuple(spec for spec in unet.inputs if spec.name not in STEP_INPUTS)
 
 
 def residual_specs(family: ModelFamily) -> tuple[TensorSpec, ...]:
@@ -198,14 +218,14 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
     image_h, image_w = _image_dims(family)
     latent_channels = int(family.vae.config.latent_channels)
     hidden = int(family.text_encoder.config.hidden_size)
-    text = TensorSpec("encoder_hidden_states", "float32", (BATCH, family.text_length, hidden))
     latent_shape: tuple[DimLike, ...] = (BATCH, latent_channels, LATENT_H, LATENT_W)
+    sample, timestep, text_name = STEP_INPUTS
     step_inputs = (
-        TensorSpec("sample", "float32", (BATCH, int(family.unet.config.in_channels), LATENT_H, LATENT_W)),
-        TensorSpec("timestep", "float32", (BATCH,)),
-        text,
+        TensorSpec(sample, "float32", (BATCH, int(family.unet.config.in_channels), LATENT_H, LATENT_W)),
+        TensorSpec(timestep, "float32", (BATCH,)),
+        TensorSpec(text_name, "float32", (BATCH, family.text_length, hidden)),
     )
-    timestep_range = {"timestep": (0.0, 999.0)}
+    timestep_range = {timestep: (0.0, 999.0)}
     roles = {
         "text_encoder": RoleDescription(
             name="text_encoder",
@@ -249,12 +269,12 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
         ),
     }
     for kind in family.controlnets:
-        name = f"controlnet_{kind}"
+        name = controlnet_role(kind)
         control_channels = int(family.controlnets[kind].config.in_channels)
         roles[name] = RoleDescription(
             name=name,
             inputs=(
-                TensorSpec("sample", "float32", (BATCH, control_channels, LATENT_H, LATENT_W)),
+                TensorSpec(sample, "float32", (BATCH, control_channels, LATENT_H, LATENT_W)),
                 *step_inputs[1:],
                 TensorSpec("controlnet_cond", "float32", (BATCH, 3, image_h, image_w)),
                 TensorSpec("conditioning_scale", "float32", (1,)),
@@ -272,23 +292,29 @@ def describe_stage(family: ModelFamily, kinds: tuple[str, ...]) -> RoleDescripti
     ``<kind>_cond`` and ``<kind>_scale`` per ControlNet; ``noise_pred`` out."""
     roles = describe_roles(family)
     unet = roles["unet"]
-    if not kinds or any(f"controlnet_{kind}" not in roles for kind in kinds):
+    sample = STEP_INPUTS[0]
+    if not kinds or any(controlnet_role(kind) not in roles for kind in kinds):
         raise ValueError(
             f"a stage needs loaded ControlNets; asked for {kinds}, have {sorted(family.controlnets)}"
         )
-    if any(roles[f"controlnet_{kind}"].inputs[0] != unet.inputs[0] for kind in kinds):
+    if any(roles[controlnet_role(kind)].input(sample) != unet.input(sample) for kind in kinds):
         raise ValueError("a fused stage needs ControlNets that take the UNet's sample (a 4-channel UNet)")
-    controls = []
+    controls: list[TensorSpec] = []
+    ranges: dict[str, tuple[float, float]] = {}
     for kind in kinds:
-        control = roles[f"controlnet_{kind}"]
+        control = roles[controlnet_role(kind)]
+        image, scale = stage_control_inputs(kind)
         controls += [
-            TensorSpec(f"{kind}_cond", "float32", control.input("controlnet_cond").shape),
-            TensorSpec(f"{kind}_scale", "float32", (1,)),
+            TensorSpec(image, "float32", control.input("controlnet_cond").shape),
+            TensorSpec(scale, "float32", control.input("conditioning_scale").shape),
         ]
-    ranges = {f"{kind}_cond": (0.0, 1.0) for kind in kinds} | {f"{kind}_scale": (0.5, 1.0) for kind in kinds}
+        ranges |= {
+            image: control.sample_ranges["controlnet_cond"],
+            scale: control.sample_ranges["conditioning_scale"],
+        }
     return RoleDescription(
         name=stage_role_name(kinds),
-        inputs=(*unet.inputs[:3], *controls),
+        inputs=(*(unet.input(name) for name in STEP_INPUTS), *controls),
         outputs=unet.outputs,
         axes=unet.axes,
         build_module=lambda: StageModule(family, kinds),
