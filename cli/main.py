@@ -163,21 +163,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _triton_bench(models: str) -> str:
     from easyphoto.engines.models.loading import resolve_family
-    from easyphoto.engines.roles.diffusion import describe_roles, describe_stage
-    from easyphoto.export.onnx_export import export_all
-    from easyphoto.export.triton_bench import FIRST_PASS_KINDS, ROLE, triton_section
-    from easyphoto.export.triton_repository import write_repository
+    from easyphoto.export.triton_bench import triton_section
     from easyphoto.export.triton_server import find_install
 
-    family = resolve_family(models)
-    stage = describe_stage(family, FIRST_PASS_KINDS)
-    wanted = {ROLE, *(f"controlnet_{kind}" for kind in FIRST_PASS_KINDS)}
-    roles = {name: role for name, role in describe_roles(family).items() if name in wanted}
-    roles[stage.name] = stage
-    export_dir, repository = Path("build/bench-export"), Path("build/bench-triton-repo")
-    export_all(roles, export_dir)
-    write_repository(export_dir, roles, repository)
-    return triton_section(find_install(), repository, export_dir, roles)
+    return triton_section(find_install(), resolve_family(models))
 
 
 def _faces(args: argparse.Namespace) -> int:
@@ -194,18 +183,14 @@ def _faces(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from easyphoto.diffusion.catalogue import role_catalogue
     from easyphoto.engines.faces.models import default_face_models
     from easyphoto.engines.models.loading import resolve_family
-    from easyphoto.engines.roles.diffusion import REFERENCE_STAGES, describe_roles, describe_stage
     from easyphoto.export.onnx_export import export_all
 
     family = resolve_family(args.models)
-    roles = describe_roles(family)
-    if args.fused:
-        stages = [describe_stage(family, kinds) for kinds in REFERENCE_STAGES]
-        roles.update({stage.name: stage for stage in stages})
-    if not args.no_faces:
-        roles.update(default_face_models().roles)
+    faces = None if args.no_faces else default_face_models()
+    roles = role_catalogue(family, faces, fused=args.fused).roles
     if args.roles:
         roles = {name: roles[name] for name in args.roles.split(",")}
     out = Path(args.out)

@@ -20,17 +20,24 @@ from pathlib import Path
 
 import onnxruntime as ort
 import torch
+from transformers import CLIPTokenizer
 
+from easyphoto.diffusion.catalogue import role_catalogue
+from easyphoto.diffusion.passes import FIRST_PASS
+from easyphoto.engines.backends.triton_backend import TritonBackend
+from easyphoto.engines.interface import ControlInput, Engines
+from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.roles.description import RoleDescription
-from easyphoto.engines.roles.diffusion import stage_role_name
+from easyphoto.engines.roles.diffusion import controlnet_role, stage_role_name
 
+from .onnx_export import export_all
+from .triton_repository import write_repository
 from .triton_server import TritonInstall, free_ports, start_server
 
 MARK_BEGIN = "<!-- bench:triton:begin -->"
 MARK_END = "<!-- bench:triton:end -->"
 CONCURRENCY = (1, 2, 4)
 ROLE = "unet"
-FIRST_PASS_KINDS = ("canny", "openpose", "color")  # the fused stage measured against separate calls
 
 
 def perf_analyzer(install: TritonInstall) -> tuple[Path, dict[str, str]]:
@@ -113,41 +120,49 @@ def _median_ms(run: Callable[[], object], repeats: int) -> float:
 
 
 def step_times(
-    infer: Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    url: str,
     roles: dict[str, RoleDescription],
     kinds: tuple[str, ...],
+    tokenizer: CLIPTokenizer,
     repeats: int = 20,
 ) -> tuple[float, float]:
-    """Median ms of one denoising step of a pass (batch 2 for CFG, opt size): its ControlNets then the
-    UNet as separate calls (residuals summed here), and the fused stage graph as one call."""
+    """Median ms of one denoising step of the pass with ``kinds`` (batch 2 for CFG, opt size), as the
+    orchestrator makes it (:meth:`Engines.predict_noise`): without the fused stage (its ControlNets,
+    then the UNet) and with it (one call)."""
     step = roles[ROLE].sample_inputs("opt", seed=0)
-    common = {name: step[name] for name in ("sample", "timestep", "encoder_hidden_states")}
-    controls = {kind: roles[f"controlnet_{kind}"].sample_inputs("opt", seed=1) for kind in kinds}
-    residual_names = [spec.name for spec in roles[ROLE].inputs[3:]]
-
-    def separate() -> None:
-        total: list[torch.Tensor] = []
-        for kind in kinds:
-            extra = {k: controls[kind][k] for k in ("controlnet_cond", "conditioning_scale")}
-            out = list(infer(f"controlnet_{kind}", {**common, **extra}).values())
-            total = out if not total else [a + b for a, b in zip(total, out, strict=True)]
-        infer(ROLE, {**common, **dict(zip(residual_names, total, strict=True))})
-
-    def fused() -> None:
-        inputs = dict(common)
-        for kind in kinds:
-            inputs[f"{kind}_cond"] = controls[kind]["controlnet_cond"]
-            inputs[f"{kind}_scale"] = controls[kind]["conditioning_scale"]
-        infer(stage_role_name(kinds), inputs)
-
-    return _median_ms(separate, repeats), _median_ms(fused, repeats)
+    weights = FIRST_PASS.control_weights()
+    controls = [
+        ControlInput(
+            kind, roles[controlnet_role(kind)].sample_inputs("opt", seed=1)["controlnet_cond"], weights[kind]
+        )
+        for kind in kinds
+    ]
+    args = (step["sample"], step["timestep"], step["encoder_hidden_states"], controls)
+    stage = stage_role_name(kinds)
+    separate = {name: role for name, role in roles.items() if name != stage}
+    return _step_ms(url, separate, tokenizer, args, repeats), _step_ms(url, roles, tokenizer, args, repeats)
 
 
-def triton_section(
-    install: TritonInstall, repository: Path, export_dir: Path, roles: dict[str, RoleDescription]
-) -> str:
-    from easyphoto.engines.backends.triton_backend import TritonBackend
+def _step_ms(
+    url: str, served: dict[str, RoleDescription], tokenizer: CLIPTokenizer, args: tuple, repeats: int
+) -> float:
+    backend = TritonBackend(url, served)
+    try:
+        engines = Engines(backend, tokenizer, 1.0)
+        return _median_ms(lambda: engines.predict_noise(*args), repeats)
+    finally:
+        backend.close()
 
+
+def triton_section(install: TritonInstall, family: ModelFamily, build: Path = Path("build")) -> str:
+    """Exports the UNet, the first pass's ControlNets and its fused stage, serves them on the CPU
+    tritonserver and measures; the markdown section for ``docs/benchmarks.md``."""
+    kinds = tuple(FIRST_PASS.control_weights())
+    wanted = {ROLE, stage_role_name(kinds), *(controlnet_role(kind) for kind in kinds)}
+    roles = {name: role for name, role in role_catalogue(family).roles.items() if name in wanted}
+    export_dir, repository = build / "bench-export", build / "bench-triton-repo"
+    export_all(roles, export_dir)
+    write_repository(export_dir, roles, repository)
     server = start_server(repository, install, free_ports())
     try:
         server.wait_ready()
@@ -162,10 +177,9 @@ def triton_section(
             with_shm, _ = client_overhead(shared.infer, export_dir / ROLE / "model.onnx", description)
         finally:
             shared.close()
-        fused_served = stage_role_name(FIRST_PASS_KINDS) in roles
         steps = (
-            step_times(TritonBackend(server.grpc_url, roles).infer, roles, FIRST_PASS_KINDS)
-            if fused_served
+            step_times(server.grpc_url, roles, kinds, family.tokenizer)
+            if stage_role_name(kinds) in roles
             else None
         )
     finally:
@@ -193,7 +207,7 @@ def triton_section(
         f" and control images are constant within a pass): **{with_shm:.2f} ms** per call.",
         *(
             [
-                f"One first-pass step ({' + '.join(FIRST_PASS_KINDS)} ControlNets, then the UNet; batch 2):"
+                f"One first-pass step ({' + '.join(kinds)} ControlNets, then the UNet; batch 2):"
                 f" four calls **{steps[0]:.2f} ms**, the fused stage graph in one call **{steps[1]:.2f} ms**"
                 f" ({steps[0] / steps[1]:.2f}x)."
             ]

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import grpc
 
+from easyphoto.diffusion.catalogue import role_catalogue
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.models import FaceModelPaths, FaceModels
 from easyphoto.engines.interface import Backend, Engines
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.models.loading import resolve_family
-from easyphoto.engines.roles.diffusion import REFERENCE_STAGES, describe_roles, describe_stage
 from easyphoto.rpc.deadline import request_deadline
 from easyphoto.rpc.errors import EasyPhotoError, EngineUnavailable, UserNotReady
 from easyphoto.rpc.metrics import DEFAULT_HOST, Metrics
@@ -97,12 +97,11 @@ class EngineHolder:
             from easyphoto.engines.backends.triton_backend import TritonBackend
 
             local = TorchBackend(None, device="cpu", faces=face_models)
-            served = describe_roles(family)
-            optional = [describe_stage(family, kinds) for kinds in REFERENCE_STAGES if family.controlnets]
-            optional.extend(face_models.roles.values())
+            catalogue = role_catalogue(family, face_models)
+            served = dict(catalogue.family)
             probe = TritonBackend(self.config.triton_url, {})
             try:
-                served.update({role.name: role for role in optional if probe.serves(role)})
+                served.update({name: role for name, role in catalogue.optional.items() if probe.serves(role)})
             finally:
                 probe.close()
             local_faces = sorted(set(face_models.roles) - set(served))

@@ -9,7 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from easyphoto.diffusion.schedulers import SCHEDULERS, strength_steps
+from easyphoto.diffusion.passes import (
+    BACKGROUND_PASS,
+    FIRST_PASS,
+    REFERENCE_PASSES,
+    SEAM_PASS,
+    SECOND_PASS,
+    PassOptions,
+)
+from easyphoto.diffusion.schedulers import SCHEDULERS
+from easyphoto.engines.models.family import CONTROLNET_KINDS
 from easyphoto.rpc.errors import InvalidArgument, check_range
 from easyphoto.rpc.server import present_fields
 from easyphoto.v1 import generator_pb2
@@ -23,42 +32,6 @@ NEGATIVE_PROMPT = (
     " jpeg artifacts, overexposed, cartoon, painting"
 )
 MAX_IMAGES_PER_TEMPLATE = 8
-
-
-@dataclass(frozen=True)
-class PassOptions:
-    enabled: bool
-    steps: int
-    strength: float
-    guidance_scale: float
-    canny_weight: float = 0.0
-    openpose_weight: float = 0.0
-    color_weight: float = 0.0
-    tile_weight: float = 0.0
-    canny_low_threshold: int = 100
-    canny_high_threshold: int = 200
-    scheduler: str = "dpmpp_2m_sde_karras"
-
-    def control_weights(self) -> dict[str, float]:
-        """The ControlNets this pass runs (weight > 0), in a fixed order."""
-        weights = {
-            "canny": self.canny_weight,
-            "openpose": self.openpose_weight,
-            "color": self.color_weight,
-            "tile": self.tile_weight,
-        }
-        return {kind: w for kind, w in weights.items() if w > 0}
-
-    @property
-    def denoising_steps(self) -> int:
-        """Steps this pass runs each time it runs (0 when disabled)."""
-        return strength_steps(self.steps, self.strength) if self.enabled else 0
-
-
-FIRST_PASS = PassOptions(True, 50, 0.45, 7.0, canny_weight=0.5, openpose_weight=0.5, color_weight=0.85)
-SECOND_PASS = PassOptions(True, 20, 0.35, 7.0, canny_weight=1.0, tile_weight=1.0)
-SEAM_PASS = PassOptions(True, 30, 0.30, 7.0, canny_weight=1.0, color_weight=1.0)
-BACKGROUND_PASS = PassOptions(False, 20, 0.35, 7.0, canny_weight=1.0, color_weight=1.0)
 
 
 @dataclass(frozen=True)
@@ -121,7 +94,7 @@ def _pass(message: Any, defaults: PassOptions, name: str) -> PassOptions:
     check_range(f"{name}.steps", options.steps, 1, 200)
     check_range(f"{name}.strength", options.strength, 0.0, 1.0, low_open=True)
     check_range(f"{name}.guidance_scale", options.guidance_scale, 1.0, 30.0)
-    for kind in ("canny", "openpose", "color", "tile"):
+    for kind in CONTROLNET_KINDS:
         check_range(f"{name}.{kind}_weight", getattr(options, f"{kind}_weight"), 0.0, 2.0)
     for bound in ("canny_low_threshold", "canny_high_threshold"):
         check_range(f"{name}.{bound}", getattr(options, bound), 0, 255)
@@ -140,10 +113,9 @@ def _pass(message: Any, defaults: PassOptions, name: str) -> PassOptions:
 def resolve_options(request: generator_pb2.GenerateRequest) -> GenerateOptions:
     defaults = GenerateOptions()
     values: dict[str, Any] = {
-        "first_pass": _pass(request.first_pass, FIRST_PASS, "first_pass"),
-        "second_pass": _pass(request.second_pass, SECOND_PASS, "second_pass"),
-        "seam_pass": _pass(request.seam_pass, SEAM_PASS, "seam_pass"),
-        "background_restore": _pass(request.background_restore, BACKGROUND_PASS, "background_restore"),
+        **{
+            name: _pass(getattr(request, name), defaults, name) for name, defaults in REFERENCE_PASSES.items()
+        },
         "extra_prompt": request.extra_prompt,
         "extra_negative_prompt": request.extra_negative_prompt,
         "return_intermediates": request.return_intermediates,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from easyphoto.diffusion.passes import BACKGROUND_PASS, SEAM_PASS, PassOptions
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import default_face_models
@@ -20,7 +21,7 @@ from easyphoto.fixtures.photos import sample_photo
 from easyphoto.imaging.codec import encode_png
 from easyphoto.imaging.geometry import grow_box, int_box
 from easyphoto.rpc.errors import Cancelled, InvalidArgument, UnknownUser, UserNotReady
-from easyphoto.server.options import BACKGROUND_PASS, SEAM_PASS, GenerateOptions, PassOptions
+from easyphoto.server.options import GenerateOptions
 from easyphoto.server.pipeline import Orchestrator
 from easyphoto.users.store import UserStore
 

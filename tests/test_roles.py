@@ -96,16 +96,17 @@ def test_manifest_is_json_ready(tiny: ModelFamily) -> None:
 
 
 def test_fused_stages_equal_the_separate_calls_and_match_the_orchestrator_passes(tiny: ModelFamily) -> None:
+    from easyphoto.diffusion.passes import FIRST_PASS, SEAM_PASS, SECOND_PASS, reference_stages
     from easyphoto.engines.backends.torch_backend import TorchBackend
     from easyphoto.engines.interface import ControlInput, Engines
-    from easyphoto.engines.roles.diffusion import REFERENCE_STAGES, describe_stage, stage_role_name
-    from easyphoto.server.options import FIRST_PASS, SEAM_PASS, SECOND_PASS
+    from easyphoto.engines.roles.diffusion import describe_stage, stage_role_name
 
+    stages = reference_stages()
     passes = tuple(tuple(p.control_weights()) for p in (FIRST_PASS, SECOND_PASS, SEAM_PASS))
-    assert passes == REFERENCE_STAGES  # the stages worth fusing are the orchestrator's passes
+    assert passes == stages  # the stages worth fusing are the orchestrator's passes
     separate = Engines(TorchBackend(tiny, "cpu"), tiny.tokenizer, 1.0)
     fused_backend = TorchBackend(tiny, "cpu")
-    for kinds in REFERENCE_STAGES:
+    for kinds in stages:
         fused_backend.add_role(describe_stage(tiny, kinds))
     fused = Engines(fused_backend, tiny.tokenizer, 1.0)
     called: list[str] = []
@@ -115,7 +116,7 @@ def test_fused_stages_equal_the_separate_calls_and_match_the_orchestrator_passes
     sample = unet.sample_inputs("opt", seed=5)
     generator = torch.Generator().manual_seed(6)
     height, width = (8 * side for side in sample["sample"].shape[2:])
-    for kinds in REFERENCE_STAGES:
+    for kinds in stages:
         controls = [
             ControlInput(kind, torch.rand(2, 3, height, width, generator=generator), 0.5 + 0.1 * i)
             for i, kind in enumerate(kinds)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from easyphoto.diffusion.passes import reference_stages
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.backends.triton_backend import TritonBackend
 from easyphoto.engines.faces.detect import FaceAnalyzer
@@ -22,7 +23,7 @@ from easyphoto.engines.faces.models import FaceModels, default_face_models
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.roles.description import RoleDescription
-from easyphoto.engines.roles.diffusion import REFERENCE_STAGES, describe_roles, describe_stage
+from easyphoto.engines.roles.diffusion import describe_roles, describe_stage
 from easyphoto.export.onnx_export import export_all, tolerance_for
 from easyphoto.export.triton_repository import write_repository
 from easyphoto.export.triton_server import (
@@ -72,7 +73,7 @@ def server(
 
 def _stages(tiny: ModelFamily) -> dict[str, RoleDescription]:
     """The fused steps of the first and second pass (what a whole Generate at the defaults calls)."""
-    return {stage.name: stage for stage in (describe_stage(tiny, kinds) for kinds in REFERENCE_STAGES[:2])}
+    return {stage.name: stage for stage in (describe_stage(tiny, kinds) for kinds in reference_stages()[:2])}
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +136,7 @@ def test_a_whole_generate_through_triton_equals_torch(
         second_pass=replace(options.second_pass, steps=6),
     )
     images, scores = [], []
-    fused = describe_stage(tiny, REFERENCE_STAGES[0]).name
+    fused = describe_stage(tiny, reference_stages()[0]).name
     before = {model: _inference_count(server, model) for model in (fused, "face_embedder")}
     for backend in (triton_backend, TorchBackend(tiny, "cpu", faces=face_models)):
         engines = Engines(backend, tiny.tokenizer, float(tiny.vae.config.scaling_factor))

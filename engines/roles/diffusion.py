@@ -143,9 +143,6 @@ class StageModule(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, *residuals)
 
 
-# The ControlNets of the reference passes, in the order the orchestrator runs them (first pass,
-# second pass, seam pass; tests check these against server.options): the fused stages worth building.
-REFERENCE_STAGES = (("canny", "openpose", "color"), ("canny", "tile"), ("canny", "color"))
 
 
 # Every denoising role (UNet, ControlNet, fused stage) takes these first, in this order.
