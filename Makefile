@@ -75,7 +75,7 @@ bench: setup triton-setup
 TRITON_SHM ?= none
 serve: setup
 	$(BIN)/easyphoto serve --port $(PORT) --backend $(BACKEND) --models $(MODELS) \
-		--triton-url 127.0.0.1:$(TRITON_GRPC_PORT) --triton-shared-memory $(TRITON_SHM)
+		--triton-url 127.0.0.1:$(TRITON_GRPC_PORT) --triton-shared-memory $(TRITON_SHM) --export-dir $(EXPORT_DIR)
 
 trainer: setup
 	$(BIN)/easyphoto trainer --port $(TRAINER_PORT) --models $(MODELS)

@@ -22,6 +22,7 @@ def _serve(args: argparse.Namespace) -> int:
             **service_settings(args),
             backend=args.backend,
             triton_url=args.triton_url,
+            export_dir=Path(args.export_dir),
             triton_shared_memory=args.triton_shared_memory,
             triton_cuda_device=args.triton_cuda_device,
         )
@@ -129,17 +130,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
+    from easyphoto.diffusion.catalogue import role_catalogue
     from easyphoto.engines.models.loading import resolve_family
-    from easyphoto.engines.roles.diffusion import describe_roles
+    from easyphoto.engines.roles.manifest import EngineManifest
 
     family = resolve_family(args.models)
-    manifest = {
-        "family": family.name,
-        "source": family.source,
-        "is_random": family.is_random,
-        "roles": {name: role.manifest() for name, role in describe_roles(family).items()},
-    }
-    print(json.dumps(manifest, indent=2))
+    manifest = EngineManifest.of_family(family, role_catalogue(family))
+    print(json.dumps(manifest.to_json(), indent=2))
     return 0
 
 
@@ -190,11 +187,12 @@ def _export(args: argparse.Namespace) -> int:
 
     family = resolve_family(args.models)
     faces = None if args.no_faces else default_face_models()
-    roles = role_catalogue(family, faces, fused=args.fused).roles
+    catalogue = role_catalogue(family, faces, fused=args.fused)
     if args.roles:
-        roles = {name: roles[name] for name in args.roles.split(",")}
+        catalogue = catalogue.only(args.roles.split(","))
+    roles = catalogue.roles
     out = Path(args.out)
-    results = export_all(roles, out, force=args.force)
+    results = export_all(catalogue, out, family, force=args.force)
     for result in results:
         state = "unchanged" if result.skipped else f"{result.seconds:.1f}s"
         verdict = "ok" if result.ok else "MISMATCH"
@@ -226,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", default="torch", choices=["torch", "triton"])
     serve.add_argument(
         "--triton-url", default="127.0.0.1:8001", help="Triton's gRPC address (--backend triton)"
+    )
+    serve.add_argument(
+        "--export-dir",
+        default="build/export",
+        help="what `easyphoto export` wrote there (manifest.json, tokenizer/) describes the roles Triton"
+        " serves (--backend triton; no model weights load in this process)",
     )
     serve.add_argument(
         "--triton-shared-memory",

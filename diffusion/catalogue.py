@@ -1,39 +1,14 @@
 """The role catalogue: which roles a deployment of the method serves. Export, the benchmarks and the
-orchestrator all take their roles from here.
-
-* ``family``: the text encoder, the VAE, the UNet and every loaded ControlNet; a deployment needs
-  each one.
-* ``stages``: the fused step of each reference pass whose ControlNets are all loaded (one call per
-  step where a backend serves it, else the step calls its nets and the UNet).
-* ``faces``: the face models' roles (in Triton where its repository has them, else in process).
-"""
+orchestrator all take their roles from here (the groups are :class:`RoleCatalogue`'s)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from easyphoto.engines.faces.models import FaceModels
 from easyphoto.engines.models.family import ModelFamily
-from easyphoto.engines.roles.description import RoleDescription
+from easyphoto.engines.roles.catalogue import RoleCatalogue
 from easyphoto.engines.roles.diffusion import describe_roles, describe_stage
 
 from .passes import reference_stages
-
-
-@dataclass(frozen=True)
-class RoleCatalogue:
-    family: dict[str, RoleDescription]
-    stages: dict[str, RoleDescription] = field(default_factory=dict)
-    faces: dict[str, RoleDescription] = field(default_factory=dict)
-
-    @property
-    def roles(self) -> dict[str, RoleDescription]:
-        return {**self.family, **self.stages, **self.faces}
-
-    @property
-    def optional(self) -> dict[str, RoleDescription]:
-        """The roles a backend may lack: the stages and the face roles."""
-        return {**self.stages, **self.faces}
 
 
 def role_catalogue(

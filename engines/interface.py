@@ -17,7 +17,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTokenizer
 
-from .lora import LoraWeights
+from .lora import LoraTargets, LoraWeights
 from .roles.description import RoleDescription
 from .roles.diffusion import (
     CONTROLNET_PREFIX,
@@ -54,8 +54,8 @@ class Backend(Protocol):
 
     def set_lora(self, lora: LoraWeights | None, weight: float) -> None: ...
 
-    def lora_modules(self) -> dict[str, torch.nn.Module]:
-        """The modules a LoRA patches, by target name (their module names resolve kohya keys)."""
+    def lora_targets(self) -> LoraTargets:
+        """The layers a LoRA may patch, with their shapes (they resolve kohya keys and check fit)."""
         ...
 
     def close(self) -> None:

@@ -5,7 +5,9 @@ Formats (both read; the trainer writes the first):
   scale ``alpha / rank`` from a ``<module>.alpha`` tensor when present, else the file's
   ``lora_alpha`` metadata, else 1.
 * kohya (sd-scripts, A1111): ``lora_unet_<module with _>.lora_down.weight`` / ``lora_up.weight`` /
-  ``.alpha``, and ``lora_te_`` for the text encoder; module names are resolved against the model.
+  ``.alpha``, and ``lora_te_`` for the text encoder; module names are resolved against the model's
+  LoRA-targeted layers (:data:`TARGET_MODULES`), which the engine manifest lists with their shapes,
+  so a LoRA is resolved and checked without the weights too.
 
 Patching adds ``weight * scale * up @ down`` to each target's weight in place and keeps the
 original, so switching users restores bit-exact base weights (no drift from merge/unmerge).
@@ -14,6 +16,7 @@ original, so switching users restores bit-exact base weights (no drift from merg
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +28,19 @@ from torch import nn
 from easyphoto.rpc.errors import InvalidArgument
 
 TARGETS = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+# The layers a LoRA may patch (peft regexes, matched against whole module names): the UNet's
+# transformer blocks (attention projections, feed-forward, proj_in/out) and the text encoder's
+# attention and MLP. The trainer trains exactly these; serving accepts adapters on exactly these.
+TARGET_MODULES = {
+    "unet": (
+        r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\."
+        r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))"
+    ),
+    "text_encoder": r".*encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))",
+}
+# For each target, each LoRA-targeted layer by the name LoRA files use, and its weight's shape:
+# what resolves kohya names and checks that a LoRA fits, with or without the model's weights.
+LoraTargets = dict[str, dict[str, tuple[int, ...]]]
 # LoRA files name CLIP text-encoder modules ``text_model.encoder...`` (transformers 4 layout);
 # transformers 5 dropped the ``text_model`` level. Files keep the old names so they stay portable.
 TEXT_MODEL = "text_model."
@@ -69,16 +85,54 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise InvalidArgument(f"cannot read LoRA file {path}: {exc}", field="lora") from exc
 
 
-def load_lora(path: Path, modules: dict[str, nn.Module] | None = None) -> LoraWeights:
-    """Reads either format; kohya names are resolved against ``modules`` (by target name)."""
+def load_lora(path: Path, targets: LoraTargets | None = None) -> LoraWeights:
+    """Reads either format. With ``targets`` (see :func:`lora_targets`) kohya names are resolved
+    against them and every layer is checked to fit (:func:`check_fits`); without, kohya files are
+    refused and nothing is checked."""
     tensors, metadata = _read(path)
     # The name identifies this file's contents (patchers skip re-applying the same name and weight).
     name = f"{path.resolve()}@{path.stat().st_mtime_ns}"
     if any(k.startswith(tuple(TARGETS.values())) for k in tensors):
-        if modules is None:
+        if targets is None:
             raise InvalidArgument("kohya LoRA keys need the model to resolve module names", field="lora")
-        return LoraWeights(name, _kohya_layers(tensors, modules))
-    return LoraWeights(name, _peft_layers(tensors, metadata))
+        lora = LoraWeights(name, _kohya_layers(tensors, targets))
+    else:
+        lora = LoraWeights(name, _peft_layers(tensors, metadata))
+    if targets is not None:
+        check_fits(lora, targets)
+    return lora
+
+
+def lora_targets(modules: dict[str, nn.Module]) -> LoraTargets:
+    """The LoRA-targeted layers of ``modules`` (``{"unet": ..., "text_encoder": ...}``) with their
+    weight shapes, keyed by the names LoRA files use."""
+    table: LoraTargets = {}
+    for target, root in modules.items():
+        pattern = re.compile(TARGET_MODULES[target])
+        table[target] = {
+            file_name(target, root, name): tuple(module.weight.shape)
+            for name, module in root.named_modules()
+            if pattern.fullmatch(name) and isinstance(getattr(module, "weight", None), torch.Tensor)
+        }
+    return table
+
+
+def check_fits(lora: LoraWeights, targets: LoraTargets) -> None:
+    """InvalidArgument (field ``lora``) naming the first layer of ``lora`` that is not a targeted
+    layer of the model or whose update is not the shape of that layer's weight."""
+    for layer in lora.layers:
+        shape = targets.get(layer.target, {}).get(layer.module)
+        if shape is None:
+            raise InvalidArgument(
+                f"LoRA layer {layer.target}.{layer.module} is not a LoRA-targeted layer of this model",
+                field="lora",
+            )
+        update = (int(layer.up.shape[0]), *(int(d) for d in layer.down.shape[1:]))
+        if update != shape:
+            raise InvalidArgument(
+                f"LoRA layer {layer.target}.{layer.module} is {update}, the model's weight is {shape}",
+                field="lora",
+            )
 
 
 def _peft_layers(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list[LoraLayer]:
@@ -115,21 +169,22 @@ def module_name(root: nn.Module, name: str) -> str:
     return name
 
 
-def module_names(target: str, root: nn.Module) -> list[str]:
-    """The names LoRA files use for ``root``'s submodules."""
-    return [file_name(target, root, name) for name, _ in root.named_modules() if name]
-
-
 def submodule(root: nn.Module, name: str) -> nn.Module:
     """Resolves a LoRA file's module name in either text-encoder layout."""
     return root.get_submodule(module_name(root, name))
 
 
-def _kohya_layers(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module]) -> list[LoraLayer]:
+def _weight(root: nn.Module, name: str) -> torch.Tensor:
+    weight = submodule(root, name).weight
+    assert isinstance(weight, torch.Tensor), name  # every LoRA-targeted layer has one (check_fits)
+    return weight
+
+
+def _kohya_layers(tensors: dict[str, torch.Tensor], targets: LoraTargets) -> list[LoraLayer]:
     names = {
         prefix + name.replace(".", "_"): (target, name)
         for target, prefix in TARGETS.items()
-        for name in module_names(target, modules[target])
+        for name in targets.get(target, {})
     }
     layers = []
     for key, down in tensors.items():
@@ -137,7 +192,9 @@ def _kohya_layers(tensors: dict[str, torch.Tensor], modules: dict[str, nn.Module
             continue
         stem = key.removesuffix(".lora_down.weight")
         if stem not in names:
-            raise InvalidArgument(f"LoRA key {key!r} names no module of this model", field="lora")
+            raise InvalidArgument(
+                f"LoRA key {key!r} names no LoRA-targeted layer of this model", field="lora"
+            )
         target, module = names[stem]
         alpha = tensors.get(f"{stem}.alpha")
         up = tensors[f"{stem}.lora_up.weight"]
@@ -167,21 +224,12 @@ def save_lora(weights: LoraWeights, path: Path, kohya: bool = False) -> None:
     )
 
 
-def _weight(root: nn.Module, module: str) -> torch.Tensor:
-    try:
-        weight = submodule(root, module).weight
-    except AttributeError as exc:
-        raise InvalidArgument(f"LoRA target {module} is not a module of this model", field="lora") from exc
-    if not isinstance(weight, torch.Tensor):
-        raise InvalidArgument(f"LoRA target {module} has no weight", field="lora")
-    return weight
-
-
 class LoraPatcher:
     """Applies one LoRA at a time to live modules; keeps originals to restore bit-exactly."""
 
     def __init__(self, modules: dict[str, nn.Module]) -> None:
         self.modules = modules
+        self.targets = lora_targets(modules)
         self._originals: dict[tuple[str, str], torch.Tensor] = {}
         self.active: tuple[str, float] | None = None
 
@@ -189,19 +237,14 @@ class LoraPatcher:
         key = (lora.name, weight) if lora is not None and weight != 0 else None
         if key == self.active:
             return
+        if lora is not None:
+            check_fits(lora, self.targets)  # before anything is touched
         self.restore()
         if lora is None or key is None:
             return
         with torch.no_grad():
             for layer in lora.layers:
                 param = _weight(self.modules[layer.target], layer.module)
-                if param.shape != layer.delta().shape:
-                    self.restore()
-                    raise InvalidArgument(
-                        f"LoRA layer {layer.target}.{layer.module} is {tuple(layer.delta().shape)},"
-                        f" the model's weight is {tuple(param.shape)}",
-                        field="lora",
-                    )
                 self._originals[(layer.target, layer.module)] = param.detach().clone()
                 param.add_((weight * layer.delta()).to(param.dtype).to(param.device))
         self.active = key

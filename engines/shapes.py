@@ -8,6 +8,7 @@ profiles are all derived from the same declaration.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
@@ -40,6 +41,9 @@ ProfilePoint = Literal["min", "opt", "max"]
 PROFILE_POINTS: tuple[ProfilePoint, ...] = ("min", "opt", "max")
 
 
+DIM_NAME = re.compile(r"(?:(\d+)\*)?([A-Za-z_]\w*)(?:/(\d+))?")
+
+
 @dataclass(frozen=True)
 class Dim:
     symbol: str
@@ -61,6 +65,15 @@ class Dim:
         if self.scale.numerator == 1:
             return f"{self.symbol}/{self.scale.denominator}"
         return f"{self.scale.numerator}*{self.symbol}/{self.scale.denominator}"
+
+    @classmethod
+    def parse(cls, name: str) -> Dim:
+        """The dim whose :attr:`name` is ``name`` (the inverse, for descriptions read from JSON)."""
+        match = DIM_NAME.fullmatch(name)
+        if match is None:
+            raise ValueError(f"{name!r} is not a dim name like 'h', '8*h', 'h/2' or '3*h/4'")
+        numerator, symbol, denominator = match.groups()
+        return cls(symbol, Fraction(int(numerator or 1), int(denominator or 1)))
 
     def __mul__(self, factor: int | Fraction) -> Dim:
         return Dim(self.symbol, self.scale * factor)

@@ -29,7 +29,10 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.roles.catalogue import RoleCatalogue
 from easyphoto.engines.roles.description import RoleDescription
+from easyphoto.engines.roles.manifest import EngineManifest
 
 from .tensorrt_plan import plan_role, write_plans
 
@@ -232,9 +235,13 @@ def initializer_names(path: Path) -> set[str]:
     return {init.name for init in model.graph.initializer}
 
 
-def export_all(roles: dict[str, RoleDescription], out_dir: Path, force: bool = False) -> list[ExportResult]:
-    """Every role that is a torch module; writes ``manifest.json`` (the engine manifest) and
-    ``plans.json`` (the TensorRT build plans) too."""
+def export_all(
+    catalogue: RoleCatalogue, out_dir: Path, family: ModelFamily, force: bool = False
+) -> list[ExportResult]:
+    """Every role of the catalogue that is a torch module; writes ``plans.json`` (the TensorRT build
+    plans) and the engine manifest (``manifest.json`` with the tokenizer: what serving needs to call
+    the roles without their weights)."""
+    roles = catalogue.roles
     results = []
     for description in roles.values():
         module = description.build_module()
@@ -247,16 +254,13 @@ def export_all(roles: dict[str, RoleDescription], out_dir: Path, force: bool = F
         for r in results
     ]
     write_plans(plans, out_dir)
-    manifest = {
-        "exporter": EXPORTER_VERSION,
-        "roles": {
-            r.role: {
-                **roles[r.role].manifest(),
-                "onnx": str(r.path.relative_to(out_dir)),
-                "onnx_fp16": str(r.fp16_path.relative_to(out_dir)) if r.fp16_path else None,
-            }
-            for r in results
-        },
+    manifest = EngineManifest.of_family(family, catalogue, EXPORTER_VERSION)
+    manifest.files = {
+        r.role: {
+            "onnx": str(r.path.relative_to(out_dir)),
+            "onnx_fp16": str(r.fp16_path.relative_to(out_dir)) if r.fp16_path else None,
+        }
+        for r in results
     }
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    manifest.write(out_dir, family.tokenizer)
     return results

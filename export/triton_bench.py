@@ -159,9 +159,10 @@ def triton_section(install: TritonInstall, family: ModelFamily, build: Path = Pa
     tritonserver and measures; the markdown section for ``docs/benchmarks.md``."""
     kinds = tuple(FIRST_PASS.control_weights())
     wanted = {ROLE, stage_role_name(kinds), *(controlnet_role(kind) for kind in kinds)}
-    roles = {name: role for name, role in role_catalogue(family).roles.items() if name in wanted}
+    catalogue = role_catalogue(family).only(wanted)
+    roles = catalogue.roles
     export_dir, repository = build / "bench-export", build / "bench-triton-repo"
-    export_all(roles, export_dir)
+    export_all(catalogue, export_dir, family)
     write_repository(export_dir, roles, repository)
     server = start_server(repository, install, free_ports())
     try:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import grpc
 
-from easyphoto.diffusion.catalogue import role_catalogue
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.models import FaceModelPaths, FaceModels
-from easyphoto.engines.interface import Backend, Engines
-from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.interface import Engines
 from easyphoto.engines.models.loading import resolve_family
+from easyphoto.engines.roles.catalogue import RoleCatalogue
+from easyphoto.engines.roles.manifest import MANIFEST_FILE, EngineManifest, FamilyFacts
 from easyphoto.rpc.deadline import request_deadline
 from easyphoto.rpc.errors import EasyPhotoError, EngineUnavailable, UserNotReady
 from easyphoto.rpc.metrics import DEFAULT_HOST, Metrics
@@ -44,6 +44,8 @@ class ServerConfig:
     models: str = "tiny"
     backend: str = "torch"  # or "triton": the roles served by tritonserver at triton_url
     triton_url: str = "127.0.0.1:8001"
+    # What `easyphoto export` wrote (manifest.json, tokenizer/): the roles --backend triton serves.
+    export_dir: Path = Path("build/export")
     # Large per-request tensors through shared memory (Triton on this host only): "none",
     # "system" or "cuda" (on triton_cuda_device; engines.backends.shared_memory.CudaRegions).
     triton_shared_memory: str = "none"
@@ -68,58 +70,72 @@ class EngineHolder:
         self.loaded = threading.Event()
 
     def load(self) -> Orchestrator:
-        family = resolve_family(self.config.models)
         face_models = self.config.faces.load()
-        backend = self._backend(family, face_models)
-        engines = Engines(backend, family.tokenizer, float(family.vae.config.scaling_factor))
-        analyzer = face_models.analyzer(backend)
+        if self.config.backend == "torch":
+            engines, facts = self._torch_engines(face_models)
+        elif self.config.backend == "triton":
+            engines, facts = self._triton_engines(face_models)
+        else:
+            raise ValueError(f"backend {self.config.backend!r} is unknown; use 'torch' or 'triton'")
+        analyzer = face_models.analyzer(engines.backend)
         users = UserStore(self.config.data)
-        self._orchestrator = Orchestrator(engines, family.scheduler_config, face_models, analyzer, users)
-        self.model_family = f"{family.name}{' (random weights)' if family.is_random else ''}:{family.source}"
+        self._orchestrator = Orchestrator(engines, facts.scheduler_config, face_models, analyzer, users)
+        self.model_family = facts.label
+        backend = engines.backend
         log.info(
             "engines ready: %s on %s (%s); data in %s",
-            family.name,
+            facts.name,
             backend.device,
             backend.dtype,
             self.config.data,
         )
         return self._orchestrator
 
-    def _backend(self, family: ModelFamily, face_models: FaceModels) -> Backend:
-        """The embedded torch backend, or Triton serving every exported role; the fused stages and
-        the face roles are used when the repository has them (else the face models run in process,
-        and each step calls its ControlNets and the UNet). The family still supplies the
-        descriptions, tokenizer and scheduler config; with Triton its weights are not used for
-        inference."""
-        if self.config.backend == "torch":
-            return TorchBackend(family, device=self.config.device, faces=face_models)
-        if self.config.backend == "triton":
-            from easyphoto.engines.backends.triton_backend import TritonBackend
+    def _torch_engines(self, face_models: FaceModels) -> tuple[Engines, FamilyFacts]:
+        """Every role in process, from the family's weights."""
+        family = resolve_family(self.config.models)
+        backend = TorchBackend(family, device=self.config.device, faces=face_models)
+        return Engines(backend, family.tokenizer, float(family.vae.config.scaling_factor)), FamilyFacts.of(
+            family
+        )
 
-            local = TorchBackend(None, device="cpu", faces=face_models)
-            catalogue = role_catalogue(family, face_models)
-            served = dict(catalogue.family)
-            probe = TritonBackend(self.config.triton_url, {})
-            try:
-                served.update({name: role for name, role in catalogue.optional.items() if probe.serves(role)})
-            finally:
-                probe.close()
-            local_faces = sorted(set(face_models.roles) - set(served))
-            if local_faces:
-                log.info("face roles %s are not in Triton's repository: they run in process", local_faces)
-            backend = TritonBackend(
-                self.config.triton_url,
-                served,
-                fallback=local,
-                shared_memory=self.config.triton_shared_memory,
-                cuda_device=self.config.triton_cuda_device,
+    def _triton_engines(self, face_models: FaceModels) -> tuple[Engines, FamilyFacts]:
+        """Triton serving every exported role, described by the export's manifest: no model weights
+        load here. The fused stages and the face roles are used when the repository has them (else
+        the face models run in process, and each step calls its ControlNets and the UNet)."""
+        from easyphoto.engines.backends.triton_backend import TritonBackend
+
+        manifest = EngineManifest.read(self.config.export_dir)
+        log.info(
+            "backend triton: roles, tokenizer and scheduler of %s from %s; no model weights are loaded here",
+            manifest.family.name,
+            self.config.export_dir / MANIFEST_FILE,
+        )
+        catalogue = RoleCatalogue(manifest.catalogue.family, manifest.catalogue.stages, face_models.roles)
+        served = dict(catalogue.family)
+        probe = TritonBackend(self.config.triton_url, {})
+        try:
+            served.update({name: role for name, role in catalogue.optional.items() if probe.serves(role)})
+        finally:
+            probe.close()
+        local_faces = sorted(set(face_models.roles) - set(served))
+        if local_faces:
+            log.info("face roles %s are not in Triton's repository: they run in process", local_faces)
+        backend = TritonBackend(
+            self.config.triton_url,
+            served,
+            fallback=TorchBackend(None, device="cpu", faces=face_models),
+            shared_memory=self.config.triton_shared_memory,
+            cuda_device=self.config.triton_cuda_device,
+            lora_targets=manifest.lora_targets,
+        )
+        if not backend.ready():
+            backend.close()
+            raise EngineUnavailable(
+                f"Triton at {self.config.triton_url} is not ready (is `make triton` running?)"
             )
-            if not backend.ready():
-                raise EngineUnavailable(
-                    f"Triton at {self.config.triton_url} is not ready (is `make triton` running?)"
-                )
-            return backend
-        raise ValueError(f"backend {self.config.backend!r} is unknown; use 'torch' or 'triton'")
+        facts = manifest.family
+        return Engines(backend, manifest.tokenizer(), facts.vae_scaling_factor), facts
 
     def load_in_background(self, on_ready: Callable[[], None]) -> None:
         def run() -> None:

@@ -219,9 +219,10 @@ class Orchestrator:
             artifacts.reference, field=f"users/{user_id}/reference"
         )
         embedding = self.analyzer.embed(artifacts.reference, [reference_face])[0]
-        return _Reference(artifacts, face_id_face, reference_face, embedding, self._lora(artifacts))
+        lora = self._lora(artifacts, field_name)
+        return _Reference(artifacts, face_id_face, reference_face, embedding, lora)
 
-    def _lora(self, artifacts: UserArtifacts) -> LoraWeights | None:
+    def _lora(self, artifacts: UserArtifacts, field_name: str) -> LoraWeights | None:
         path = artifacts.lora_path
         if not path.is_file():
             log.warning(
@@ -230,7 +231,14 @@ class Orchestrator:
                 artifacts.version,
             )
             return None
-        return load_lora(path, self.engines.backend.lora_modules())
+        try:
+            return load_lora(path, self.engines.backend.lora_targets())
+        except InvalidArgument as error:  # the user's adapter, not the request, is what is wrong
+            raise InvalidArgument(
+                f"user {artifacts.user_id!r} v{artifacts.version}: {error.message}",
+                field=field_name,
+                metadata={"user_id": artifacts.user_id, "version": str(artifacts.version)},
+            ) from error
 
     def _score(self, image: np.ndarray, found: list[Face], face: Face, reference: _Reference) -> float:
         """dot(emb(output face), emb(reference)); the face is the one of ``found`` (detected in

@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 
+from easyphoto.diffusion.catalogue import role_catalogue
 from easyphoto.engines.faces.models import default_face_models
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.roles.diffusion import describe_roles
@@ -18,9 +19,8 @@ from easyphoto.export.onnx_export import export_all, export_role, initializer_na
 @pytest.fixture(scope="module")
 def exported(tiny: ModelFamily, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("export")
-    roles = describe_roles(tiny)
-    roles.update(default_face_models().roles)
-    results = {r.role: r for r in export_all(roles, out)}
+    catalogue = role_catalogue(tiny, default_face_models(), fused=False)
+    results = {r.role: r for r in export_all(catalogue, out, tiny)}
     return out, results
 
 

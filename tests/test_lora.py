@@ -107,8 +107,7 @@ def test_patch_equals_diffusers_fused_lora(tiny: ModelFamily, engines: Engines, 
 def test_kohya_keys_round_trip(tiny: ModelFamily, engines: Engines, tmp_path: Path) -> None:
     lora = _random_lora(tiny)
     save_lora(lora, tmp_path / "kohya.safetensors", kohya=True)
-    modules = engines.backend.lora_modules()
-    loaded = load_lora(tmp_path / "kohya.safetensors", modules)
+    loaded = load_lora(tmp_path / "kohya.safetensors", engines.backend.lora_targets())
     by_name = {(x.target, x.module): x for x in loaded.layers}
     for layer in lora.layers:
         other = by_name[(layer.target, layer.module)]

@@ -175,6 +175,22 @@ def test_the_users_lora_is_applied_at_its_weight_and_removed_after(
     assert "lora_switch" in with_lora.timings
 
 
+def test_a_user_whose_lora_does_not_fit_is_refused_naming_the_user(
+    orchestrator: Orchestrator, tiny: ModelFamily
+) -> None:
+    _publish(orchestrator.users.root, "erin", orchestrator.users.load("alice").face_id)
+    weight = tiny.unet.get_submodule(DAVE_LORA_TARGET).weight
+    wide = LoraLayer(
+        "unet", DAVE_LORA_TARGET, torch.ones(4, weight.shape[1] * 2), torch.ones(weight.shape[0], 4), 4.0
+    )
+    save_lora(
+        LoraWeights("erin", [wide]), orchestrator.users.root / "users" / "erin" / "v1" / "lora.safetensors"
+    )
+    with pytest.raises(InvalidArgument, match=r"user 'erin' v1: LoRA layer unet\.mid_block") as refused:
+        orchestrator.generate(sample_photo("astronaut"), ["erin"], GenerateOptions(), seed=2)
+    assert refused.value.field == "user_ids" and refused.value.metadata["user_id"] == "erin"
+
+
 def test_two_people_get_a_seam_pass_without_lora_and_the_background_restore(
     orchestrator: Orchestrator,
 ) -> None:

@@ -5,6 +5,7 @@ installed (``make triton-setup``; ``make test`` runs it)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import urllib.request
 from collections.abc import Iterator
@@ -22,11 +23,13 @@ from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels, default_face_models
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.roles.catalogue import RoleCatalogue
 from easyphoto.engines.roles.description import RoleDescription
 from easyphoto.engines.roles.diffusion import describe_roles, describe_stage
 from easyphoto.export.onnx_export import export_all, tolerance_for
 from easyphoto.export.triton_repository import write_repository
 from easyphoto.export.triton_server import (
+    TritonInstall,
     TritonServer,
     TritonUnavailable,
     find_install,
@@ -37,7 +40,7 @@ from easyphoto.fixtures.photos import sample_photo
 from easyphoto.imaging.codec import encode_png
 from easyphoto.imaging.geometry import grow_box, int_box
 from easyphoto.rpc.deadline import request_deadline
-from easyphoto.rpc.errors import DeadlineExceeded
+from easyphoto.rpc.errors import DeadlineExceeded, EngineUnavailable
 from easyphoto.server.options import GenerateOptions
 from easyphoto.server.pipeline import Orchestrator
 from easyphoto.users.store import UserStore
@@ -51,19 +54,32 @@ def face_models() -> FaceModels:
 
 
 @pytest.fixture(scope="module")
-def server(
-    tiny: ModelFamily, face_models: FaceModels, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TritonServer]:
+def install(tmp_path_factory: pytest.TempPathFactory) -> TritonInstall:
     try:
-        install = find_install(REPO_ROOT / ".venv-triton", tmp_path_factory.mktemp("tritonserver"))
+        return find_install(REPO_ROOT / ".venv-triton", tmp_path_factory.mktemp("tritonserver"))
     except TritonUnavailable as why:
         pytest.skip(f"the CPU tritonserver is not installed: {why}")
+
+
+@pytest.fixture(scope="module")
+def export_dir(
+    install: TritonInstall,
+    tiny: ModelFamily,
+    face_models: FaceModels,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """The tiny family exported (with its manifest) and written as a CPU Triton repository beside it."""
     root = tmp_path_factory.mktemp("triton")
-    roles = {**describe_roles(tiny), **face_models.roles, **_stages(tiny)}
-    exported = export_all(roles, root / "export")
+    catalogue = RoleCatalogue(describe_roles(tiny), _stages(tiny), face_models.roles)
+    exported = export_all(catalogue, root / "export", tiny)
     assert all(result.ok for result in exported), [(r.role, r.max_abs_diff) for r in exported if not r.ok]
-    write_repository(root / "export", roles, root / "repository")
-    server = start_server(root / "repository", install, free_ports())
+    write_repository(root / "export", catalogue.roles, root / "repository")
+    return root / "export"
+
+
+@pytest.fixture(scope="module")
+def server(install: TritonInstall, export_dir: Path) -> Iterator[TritonServer]:
+    server = start_server(export_dir.parent / "repository", install, free_ports())
     try:
         server.wait_ready()
         yield server
@@ -201,15 +217,31 @@ def test_a_lora_on_the_triton_backend_is_refused(triton_backend: TritonBackend) 
     triton_backend.set_lora(None, 0.9)  # the base model is fine
 
 
-def test_the_server_serves_generate_through_triton(
-    server: TritonServer, faces: FaceAnalyzer, tmp_path: Path
+def test_the_server_serves_generate_through_triton_without_model_weights(
+    server: TritonServer,
+    export_dir: Path,
+    faces: FaceAnalyzer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     import grpc as grpclib
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
-    from easyphoto.server.app import ServerConfig, build_app
+    from easyphoto.server.app import EngineHolder, ServerConfig, build_app
     from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
-    app, holder = build_app(ServerConfig(port=0, data=tmp_path, backend="triton", triton_url=server.grpc_url))
+    def built(*args: object, **kwargs: object) -> None:
+        raise AssertionError("serve --backend triton built a model of the family")
+
+    for model in (UNet2DConditionModel, ControlNetModel, AutoencoderKL, CLIPTextModel):
+        monkeypatch.setattr(model, "__init__", built)
+    caplog.set_level(logging.INFO, logger="easyphoto.server.app")
+    config = ServerConfig(
+        port=0, data=tmp_path, backend="triton", triton_url=server.grpc_url, export_dir=export_dir
+    )
+    app, holder = build_app(config)
     app.start()
     try:
         holder.load()
@@ -224,14 +256,14 @@ def test_the_server_serves_generate_through_triton(
             response = generator_pb2_grpc.GeneratorStub(channel).Generate(request, timeout=120)
         face = response.images[0].faces[0]
         assert face.user_id == "amy" and face.HasField("identity_score")
+        assert response.model_family.startswith("tiny (random weights)")  # named by the manifest
     finally:
         app.stop(0)
-    bad = ServerConfig(port=0, data=tmp_path, backend="triton", triton_url="127.0.0.1:1")
-    from easyphoto.rpc.errors import EngineUnavailable
-    from easyphoto.server.app import EngineHolder
-
-    with pytest.raises(EngineUnavailable):
-        EngineHolder(bad).load()
+    assert "no model weights are loaded here" in caplog.text
+    with pytest.raises(EngineUnavailable, match="not ready"):  # nothing listens there
+        EngineHolder(replace(config, triton_url="127.0.0.1:1")).load()
+    with pytest.raises(EngineUnavailable, match="no engine manifest"):
+        EngineHolder(replace(config, export_dir=tmp_path / "nothing")).load()
 
 
 def test_shared_memory_inputs_match_and_constant_inputs_are_written_once(
@@ -300,7 +332,6 @@ def _cuda_shared_memory_usable() -> bool:
 
 
 def test_an_unreachable_server_is_unavailable_not_an_internal_error(tiny: ModelFamily) -> None:
-    from easyphoto.rpc.errors import EngineUnavailable
 
     text_encoder = describe_roles(tiny)["text_encoder"]
     backend = TritonBackend("127.0.0.1:1", {"text_encoder": text_encoder})  # nothing listens there
@@ -313,7 +344,6 @@ def test_an_unreachable_server_is_unavailable_not_an_internal_error(tiny: ModelF
 
 
 def test_shared_memory_that_this_host_cannot_give_is_refused_at_start() -> None:
-    from easyphoto.rpc.errors import EngineUnavailable
 
     if _cuda_shared_memory_usable():
         pytest.skip("this host has CUDA and cuda-python: the refusal is for hosts without them")

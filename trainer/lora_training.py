@@ -21,7 +21,15 @@ from diffusers import DDPMScheduler
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from torch import nn
 
-from easyphoto.engines.lora import LoraLayer, LoraWeights, file_name, load_lora, module_name, save_lora
+from easyphoto.engines.lora import (
+    TARGET_MODULES,
+    LoraLayer,
+    LoraWeights,
+    file_name,
+    load_lora,
+    module_name,
+    save_lora,
+)
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.imaging.codec import to_model
 from easyphoto.imaging.geometry import resize
@@ -30,11 +38,6 @@ from easyphoto.users.durable import replace_durably
 from .options import TrainingOptions
 
 ADAPTER = "easyphoto"
-UNET_TARGETS = (
-    r".*attentions\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\."
-    r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))"
-)
-TEXT_TARGETS = r".*encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
 
 
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
@@ -91,13 +94,12 @@ class LoraTrainer:
         for module in (family.unet, family.text_encoder, family.vae):
             module.requires_grad_(False)
             module.to(self.device)
-        patterns = {"unet": UNET_TARGETS, "text_encoder": TEXT_TARGETS}
         for salt, (target, module) in enumerate(self.targets.items()):
             config = LoraConfig(
                 r=options.rank,
                 lora_alpha=options.alpha,  # type: ignore[arg-type]  # peft scales by alpha / r; floats work
                 init_lora_weights="gaussian",
-                target_modules=patterns[target],
+                target_modules=TARGET_MODULES[target],
             )
             # peft draws the initial weights from torch's global generator (on the CPU, before
             # moving them): seeded from the job's seed, and the process's generator left as it was.

@@ -11,7 +11,7 @@ from easyphoto.rpc.errors import EngineInputError
 
 from ..faces.models import FaceModels
 from ..interface import Tensors
-from ..lora import LoraPatcher, LoraWeights
+from ..lora import LoraPatcher, LoraTargets, LoraWeights
 from ..models.family import ModelFamily
 from ..roles.description import RoleDescription
 from ..roles.diffusion import describe_roles
@@ -79,8 +79,8 @@ class TorchBackend:
         """Patches the LoRA into the UNet and text encoder (None restores the base weights)."""
         self._lora.apply(lora, weight)
 
-    def lora_modules(self) -> dict[str, torch.nn.Module]:
-        return self._lora.modules
+    def lora_targets(self) -> LoraTargets:
+        return self._lora.targets
 
     @property
     def active_lora(self) -> tuple[str, float] | None:

@@ -35,7 +35,7 @@ from easyphoto.rpc.errors import (
 )
 
 from ..interface import Backend, Tensors
-from ..lora import LoraWeights
+from ..lora import LoraTargets, LoraWeights
 from ..roles.description import RoleDescription
 from ..shapes import DTYPES, TensorSpec
 from .shared_memory import SHARED_MEMORY_KINDS, CudaRegions, SharedInputs, SystemRegions
@@ -65,6 +65,7 @@ class TritonBackend:
         shared_memory: str = "none",
         shared_memory_min_bytes: int = SHARED_MEMORY_MIN_BYTES,
         cuda_device: int = 0,
+        lora_targets: LoraTargets | None = None,
     ) -> None:
         import tritonclient.grpc as grpcclient
 
@@ -85,6 +86,7 @@ class TritonBackend:
         self.url = url
         self.timeout = timeout
         self.fallback = fallback
+        self._lora_targets = lora_targets or {}
         self._roles = dict(roles)
         self._served = set(roles)  # by Triton; the rest of the fallback's roles run locally
         if fallback is not None:
@@ -145,8 +147,8 @@ class TritonBackend:
         if lora is not None and weight != 0:
             raise Unimplemented("LoRA on the triton backend needs engine refit (not implemented yet)")
 
-    def lora_modules(self) -> dict[str, torch.nn.Module]:
-        return {}
+    def lora_targets(self) -> LoraTargets:
+        return self._lora_targets
 
     def infer(self, role: str, inputs: Tensors) -> Tensors:
         return self.infer_many([(role, inputs)])[0]

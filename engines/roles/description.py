@@ -10,12 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import Any
 
 import torch
 
 from easyphoto.rpc.errors import EngineInputError
 
-from ..shapes import DTYPES, AxisRange, DimLike, ProfilePoint, TensorSpec, sym
+from ..shapes import DTYPES, AxisRange, Dim, DimLike, ProfilePoint, TensorSpec, sym
 
 BATCH = sym("batch")
 
@@ -103,8 +104,9 @@ class RoleDescription:
                 )
         return values
 
-    def manifest(self) -> dict[str, object]:
-        """The JSON form of this description (the engine manifest entry)."""
+    def manifest(self) -> dict[str, Any]:
+        """The JSON form of this description (the engine manifest entry); :meth:`from_manifest`
+        reads it back, all but the module and the derived output symbols."""
 
         def tensor(spec: TensorSpec) -> dict[str, object]:
             dims = [d if isinstance(d, int) else d.name for d in spec.shape]
@@ -119,7 +121,28 @@ class RoleDescription:
                 for k, a in self.axes.items()
             },
             "fp16": self.fp16,
+            "sample_ranges": {name: list(bounds) for name, bounds in self.sample_ranges.items()},
         }
+
+    @classmethod
+    def from_manifest(
+        cls, entry: dict[str, Any], build_module: Callable[[], Callable[..., tuple[torch.Tensor, ...]]]
+    ) -> RoleDescription:
+        """A description read from its manifest entry; ``build_module`` stands in for the weights."""
+
+        def tensor(values: dict[str, Any]) -> TensorSpec:
+            dims = tuple(d if isinstance(d, int) else Dim.parse(d) for d in values["shape"])
+            return TensorSpec(values["name"], values["dtype"], dims)
+
+        return cls(
+            name=entry["name"],
+            inputs=tuple(tensor(t) for t in entry["inputs"]),
+            outputs=tuple(tensor(t) for t in entry["outputs"]),
+            axes={name: AxisRange(**axis) for name, axis in entry["axes"].items()},
+            build_module=build_module,
+            fp16=bool(entry["fp16"]),
+            sample_ranges={name: (low, high) for name, (low, high) in entry.get("sample_ranges", {}).items()},
+        )
 
     def axis_values(self, point: ProfilePoint = "opt") -> dict[str, int]:
         return {symbol: axis.at(point) for symbol, axis in self.axes.items()}

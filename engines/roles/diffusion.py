@@ -143,8 +143,6 @@ class StageModule(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states, *residuals)
 
 
-
-
 # Every denoising role (UNet, ControlNet, fused stage) takes these first, in this order.
 STEP_INPUTS = ("sample", "timestep", "encoder_hidden_states")
 CONTROLNET_PREFIX = "controlnet_"
