@@ -21,7 +21,7 @@ from diffusers import (
 from diffusers.utils.torch_utils import randn_tensor
 
 from easyphoto.engines.interface import ControlInput, Engines
-from easyphoto.rpc.errors import Cancelled, InvalidArgument
+from easyphoto.rpc.errors import InvalidArgument
 
 from .schedulers import make_scheduler, strength_timesteps
 
@@ -34,8 +34,8 @@ class StepEvent:
 
 
 @dataclass
-class InpaintRequest:
-    """Inputs of one pass. Images are NCHW float tensors at the working size:
+class InpaintPass:
+    """One inpainting pass: its inputs and settings. Images are NCHW float tensors at the working size:
     ``image`` in [-1, 1], ``mask`` in [0, 1] (1 = repaint), control images in [0, 1]."""
 
     image: torch.Tensor
@@ -49,8 +49,8 @@ class InpaintRequest:
     scheduler: str = "dpmpp_2m_sde_karras"
     generator: torch.Generator | None = None
     on_step: Callable[[StepEvent], None] | None = None
-    # Returns True when the caller went away (client cancelled, deadline passed).
-    should_stop: Callable[[], bool] = field(default=lambda: False)
+    # Called before every step; raises to stop the pass (the client went away, a deadline passed).
+    raise_if_stopped: Callable[[], None] = field(default=lambda: None)
 
 
 def binarize_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -64,26 +64,24 @@ def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None) -
     return {"generator": generator} if "generator" in accepted else {}
 
 
-def run_inpaint(engines: Engines, request: InpaintRequest, scheduler_config: dict[str, Any]) -> torch.Tensor:
+def run_inpaint(engines: Engines, inpaint: InpaintPass, scheduler_config: dict[str, Any]) -> torch.Tensor:
     """Runs the pass and returns the decoded image in [-1, 1] (NCHW)."""
-    latents = inpaint_latents(engines, request, scheduler_config)
+    latents = inpaint_latents(engines, inpaint, scheduler_config)
     return engines.vae_decode(latents)
 
 
-def inpaint_latents(
-    engines: Engines, request: InpaintRequest, scheduler_config: dict[str, Any]
-) -> torch.Tensor:
+def inpaint_latents(engines: Engines, inpaint: InpaintPass, scheduler_config: dict[str, Any]) -> torch.Tensor:
     device, dtype = engines.backend.device, engines.backend.dtype
-    generator = request.generator
-    scheduler = make_scheduler(request.scheduler, scheduler_config)
-    timesteps = strength_timesteps(scheduler, request.steps, request.strength)
+    generator = inpaint.generator
+    scheduler = make_scheduler(inpaint.scheduler, scheduler_config)
+    timesteps = strength_timesteps(scheduler, inpaint.steps, inpaint.strength)
     if len(timesteps) == 0:
         raise InvalidArgument(
-            f"strength {request.strength} with {request.steps} steps runs no step", field="strength"
+            f"strength {inpaint.strength} with {inpaint.steps} steps runs no step", field="strength"
         )
-    image = request.image.to(device=device, dtype=dtype)
+    image = inpaint.image.to(device=device, dtype=dtype)
     batch = image.shape[0]
-    mask = binarize_mask(request.mask.to(device=device, dtype=dtype))
+    mask = binarize_mask(inpaint.mask.to(device=device, dtype=dtype))
 
     image_latents = engines.vae_encode(image, generator)
     noise = randn_tensor(tuple(image_latents.shape), generator=generator, device=device, dtype=dtype)
@@ -93,30 +91,29 @@ def inpaint_latents(
     randn_tensor(tuple(image_latents.shape), generator=generator, device=device, dtype=dtype)
     latent_mask = F.interpolate(mask, size=tuple(image_latents.shape[-2:]))
 
-    cfg = request.guidance_scale > 1.0
+    cfg = inpaint.guidance_scale > 1.0
     embeds = (
-        torch.cat([request.negative_prompt_embeds, request.prompt_embeds]) if cfg else request.prompt_embeds
+        torch.cat([inpaint.negative_prompt_embeds, inpaint.prompt_embeds]) if cfg else inpaint.prompt_embeds
     )
     embeds = embeds.to(device=device, dtype=dtype)
-    controls = [_prepare_control(c, cfg, device, dtype) for c in request.controls]
+    controls = [_prepare_control(c, cfg, device, dtype) for c in inpaint.controls]
     step_kwargs = _step_kwargs(scheduler, generator)
 
     for index, t in enumerate(timesteps):
-        if request.should_stop():
-            raise Cancelled(f"stopped at step {index} of {len(timesteps)}")
+        inpaint.raise_if_stopped()
         model_input = torch.cat([latents] * 2) if cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
         noise_pred = engines.predict_noise(model_input, t, embeds, controls)
         if cfg:
             uncond, text = noise_pred.chunk(2)
-            noise_pred = uncond + request.guidance_scale * (text - uncond)
+            noise_pred = uncond + inpaint.guidance_scale * (text - uncond)
         latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
         known = image_latents
         if index < len(timesteps) - 1:
             known = scheduler.add_noise(image_latents, noise, torch.tensor([timesteps[index + 1]]))
         latents = (1 - latent_mask) * known + latent_mask * latents
-        if request.on_step is not None:
-            request.on_step(StepEvent(index + 1, len(timesteps), float(t)))
+        if inpaint.on_step is not None:
+            inpaint.on_step(StepEvent(index + 1, len(timesteps), float(t)))
     return latents
 
 

@@ -17,6 +17,8 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTokenizer
 
+from easyphoto.rpc.errors import ModelMissing
+
 from .lora import LoraTargets, LoraWeights
 from .roles.description import RoleDescription
 from .roles.diffusion import (
@@ -175,7 +177,7 @@ class Engines:
         for control in controls:
             role = controlnet_role(control.kind)
             if role not in self.roles:
-                raise KeyError(f"no ControlNet {control.kind!r} loaded; have {self.controlnet_kinds}")
+                raise ModelMissing(f"no {control.kind} ControlNet is loaded; have {self.controlnet_kinds}")
             inputs = _step_inputs(sample, timestep, encoder_hidden_states)
             inputs.update(controlnet_cond=control.image, conditioning_scale=control.scale_tensor(sample))
             calls.append((role, inputs))

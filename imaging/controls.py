@@ -4,6 +4,9 @@ openpose-style skeleton drawn from face landmarks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import cv2
 import numpy as np
 
@@ -87,3 +90,23 @@ def draw_pose(shape: tuple[int, int], faces_landmarks: list[np.ndarray]) -> np.n
 
 def _pt(point: np.ndarray) -> tuple[int, int]:
     return round(float(point[0])), round(float(point[1]))
+
+
+@dataclass(frozen=True)
+class ControlSource:
+    """What a pass's control images are made from: the image it repaints, the 5 landmarks of each
+    face the pose skeleton shows, and the canny thresholds."""
+
+    image: np.ndarray
+    landmarks: list[np.ndarray]
+    canny_low: int = 100
+    canny_high: int = 200
+
+
+# How each ControlNet kind's input image is made.
+CONTROL_IMAGES: dict[str, Callable[[ControlSource], np.ndarray]] = {
+    "canny": lambda source: canny_control(source.image, source.canny_low, source.canny_high),
+    "openpose": lambda source: draw_pose(source.image.shape[:2], source.landmarks),
+    "color": lambda source: color_control(source.image),
+    "tile": lambda source: tile_control(source.image),
+}

@@ -101,15 +101,6 @@ def int_box(box: Box) -> tuple[int, int, int, int]:
     return math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)
 
 
-def box_iou(a: Box, b: Box) -> float:
-    """Intersection over union of two boxes."""
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union_area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union_area if union_area > 0 else 0.0
-
-
 def fit_size(
     width: int, height: int, short_side: int, multiple: int, max_side: int | None = None
 ) -> tuple[int, int]:

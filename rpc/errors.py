@@ -92,6 +92,13 @@ class Overloaded(EasyPhotoError):
     reason = "OVERLOADED"
 
 
+class ModelMissing(EasyPhotoError):
+    """The request needs a model this deployment was not given (a pass's ControlNet, say)."""
+
+    code = "FAILED_PRECONDITION"
+    reason = "MODEL_MISSING"
+
+
 class EngineUnavailable(EasyPhotoError):
     code = "UNAVAILABLE"
     reason = "ENGINE_UNAVAILABLE"

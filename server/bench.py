@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import MultiControlNetModel, StableDiffusionControlNetInpaintPipeline
 
-from easyphoto.diffusion.inpaint import InpaintRequest, run_inpaint
+from easyphoto.diffusion.inpaint import InpaintPass, run_inpaint
 from easyphoto.diffusion.schedulers import make_scheduler
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.interface import ControlInput, Engines
@@ -124,7 +124,7 @@ def time_first_pass(family: ModelFamily, size: int, steps: int, repeats: int) ->
     def ours() -> object:
         # Prompt encoding is part of the request (the cache makes repeats cheap, as in serving).
         embeds = engines.encode_prompts([PROMPT, ""])
-        request = InpaintRequest(
+        inpaint = InpaintPass(
             image=image * 2 - 1,
             mask=mask,
             prompt_embeds=embeds[:1],
@@ -135,7 +135,7 @@ def time_first_pass(family: ModelFamily, size: int, steps: int, repeats: int) ->
             guidance_scale=7.0,
             generator=torch.Generator().manual_seed(1),
         )
-        return run_inpaint(engines, request, family.scheduler_config)
+        return run_inpaint(engines, inpaint, family.scheduler_config)
 
     # Interleave so drift in machine load hits both sides alike.
     ours_times: list[float] = []

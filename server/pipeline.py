@@ -24,7 +24,8 @@ import cv2
 import numpy as np
 import torch
 
-from easyphoto.diffusion.inpaint import InpaintRequest, StepEvent, run_inpaint
+from easyphoto.diffusion.inpaint import InpaintPass, StepEvent, run_inpaint
+from easyphoto.diffusion.passes import PassOptions
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
 from easyphoto.engines.faces.parts import fuse_faces, super_resolve
@@ -32,10 +33,9 @@ from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.engines.lora import LoraWeights, load_lora
 from easyphoto.imaging.codec import from_model, to_model
 from easyphoto.imaging.compose import paint_boxes_white, paste_back, transfer_color
-from easyphoto.imaging.controls import canny_control, color_control, draw_pose, tile_control
+from easyphoto.imaging.controls import CONTROL_IMAGES, ControlSource, draw_pose
 from easyphoto.imaging.geometry import (
     Face,
-    box_iou,
     fit_size,
     grow_box,
     int_box,
@@ -44,16 +44,23 @@ from easyphoto.imaging.geometry import (
     transform_points,
 )
 from easyphoto.imaging.masks import FACE_PARTS, border_ring, feather, inpaint_mask, ring_mask, union
-from easyphoto.rpc.errors import InvalidArgument
+from easyphoto.rpc.errors import InvalidArgument, ModelMissing
 from easyphoto.users.store import UserArtifacts, UserStore, check_user_id
 
-from .options import GenerateOptions, PassOptions
+from .options import GenerateOptions
 
 log = logging.getLogger(__name__)
 
 MAX_FACES = 16
 USER_CACHE = 32  # users whose faces, embedding and LoRA stay loaded
 MIN_FACE_SIZE = 16.0
+# The progress and timing stage of each pass (named as the request's options name it).
+STAGES = {
+    "first_pass": "first_diffusion",
+    "second_pass": "second_diffusion",
+    "seam_pass": "seam_pass",
+    "background_restore": "background_restore",
+}
 
 
 @dataclass
@@ -138,50 +145,69 @@ class Orchestrator:
         options: GenerateOptions,
         seed: int,
         on_progress: Callable[[Progress], None] | None = None,
-        should_stop: Callable[[], bool] = lambda: False,
-        field: str = "templates[0]",
+        raise_if_stopped: Callable[[], None] = lambda: None,
+        field_name: str = "templates[0]",
     ) -> Generation:
+        """One image: each face of ``template`` painted as its user, left to right. Between steps
+        ``raise_if_stopped`` is called (it raises to stop: the client went away, a deadline passed)."""
         started = time.perf_counter()
-        timings: dict[str, float] = {}
-        faces = self.analyzer.detect_checked(template, field, MAX_FACES, MIN_FACE_SIZE)
+        faces = self.analyzer.detect_checked(template, field_name, MAX_FACES, MIN_FACE_SIZE)
         if len(user_ids) > len(faces):
             raise InvalidArgument(
-                f"{len(user_ids)} user ids for {len(faces)} faces in {field}", field="user_ids"
+                f"{len(user_ids)} user ids for {len(faces)} faces in {field_name}", field="user_ids"
             )
+        self._check_controlnets(options, painted=sum(map(bool, user_ids)))
         references = {uid: self.prepare_user(uid) for uid in dict.fromkeys(user_ids) if uid}
-        timings["detect"] = time.perf_counter() - started
-        generator = torch.Generator().manual_seed(seed)
+        run = _Run(options, torch.Generator().manual_seed(seed), started, on_progress, raise_if_stopped)
+        run.timings["detect"] = time.perf_counter() - started
         result = template.copy()
-        intermediates: list[tuple[str, np.ndarray]] = []
-
-        def context(index: int) -> _FaceContext:
-            return _FaceContext(index, on_progress, should_stop, started, timings, intermediates, options)
-
         painted: list[_Painted] = []
         for index, face in enumerate(faces):
             user_id = user_ids[index] if index < len(user_ids) else ""
             if not user_id:
                 continue
             others = [f.box for j, f in enumerate(faces) if j != index]
-            with self._user_lora(references[user_id].lora, options.lora_weight, timings):
-                result, where = self._paint_face(
-                    result, others, index, face, references[user_id], options, generator, context(index)
-                )
+            with self._user_lora(references[user_id].lora, options.lora_weight, run.timings):
+                result, where = self._paint_face(result, others, face, references[user_id], run.face(index))
             painted.append(where)
         if len(painted) > 1 and options.seam_pass.enabled:
             for where in painted:
-                result = self._repaint_seam(result, where, options, generator, context(where.index))
+                result = self._repaint_seam(result, where, run.face(where.index))
         if painted and options.background_restore.enabled:
-            result = self._restore_background(result, painted, options, generator, context(0))
+            result = self._restore_background(result, painted, run.face(0))
         scored = time.perf_counter()
         found = self.analyzer.detect(result) if painted else []  # once for every face's score
         outcomes = [
-            FaceOutcome(uid, face, self._score(result, found, face, references[uid]) if uid else None)
+            FaceOutcome(
+                uid,
+                face,
+                self.analyzer.identity(result, face, references[uid].embedding, found) if uid else None,
+            )
             for uid, face in zip(user_ids + [""] * (len(faces) - len(user_ids)), faces, strict=True)
         ]
-        timings["score"] = time.perf_counter() - scored
-        timings["total"] = time.perf_counter() - started
-        return Generation(result, outcomes, seed, timings, intermediates)
+        run.timings["score"] = time.perf_counter() - scored
+        run.timings["total"] = time.perf_counter() - started
+        return Generation(result, outcomes, seed, run.timings, run.intermediates)
+
+    def _check_controlnets(self, options: GenerateOptions, painted: int) -> None:
+        """ModelMissing naming the pass and the kind when a pass that will run needs a ControlNet
+        this deployment does not have (before any work is done)."""
+        running = {
+            "first_pass": painted > 0,
+            "second_pass": painted > 0,
+            "seam_pass": painted > 1,
+            "background_restore": painted > 0,
+        }
+        have = self.engines.controlnet_kinds
+        for name, runs in running.items():
+            settings: PassOptions = getattr(options, name)
+            missing = [kind for kind in settings.control_weights() if kind not in have] if runs else []
+            if settings.enabled and missing:
+                raise ModelMissing(
+                    f"{name} needs the {missing[0]} ControlNet, which this deployment does not have"
+                    f" (it has {sorted(have)}); set {name}.{missing[0]}_weight to 0 to run without it",
+                    field=f"{name}.{missing[0]}_weight",
+                )
 
     @contextmanager
     def _user_lora(
@@ -240,26 +266,12 @@ class Orchestrator:
                 metadata={"user_id": artifacts.user_id, "version": str(artifacts.version)},
             ) from error
 
-    def _score(self, image: np.ndarray, found: list[Face], face: Face, reference: _Reference) -> float:
-        """dot(emb(output face), emb(reference)); the face is the one of ``found`` (detected in
-        ``image``) where it was, else where it was."""
-        near = [f for f in found if box_iou(f.box, face.box) > 0.3]
-        target = max(near, key=lambda f: box_iou(f.box, face.box)) if near else face
-        return float(self.analyzer.embed(image, [target])[0] @ reference.embedding)
-
     # ---- one face ----
 
     def _paint_face(
-        self,
-        image: np.ndarray,
-        other_boxes: list,
-        index: int,
-        face: Face,
-        reference: _Reference,
-        options: GenerateOptions,
-        generator: torch.Generator,
-        ctx: _FaceContext,
+        self, image: np.ndarray, other_boxes: list, face: Face, reference: _Reference, ctx: _FaceContext
     ) -> tuple[np.ndarray, _Painted]:
+        options = ctx.run.options
         height, width = image.shape[:2]
         working = paint_boxes_white(image, other_boxes)
         box = (
@@ -274,9 +286,8 @@ class Orchestrator:
         face_mask = union([parts[p] for p in FACE_PARTS if p != "lips"])
         ctx.keep("crop", crop)
 
-        pose = self._pose_source(crop, crop_face, reference)
-        ctx.keep("openpose", pose)
-        keep_pose = lambda: pose  # noqa: E731
+        pose = [self._pose_landmarks(crop_face, reference)]
+        ctx.keep("openpose", draw_pose(crop.shape[:2], pose))
         fused = crop
         if options.fusion_before:
             fused = fuse_faces(
@@ -292,9 +303,7 @@ class Orchestrator:
         ctx.keep("inpaint_mask", mask)
         painted = fused
         if options.first_pass.enabled:
-            painted = self._diffuse(
-                "first_diffusion", fused, mask, options.first_pass, options, generator, ctx, keep_pose
-            )
+            painted = self._diffuse("first_pass", fused, pose, mask, ctx)
             ctx.keep("first_diffusion", painted)
         if options.color_shift:
             painted = transfer_color(painted, crop, face_mask)
@@ -312,9 +321,7 @@ class Orchestrator:
             ring = ring_mask(parts, crop_face.width)
             repainted = union([mask, ring])  # the ring reaches past the first mask's edge
             ctx.keep("second_mask", ring)
-            painted = self._diffuse(
-                "second_diffusion", painted, ring, options.second_pass, options, generator, ctx, keep_pose
-            )
+            painted = self._diffuse("second_pass", painted, pose, ring, ctx)
             ctx.keep("second_diffusion", painted)
         if options.color_shift:
             without_lips = cv2.subtract(face_mask, parts["lips"])
@@ -322,7 +329,7 @@ class Orchestrator:
         back = self._native_size(painted, x1 - x0, y1 - y0, options.super_resolution_ratio)
         # Only what a pass repainted changes: blend through its feathered mask, then into the template.
         region = resize(cv2.dilate(repainted, np.ones((3, 3), np.uint8)), x1 - x0, y1 - y0)
-        where = _Painted(index, face, (x0, y0, x1, y1), region)
+        where = _Painted(ctx.index, face, (x0, y0, x1, y1), region)
         return _blend_into(image, back, region, where.box, max(1, round(face.width / 20))), where
 
     def _model_size(self, width: int, height: int, options: GenerateOptions) -> tuple[int, int]:
@@ -337,40 +344,24 @@ class Orchestrator:
             image = super_resolve(image, self.face_models.upscaler, ratio)
         return resize(image, width, height)
 
-    def _repaint_seam(
-        self,
-        image: np.ndarray,
-        where: _Painted,
-        options: GenerateOptions,
-        generator: torch.Generator,
-        ctx: _FaceContext,
-    ) -> np.ndarray:
+    def _repaint_seam(self, image: np.ndarray, where: _Painted, ctx: _FaceContext) -> np.ndarray:
         """The third pass: the ring around the pasted face, base model only (MISSION.md §2.10)."""
         x0, y0, x1, y1 = where.box
-        width, height = self._model_size(x1 - x0, y1 - y0, options)
+        width, height = self._model_size(x1 - x0, y1 - y0, ctx.run.options)
         scale = width / (x1 - x0)
         crop = resize(image[y0:y1, x0:x1], width, height)
         radius = max(1, round(where.face.width * scale / 10))
         ring = border_ring(resize(where.region, width, height), radius)
         ctx.keep("seam_mask", ring)
         landmarks = (where.face.landmarks - np.array([x0, y0])) * scale
-
-        def pose() -> np.ndarray:
-            return draw_pose(crop.shape[:2], [landmarks])
-
-        out = self._diffuse("seam_pass", crop, ring, options.seam_pass, options, generator, ctx, pose)
+        out = self._diffuse("seam_pass", crop, [landmarks], ring, ctx)
         ctx.keep("seam_pass", out)
         back = resize(out, x1 - x0, y1 - y0)
         native_ring = border_ring(where.region, max(1, round(where.face.width / 10)))
         return _blend_into(image, back, native_ring, where.box, max(1, round(where.face.width / 40)))
 
     def _restore_background(
-        self,
-        image: np.ndarray,
-        painted: list[_Painted],
-        options: GenerateOptions,
-        generator: torch.Generator,
-        ctx: _FaceContext,
+        self, image: np.ndarray, painted: list[_Painted], ctx: _FaceContext
     ) -> np.ndarray:
         """Repaints everything but the faces at low strength, base model only (MISSION.md §2.10)."""
         height, width = image.shape[:2]
@@ -382,55 +373,44 @@ class Orchestrator:
         grow = max(1, round(widest / 10))
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
         background = 255 - cv2.dilate(faces, kernel)
-        size = self._model_size(width, height, options)
+        size = self._model_size(width, height, ctx.run.options)
         small = resize(image, *size)
         scale = size[0] / width
-
-        def pose() -> np.ndarray:
-            return draw_pose(small.shape[:2], [where.face.landmarks * scale for where in painted])
-
         mask = resize(background, *size)
         ctx.keep("background_mask", mask)
-        out = self._diffuse(
-            "background_restore", small, mask, options.background_restore, options, generator, ctx, pose
-        )
+        landmarks = [where.face.landmarks * scale for where in painted]
+        out = self._diffuse("background_restore", small, landmarks, mask, ctx)
         ctx.keep("background_restore", out)
         return _blend_into(image, resize(out, width, height), background, (0, 0, width, height), grow)
 
-    def _pose_source(self, crop: np.ndarray, crop_face: Face, reference: _Reference) -> np.ndarray:
-        """The openpose control: keypoints of the user's face-id face warped onto the template face
+    def _pose_landmarks(self, crop_face: Face, reference: _Reference) -> np.ndarray:
+        """The openpose control's face: the user's face-id landmarks warped onto the template face
         (a similarity fit keeps the user's proportions, so the geometry is theirs)."""
         matrix = similarity_transform(reference.face_id_face.landmarks, crop_face.landmarks)
-        landmarks = transform_points(matrix, reference.face_id_face.landmarks)
-        return draw_pose(crop.shape[:2], [landmarks])
+        return transform_points(matrix, reference.face_id_face.landmarks)
 
     def _diffuse(
         self,
-        stage: str,
+        pass_name: str,
         image: np.ndarray,
+        landmarks: list[np.ndarray],
         mask: np.ndarray,
-        settings: PassOptions,
-        options: GenerateOptions,
-        generator: torch.Generator,
         ctx: _FaceContext,
-        pose: Callable[[], np.ndarray],
     ) -> np.ndarray:
+        """One diffusion pass (``pass_name`` as the request names it) repainting ``mask`` of ``image``,
+        its pose control drawn from ``landmarks``."""
+        options = ctx.run.options
+        settings: PassOptions = getattr(options, pass_name)
+        stage = STAGES[pass_name]
+        source = ControlSource(image, landmarks, settings.canny_low_threshold, settings.canny_high_threshold)
         controls = []
-        sources = {
-            "canny": lambda: canny_control(
-                image, settings.canny_low_threshold, settings.canny_high_threshold
-            ),
-            "openpose": pose,
-            "color": lambda: color_control(image),
-            "tile": lambda: tile_control(image),
-        }
         for kind, weight in settings.control_weights().items():
-            control = sources[kind]()
+            control = CONTROL_IMAGES[kind](source)
             ctx.keep(f"{stage}_{kind}", control)
             controls.append(ControlInput(kind, to_model(control, signed=False), weight))
         embeds = self.engines.encode_prompts([options.prompt, options.negative])
         started = time.perf_counter()
-        request = InpaintRequest(
+        inpaint = InpaintPass(
             image=to_model(image),
             mask=to_model(mask, signed=False),
             prompt_embeds=embeds[:1],
@@ -440,33 +420,48 @@ class Orchestrator:
             strength=settings.strength,
             guidance_scale=settings.guidance_scale,
             scheduler=settings.scheduler,
-            generator=generator,
+            generator=ctx.run.generator,
             on_step=lambda event: ctx.step(stage, event),
-            should_stop=ctx.should_stop,
+            raise_if_stopped=ctx.run.raise_if_stopped,
         )
-        out = from_model(run_inpaint(self.engines, request, self.scheduler_config))
-        ctx.timings[stage] = ctx.timings.get(stage, 0.0) + time.perf_counter() - started
+        out = from_model(run_inpaint(self.engines, inpaint, self.scheduler_config))
+        timings = ctx.run.timings
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
         return out
 
 
 @dataclass
-class _FaceContext:
-    index: int
-    on_progress: Callable[[Progress], None] | None
-    should_stop: Callable[[], bool]
-    started: float
-    timings: dict[str, float]
-    intermediates: list[tuple[str, np.ndarray]]
+class _Run:
+    """The generation of one image: its options and random generator, the caller's progress and
+    stop hooks, and what it records."""
+
     options: GenerateOptions
+    generator: torch.Generator
+    started: float
+    on_progress: Callable[[Progress], None] | None
+    raise_if_stopped: Callable[[], None]
+    timings: dict[str, float] = field(default_factory=dict)
+    intermediates: list[tuple[str, np.ndarray]] = field(default_factory=list)
+
+    def face(self, index: int) -> _FaceContext:
+        return _FaceContext(self, index)
+
+
+@dataclass(frozen=True)
+class _FaceContext:
+    """The work on one face of a run: intermediates and progress carry its index."""
+
+    run: _Run
+    index: int
 
     def keep(self, name: str, image: np.ndarray) -> None:
-        if self.options.return_intermediates:
-            self.intermediates.append((f"face{self.index}_{name}", image))
+        if self.run.options.return_intermediates:
+            self.run.intermediates.append((f"face{self.index}_{name}", image))
 
     def step(self, stage: str, event: StepEvent) -> None:
-        if self.on_progress is not None:
-            elapsed = time.perf_counter() - self.started
-            self.on_progress(Progress(stage, self.index, event.step, event.total_steps, elapsed))
+        if self.run.on_progress is not None:
+            elapsed = time.perf_counter() - self.run.started
+            self.run.on_progress(Progress(stage, self.index, event.step, event.total_steps, elapsed))
 
 
 def _blend_into(

@@ -48,14 +48,14 @@ class _Admission:
         self.waiting = 0
 
     @contextmanager
-    def slot(self, should_stop: Callable[[], bool]) -> Iterator[None]:
+    def slot(self, raise_if_stopped: Callable[[], None]) -> Iterator[None]:
         with self._count:
             if self.waiting >= self.max_waiting:
                 raise Overloaded(f"{self.waiting} requests are already waiting; retry later")
             self.waiting += 1
         try:
             while not self._running.acquire(timeout=WAIT_POLL_SECONDS):
-                should_stop()
+                raise_if_stopped()
         finally:
             with self._count:
                 self.waiting -= 1
@@ -129,10 +129,10 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         user_ids = list(request.user_ids)
         images = len(templates) * options.images_per_template
         steps = _RequestSteps(images * planned_steps(options, sum(map(bool, user_ids))), self._metrics, send)
-        should_stop = _stopper(context)
+        raise_if_stopped = _stopper(context)
         response = generator_pb2.GenerateResponse(model_family=self._model_family())
         timings: dict[str, float] = {}
-        with self._admission.slot(should_stop), request_deadline(context.time_remaining()):
+        with self._admission.slot(raise_if_stopped), request_deadline(context.time_remaining()):
             orchestrator = self._orchestrator()
             for index, template in enumerate(templates):
                 for k in range(options.images_per_template):
@@ -143,8 +143,8 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
                         options,
                         seed,
                         steps.for_template(index),
-                        should_stop,
-                        field=f"templates[{index}]",
+                        raise_if_stopped,
+                        field_name=f"templates[{index}]",
                     )
                     painted = sum(1 for face in generation.faces if face.user_id)
                     self._metrics.image(generation.timings, painted, steps.take_image_steps())
@@ -157,19 +157,18 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         return response
 
 
-def _stopper(context: grpc.ServicerContext) -> Callable[[], bool]:
-    """True once the client went away; raises DeadlineExceeded once its deadline passed."""
+def _stopper(context: grpc.ServicerContext) -> Callable[[], None]:
+    """Raises Cancelled once the client went away, DeadlineExceeded once its deadline passed."""
 
-    def should_stop() -> bool:
+    def raise_if_stopped() -> None:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the request's deadline passed during generation")
         if not context.is_active():
             log.info("client cancelled; stopping")
             raise Cancelled("the client cancelled the request")
-        return False
 
-    return should_stop
+    return raise_if_stopped
 
 
 @dataclass

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionControlNetInpaintPipeline
 
-from easyphoto.diffusion.inpaint import InpaintRequest, run_inpaint
+from easyphoto.diffusion.inpaint import InpaintPass, run_inpaint
 from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.server.bench import baseline_inpaint, baseline_pipeline
@@ -40,9 +40,9 @@ def _run_diffusers(
     )
 
 
-def _request(engines: Engines, inputs: dict[str, torch.Tensor], **options: object) -> InpaintRequest:
+def _inpaint_pass(engines: Engines, inputs: dict[str, torch.Tensor], **options: object) -> InpaintPass:
     embeds = engines.encode_prompts([PROMPT, NEGATIVE])
-    request = InpaintRequest(
+    inpaint = InpaintPass(
         image=inputs["image"] * 2 - 1,
         mask=inputs["mask"],
         prompt_embeds=embeds[:1],
@@ -50,8 +50,8 @@ def _request(engines: Engines, inputs: dict[str, torch.Tensor], **options: objec
         generator=torch.Generator().manual_seed(42),
     )
     for name, value in options.items():
-        setattr(request, name, value)
-    return request
+        setattr(inpaint, name, value)
+    return inpaint
 
 
 def test_one_unet_controlnet_step_equals_diffusers(
@@ -81,7 +81,7 @@ def test_whole_pass_equals_diffusers_with_same_seed(
     tiny: ModelFamily, engines: Engines, inputs: dict[str, torch.Tensor]
 ) -> None:
     expected = _run_diffusers(_pipeline(tiny), inputs, steps=20)
-    request = _request(
+    request = _inpaint_pass(
         engines,
         inputs,
         controls=[ControlInput(k, inputs[k], s) for k, s in SCALES.items()],
@@ -98,16 +98,23 @@ def test_whole_pass_equals_diffusers_with_same_seed(
     assert (other - expected).abs().max().item() > 1e-3
 
 
+def _cancel_after(count: int, steps: list[int]) -> None:
+    from easyphoto.rpc.errors import Cancelled
+
+    if len(steps) >= count:
+        raise Cancelled(f"cancelled after {count} steps")
+
+
 def test_pass_stops_when_asked(engines: Engines, inputs: dict[str, torch.Tensor], tiny: ModelFamily) -> None:
     from easyphoto.rpc.errors import Cancelled
 
     calls = []
-    request = _request(
+    request = _inpaint_pass(
         engines,
         inputs,
         steps=20,
         on_step=lambda event: calls.append(event.step),
-        should_stop=lambda: len(calls) >= 3,
+        raise_if_stopped=lambda: _cancel_after(3, calls),
     )
     with pytest.raises(Cancelled):
         run_inpaint(engines, request, tiny.scheduler_config)

@@ -92,3 +92,18 @@ def test_embeddings_of_different_people_differ(faces: FaceAnalyzer) -> None:
     off_diagonal = similarity[~np.eye(len(similarity), dtype=bool)]
     assert np.allclose(np.diag(similarity), 1.0, atol=1e-4)
     assert off_diagonal.max() < 0.95
+
+
+def test_an_identity_score_is_taken_on_the_face_found_again_where_it_was(faces: FaceAnalyzer) -> None:
+    """One rule for both services (the orchestrator's scores, the trainer's validation): the face
+    detected within half a face width of where it was, else the face where it was."""
+    group = sample_photo("group")
+    found = faces.detect(group)
+    target = faces.embed(group, [found[2]])[0]
+    nudged = found[2].shifted(found[2].width / 5, 0)  # repainted faces are found a little off
+    assert faces.identity(group, nudged, target, found) == pytest.approx(1.0, abs=1e-5)
+    assert faces.identity(group, nudged, target) == pytest.approx(1.0, abs=1e-5)  # detected itself
+    far = found[2].shifted(found[2].width * 0.7, 0)  # nothing within half a width: scored in place
+    alone = faces.embed(group, [far])[0] @ target
+    assert faces.identity(group, far, target, found) == pytest.approx(float(alone), abs=1e-6)
+    assert float(alone) < 0.99

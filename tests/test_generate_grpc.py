@@ -126,7 +126,7 @@ class _BlockingOrchestrator:
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def generate(self, template, user_ids, options, seed, on_progress, should_stop, field):  # type: ignore[no-untyped-def]
+    def generate(self, template, user_ids, options, seed, on_progress, raise_if_stopped, field_name):  # type: ignore[no-untyped-def]
         self.entered.set()
         self.release.wait(60)
         return Generation(template, [], seed, {}, [])
@@ -154,7 +154,7 @@ class _DeadlineRecorder:
     def __init__(self) -> None:
         self.timeouts: list[float] = []
 
-    def generate(self, template, user_ids, options, seed, on_progress, should_stop, field):  # type: ignore[no-untyped-def]
+    def generate(self, template, user_ids, options, seed, on_progress, raise_if_stopped, field_name):  # type: ignore[no-untyped-def]
         self.timeouts.append(time_left(1000.0))
         return Generation(template, [], seed, {}, [])
 

@@ -82,7 +82,7 @@ def test_a_cancel_that_loses_to_the_worker_cancels_the_running_job(
     store.transition(job.job_id, (QUEUED,), state=RUNNING)  # the worker got there first
     assert runner.cancel(job.job_id).state == RUNNING
     with pytest.raises(Cancelled):
-        runner.should_stop(job.job_id)
+        runner.raise_if_stopped(job.job_id)
 
 
 def test_a_job_cancelled_before_the_worker_takes_it_never_runs(

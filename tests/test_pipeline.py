@@ -20,7 +20,7 @@ from easyphoto.engines.models.family import ModelFamily
 from easyphoto.fixtures.photos import sample_photo
 from easyphoto.imaging.codec import encode_png
 from easyphoto.imaging.geometry import grow_box, int_box
-from easyphoto.rpc.errors import Cancelled, InvalidArgument, UnknownUser, UserNotReady
+from easyphoto.rpc.errors import Cancelled, InvalidArgument, ModelMissing, UnknownUser, UserNotReady
 from easyphoto.server.options import GenerateOptions
 from easyphoto.server.pipeline import Orchestrator
 from easyphoto.users.store import UserStore
@@ -137,6 +137,11 @@ def test_request_errors_are_typed(orchestrator: Orchestrator) -> None:
     assert _calls(orchestrator) == []  # nothing reached the models
 
 
+def _cancel_after(count: int, steps: list[int]) -> None:
+    if len(steps) >= count:
+        raise Cancelled(f"cancelled after {count} steps")
+
+
 def test_a_cancelled_request_stops_calling_engines(orchestrator: Orchestrator) -> None:
     _calls(orchestrator).clear()
     steps: list[int] = []
@@ -147,7 +152,7 @@ def test_a_cancelled_request_stops_calling_engines(orchestrator: Orchestrator) -
             GenerateOptions(),
             seed=0,
             on_progress=lambda p: steps.append(p.step),
-            should_stop=lambda: len(steps) >= 3,
+            raise_if_stopped=lambda: _cancel_after(3, steps),
         )
     assert len(_calls(orchestrator)) == 3
 
@@ -189,6 +194,24 @@ def test_a_user_whose_lora_does_not_fit_is_refused_naming_the_user(
     with pytest.raises(InvalidArgument, match=r"user 'erin' v1: LoRA layer unet\.mid_block") as refused:
         orchestrator.generate(sample_photo("astronaut"), ["erin"], GenerateOptions(), seed=2)
     assert refused.value.field == "user_ids" and refused.value.metadata["user_id"] == "erin"
+
+
+def test_a_pass_needing_a_controlnet_the_deployment_lacks_is_refused_before_any_work(
+    orchestrator: Orchestrator, tiny: ModelFamily
+) -> None:
+    without_openpose = replace(
+        tiny, controlnets={k: v for k, v in tiny.controlnets.items() if k != "openpose"}
+    )
+    engines = RecordingEngines(TorchBackend(without_openpose, "cpu"), tiny.tokenizer, 1.0)
+    lacking = Orchestrator(
+        engines, tiny.scheduler_config, orchestrator.face_models, orchestrator.analyzer, orchestrator.users
+    )
+    with pytest.raises(ModelMissing, match="first_pass needs the openpose ControlNet") as refused:
+        lacking.generate(sample_photo("astronaut"), ["alice"], GenerateOptions(), seed=1)
+    assert refused.value.code == "FAILED_PRECONDITION" and refused.value.field == "first_pass.openpose_weight"
+    assert engines.calls == []  # refused before any model ran
+    options = GenerateOptions(first_pass=FAST, second_pass=FAST)  # canny and colour only
+    assert lacking.generate(sample_photo("astronaut"), ["alice"], options, seed=1).faces[0].user_id == "alice"
 
 
 def test_two_people_get_a_seam_pass_without_lora_and_the_background_restore(

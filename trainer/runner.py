@@ -243,13 +243,13 @@ class JobRunner:
         log.info("job %s published %s v%d in %.1fs", job.job_id, job.user_id, version, time.time() - started)
         return self.store.get(job.job_id)
 
-    def should_stop(self, job_id: str) -> bool:
+    def raise_if_stopped(self, job_id: str) -> None:
+        """Cancelled when the trainer is stopping or the job was cancelled."""
         with self._lock:
             if self._stopping:
                 raise Cancelled("the trainer is stopping")
             if job_id in self._cancelled:
                 raise Cancelled(f"job {job_id} was cancelled")
-        return False
 
 
 class _Job:
@@ -266,8 +266,8 @@ class _Job:
     def update(self, **values: Any) -> None:
         self.job = self.runner.store.update(self.job.job_id, **values)
 
-    def stop(self) -> bool:
-        return self.runner.should_stop(self.job.job_id)
+    def raise_if_stopped(self) -> None:
+        self.runner.raise_if_stopped(self.job.job_id)
 
     def run(self) -> int:
         published = self.runner.users.version_of_job(self.job.user_id, self.job.job_id)
@@ -338,7 +338,7 @@ class _Job:
             log.info("job %s resumes at step %d of %d", self.job.job_id, start, total)
         began = time.perf_counter()
         for step in range(start + 1, total + 1):
-            self.stop()
+            self.raise_if_stopped()
             stepped = time.perf_counter()
             loss = trainer.train_step(step)
             self.config.metrics.steps.inc()
@@ -378,7 +378,7 @@ class _Job:
         self.update(stage="validate_lora")
         started = time.perf_counter()
         trainer.eval()
-        new = validator.run(step, self.folder, should_stop=self.stop)
+        new = validator.run(step, self.folder, raise_if_stopped=self.raise_if_stopped)
         write_atomically(
             self.folder / "validation.json", json.dumps([r.to_json() for r in [*earlier, *new]]).encode()
         )

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from easyphoto.diffusion.inpaint import InpaintRequest, StepEvent, run_inpaint
+from easyphoto.diffusion.inpaint import InpaintPass, StepEvent, run_inpaint
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.imaging.codec import encode_png, from_model, to_model
 from easyphoto.imaging.controls import canny_control
-from easyphoto.imaging.geometry import Face, fit_size, grow_box, int_box, nearest_face, resize
+from easyphoto.imaging.geometry import Face, fit_size, grow_box, int_box, resize
 
 from .lora_training import step_generator
 from .options import TrainingOptions
@@ -92,7 +92,7 @@ class Validator:
         self,
         step: int,
         job_folder: Path,
-        should_stop: Callable[[], bool] = lambda: False,
+        raise_if_stopped: Callable[[], None] = lambda: None,
         on_step: Callable[[StepEvent], None] | None = None,
     ) -> list[ValidationImage]:
         """Scores every template at ``step``; the outputs go to ``job_folder/validation/``."""
@@ -106,7 +106,7 @@ class Validator:
                 controls.append(
                     ControlInput("canny", to_model(canny_control(template.image), signed=False), 1.0)
                 )
-            request = InpaintRequest(
+            inpaint = InpaintPass(
                 image=to_model(template.image),
                 mask=to_model(template.mask, signed=False),
                 prompt_embeds=embeds[:1],
@@ -118,16 +118,14 @@ class Validator:
                 scheduler=SCHEDULER,
                 generator=step_generator(self.seed, step, 1000 + index),
                 on_step=on_step,
-                should_stop=should_stop,
+                raise_if_stopped=raise_if_stopped,
             )
-            output = from_model(run_inpaint(engines, request, self.family.scheduler_config))
+            output = from_model(run_inpaint(engines, inpaint, self.family.scheduler_config))
             name = f"validation/step-{step:06d}-{index}.png"
             (job_folder / name).write_bytes(encode_png(output))
             results.append(ValidationImage(step, index, self._score(output, template.face), name))
         return results
 
     def _score(self, image: np.ndarray, face: Face) -> float:
-        """The output's face (re-detected near the template face, else the template face itself)
-        against the training faces."""
-        found = nearest_face(self.analyzer.detect(image), face, within=face.width / 2)
-        return float(self.analyzer.embed(image, [found])[0] @ self.target)
+        """The output's face against the training faces."""
+        return self.analyzer.identity(image, face, self.target)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from easyphoto.imaging.geometry import Face, clip_box
+from easyphoto.imaging.geometry import Face, clip_box, nearest_face
 from easyphoto.rpc.errors import FaceTooSmall, NoFace, TooManyFaces
 
 from ..interface import Backend
@@ -179,6 +179,17 @@ class FaceAnalyzer:
         (embeddings,) = run_batched(self.backend, "face_embedder", name, batch)
         norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
         return embeddings / np.maximum(norms, 1e-12)
+
+    def identity(
+        self, image: np.ndarray, face: Face, target: np.ndarray, found: list[Face] | None = None
+    ) -> float:
+        """dot(emb(the face of ``image`` where ``face`` was), ``target``), the identity score of a
+        painted face. The face is found again among ``found`` (the faces detected in ``image``;
+        detected here when None) by :func:`nearest_face`, within half its width; where none is,
+        the score is taken where it was."""
+        faces = self.detect(image) if found is None else found
+        match = nearest_face(faces, face, within=face.width / 2)
+        return float(self.embed(image, [match])[0] @ target)
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
         return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
