@@ -3,8 +3,9 @@
 A plan is plain data (``plans.json`` beside the ONNX files): for each role its ONNX graph, the engine
 to write, one optimisation profile whose min/opt/max shapes are the description's profile points,
 fp16, the refit flag LoRA switching needs, the workspace limit and the timing cache. The plan is
-derived and checked anywhere; :func:`build_engine` needs the ``tensorrt`` package (the ``gpu``
-extra) and a GPU, so it runs on the deploy host, inside NVIDIA's Triton container
+derived and checked anywhere, and so is the polygraphy loader that builds it
+(:func:`engine_loader`); running it (:func:`build_engine`) needs the ``tensorrt`` package (the
+``gpu`` extra) and a GPU, so it runs on the deploy host, inside NVIDIA's Triton container
 (``deploy/README.md`` has the command). Nothing here imports tensorrt at module level.
 """
 
@@ -90,37 +91,39 @@ def read_plans(export_dir: Path) -> list[BuildPlan]:
     return [BuildPlan.from_json(p) for p in json.loads((export_dir / PLANS_FILE).read_text())["plans"]]
 
 
-def build_engine(plan: BuildPlan, export_dir: Path) -> Path:  # pragma: no cover - needs TensorRT and a GPU
-    """Builds ``plan`` with the TensorRT API and writes the serialized engine; the timing cache is
-    read first and written back, so later builds (and other roles) reuse its measurements."""
-    import tensorrt as trt
+def engine_loader(plan: BuildPlan, export_dir: Path, memory_pool_limits: dict[Any, int] | None = None) -> Any:
+    """The polygraphy loader that builds ``plan``'s engine (NVIDIA's diffusion demo builds the same
+    way): the ONNX graph parsed into a network, one optimisation profile, fp16 and refit as the
+    plan says, the timing cache read first and written back so later builds reuse its measurements.
+    Lazy: TensorRT is imported only when the loader runs (on the GPU host)."""
+    from polygraphy.backend.trt import CreateConfig, EngineFromNetwork, NetworkFromOnnxPath, Profile
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(export_dir / plan.onnx)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise RuntimeError(f"{plan.role}: TensorRT could not parse {plan.onnx}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
-    if plan.fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if plan.refittable:
-        config.set_flag(trt.BuilderFlag.REFIT)
-    profile = builder.create_optimization_profile()
+    profile = Profile()
     for name, shapes in plan.profile.items():
-        profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
-    config.add_optimization_profile(profile)
-    cache_path = export_dir / plan.timing_cache
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise RuntimeError(f"{plan.role}: TensorRT failed to build the engine (see its log above)")
+        profile.add(name, min=shapes["min"], opt=shapes["opt"], max=shapes["max"])
+    cache = export_dir / plan.timing_cache
+    config = CreateConfig(
+        fp16=plan.fp16,
+        refittable=plan.refittable,
+        profiles=[profile],
+        memory_pool_limits=memory_pool_limits,
+        load_timing_cache=str(cache) if cache.is_file() else None,
+    )
+    return EngineFromNetwork(
+        NetworkFromOnnxPath(str(export_dir / plan.onnx)), config, save_timing_cache=str(cache)
+    )
+
+
+def build_engine(plan: BuildPlan, export_dir: Path) -> Path:  # pragma: no cover - needs TensorRT and a GPU
+    """Builds ``plan`` (:func:`engine_loader`, the workspace limited to the plan's) and writes the
+    serialized engine."""
+    import tensorrt as trt
+    from polygraphy.backend.trt import save_engine
+
+    limits = {trt.MemoryPoolType.WORKSPACE: plan.workspace_bytes}
+    engine = engine_loader(plan, export_dir, limits)()
     engine_path = export_dir / plan.engine
-    engine_path.write_bytes(bytes(serialized))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    save_engine(engine, str(engine_path))
     log.info("built %s (%d bytes)", engine_path, engine_path.stat().st_size)
     return engine_path
 

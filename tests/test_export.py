@@ -166,3 +166,21 @@ def test_triton_repository_configs_come_from_the_descriptions(
         assert 'platform: "tensorrt_plan"' in gpu and "count: 2 kind: KIND_GPU" in gpu
     finally:
         (out / "unet" / "model.plan").unlink()
+
+
+def test_the_engine_build_is_configured_from_the_plan(exported: tuple[Path, dict]) -> None:
+    """The polygraphy loader the GPU host runs (TensorRT is imported only when it does)."""
+    from easyphoto.export.tensorrt_plan import engine_loader, read_plans
+
+    out, _ = exported
+    plan = next(plan for plan in read_plans(out) if plan.role == "unet")
+    loader = engine_loader(plan, out)
+    config = loader._config  # polygraphy's CreateConfig, as EngineFromNetwork keeps it
+    assert config.fp16 and config.refittable
+    (profile,) = config.profiles
+    assert list(profile) == list(plan.profile)
+    for name, shapes in plan.profile.items():
+        assert (list(profile[name].min), list(profile[name].opt), list(profile[name].max)) == (
+            shapes["min"], shapes["opt"], shapes["max"],
+        )  # fmt: skip
+    assert loader.timing_cache_path == str(out / plan.timing_cache)

@@ -110,7 +110,7 @@ def test_every_role_through_triton_equals_the_torch_backend(
             sample = description.sample_inputs(point, seed=2)
             theirs = triton_backend.infer(name, sample)
             ours = local.infer(name, sample)
-            tolerance = tolerance_for(description)  # the export's, per role
+            tolerance = tolerance_for(description, point)  # the export's, per role and point
             for output, value in ours.items():
                 scale = max(1.0, float(value.abs().max()))
                 diff = float((theirs[output] - value.float()).abs().max())
@@ -167,8 +167,10 @@ def test_a_whole_generate_through_triton_equals_torch(
     assert all(_inference_count(server, model) > count for model, count in before.items())
     # The images differ by rounding (below); dlib's descriptor moves ~0.01 with them (measured 0.012).
     assert scores[0] == pytest.approx(scores[1], abs=0.03)
+    # The fused stage graphs in onnxruntime against the separate nets in PyTorch, over every step:
+    # measured at most 3 of 255 in a few pixels (mean 0.007) on an AVX-512 Xeon, 2 on another CPU.
     difference = np.abs(images[0].astype(int) - images[1].astype(int))
-    assert difference.max() <= 2 and difference.mean() < 0.05, (difference.max(), difference.mean())
+    assert difference.max() <= 4 and difference.mean() < 0.05, (difference.max(), difference.mean())
 
 
 def test_triton_health_and_metrics_answer(server: TritonServer, triton_backend: TritonBackend) -> None:
