@@ -28,6 +28,7 @@ from .roles.diffusion import (
     residual_inputs,
     stage_control_inputs,
     stage_role_name,
+    sum_residuals,
 )
 from .shapes import Dim
 
@@ -224,12 +225,12 @@ class Engines:
                 image, scale = stage_control_inputs(control.kind)
                 inputs.update({image: control.image, scale: control.scale_tensor(sample)})
             return self.backend.infer(stage, inputs)["noise_pred"]
-        residuals: list[torch.Tensor] | None = None
-        for outputs in self.controlnets(controls, sample, timesteps, encoder_hidden_states):
-            residuals = (
-                outputs if residuals is None else [a + b for a, b in zip(residuals, outputs, strict=True)]
-            )
-        return self.unet(sample, timesteps, encoder_hidden_states, residuals or self.zero_residuals(sample))
+        residuals = (
+            sum_residuals(self.controlnets(controls, sample, timesteps, encoder_hidden_states))
+            if controls
+            else self.zero_residuals(sample)
+        )
+        return self.unet(sample, timesteps, encoder_hidden_states, residuals)
 
 
 def _step_inputs(

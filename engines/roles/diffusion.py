@@ -15,6 +15,7 @@ Conventions (KServe v2 / Triton names, NCHW):
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from fractions import Fraction
 
 import torch
@@ -130,17 +131,22 @@ class StageModule(nn.Module):
         encoder_hidden_states: torch.Tensor,
         *controls: torch.Tensor,  # per ControlNet: its image, then its scale
     ) -> tuple[torch.Tensor]:
-        residuals: list[torch.Tensor] | None = None
-        for index, net in enumerate(self.controlnets):
-            image, scale = controls[2 * index], controls[2 * index + 1]
-            outputs = net(sample, timestep, encoder_hidden_states, image, scale)
-            residuals = (
-                list(outputs)
-                if residuals is None
-                else [a + b for a, b in zip(residuals, outputs, strict=True)]
-            )
-        assert residuals is not None
+        residuals = sum_residuals(
+            net(sample, timestep, encoder_hidden_states, controls[2 * index], controls[2 * index + 1])
+            for index, net in enumerate(self.controlnets)
+        )
         return self.unet(sample, timestep, encoder_hidden_states, *residuals)
+
+
+def sum_residuals(per_net: Iterable[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """Each ControlNet's residuals added up in order, as diffusers' ``MultiControlNetModel`` does
+    (in the fused stage graph and in the orchestrator's step alike)."""
+    total: list[torch.Tensor] | None = None
+    for residuals in per_net:
+        total = list(residuals) if total is None else [a + b for a, b in zip(total, residuals, strict=True)]
+    if total is None:
+        raise ValueError("no ControlNet residuals to sum")
+    return total
 
 
 # Every denoising role (UNet, ControlNet, fused stage) takes these first, in this order.
