@@ -4,6 +4,7 @@ how a pass of some strength picks its timesteps (diffusers' img2img rule).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -41,8 +42,12 @@ def make_scheduler(name: str, base_config: dict[str, Any]) -> SchedulerMixin:
 
 
 def strength_steps(steps: int, strength: float) -> int:
-    """How many of ``steps`` a pass of ``strength`` runs (diffusers' rule; the last ones)."""
-    return min(int(steps * strength), steps)
+    """How many of ``steps`` a pass of ``strength`` runs (diffusers' rule; the last ones).
+
+    A strength set in a request arrives as a 32-bit float (0.35 is 0.34999999...), and 20 x that
+    would floor to 6 where diffusers, given the decimal, runs 7: the product is rounded to 1e-6
+    before it is floored, so a value set explicitly runs the same steps as its default."""
+    return min(math.floor(round(steps * strength, 6)), steps)
 
 
 def strength_timesteps(scheduler: SchedulerMixin, steps: int, strength: float) -> torch.Tensor:

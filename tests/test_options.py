@@ -69,3 +69,15 @@ def test_out_of_range_options_name_their_field(mutate, field: str) -> None:  # t
     with pytest.raises(InvalidArgument) as info:
         resolve_options(request)
     assert info.value.field == field
+
+
+def test_a_strength_set_on_the_wire_runs_the_steps_of_its_default() -> None:
+    from easyphoto.diffusion.passes import SECOND_PASS
+    from easyphoto.diffusion.schedulers import strength_steps
+
+    request = generator_pb2.GenerateRequest()
+    request.second_pass.strength = 0.35  # a proto float: 0.3499999940395355 on the way back
+    assert request.second_pass.strength != 0.35
+    resolved = resolve_options(request).second_pass
+    assert resolved.denoising_steps == SECOND_PASS.denoising_steps == 7  # 20 x 0.35, as diffusers has it
+    assert strength_steps(50, 0.45) == 22 and strength_steps(20, 0.3499) == 6 and strength_steps(1, 0.5) == 0
