@@ -68,15 +68,20 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class ControlInput:
-    """One ControlNet of a pass: its kind, its prepared image in [0, 1] (NCHW) and its weight."""
+    """One ControlNet of a pass: its kind, its prepared image in [0, 1] (NCHW, a row per sample) and
+    its weight: one for every row, or a ``[batch]`` tensor of one per row (a batch of several
+    requests' steps)."""
 
     kind: str
     image: torch.Tensor
-    scale: float
+    scale: float | torch.Tensor
 
     def scale_tensor(self, like: torch.Tensor) -> torch.Tensor:
-        """The scale as the ``[1]`` tensor the ControlNet and stage roles take, on ``like``'s device."""
-        return torch.tensor([self.scale], dtype=like.dtype, device=like.device)
+        """The per-sample ``[batch]`` scales the ControlNet and stage roles take, on ``like``'s device
+        (``like``: the step's sample, whose first axis is the batch)."""
+        if isinstance(self.scale, torch.Tensor):
+            return self.scale.to(dtype=like.dtype, device=like.device)
+        return torch.full((like.shape[0],), self.scale, dtype=like.dtype, device=like.device)
 
 
 class Engines:

@@ -128,3 +128,27 @@ def test_fused_stages_equal_the_separate_calls_and_match_the_orchestrator_passes
         assert called == [stage_role_name(kinds)]  # one call per step
     with pytest.raises(ValueError):
         describe_stage(tiny, ("canny", "depth"))
+
+
+def test_controlnet_weights_are_per_sample(tiny: ModelFamily) -> None:
+    """One ControlNet call serves samples of several requests, each with its own weight."""
+    from easyphoto.engines.backends.torch_backend import TorchBackend
+
+    role = describe_roles(tiny)["controlnet_canny"]
+    assert role.batched and role.input("conditioning_scale").shape == role.input("timestep").shape
+    backend = TorchBackend(tiny, "cpu")
+    inputs = {**role.sample_inputs("opt", seed=3), "conditioning_scale": torch.tensor([0.3, 0.9])}
+    together = backend.infer(role.name, inputs)
+    for row in range(2):
+        alone = backend.infer(role.name, {name: value[row : row + 1] for name, value in inputs.items()})
+        for name, value in alone.items():
+            assert torch.allclose(together[name][row : row + 1], value, atol=1e-5), (row, name)
+    same = {
+        name: value[:1].expand(2, *value.shape[1:])
+        for name, value in inputs.items()
+        if name != "conditioning_scale"
+    }
+    twice = backend.infer(role.name, {**same, "conditioning_scale": torch.tensor([0.3, 0.9])})[
+        "mid_block_res"
+    ]
+    assert torch.allclose(twice[0] / 0.3, twice[1] / 0.9, atol=1e-5)  # each row scaled by its own weight

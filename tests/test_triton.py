@@ -317,7 +317,7 @@ def test_a_step_without_a_fused_stage_sends_its_controlnets_together(
     assert isinstance(backend, TritonBackend)
     calls = [(f"controlnet_{c.kind}", {"sample": sample["sample"], "timestep": sample["timestep"],
               "encoder_hidden_states": sample["encoder_hidden_states"], "controlnet_cond": c.image,
-              "conditioning_scale": torch.tensor([c.scale])}) for c in controls]  # fmt: skip
+              "conditioning_scale": torch.full((2,), c.scale)}) for c in controls]  # fmt: skip
     together = backend.infer_many(calls)
     for (role, inputs), result in zip(calls, together, strict=True):
         alone = backend.infer(role, inputs)

@@ -8,7 +8,8 @@ tiny family and SD 1.5 get descriptions of the same form with their own numbers.
 Conventions (KServe v2 / Triton names, NCHW):
 * ``timestep`` is per sample, so concurrent requests at different steps can share a UNet batch.
 * ControlNet residual ``i`` is ``down_block_res_{i}``; the mid residual is ``mid_block_res``.
-* ``conditioning_scale`` is an input, so one built engine serves every weight.
+* ``conditioning_scale`` is a per-sample input (``[batch]``), so one built engine serves every weight
+  and one call serves samples of several requests with their own weights.
 * The VAE encoder returns the raw Gaussian moments (mean, logvar); sampling and the scaling
   factor happen in :mod:`engines.interface`. The VAE decoder takes UNet-space (scaled) latents.
 """
@@ -111,8 +112,9 @@ class ControlNetModule(nn.Module):
             conditioning_scale=1.0,
             return_dict=False,
         )
-        # Scaling here (not inside the net) keeps the scale a runtime input of the engine.
-        return (*(d * conditioning_scale for d in down), mid * conditioning_scale)
+        # Scaling here (not inside the net) keeps the scale a runtime input of the engine, per sample.
+        scale = conditioning_scale.reshape(-1, 1, 1, 1)
+        return (*(d * scale for d in down), mid * scale)
 
 
 class StageModule(nn.Module):
@@ -278,7 +280,7 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
                 TensorSpec(sample, "float32", (BATCH, control_channels, LATENT_H, LATENT_W)),
                 *step_inputs[1:],
                 TensorSpec("controlnet_cond", "float32", (BATCH, 3, image_h, image_w)),
-                TensorSpec("conditioning_scale", "float32", (1,)),
+                TensorSpec("conditioning_scale", "float32", (BATCH,)),
             ),
             outputs=residual_specs(family),
             axes=latent_axes,
