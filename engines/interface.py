@@ -8,8 +8,9 @@ the UNet step. It is the same code over the torch and the triton backend.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +20,7 @@ from transformers import CLIPTokenizer
 
 from easyphoto.rpc.errors import ModelMissing
 
+from .adapters import Adapter, AdapterRows, SampleAdapter
 from .lora import LoraTargets, LoraWeights
 from .roles.description import RoleDescription
 from .roles.diffusion import (
@@ -47,7 +49,10 @@ class Backend(Protocol):
     @property
     def dtype(self) -> torch.dtype: ...
 
-    def infer(self, role: str, inputs: Tensors) -> Tensors: ...
+    def infer(self, role: str, inputs: Tensors, adapters: AdapterRows | None = None) -> Tensors:
+        """One call; ``adapters`` gives each row of the batch its user's LoRA (or None), for the
+        roles that take one (``RoleDescription.lora_target``)."""
+        ...
 
     def infer_many(self, calls: list[tuple[str, Tensors]]) -> list[Tensors]:
         """Several independent calls; a remote backend runs them concurrently."""
@@ -55,10 +60,13 @@ class Backend(Protocol):
 
     def ready(self) -> bool: ...
 
-    def set_lora(self, lora: LoraWeights | None, weight: float) -> None: ...
-
     def lora_targets(self) -> LoraTargets:
         """The layers a LoRA may patch, with their shapes (they resolve kohya keys and check fit)."""
+        ...
+
+    def adapter(self, name: str, load: Callable[[], LoraWeights]) -> Adapter:
+        """The adapter ``name`` (``user@vN``) ready on this backend: from its hot cache, else made
+        from ``load()``'s LoRA (InvalidArgument when it does not fit the model)."""
         ...
 
     def close(self) -> None:
@@ -95,10 +103,10 @@ class Engines:
         self.backend = backend
         self.tokenizer = tokenizer
         self.vae_scaling_factor = vae_scaling_factor
-        self._prompt_cache: OrderedDict[tuple[object, str], torch.Tensor] = OrderedDict()
+        # Text embeddings by (text-encoder adapter and weight, prompt): a user's LoRA changes them.
+        self._prompt_cache: OrderedDict[tuple[tuple[str, float] | None, str], torch.Tensor] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
-        # Text embeddings depend on a text-encoder LoRA: it is part of the cache key.
-        self._text_lora: tuple[str, float] | None = None
+        self._prompt_lock = threading.Lock()
 
     @property
     def roles(self) -> dict[str, RoleDescription]:
@@ -137,32 +145,40 @@ class Engines:
         ).input_ids
         return ids.to(torch.int32)
 
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings (B, 77, hidden), cached per prompt string and text-encoder LoRA."""
-        keys = [(self._text_lora, p) for p in prompts]
-        missing = [k for k in dict.fromkeys(keys) if k not in self._prompt_cache]
+    def encode_prompts(self, prompts: Sequence[str], adapter: SampleAdapter | None = None) -> torch.Tensor:
+        """Text embeddings (B, 77, hidden) with ``adapter``'s text-encoder layers, if it has any:
+        computed once per (adapter, weight, prompt) and cached."""
+        if adapter is not None and (adapter.weight == 0 or "text_encoder" not in adapter.adapter.targets):
+            adapter = None
+        keys = [(adapter.key if adapter else None, p) for p in prompts]
+        with self._prompt_lock:
+            missing = [k for k in dict.fromkeys(keys) if k not in self._prompt_cache]
         if missing:
             ids = self.tokenize([p for _, p in missing]).to(self.backend.device)
-            hidden = self.backend.infer("text_encoder", {"input_ids": ids})["last_hidden_state"]
-            for key, row in zip(missing, hidden, strict=True):
-                self._prompt_cache[key] = row
-        for key in keys:
-            self._prompt_cache.move_to_end(key)
-        while len(self._prompt_cache) > self._prompt_cache_size:
-            self._prompt_cache.popitem(last=False)
-        return torch.stack([self._prompt_cache[k] for k in keys])
-
-    def set_lora(self, lora: LoraWeights | None, weight: float = 1.0) -> None:
-        """Makes ``lora`` at ``weight`` active for the following calls (None: the base model)."""
-        self.backend.set_lora(lora, weight)
-        patches_text = lora is not None and weight != 0 and "text_encoder" in lora.targets
-        self._text_lora = (lora.name, weight) if patches_text and lora is not None else None
+            rows = [adapter] * len(missing) if adapter else None
+            hidden = self.backend.infer("text_encoder", {"input_ids": ids}, rows)["last_hidden_state"]
+            with self._prompt_lock:
+                self._prompt_cache.update(zip(missing, hidden, strict=True))
+        with self._prompt_lock:
+            embeddings = torch.stack([self._prompt_cache[k] for k in keys])
+            for key in keys:
+                self._prompt_cache.move_to_end(key)
+            while len(self._prompt_cache) > self._prompt_cache_size:
+                self._prompt_cache.popitem(last=False)
+        return embeddings
 
     # ---- VAE ----
 
     def vae_encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Images in [-1, 1] to UNet-space latents, sampled as diffusers' ``retrieve_latents`` does."""
-        moments = self.backend.infer("vae_encoder", {"images": images})["latent_moments"]
+        return self.latents_from_moments(self.vae_moments(images), generator)
+
+    def vae_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """The VAE encoder's Gaussian moments of images in [-1, 1] (the model call of an encode)."""
+        return self.backend.infer("vae_encoder", {"images": images})["latent_moments"]
+
+    def latents_from_moments(self, moments: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """UNet-space latents sampled from the moments with ``generator`` (each request its own)."""
         latents = DiagonalGaussianDistribution(moments).sample(generator=generator)
         return latents * self.vae_scaling_factor
 
@@ -207,11 +223,12 @@ class Engines:
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         residuals: Sequence[torch.Tensor],
+        adapters: AdapterRows | None = None,
     ) -> torch.Tensor:
         inputs = _step_inputs(sample, timestep, encoder_hidden_states)
         names = (spec.name for spec in residual_inputs(self.roles["unet"]))
         inputs.update(zip(names, residuals, strict=True))
-        return self.backend.infer("unet", inputs)["noise_pred"]
+        return self.backend.infer("unet", inputs, adapters)["noise_pred"]
 
     def predict_noise(
         self,
@@ -219,9 +236,11 @@ class Engines:
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         controls: Sequence[ControlInput],
+        adapters: AdapterRows | None = None,
     ) -> torch.Tensor:
-        """One model evaluation: every ControlNet, residuals summed in order, then the UNet; one call
-        of the fused stage role when the backend serves one for exactly these ControlNets."""
+        """One model evaluation: every ControlNet, residuals summed in order, then the UNet with each
+        row's adapter (``adapters``, one per row; ControlNets carry no LoRA); one call of the fused
+        stage role when the backend serves one for exactly these ControlNets."""
         timesteps = timestep.reshape(-1).expand(sample.shape[0]).to(sample.dtype)
         stage = stage_role_name(tuple(c.kind for c in controls)) if controls else ""
         if stage in self.roles:
@@ -229,13 +248,13 @@ class Engines:
             for control in controls:
                 image, scale = stage_control_inputs(control.kind)
                 inputs.update({image: control.image, scale: control.scale_tensor(sample)})
-            return self.backend.infer(stage, inputs)["noise_pred"]
+            return self.backend.infer(stage, inputs, adapters)["noise_pred"]
         residuals = (
             sum_residuals(self.controlnets(controls, sample, timesteps, encoder_hidden_states))
             if controls
             else self.zero_residuals(sample)
         )
-        return self.unet(sample, timesteps, encoder_hidden_states, residuals)
+        return self.unet(sample, timesteps, encoder_hidden_states, residuals, adapters)
 
 
 def _step_inputs(

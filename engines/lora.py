@@ -9,8 +9,8 @@ Formats (both read; the trainer writes the first):
   LoRA-targeted layers (:data:`TARGET_MODULES`), which the engine manifest lists with their shapes,
   so a LoRA is resolved and checked without the weights too.
 
-Patching adds ``weight * scale * up @ down`` to each target's weight in place and keeps the
-original, so switching users restores bit-exact base weights (no drift from merge/unmerge).
+Serving never patches these into shared weights: :mod:`engines.adapters` applies a user's factors
+per sample of a call.
 """
 
 from __future__ import annotations
@@ -174,12 +174,6 @@ def submodule(root: nn.Module, name: str) -> nn.Module:
     return root.get_submodule(module_name(root, name))
 
 
-def _weight(root: nn.Module, name: str) -> torch.Tensor:
-    weight = submodule(root, name).weight
-    assert isinstance(weight, torch.Tensor), name  # every LoRA-targeted layer has one (check_fits)
-    return weight
-
-
 def _kohya_layers(tensors: dict[str, torch.Tensor], targets: LoraTargets) -> list[LoraLayer]:
     names = {
         prefix + name.replace(".", "_"): (target, name)
@@ -222,36 +216,3 @@ def save_lora(weights: LoraWeights, path: Path, kohya: bool = False) -> None:
     save_file(
         contiguous, str(path), metadata={"format": "pt", "easyphoto": json.dumps({"name": weights.name})}
     )
-
-
-class LoraPatcher:
-    """Applies one LoRA at a time to live modules; keeps originals to restore bit-exactly."""
-
-    def __init__(self, modules: dict[str, nn.Module]) -> None:
-        self.modules = modules
-        self.targets = lora_targets(modules)
-        self._originals: dict[tuple[str, str], torch.Tensor] = {}
-        self.active: tuple[str, float] | None = None
-
-    def apply(self, lora: LoraWeights | None, weight: float) -> None:
-        key = (lora.name, weight) if lora is not None and weight != 0 else None
-        if key == self.active:
-            return
-        if lora is not None:
-            check_fits(lora, self.targets)  # before anything is touched
-        self.restore()
-        if lora is None or key is None:
-            return
-        with torch.no_grad():
-            for layer in lora.layers:
-                param = _weight(self.modules[layer.target], layer.module)
-                self._originals[(layer.target, layer.module)] = param.detach().clone()
-                param.add_((weight * layer.delta()).to(param.dtype).to(param.device))
-        self.active = key
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for (target, module), original in self._originals.items():
-                _weight(self.modules[target], module).copy_(original)
-        self._originals.clear()
-        self.active = None

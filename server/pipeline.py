@@ -16,9 +16,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -26,11 +26,12 @@ import torch
 
 from easyphoto.diffusion.inpaint import InpaintPass, StepEvent, run_inpaint
 from easyphoto.diffusion.passes import PassOptions
+from easyphoto.engines.adapters import Adapter, SampleAdapter
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
 from easyphoto.engines.faces.parts import fuse_faces, super_resolve
 from easyphoto.engines.interface import ControlInput, Engines
-from easyphoto.engines.lora import LoraWeights, load_lora
+from easyphoto.engines.lora import load_lora
 from easyphoto.imaging.codec import from_model, to_model
 from easyphoto.imaging.compose import paint_boxes_white, paste_back, transfer_color
 from easyphoto.imaging.controls import CONTROL_IMAGES, ControlSource, draw_pose
@@ -96,7 +97,11 @@ class _Reference:
     face_id_face: Face
     reference_face: Face
     embedding: np.ndarray
-    lora: LoraWeights | None
+    lora_file: Path | None  # None: published without a LoRA (paints with the base model)
+
+    @property
+    def adapter_name(self) -> str:
+        return f"{self.artifacts.user_id}@v{self.artifacts.version}"
 
 
 @dataclass
@@ -160,6 +165,9 @@ class Orchestrator:
         references = {uid: self.prepare_user(uid) for uid in dict.fromkeys(user_ids) if uid}
         run = _Run(options, torch.Generator().manual_seed(seed), started, on_progress, raise_if_stopped)
         run.timings["detect"] = time.perf_counter() - started
+        switched = time.perf_counter()
+        adapters = {uid: self._adapter(reference, "user_ids") for uid, reference in references.items()}
+        run.timings["lora_switch"] = time.perf_counter() - switched
         result = template.copy()
         painted: list[_Painted] = []
         for index, face in enumerate(faces):
@@ -167,8 +175,10 @@ class Orchestrator:
             if not user_id:
                 continue
             others = [f.box for j, f in enumerate(faces) if j != index]
-            with self._user_lora(references[user_id].lora, options.lora_weight, run.timings):
-                result, where = self._paint_face(result, others, face, references[user_id], run.face(index))
+            adapter = adapters[user_id]
+            sample = SampleAdapter(adapter, options.lora_weight) if adapter is not None else None
+            ctx = run.face(index, sample)
+            result, where = self._paint_face(result, others, face, references[user_id], ctx)
             painted.append(where)
         if len(painted) > 1 and options.seam_pass.enabled:
             for where in painted:
@@ -209,21 +219,10 @@ class Orchestrator:
                     field=f"{name}.{missing[0]}_weight",
                 )
 
-    @contextmanager
-    def _user_lora(
-        self, lora: LoraWeights | None, weight: float, timings: dict[str, float]
-    ) -> Iterator[None]:
-        switched = time.perf_counter()
-        self.engines.set_lora(lora, weight)
-        timings["lora_switch"] = timings.get("lora_switch", 0.0) + time.perf_counter() - switched
-        try:
-            yield
-        finally:
-            self.engines.set_lora(None)
-
     def prepare_user(self, user_id: str, field_name: str = "user_ids") -> _Reference:
-        """The user's published version with its faces, embedding and LoRA loaded; cached per
-        version (published versions never change, so a new version is a new cache entry)."""
+        """The user's published version with its faces and embedding; cached per version (published
+        versions never change, so a new version is a new cache entry). Its adapter is made ready
+        in the backend's hot cache too (a cold user's first request loads it here)."""
         check_user_id(user_id, field_name)
         with self._references_lock:
             key = (user_id, self.users.current_version(user_id))
@@ -234,7 +233,8 @@ class Orchestrator:
             self._references[(user_id, reference.artifacts.version)] = reference
             while len(self._references) > USER_CACHE:
                 self._references.popitem(last=False)
-            return reference
+        self._adapter(reference, field_name)
+        return reference
 
     def _load_reference(self, user_id: str, field_name: str) -> _Reference:
         artifacts = self.users.load(user_id, field_name)
@@ -245,20 +245,23 @@ class Orchestrator:
             artifacts.reference, field=f"users/{user_id}/reference"
         )
         embedding = self.analyzer.embed(artifacts.reference, [reference_face])[0]
-        lora = self._lora(artifacts, field_name)
-        return _Reference(artifacts, face_id_face, reference_face, embedding, lora)
-
-    def _lora(self, artifacts: UserArtifacts, field_name: str) -> LoraWeights | None:
-        path = artifacts.lora_path
-        if not path.is_file():
+        lora_file = artifacts.lora_path if artifacts.lora_path.is_file() else None
+        if lora_file is None:
             log.warning(
-                "user %s v%d has no LoRA file; painting with the base model",
-                artifacts.user_id,
-                artifacts.version,
+                "user %s v%d has no LoRA file; painting with the base model", user_id, artifacts.version
             )
+        return _Reference(artifacts, face_id_face, reference_face, embedding, lora_file)
+
+    def _adapter(self, reference: _Reference, field_name: str) -> Adapter | None:
+        """The user's adapter from the backend's hot cache (loaded from its file on a miss)."""
+        path = reference.lora_file
+        if path is None:
             return None
+        artifacts = reference.artifacts
         try:
-            return load_lora(path, self.engines.backend.lora_targets())
+            return self.engines.backend.adapter(
+                reference.adapter_name, lambda: load_lora(path, self.engines.backend.lora_targets())
+            )
         except InvalidArgument as error:  # the user's adapter, not the request, is what is wrong
             raise InvalidArgument(
                 f"user {artifacts.user_id!r} v{artifacts.version}: {error.message}",
@@ -408,7 +411,7 @@ class Orchestrator:
             control = CONTROL_IMAGES[kind](source)
             ctx.keep(f"{stage}_{kind}", control)
             controls.append(ControlInput(kind, to_model(control, signed=False), weight))
-        embeds = self.engines.encode_prompts([options.prompt, options.negative])
+        embeds = self.engines.encode_prompts([options.prompt, options.negative], ctx.adapter)
         started = time.perf_counter()
         inpaint = InpaintPass(
             image=to_model(image),
@@ -423,6 +426,7 @@ class Orchestrator:
             generator=ctx.run.generator,
             on_step=lambda event: ctx.step(stage, event),
             raise_if_stopped=ctx.run.raise_if_stopped,
+            adapter=ctx.adapter,
         )
         out = from_model(run_inpaint(self.engines, inpaint, self.scheduler_config))
         timings = ctx.run.timings
@@ -443,16 +447,18 @@ class _Run:
     timings: dict[str, float] = field(default_factory=dict)
     intermediates: list[tuple[str, np.ndarray]] = field(default_factory=list)
 
-    def face(self, index: int) -> _FaceContext:
-        return _FaceContext(self, index)
+    def face(self, index: int, adapter: SampleAdapter | None = None) -> _FaceContext:
+        return _FaceContext(self, index, adapter)
 
 
 @dataclass(frozen=True)
 class _FaceContext:
-    """The work on one face of a run: intermediates and progress carry its index."""
+    """The work on one face of a run: intermediates and progress carry its index; its user's passes
+    carry the user's adapter (the seam and background passes paint with the base model)."""
 
     run: _Run
     index: int
+    adapter: SampleAdapter | None = None
 
     def keep(self, name: str, image: np.ndarray) -> None:
         if self.run.options.return_intermediates:

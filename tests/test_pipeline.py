@@ -29,17 +29,20 @@ FAST = PassOptions(True, 4, 0.5, 7.0, canny_weight=0.5, color_weight=0.85)
 
 
 class RecordingEngines(Engines):
-    """The real engines, recording every model evaluation (ControlNets with their weights)."""
+    """The real engines, recording every model evaluation (ControlNets with their weights, and the
+    adapter of its rows)."""
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self.calls: list[dict[str, float]] = []
         self.loras: list[tuple[str, float] | None] = []
 
-    def predict_noise(self, sample, timestep, encoder_hidden_states, controls):  # type: ignore[no-untyped-def]
+    def predict_noise(self, sample, timestep, encoder_hidden_states, controls, adapters=None):  # type: ignore[no-untyped-def]
         self.calls.append({c.kind: c.scale for c in controls})
-        self.loras.append(self.backend.active_lora)  # type: ignore[attr-defined]
-        return super().predict_noise(sample, timestep, encoder_hidden_states, controls)
+        keys = {row.key for row in adapters or () if row is not None}
+        assert len(keys) <= 1, keys  # one request: one user's adapter on every row
+        self.loras.append(keys.pop() if keys else None)
+        return super().predict_noise(sample, timestep, encoder_hidden_states, controls, adapters)
 
 
 def _publish(root: Path, user_id: str, face: np.ndarray, version: int = 1) -> None:

@@ -111,7 +111,7 @@ def test_fused_stages_equal_the_separate_calls_and_match_the_orchestrator_passes
     fused = Engines(fused_backend, tiny.tokenizer, 1.0)
     called: list[str] = []
     infer = fused_backend.infer
-    fused_backend.infer = lambda role, inputs: called.append(role) or infer(role, inputs)  # type: ignore[method-assign]
+    fused_backend.infer = lambda role, inputs, *rest: called.append(role) or infer(role, inputs, *rest)  # type: ignore[method-assign]
     unet = describe_roles(tiny)["unet"]
     sample = unet.sample_inputs("opt", seed=5)
     generator = torch.Generator().manual_seed(6)

@@ -209,14 +209,19 @@ def test_a_call_ends_with_the_request_deadline(server: TritonServer, triton_back
     assert _inference_count(server, "text_encoder") == before + 1
 
 
-def test_a_lora_on_the_triton_backend_is_refused(triton_backend: TritonBackend) -> None:
+def test_a_users_lora_on_the_triton_backend_is_refused_until_it_is_served(
+    triton_backend: TritonBackend,
+) -> None:
+    from easyphoto.engines.adapters import Adapter, SampleAdapter
     from easyphoto.engines.lora import LoraLayer, LoraWeights
     from easyphoto.rpc.errors import Unimplemented
 
-    layer = LoraLayer("unet", "conv_in", torch.zeros(1, 4, 1, 1), torch.zeros(4, 1, 1, 1), 1.0)
+    layer = LoraLayer("unet", "mid_block.attentions.0.proj_in", torch.zeros(1, 64), torch.zeros(64, 1), 1.0)
+    adapter = Adapter.from_lora("x@v1", LoraWeights("x", [layer]), torch.device("cpu"), torch.float32)
+    sample = triton_backend.roles["unet"].sample_inputs("min")
     with pytest.raises(Unimplemented):
-        triton_backend.set_lora(LoraWeights("x", [layer]), 0.9)
-    triton_backend.set_lora(None, 0.9)  # the base model is fine
+        triton_backend.infer("unet", sample, [SampleAdapter(adapter, 0.9)])
+    triton_backend.infer("unet", sample, [SampleAdapter(adapter, 0.0)])  # weight 0 is the base model
 
 
 def test_the_server_serves_generate_through_triton_without_model_weights(

@@ -9,9 +9,17 @@ import torch
 
 from easyphoto.rpc.errors import EngineInputError
 
+from ..adapters import (
+    DEFAULT_CACHE_BYTES,
+    Adapter,
+    AdapterCache,
+    AdapterHooks,
+    AdapterRows,
+    adapter_from_lora,
+)
 from ..faces.models import FaceModels
 from ..interface import Tensors
-from ..lora import LoraPatcher, LoraTargets, LoraWeights
+from ..lora import LoraTargets, LoraWeights, lora_targets
 from ..models.family import ModelFamily
 from ..roles.description import RoleDescription
 from ..roles.diffusion import describe_roles
@@ -39,6 +47,7 @@ class TorchBackend:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         faces: FaceModels | None = None,
+        adapter_cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         self._device = torch.device(device) if device is not None else default_device()
         self._dtype = dtype or (torch.float16 if self._device.type == "cuda" else torch.float32)
@@ -53,9 +62,10 @@ class TorchBackend:
             self._roles.update(faces.roles)
         self._runners: dict[str, Runner] = {}
         self._lock = threading.Lock()
-        self._lora = LoraPatcher(
-            {"unet": family.unet, "text_encoder": family.text_encoder} if family is not None else {}
-        )
+        modules = {"unet": family.unet, "text_encoder": family.text_encoder} if family is not None else {}
+        self._lora_targets = lora_targets(modules)
+        self._hooks = AdapterHooks.on(modules, self._lora_targets)
+        self.adapters = AdapterCache(adapter_cache_bytes)
 
     @property
     def roles(self) -> dict[str, RoleDescription]:
@@ -75,17 +85,15 @@ class TorchBackend:
     def close(self) -> None:
         """In process: nothing to release."""
 
-    def set_lora(self, lora: LoraWeights | None, weight: float) -> None:
-        """Patches the LoRA into the UNet and text encoder (None restores the base weights)."""
-        self._lora.apply(lora, weight)
-
     def lora_targets(self) -> LoraTargets:
-        return self._lora.targets
+        return self._lora_targets
 
-    @property
-    def active_lora(self) -> tuple[str, float] | None:
-        """(name, weight) of the patched LoRA, None for the base weights."""
-        return self._lora.active
+    def adapter(self, name: str, load: Callable[[], LoraWeights]) -> Adapter:
+        """The adapter ``name`` from the hot cache; on a miss ``load()``'s LoRA, checked against the
+        targeted layers and put on the device."""
+        return self.adapters.get(
+            name, lambda: adapter_from_lora(name, load(), self._lora_targets, self._device, self._dtype)
+        )
 
     def add_role(self, description: RoleDescription) -> None:
         """Serves one more role of this family (a fused stage, say); its module is built on first use."""
@@ -109,12 +117,14 @@ class TorchBackend:
     def infer_many(self, calls: list[tuple[str, Tensors]]) -> list[Tensors]:
         return [self.infer(role, inputs) for role, inputs in calls]
 
-    def infer(self, role: str, inputs: Tensors) -> Tensors:
+    def infer(self, role: str, inputs: Tensors, adapters: AdapterRows | None = None) -> Tensors:
         description = self.describe(role)
-        description.bind({name: tuple(t.shape) for name, t in inputs.items()})
+        values = description.bind({name: tuple(t.shape) for name, t in inputs.items()})
+        if adapters is not None and any(adapters) and description.lora_target is None:
+            raise EngineInputError(role, "adapters", "given to a role that takes no LoRA")
         float_dtype = self._dtype if description.fp16 else torch.float32
         args = [self._cast(inputs[spec.name], spec.dtype, float_dtype) for spec in description.inputs]
-        with torch.inference_mode():
+        with torch.inference_mode(), self._hooks.rows(adapters, values.get("batch", 0), self._device):
             outputs = self.runner(role)(*args)
         return {spec.name: out for spec, out in zip(description.outputs, outputs, strict=True)}
 

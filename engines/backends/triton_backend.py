@@ -19,7 +19,7 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -34,6 +34,7 @@ from easyphoto.rpc.errors import (
     Unimplemented,
 )
 
+from ..adapters import Adapter, AdapterRows, adapter_from_lora
 from ..interface import Backend, Tensors
 from ..lora import LoraTargets, LoraWeights
 from ..roles.description import RoleDescription
@@ -143,14 +144,19 @@ class TritonBackend:
             log.warning("triton at %s not ready: %s", self.url, exc)
             return False
 
-    def set_lora(self, lora: LoraWeights | None, weight: float) -> None:
-        if lora is not None and weight != 0:
-            raise Unimplemented("LoRA on the triton backend needs engine refit (not implemented yet)")
-
     def lora_targets(self) -> LoraTargets:
         return self._lora_targets
 
-    def infer(self, role: str, inputs: Tensors) -> Tensors:
+    def adapter(self, name: str, load: Callable[[], LoraWeights]) -> Adapter:
+        """The LoRA checked against the manifest's targeted layers (it has to fit before anything is
+        sent); its factors stay on the host."""
+        return adapter_from_lora(name, load(), self._lora_targets, torch.device("cpu"), torch.float32)
+
+    def infer(self, role: str, inputs: Tensors, adapters: AdapterRows | None = None) -> Tensors:
+        if adapters is not None and any(sample is not None and sample.weight != 0 for sample in adapters):
+            raise Unimplemented(
+                "users' LoRAs on the triton backend are not served yet (the triton-lora design)"
+            )
         return self.infer_many([(role, inputs)])[0]
 
     def infer_many(self, calls: list[tuple[str, Tensors]]) -> list[Tensors]:

@@ -36,6 +36,9 @@ class RoleDescription:
     sample_ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     # Output-only symbols computed from the input symbols (e.g. a conv net's output size).
     derived: dict[str, Callable[[dict[str, int]], int]] = field(default_factory=dict)
+    # The LoRA target whose layers this role computes ("unet", "text_encoder"): a call may carry
+    # a user's adapter per sample. None: the role takes no adapter (ControlNets carry no LoRA).
+    lora_target: str | None = None
 
     @property
     def batched(self) -> bool:
@@ -122,6 +125,7 @@ class RoleDescription:
             },
             "fp16": self.fp16,
             "sample_ranges": {name: list(bounds) for name, bounds in self.sample_ranges.items()},
+            "lora_target": self.lora_target,
         }
 
     @classmethod
@@ -142,6 +146,7 @@ class RoleDescription:
             build_module=build_module,
             fp16=bool(entry["fp16"]),
             sample_ranges={name: (low, high) for name, (low, high) in entry.get("sample_ranges", {}).items()},
+            lora_target=entry.get("lora_target"),
         )
 
     def axis_values(self, point: ProfilePoint = "opt") -> dict[str, int]:

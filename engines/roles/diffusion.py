@@ -240,6 +240,7 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
             axes={"batch": AxisRange(1, 2, MAX_BATCH)},
             build_module=lambda: TextEncoderModule(family),
             sample_ranges={"input_ids": (0, len(family.tokenizer))},
+            lora_target="text_encoder",
         ),
         "vae_encoder": RoleDescription(
             name="vae_encoder",
@@ -269,6 +270,7 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
             axes=latent_axes,
             build_module=lambda: UNetModule(family),
             sample_ranges=timestep_range,
+            lora_target="unet",
         ),
     }
     for kind in family.controlnets:
@@ -322,4 +324,5 @@ def describe_stage(family: ModelFamily, kinds: tuple[str, ...]) -> RoleDescripti
         axes=unet.axes,
         build_module=lambda: StageModule(family, kinds),
         sample_ranges={**unet.sample_ranges, **ranges},
+        lora_target=unet.lora_target,
     )

@@ -1,0 +1,99 @@
+"""Users' LoRAs as per-sample data: a batch that mixes users computes each row as that user's run
+alone would, rows without an adapter see the base model, and adapters stay hot in a cache bounded
+by bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from easyphoto.engines.adapters import Adapter, AdapterCache, SampleAdapter
+from easyphoto.engines.backends.torch_backend import TorchBackend
+from easyphoto.engines.lora import LoraLayer, LoraWeights
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.roles.diffusion import describe_stage
+
+
+def _lora(backend: TorchBackend, seed: int, rank: int = 4) -> LoraWeights:
+    """A random LoRA on every targeted layer of the UNet and the text encoder, its updates about a
+    tenth of the layers' weights, as a trained one's are (with updates larger than the weights the
+    tiny random net turns chaotic, and fp32 summation order alone moves its outputs by 1e-4)."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = []
+    for target, modules in backend.lora_targets().items():
+        for module, shape in modules.items():
+            down = torch.randn(rank, *shape[1:], generator=generator) * 0.1
+            up = torch.randn(shape[0], rank, *[1] * (len(shape) - 2), generator=generator) * 0.1
+            layers.append(LoraLayer(target, module, down, up, alpha=float(rank)))
+    return LoraWeights(f"random-{seed}", layers)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny: ModelFamily) -> TorchBackend:
+    backend = TorchBackend(tiny, "cpu")
+    backend.add_role(describe_stage(tiny, ("canny", "tile")))
+    return backend
+
+
+def _rows(samples: list[SampleAdapter | None], repeat: int) -> list[SampleAdapter | None]:
+    return [sample for sample in samples for _ in range(repeat)]
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Within 1e-4 of the largest value, the issue's bar for a batched row against its run alone."""
+    return float((got - expected).abs().max()) <= 1e-4 * float(expected.abs().max())
+
+
+@pytest.mark.parametrize("role", ["unet", "stage_canny_tile", "text_encoder"])
+def test_each_row_of_a_mixed_batch_equals_its_users_run_alone(backend: TorchBackend, role: str) -> None:
+    ann = backend.adapter("ann@v1", lambda: _lora(backend, 1))
+    bob = backend.adapter("bob@v4", lambda: _lora(backend, 2))
+    users = [SampleAdapter(ann, 0.9), SampleAdapter(bob, 0.6), None, SampleAdapter(ann, 0.3)]
+    description = backend.roles[role]
+    one = description.sample_inputs("opt", seed=7)  # a CFG pair: 2 rows
+    mixed = {name: torch.cat([value] * len(users)) for name, value in one.items()}
+    outputs = backend.infer(role, mixed, _rows(users, 2))
+    output = description.outputs[0].name
+    alone = [backend.infer(role, one, _rows([user], 2))[output] for user in users]
+    for index, expected in enumerate(alone):
+        assert _close(outputs[output][2 * index : 2 * index + 2], expected), (role, index)
+    base = backend.infer(role, one)[output]
+    assert torch.equal(alone[2], base)  # no adapter: the base model, bit for bit
+    assert not _close(alone[0], base) and not _close(alone[1], alone[0])  # the adapters do change rows
+
+
+def test_the_hot_cache_drops_the_least_recently_used_past_its_bytes(backend: TorchBackend) -> None:
+    loads: list[str] = []
+
+    def load(name: str, seed: int) -> Adapter:
+        loads.append(name)
+        return Adapter.from_lora(name, _lora(backend, seed), torch.device("cpu"), torch.float32)
+
+    size = load("probe", 9).nbytes
+    cache = AdapterCache(max_bytes=int(2.5 * size))
+    first = cache.get("a@v1", lambda: load("a@v1", 1))
+    cache.get("b@v1", lambda: load("b@v1", 2))
+    assert cache.get("a@v1", lambda: load("a@v1", 1)) is first  # a hit: not loaded again
+    cache.get("c@v1", lambda: load("c@v1", 3))  # over the budget: b, the least recently used, goes
+    assert cache.names == ["a@v1", "c@v1"] and cache.nbytes <= cache.max_bytes
+    assert loads == ["probe", "a@v1", "b@v1", "c@v1"]
+    cache.get("b@v1", lambda: load("b@v1", 2))  # a cold user is loaded on demand
+    assert loads[-1] == "b@v1" and cache.names == ["c@v1", "b@v1"]
+
+
+def test_a_call_with_adapters_for_a_role_without_lora_is_refused(backend: TorchBackend) -> None:
+    from easyphoto.rpc.errors import EngineInputError
+
+    ann = backend.adapter("ann@v1", lambda: _lora(backend, 1))
+    vae = backend.roles["vae_decoder"]
+    with pytest.raises(EngineInputError, match="takes no LoRA"):
+        backend.infer("vae_decoder", vae.sample_inputs("min"), [SampleAdapter(ann, 1.0)])
+
+
+def test_backends_over_one_model_share_one_set_of_hooks(tiny: ModelFamily, backend: TorchBackend) -> None:
+    """A second backend on the same modules must not add its update again on every call."""
+    layer = next(iter(backend.lora_targets()["unet"]))
+    before = len(tiny.unet.get_submodule(layer)._forward_hooks)
+    TorchBackend(tiny, "cpu")
+    TorchBackend(tiny, "cpu")
+    assert len(tiny.unet.get_submodule(layer)._forward_hooks) == before == 1
