@@ -20,6 +20,7 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
+from easyphoto.engines.adapters import SampleAdapter
 from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.rpc.errors import InvalidArgument
 
@@ -51,6 +52,8 @@ class InpaintPass:
     on_step: Callable[[StepEvent], None] | None = None
     # Called before every step; raises to stop the pass (the client went away, a deadline passed).
     raise_if_stopped: Callable[[], None] = field(default=lambda: None)
+    # The user's LoRA and its weight, applied to every sample of the pass (None: the base model).
+    adapter: SampleAdapter | None = None
 
 
 def binarize_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -65,56 +68,102 @@ def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None) -
 
 
 def run_inpaint(engines: Engines, inpaint: InpaintPass, scheduler_config: dict[str, Any]) -> torch.Tensor:
-    """Runs the pass and returns the decoded image in [-1, 1] (NCHW)."""
-    latents = inpaint_latents(engines, inpaint, scheduler_config)
-    return engines.vae_decode(latents)
-
-
-def inpaint_latents(engines: Engines, inpaint: InpaintPass, scheduler_config: dict[str, Any]) -> torch.Tensor:
-    device, dtype = engines.backend.device, engines.backend.dtype
-    generator = inpaint.generator
-    scheduler = make_scheduler(inpaint.scheduler, scheduler_config)
-    timesteps = strength_timesteps(scheduler, inpaint.steps, inpaint.strength)
-    if len(timesteps) == 0:
-        raise InvalidArgument(
-            f"strength {inpaint.strength} with {inpaint.steps} steps runs no step", field="strength"
-        )
-    image = inpaint.image.to(device=device, dtype=dtype)
-    batch = image.shape[0]
-    mask = binarize_mask(inpaint.mask.to(device=device, dtype=dtype))
-
-    image_latents = engines.vae_encode(image, generator)
-    noise = randn_tensor(tuple(image_latents.shape), generator=generator, device=device, dtype=dtype)
-    latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
-    # diffusers also encodes the masked image here (unused by a 4-channel UNet): draw the same
-    # random numbers it draws so that seeds reproduce its images, without the wasted encode.
-    randn_tensor(tuple(image_latents.shape), generator=generator, device=device, dtype=dtype)
-    latent_mask = F.interpolate(mask, size=tuple(image_latents.shape[-2:]))
-
-    cfg = inpaint.guidance_scale > 1.0
-    embeds = (
-        torch.cat([inpaint.negative_prompt_embeds, inpaint.prompt_embeds]) if cfg else inpaint.prompt_embeds
-    )
-    embeds = embeds.to(device=device, dtype=dtype)
-    controls = [_prepare_control(c, cfg, device, dtype) for c in inpaint.controls]
-    step_kwargs = _step_kwargs(scheduler, generator)
-
-    for index, t in enumerate(timesteps):
+    """Runs the pass here, one model call after another; the decoded image in [-1, 1] (NCHW).
+    (The orchestrator runs passes through :class:`diffusion.steps.StepEngine`, which batches the
+    steps of concurrent passes; both drive an :class:`InpaintState`.)"""
+    state = InpaintState(engines, inpaint, scheduler_config)
+    state.begin(engines.vae_moments(state.image))
+    while not state.done:
         inpaint.raise_if_stopped()
-        model_input = torch.cat([latents] * 2) if cfg else latents
-        model_input = scheduler.scale_model_input(model_input, t)
-        noise_pred = engines.predict_noise(model_input, t, embeds, controls)
-        if cfg:
+        state.advance(engines.predict_noise(*state.step_inputs()))
+    return engines.vae_decode(state.latents)
+
+
+class InpaintState:
+    """One pass in progress, a step at a time. Made from an :class:`InpaintPass` without a model
+    call, begun with the VAE encoder's moments of its image, advanced with each step's noise
+    prediction, and its latents decoded at the end: whoever makes the model calls (one pass alone,
+    or many passes' steps batched), the pass computes the same."""
+
+    def __init__(self, engines: Engines, inpaint: InpaintPass, scheduler_config: dict[str, Any]) -> None:
+        device, dtype = engines.backend.device, engines.backend.dtype
+        self.engines = engines
+        self.inpaint = inpaint
+        self.scheduler = make_scheduler(inpaint.scheduler, scheduler_config)
+        self.timesteps = strength_timesteps(self.scheduler, inpaint.steps, inpaint.strength)
+        if len(self.timesteps) == 0:
+            raise InvalidArgument(
+                f"strength {inpaint.strength} with {inpaint.steps} steps runs no step", field="strength"
+            )
+        self.image = inpaint.image.to(device=device, dtype=dtype)
+        self.cfg = inpaint.guidance_scale > 1.0
+        embeds = (
+            torch.cat([inpaint.negative_prompt_embeds, inpaint.prompt_embeds])
+            if self.cfg
+            else inpaint.prompt_embeds
+        )
+        self.embeds = embeds.to(device=device, dtype=dtype)
+        self.controls = [_prepare_control(c, self.cfg, device, dtype) for c in inpaint.controls]
+        self.rows = self.image.shape[0] * (2 if self.cfg else 1)  # of every model call
+        self.adapters: list[SampleAdapter | None] | None = (
+            [inpaint.adapter] * self.rows if inpaint.adapter else None
+        )
+        self.index = 0
+        self._mask = binarize_mask(inpaint.mask.to(device=device, dtype=dtype))
+        self._step_kwargs = _step_kwargs(self.scheduler, inpaint.generator)
+
+    def begin(self, moments: torch.Tensor) -> None:
+        """The latents to denoise: the image's, noised to the strength's first timestep. Random
+        draws happen in diffusers' order, with the pass's generator."""
+        generator, device, dtype = self.inpaint.generator, self.image.device, self.image.dtype
+        self.image_latents = self.engines.latents_from_moments(moments, generator)
+        shape = tuple(self.image_latents.shape)
+        self.noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        batch = self.image.shape[0]
+        self.latents = self.scheduler.add_noise(
+            self.image_latents, self.noise, self.timesteps[:1].repeat(batch)
+        )
+        # diffusers also encodes the masked image here (unused by a 4-channel UNet): draw the same
+        # random numbers it draws so that seeds reproduce its images, without the wasted encode.
+        randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        self.latent_mask = F.interpolate(self._mask, size=shape[-2:])
+
+    @property
+    def done(self) -> bool:
+        return self.index >= len(self.timesteps)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return tuple(self.latents.shape[1:])
+
+    def step_inputs(
+        self,
+    ) -> tuple[
+        torch.Tensor, torch.Tensor, torch.Tensor, list[ControlInput], list[SampleAdapter | None] | None
+    ]:
+        """The next step's model evaluation, as :meth:`Engines.predict_noise` takes it: the scaled
+        model input, a timestep per row, the text embeddings, the controls and the adapters."""
+        t = self.timesteps[self.index]
+        model_input = torch.cat([self.latents] * 2) if self.cfg else self.latents
+        model_input = self.scheduler.scale_model_input(model_input, t)
+        timesteps = t.reshape(1).expand(self.rows).to(model_input.dtype)
+        return model_input, timesteps, self.embeds, self.controls, self.adapters
+
+    def advance(self, noise_pred: torch.Tensor) -> None:
+        """One scheduler step with the step's noise prediction, then the known latents blended back."""
+        t = self.timesteps[self.index]
+        if self.cfg:
             uncond, text = noise_pred.chunk(2)
-            noise_pred = uncond + inpaint.guidance_scale * (text - uncond)
-        latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-        known = image_latents
-        if index < len(timesteps) - 1:
-            known = scheduler.add_noise(image_latents, noise, torch.tensor([timesteps[index + 1]]))
-        latents = (1 - latent_mask) * known + latent_mask * latents
-        if inpaint.on_step is not None:
-            inpaint.on_step(StepEvent(index + 1, len(timesteps), float(t)))
-    return latents
+            noise_pred = uncond + self.inpaint.guidance_scale * (text - uncond)
+        latents = self.scheduler.step(noise_pred, t, self.latents, **self._step_kwargs, return_dict=False)[0]
+        known = self.image_latents
+        if self.index < len(self.timesteps) - 1:
+            next_t = torch.tensor([self.timesteps[self.index + 1]])
+            known = self.scheduler.add_noise(self.image_latents, self.noise, next_t)
+        self.latents = (1 - self.latent_mask) * known + self.latent_mask * latents
+        self.index += 1
+        if self.inpaint.on_step is not None:
+            self.inpaint.on_step(StepEvent(self.index, len(self.timesteps), float(t)))
 
 
 def _prepare_control(

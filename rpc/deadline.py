@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar
 
 from .errors import DeadlineExceeded
@@ -17,14 +17,26 @@ from .errors import DeadlineExceeded
 _deadline: ContextVar[float | None] = ContextVar("easyphoto_request_deadline", default=None)
 
 
-@contextmanager
-def request_deadline(seconds: float | None) -> Iterator[None]:
+def request_deadline(seconds: float | None) -> AbstractContextManager[None]:
     """Calls made inside end within ``seconds`` from now (None: no deadline)."""
-    token = _deadline.set(None if seconds is None else time.monotonic() + seconds)
+    return request_deadline_at(None if seconds is None else time.monotonic() + seconds)
+
+
+@contextmanager
+def request_deadline_at(deadline: float | None) -> Iterator[None]:
+    """Calls made inside end by ``deadline`` (``time.monotonic()`` seconds; None: no deadline).
+    A thread that works for several requests at once (the step engine) opens it around each call."""
+    token = _deadline.set(deadline)
     try:
         yield
     finally:
         _deadline.reset(token)
+
+
+def deadline_at() -> float | None:
+    """The deadline of the request this thread works for (``time.monotonic()`` seconds), to hand
+    to another thread with the work."""
+    return _deadline.get()
 
 
 def time_left(limit: float) -> float:

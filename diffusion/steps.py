@@ -1,0 +1,254 @@
+"""The step engine: every diffusion pass of every request is a job, and one loop owns the engines.
+
+Requests are data moving through one step loop (as in vLLM). A pass handed to :meth:`StepEngine.run`
+by any thread becomes a :class:`_Job` holding its own state (an :class:`InpaintState`: latents,
+scheduler, step index, embeddings, controls, adapter, generator) with its deadline and stop hook.
+The loop thread takes the runnable jobs, groups those whose tensors can share a call (the same
+phase and shapes; for a step, the same latent size and ControlNets), makes one batched model call
+per group (up to the roles' batch limit) with each row's timestep, ControlNet weight and adapter,
+and hands each job its rows for its own scheduler step and mask blend. Jobs join and leave between
+steps: a new pass waits at most ``batch_wait`` for others to form a batch. The VAE encode and
+decode calls of the passes batch the same way.
+
+Each job checks its stop hook and deadline before each of its steps, in the loop; a job that fails
+(stopped, past its deadline, or its call failed when run alone) fails its own request only: a
+group's call that fails is retried one job at a time before anyone is failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from easyphoto.engines.interface import ControlInput, Engines
+from easyphoto.rpc.deadline import deadline_at, request_deadline_at
+from easyphoto.rpc.errors import DeadlineExceeded, EasyPhotoError
+
+from .inpaint import InpaintPass, InpaintState
+
+log = logging.getLogger(__name__)
+
+# How long a runnable job waits for others to join its first call when the loop is idle.
+BATCH_WAIT_SECONDS = 0.005
+ENCODE, DENOISE, DECODE, DONE = "encode", "denoise", "decode", "done"
+
+
+@dataclass(eq=False)
+class _Job:
+    state: InpaintState
+    deadline: float | None  # time.monotonic() seconds; the request's, seen by the loop thread
+    phase: str = ENCODE
+    image: torch.Tensor | None = None
+    error: BaseException | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+    joined: float = field(default_factory=time.monotonic)
+
+    def group_key(self) -> tuple[Any, ...]:
+        """Jobs with equal keys share a call."""
+        state = self.state
+        if self.phase == ENCODE:
+            return (ENCODE, tuple(state.image.shape[1:]))
+        if self.phase == DECODE:
+            return (DECODE, state.latent_shape)
+        kinds = tuple(control.kind for control in state.controls)
+        return (DENOISE, state.latent_shape, kinds)
+
+    @property
+    def rows(self) -> int:
+        """Rows this job adds to its group's call."""
+        return self.state.rows if self.phase == DENOISE else self.state.image.shape[0]
+
+    def check(self) -> None:
+        """Raises when the job must stop: its request went away, or its deadline passed."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise DeadlineExceeded("the request's deadline passed during a diffusion pass")
+        self.state.inpaint.raise_if_stopped()
+
+    def fail(self, error: BaseException) -> None:
+        self.error, self.phase = error, DONE
+        self.finished.set()
+
+
+class StepEngine:
+    """Runs the passes of every thread through one loop that owns ``engines`` (see the module)."""
+
+    def __init__(
+        self,
+        engines: Engines,
+        scheduler_config: dict[str, Any],
+        max_batch: int | None = None,
+        batch_wait: float = BATCH_WAIT_SECONDS,
+        on_call: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        self.engines = engines
+        self.scheduler_config = scheduler_config
+        # Rows per call: the UNet's batch profile (16 for the families here).
+        self.max_batch = max_batch or engines.roles["unet"].axes["batch"].max
+        self.batch_wait = batch_wait
+        self.on_call = on_call  # (phase, jobs, rows) of every model call, for metrics and tests
+        self._jobs: list[_Job] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="step-engine", daemon=True)
+        self._thread.start()
+
+    def run(self, inpaint: InpaintPass) -> torch.Tensor:
+        """The pass run in the loop with everyone else's; the decoded image in [-1, 1] (NCHW).
+        Raises what stopped it (Cancelled, DeadlineExceeded, an engine's error)."""
+        job = _Job(InpaintState(self.engines, inpaint, self.scheduler_config), deadline_at())
+        with self._wake:
+            if self._stopping:
+                raise EasyPhotoError("the step engine is stopping")
+            self._jobs.append(job)
+            self._wake.notify()
+        while not job.finished.wait(1.0):
+            if not self._thread.is_alive():  # never wait on a loop that is gone
+                raise EasyPhotoError("the step engine stopped")
+        if job.error is not None:
+            raise job.error
+        assert job.image is not None
+        return job.image
+
+    @property
+    def active(self) -> int:
+        with self._wake:
+            return len(self._jobs)
+
+    def close(self) -> None:
+        """Stops the loop; passes still running fail."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # ---- the loop ----
+
+    def _loop(self) -> None:
+        try:
+            while (jobs := self._runnable()) is not None:
+                for group in self._groups(jobs):
+                    self._run_group(group)
+                with self._wake:
+                    self._jobs = [job for job in self._jobs if job.phase != DONE]
+        except BaseException as error:  # a bug: fail every pass rather than leave them waiting
+            log.critical("the step engine's loop failed", exc_info=True)
+            with self._wake:
+                self._stopping = True
+                for job in self._jobs:
+                    job.fail(EasyPhotoError(f"the step engine failed: {error}"))
+                self._jobs.clear()
+
+    def _runnable(self) -> list[_Job] | None:
+        """Every job waiting for its next call (None once stopping); when the loop was idle, it
+        waits ``batch_wait`` first, so that passes arriving together share their first call."""
+        with self._wake:
+            if not self._jobs:
+                while not self._jobs and not self._stopping:
+                    self._wake.wait()
+                until = time.monotonic() + self.batch_wait
+                while not self._stopping and (left := until - time.monotonic()) > 0:
+                    self._wake.wait(left)
+            if self._stopping:
+                for job in self._jobs:
+                    job.fail(EasyPhotoError("the orchestrator is stopping"))
+                self._jobs.clear()
+                return None
+            return list(self._jobs)
+
+    def _groups(self, jobs: list[_Job]) -> list[list[_Job]]:
+        """Jobs that share a call, oldest first, each group within the batch limit."""
+        live = []
+        for job in jobs:
+            try:
+                job.check()
+                live.append(job)
+            except BaseException as error:  # stopped or past its deadline: out of the batch
+                job.fail(error)
+        by_key: dict[tuple[Any, ...], list[list[_Job]]] = {}
+        for job in sorted(live, key=lambda job: job.joined):
+            chunks = by_key.setdefault(job.group_key(), [[]])
+            if sum(j.rows for j in chunks[-1]) + job.rows > self.max_batch:
+                chunks.append([])
+            chunks[-1].append(job)
+        return [chunk for chunks in by_key.values() for chunk in chunks if chunk]
+
+    def _run_group(self, group: list[_Job]) -> None:
+        """The group's call, each job then taking its rows; when a batched call fails, each job's
+        call alone, so that only the job that cannot run fails."""
+        try:
+            outputs = self._call(group)
+        except Exception as error:
+            if len(group) == 1:
+                group[0].fail(error)
+                return
+            log.warning(
+                "a batched %s call of %d passes failed (%s); one by one", group[0].phase, len(group), error
+            )
+            for job in group:
+                self._run_group([job])
+            return
+        for job, rows in zip(group, _split(outputs, group), strict=True):
+            try:
+                self._take(job, rows)
+            except Exception as error:
+                job.fail(error)
+
+    def _call(self, group: list[_Job]) -> torch.Tensor:
+        """One model call for the whole group (the VAE encoder's moments, the step's noise
+        prediction, or the decoded images), every job's rows in order."""
+        phase = group[0].phase
+        deadlines = [job.deadline for job in group]
+        # The call serves every job: it may run until the latest deadline among them.
+        limit = None if None in deadlines else max(d for d in deadlines if d is not None)
+        with request_deadline_at(limit):
+            if phase == ENCODE:
+                outputs = self.engines.vae_moments(torch.cat([job.state.image for job in group]))
+            elif phase == DENOISE:
+                outputs = self.engines.predict_noise(*_batched_step(group))
+            else:
+                outputs = self.engines.vae_decode(torch.cat([job.state.latents for job in group]))
+        if self.on_call is not None:
+            self.on_call(phase, len(group), sum(job.rows for job in group))
+        return outputs
+
+    def _take(self, job: _Job, rows: torch.Tensor) -> None:
+        """The job's share of its group's call: its next phase."""
+        if job.phase == ENCODE:
+            job.state.begin(rows)
+            job.phase = DENOISE
+        elif job.phase == DENOISE:
+            job.state.advance(rows)
+            if job.state.done:
+                job.phase = DECODE
+        else:
+            job.image, job.phase = rows, DONE
+            job.finished.set()
+
+
+def _split(tensor: torch.Tensor, group: Sequence[_Job]) -> list[torch.Tensor]:
+    return list(torch.split(tensor, [job.rows for job in group]))
+
+
+def _batched_step(
+    group: list[_Job],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[ControlInput], list[Any] | None]:
+    """The group's next step as one call: each job's rows, in order, with their own timesteps,
+    ControlNet weights and adapters."""
+    inputs = [job.state.step_inputs() for job in group]
+    sample = torch.cat([i[0] for i in inputs])
+    timesteps = torch.cat([i[1] for i in inputs])
+    embeds = torch.cat([i[2] for i in inputs])
+    controls = []
+    for index, control in enumerate(inputs[0][3]):
+        images = torch.cat([i[3][index].image for i in inputs])
+        scales = torch.cat([i[3][index].scale_tensor(i[0]) for i in inputs])
+        controls.append(ControlInput(control.kind, images, scales))
+    any_adapter = any(i[4] for i in inputs)
+    adapters = [row for i in inputs for row in (i[4] or [None] * len(i[0]))] if any_adapter else None
+    return sample, timesteps, embeds, controls, adapters

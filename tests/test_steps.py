@@ -1,0 +1,164 @@
+"""The step engine: passes from several threads share batched model calls, each pass ends as it would
+alone, and a pass that stops or fails takes no other pass with it."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from easyphoto.diffusion.inpaint import InpaintPass, run_inpaint
+from easyphoto.diffusion.steps import StepEngine
+from easyphoto.engines.adapters import SampleAdapter
+from easyphoto.engines.backends.torch_backend import TorchBackend
+from easyphoto.engines.interface import ControlInput, Engines
+from easyphoto.engines.lora import LoraLayer, LoraWeights
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.rpc.deadline import request_deadline
+from easyphoto.rpc.errors import Cancelled, DeadlineExceeded
+
+
+@pytest.fixture(scope="module")
+def engines(tiny: ModelFamily) -> Engines:
+    return Engines(TorchBackend(tiny, "cpu"), tiny.tokenizer, float(tiny.vae.config.scaling_factor))
+
+
+def _adapter(engines: Engines, name: str, seed: int) -> SampleAdapter:
+    generator = torch.Generator().manual_seed(seed)
+    layers = [
+        LoraLayer(
+            target, module, torch.randn(4, *shape[1:], generator=generator) * 0.1,
+            torch.randn(shape[0], 4, *[1] * (len(shape) - 2), generator=generator) * 0.1, 4.0,
+        )
+        for target, modules in engines.backend.lora_targets().items()
+        for module, shape in modules.items()
+    ]  # fmt: skip
+    return SampleAdapter(engines.backend.adapter(name, lambda: LoraWeights(name, layers)), 0.8)
+
+
+def _pass(engines: Engines, seed: int, size: int = 64, **options: object) -> Callable[[], InpaintPass]:
+    """A pass with its own image, mask, controls and seed (fresh each call: a generator is state)."""
+
+    def make() -> InpaintPass:
+        generator = torch.Generator().manual_seed(seed)
+        image = torch.rand(1, 3, size, size, generator=generator) * 2 - 1
+        mask = torch.zeros(1, 1, size, size)
+        mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
+        embeds = engines.encode_prompts(["easyphoto_face", ""])
+        controls = [
+            ControlInput("canny", torch.rand(1, 3, size, size, generator=generator), 0.5 + seed / 10),
+            ControlInput("color", torch.rand(1, 3, size, size, generator=generator), 0.85),
+        ]
+        values: dict[str, object] = {"steps": 10, "strength": 0.5, "guidance_scale": 7.0, **options}
+        return InpaintPass(
+            image=image, mask=mask, prompt_embeds=embeds[:1], negative_prompt_embeds=embeds[1:],
+            controls=controls, generator=torch.Generator().manual_seed(100 + seed), **values,  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    return make
+
+
+def _together(
+    engine: StepEngine, makers: list[Callable[[], InpaintPass]]
+) -> list[torch.Tensor | BaseException]:
+    """Every pass started at once, each from its own thread (as concurrent requests)."""
+    results: list[torch.Tensor | BaseException] = [torch.empty(0)] * len(makers)
+    start = threading.Barrier(len(makers))
+
+    def run(index: int) -> None:
+        inpaint = makers[index]()
+        start.wait()
+        try:
+            results[index] = engine.run(inpaint)
+        except BaseException as error:
+            results[index] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(makers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a - b) / 2).pow(2).mean())  # images in [-1, 1]: a range of 2
+    return float("inf") if mse == 0 else -10 * torch.log10(torch.tensor(mse)).item()
+
+
+def test_concurrent_passes_of_different_users_share_calls_and_end_as_alone(
+    engines: Engines, tiny: ModelFamily
+) -> None:
+    users = [_adapter(engines, f"user{i}@v1", i) for i in range(3)]
+    makers = [_pass(engines, seed, adapter=users[seed % 3]) for seed in range(4)]
+    makers.append(_pass(engines, 4))  # and a pass with the base model
+    calls: list[tuple[str, int, int]] = []
+    engine = StepEngine(engines, tiny.scheduler_config, on_call=lambda *call: calls.append(call))
+    try:
+        together = _together(engine, makers)
+    finally:
+        engine.close()
+    alone = [run_inpaint(engines, make(), tiny.scheduler_config) for make in makers]
+    for index, (got, expected) in enumerate(zip(together, alone, strict=True)):
+        assert isinstance(got, torch.Tensor), got
+        # The issue asks 35 dB of the sequential twin; measured 53 dB and up: fp32 rounding, no drift.
+        assert _psnr(got, expected) > 45, (index, _psnr(got, expected))
+    steps = [call for call in calls if call[0] == "denoise"]
+    assert max(jobs for _, jobs, _ in steps) == 5 and max(rows for *_, rows in steps) == 10
+    assert len(steps) < 5 * 5  # 5 passes of 5 steps in fewer calls than one each
+    assert any(call[0] == "encode" and call[1] > 1 for call in calls)  # the VAE batches too
+
+
+def test_passes_that_cannot_share_a_call_still_all_run(engines: Engines, tiny: ModelFamily) -> None:
+    makers = [_pass(engines, 0, size=64), _pass(engines, 1, size=128), _pass(engines, 2, steps=6)]
+    calls: list[tuple[str, int, int]] = []
+    engine = StepEngine(engines, tiny.scheduler_config, on_call=lambda *call: calls.append(call))
+    try:
+        results = _together(engine, makers)
+    finally:
+        engine.close()
+    assert all(isinstance(result, torch.Tensor) for result in results), results
+    assert results[1].shape[-1] == 128  # type: ignore[union-attr]
+    assert all(jobs <= 2 for _, jobs, _ in calls)  # the 128 px pass never joins the 64 px ones
+
+
+def test_a_stopped_or_late_pass_fails_alone(engines: Engines, tiny: ModelFamily) -> None:
+    steps: list[int] = []
+
+    def cancel_after_two() -> None:
+        if len(steps) >= 2:
+            raise Cancelled("the client went away")
+
+    stopped = _pass(
+        engines, 0, on_step=lambda event: steps.append(event.step), raise_if_stopped=cancel_after_two
+    )
+    engine = StepEngine(engines, tiny.scheduler_config)
+    try:
+        results = _together(engine, [stopped, _pass(engines, 1)])
+        with request_deadline(0.0), pytest.raises(DeadlineExceeded):
+            engine.run(_pass(engines, 2)())  # its deadline, seen by the loop thread
+        assert isinstance(engine.run(_pass(engines, 3)()), torch.Tensor)  # the loop goes on
+    finally:
+        engine.close()
+    assert isinstance(results[0], Cancelled) and steps == [1, 2]
+    assert isinstance(results[1], torch.Tensor)
+
+
+def test_a_pass_whose_batched_call_fails_fails_alone(engines: Engines, tiny: ModelFamily) -> None:
+    def misshapen() -> InpaintPass:
+        inpaint = _pass(engines, 0)()
+        small = torch.rand(1, 3, 32, 32)  # a control image of the wrong size for its latents
+        inpaint.controls = [ControlInput("canny", small, 0.5), inpaint.controls[1]]
+        return inpaint
+
+    calls: list[tuple[str, int, int]] = []
+    engine = StepEngine(engines, tiny.scheduler_config, on_call=lambda *call: calls.append(call))
+    try:
+        results = _together(engine, [misshapen, _pass(engines, 1), _pass(engines, 2)])
+    finally:
+        engine.close()
+    assert isinstance(results[0], Exception) and not isinstance(results[0], torch.Tensor)
+    assert isinstance(results[1], torch.Tensor) and isinstance(results[2], torch.Tensor)
+    assert any(call[0] == "denoise" and call[1] == 2 for call in calls)  # the others still share
