@@ -25,6 +25,9 @@ def _serve(args: argparse.Namespace) -> int:
             export_dir=Path(args.export_dir),
             triton_shared_memory=args.triton_shared_memory,
             triton_cuda_device=args.triton_cuda_device,
+            max_running=args.max_running,
+            max_waiting=args.max_waiting,
+            adapter_cache_bytes=args.adapter_cache_mb << 20,
         )
     )
     return 0
@@ -241,6 +244,24 @@ def build_parser() -> argparse.ArgumentParser:
         " flag) or cuda (a GPU host; the gpu extra)",
     )
     serve.add_argument("--triton-cuda-device", type=int, default=0, help="Triton's GPU (cuda shared memory)")
+    serve.add_argument(
+        "--max-running",
+        type=int,
+        default=None,
+        help="requests run at once, their denoising steps batched together (default: 8 on CPU, 32 on a GPU)",
+    )
+    serve.add_argument(
+        "--max-waiting",
+        type=int,
+        default=8,
+        help="requests waiting beyond those; more get RESOURCE_EXHAUSTED",
+    )
+    serve.add_argument(
+        "--adapter-cache-mb",
+        type=int,
+        default=4096,
+        help="users' LoRA adapters kept hot on the serving device, least recently used out first",
+    )
     serve.set_defaults(run=_serve)
 
     generate = commands.add_parser(

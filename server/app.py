@@ -15,6 +15,8 @@ from pathlib import Path
 
 import grpc
 
+from easyphoto.diffusion.steps import StepEngine
+from easyphoto.engines.adapters import DEFAULT_CACHE_BYTES
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.models import FaceModelPaths, FaceModels
 from easyphoto.engines.interface import Engines
@@ -30,7 +32,7 @@ from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
 from .metrics import GeneratorMetrics
 from .pipeline import Orchestrator
-from .service import GeneratorService
+from .service import MAX_WAITING, GeneratorService
 
 log = logging.getLogger(__name__)
 # How long a stopping orchestrator lets requests in flight finish before cancelling them.
@@ -57,13 +59,19 @@ class ServerConfig:
     # `easyphoto serve` listens on 9464 (the usual exporter port); a library default binds nothing fixed.
     metrics_host: str = DEFAULT_HOST
     metrics_port: int | None = None
+    # Requests run at once (their steps batched; None: sized for the device) and waiting beyond.
+    max_running: int | None = None
+    max_waiting: int = MAX_WAITING
+    # Users' adapters kept hot on the serving device (torch backend), least recently used out first.
+    adapter_cache_bytes: int = DEFAULT_CACHE_BYTES
 
 
 class EngineHolder:
     """Loads the engines once, off the request path; requests before that get UNAVAILABLE."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, metrics: GeneratorMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self._orchestrator: Orchestrator | None = None
         self.model_family = ""
         self._error: Exception | None = None
@@ -79,7 +87,11 @@ class EngineHolder:
             raise ValueError(f"backend {self.config.backend!r} is unknown; use 'torch' or 'triton'")
         analyzer = face_models.analyzer(engines.backend)
         users = UserStore(self.config.data)
-        self._orchestrator = Orchestrator(engines, facts.scheduler_config, face_models, analyzer, users)
+        on_call = self.metrics.engine_call if self.metrics is not None else None
+        steps = StepEngine(engines, facts.scheduler_config, on_call=on_call)
+        self._orchestrator = Orchestrator(
+            engines, facts.scheduler_config, face_models, analyzer, users, steps
+        )
         self.model_family = facts.label
         backend = engines.backend
         log.info(
@@ -94,7 +106,12 @@ class EngineHolder:
     def _torch_engines(self, face_models: FaceModels) -> tuple[Engines, FamilyFacts]:
         """Every role in process, from the family's weights."""
         family = resolve_family(self.config.models)
-        backend = TorchBackend(family, device=self.config.device, faces=face_models)
+        backend = TorchBackend(
+            family,
+            device=self.config.device,
+            faces=face_models,
+            adapter_cache_bytes=self.config.adapter_cache_bytes,
+        )
         return Engines(backend, family.tokenizer, float(family.vae.config.scaling_factor)), FamilyFacts.of(
             family
         )
@@ -155,8 +172,10 @@ class EngineHolder:
         return self._orchestrator is not None and self._orchestrator.engines.backend.ready()
 
     def close(self) -> None:
-        """Releases the backend's connections (and Triton shared-memory regions)."""
+        """Stops the step engine, then releases the backend's connections (and Triton shared-memory
+        regions)."""
         if self._orchestrator is not None:
+            self._orchestrator.close()
             self._orchestrator.engines.backend.close()
 
     def get(self) -> Orchestrator:
@@ -194,13 +213,21 @@ class ServingService(generator_pb2_grpc.ServingServicer):
 
 
 def build_app(config: ServerConfig) -> tuple[GrpcApp, EngineHolder]:
-    holder = EngineHolder(config)
-    descriptor = generator_pb2.DESCRIPTOR
     metrics = Metrics(host=config.metrics_host, port=config.metrics_port)
+    generator_metrics = GeneratorMetrics(metrics.registry)
+    holder = EngineHolder(config, generator_metrics)
+    descriptor = generator_pb2.DESCRIPTOR
+    service = GeneratorService(
+        holder.get,
+        lambda: holder.model_family,
+        generator_metrics,
+        max_waiting=config.max_waiting,
+        max_running=config.max_running,
+    )
     app = GrpcApp(
         [
             Service(
-                GeneratorService(holder.get, lambda: holder.model_family, GeneratorMetrics(metrics.registry)),
+                service,
                 generator_pb2_grpc.add_GeneratorServicer_to_server,
                 descriptor.services_by_name["Generator"].full_name,
             ),

@@ -37,8 +37,26 @@ class GeneratorMetrics:
             buckets=STEP_RATE_BUCKETS,
             registry=registry,
         )
+        self.engine_calls = Counter(
+            "easyphoto_engine_calls_total",
+            "Batched model calls the step engine made, by phase (encode, denoise, decode).",
+            ["phase"],
+            registry=registry,
+        )
+        self.call_jobs = Histogram(
+            "easyphoto_engine_call_passes",
+            "Diffusion passes (of all requests) sharing one model call, by phase.",
+            ["phase"],
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+            registry=registry,
+        )
         self.images = Counter("easyphoto_images_generated_total", "Images generated.", registry=registry)
         self.faces = Counter("easyphoto_faces_painted_total", "Faces painted with a user.", registry=registry)
+
+    def engine_call(self, phase: str, passes: int, rows: int) -> None:
+        """One call of the step engine: ``passes`` passes' ``rows`` in one model evaluation."""
+        self.engine_calls.labels(phase).inc()
+        self.call_jobs.labels(phase).observe(passes)
 
     def step(self, stage: str) -> None:
         self.steps.labels(stage).inc()

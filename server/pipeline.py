@@ -24,8 +24,9 @@ import cv2
 import numpy as np
 import torch
 
-from easyphoto.diffusion.inpaint import InpaintPass, StepEvent, run_inpaint
+from easyphoto.diffusion.inpaint import InpaintPass, StepEvent
 from easyphoto.diffusion.passes import PassOptions
+from easyphoto.diffusion.steps import StepEngine
 from easyphoto.engines.adapters import Adapter, SampleAdapter
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
@@ -132,14 +133,21 @@ class Orchestrator:
         face_models: FaceModels,
         analyzer: FaceAnalyzer,
         users: UserStore,
+        steps: StepEngine | None = None,
     ) -> None:
         self.engines = engines
+        # Every pass of every request runs through one loop that batches their steps.
+        self.steps = steps or StepEngine(engines, scheduler_config)
         self.scheduler_config = scheduler_config
         self.face_models = face_models
         self.analyzer = analyzer
         self.users = users
         self._references: OrderedDict[tuple[str, int | None], _Reference] = OrderedDict()
         self._references_lock = threading.Lock()  # RefreshUser runs beside Generate
+
+    def close(self) -> None:
+        """Stops the step engine (passes still running fail)."""
+        self.steps.close()
 
     # ---- the request ----
 
@@ -428,7 +436,7 @@ class Orchestrator:
             raise_if_stopped=ctx.run.raise_if_stopped,
             adapter=ctx.adapter,
         )
-        out = from_model(run_inpaint(self.engines, inpaint, self.scheduler_config))
+        out = from_model(self.steps.run(inpaint))
         timings = ctx.run.timings
         timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
         return out

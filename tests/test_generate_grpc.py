@@ -180,7 +180,7 @@ def test_engine_calls_get_the_requests_deadline() -> None:
 
 def test_waiting_requests_leave_at_their_deadline_and_a_full_line_is_refused() -> None:
     orchestrator = _BlockingOrchestrator()
-    service = GeneratorService(lambda: orchestrator, lambda: "fake", max_waiting=1)  # type: ignore[arg-type, return-value]
+    service = GeneratorService(lambda: orchestrator, lambda: "fake", max_waiting=1, max_running=1)  # type: ignore[arg-type, return-value]
     app = _serve(service)
     request = _request(sample_photo("astronaut"), [])
     try:
@@ -206,3 +206,86 @@ def test_waiting_requests_leave_at_their_deadline_and_a_full_line_is_refused() -
     finally:
         orchestrator.release.set()
         app.stop(0)
+
+
+class _CountingOrchestrator(_BlockingOrchestrator):
+    """Counts the generations running at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def generate(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def test_several_requests_run_at_once_up_to_max_running() -> None:
+    orchestrator = _CountingOrchestrator()
+    service = GeneratorService(lambda: orchestrator, lambda: "fake", max_waiting=4, max_running=2)  # type: ignore[arg-type, return-value]
+    app = _serve(service)
+    request = _request(sample_photo("astronaut"), [])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = generator_pb2_grpc.GeneratorStub(channel)
+            calls = [stub.Generate.future(request, timeout=60) for _ in range(3)]
+            deadline = time.monotonic() + 10
+            while (
+                orchestrator.running < 2 or service._admission.waiting < 1
+            ) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert orchestrator.running == 2 and service._admission.waiting == 1  # the third waits
+            orchestrator.release.set()
+            assert all(len(call.result(timeout=30).images) == 1 for call in calls)
+    finally:
+        orchestrator.release.set()
+        app.stop(0)
+    assert orchestrator.most == 2
+
+
+def test_concurrent_generates_share_engine_calls_and_equal_their_runs_alone(alice_data) -> None:  # type: ignore[no-untyped-def]
+    import urllib.request
+
+    from easyphoto.server.app import ServerConfig, build_app
+
+    app, holder = build_app(ServerConfig(port=0, models="tiny", data=alice_data, metrics_port=0))
+    app.start()
+    try:
+        holder.load()
+        app.set_serving(True)
+        requests = [_request(sample_photo("astronaut"), ["alice"]) for _ in range(3)]
+        for seed, request in enumerate(requests):
+            request.seed = seed
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = generator_pb2_grpc.GeneratorStub(channel)
+            together = [stub.Generate.future(request, timeout=120) for request in requests]
+            together_images = [_pixels(call.result(timeout=120)) for call in together]
+            with urllib.request.urlopen(f"http://127.0.0.1:{app.http.port}/metrics", timeout=5) as reply:  # type: ignore[union-attr]
+                metrics = reply.read().decode()
+            alone = [_pixels(stub.Generate(request, timeout=120)) for request in requests]
+    finally:
+        app.stop(0)
+        holder.close()
+    shared = _metric(metrics, 'easyphoto_engine_call_passes_bucket{le="1.0",phase="denoise"}')
+    calls = _metric(metrics, 'easyphoto_engine_call_passes_count{phase="denoise"}')
+    assert calls > shared  # some denoising calls carried steps of more than one request
+    for got, expected in zip(together_images, alone, strict=True):
+        mse = float(np.mean((got.astype(float) - expected.astype(float)) ** 2))
+        assert mse == 0 or 10 * np.log10(255**2 / mse) > 35  # the issue's bar for a batched twin
+
+
+def _pixels(response: generator_pb2.GenerateResponse) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(response.images[0].png)).convert("RGB"))
+
+
+def _metric(text: str, name: str) -> float:
+    line = next(line for line in text.splitlines() if line.startswith(name))
+    return float(line.rsplit(" ", 1)[1])

@@ -38,11 +38,19 @@ class RecordingEngines(Engines):
         self.loras: list[tuple[str, float] | None] = []
 
     def predict_noise(self, sample, timestep, encoder_hidden_states, controls, adapters=None):  # type: ignore[no-untyped-def]
-        self.calls.append({c.kind: c.scale for c in controls})
+        self.calls.append({c.kind: _one_weight(c.scale) for c in controls})
         keys = {row.key for row in adapters or () if row is not None}
         assert len(keys) <= 1, keys  # one request: one user's adapter on every row
         self.loras.append(keys.pop() if keys else None)
         return super().predict_noise(sample, timestep, encoder_hidden_states, controls, adapters)
+
+
+def _one_weight(scale: float | torch.Tensor) -> float:
+    """A control's weight: the step engine gives one per row, all the same for one request."""
+    if isinstance(scale, float):
+        return scale
+    assert torch.all(scale == scale[0]), scale
+    return round(float(scale[0]), 6)
 
 
 def _publish(root: Path, user_id: str, face: np.ndarray, version: int = 1) -> None:

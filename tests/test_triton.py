@@ -421,3 +421,47 @@ def test_an_interrupted_server_install_is_replaced_whole(
     assert (install.server / "backends" / "python" / "triton_python_backend_stub").read_text() == "stub"
     assert (install.server / "caches" / "local" / "libtritoncache.so").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["server", "venv"]  # no partial copy left
+
+
+def test_a_region_triton_still_holds_is_let_go_once_it_lets_go(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing right after the last call: Triton refuses to unregister for a moment ("in use")."""
+    from easyphoto.engines.backends import shared_memory
+    from easyphoto.engines.backends.shared_memory import SharedInputs
+
+    class BusyRegions:
+        kind = "system"
+
+        def __init__(
+            self, busy: int, error: str = "Cannot unregister region: it is currently in use"
+        ) -> None:
+            self.busy, self.error, self.destroyed = busy, error, 0
+
+        def create(self, name: str, size: int) -> object:
+            return name
+
+        def register(self, name: str, handle: object, size: int) -> None:
+            """Nothing to register here."""
+
+        def unregister(self, name: str) -> None:
+            if self.busy:
+                self.busy -= 1
+                raise RuntimeError(self.error)
+
+        def write(self, handle: object, array: np.ndarray) -> None:
+            """Nothing to write here."""
+
+        def destroy(self, handle: object) -> None:
+            self.destroyed += 1
+
+    monkeypatch.setattr(shared_memory, "UNREGISTER_WAIT_SECONDS", 0.001)
+    source = torch.zeros(4)
+    regions = BusyRegions(busy=3)
+    shared = SharedInputs(regions, "test")  # type: ignore[arg-type]
+    shared.place("unet-sample", source, source.numpy())
+    shared.close()
+    assert regions.busy == 0 and regions.destroyed == 1
+    broken = BusyRegions(busy=1, error="no such region")
+    shared = SharedInputs(broken, "test")  # type: ignore[arg-type]
+    shared.place("unet-sample", source, source.numpy())
+    with pytest.raises(RuntimeError, match="no such region"):  # any other error is not waited out
+        shared.close()

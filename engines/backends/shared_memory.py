@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,10 @@ SharedRegions = SystemRegions | CudaRegions
 SHARED_MEMORY_KINDS = ("none", "system", "cuda")
 
 
+UNREGISTER_ATTEMPTS = 20
+UNREGISTER_WAIT_SECONDS = 0.05
+
+
 class SharedInputs:
     """One shared memory region per (role, input), registered with Triton once and reused.
 
@@ -135,8 +140,20 @@ class SharedInputs:
     def _drop(self, key: str) -> None:
         handle, _ = self._held.pop(key)
         self._sources.pop(key, None)
-        self.regions.unregister(self._name(key))
+        self._unregister(self._name(key))
         self.regions.destroy(handle)
+
+    def _unregister(self, name: str) -> None:
+        """Triton lets go of a region a moment after the response of the last call that read it
+        (it refuses with "currently in use" until then): asked again for up to a second."""
+        for attempt in range(UNREGISTER_ATTEMPTS):
+            try:
+                self.regions.unregister(name)
+                return
+            except Exception as error:
+                if "in use" not in str(error) or attempt == UNREGISTER_ATTEMPTS - 1:
+                    raise
+                time.sleep(UNREGISTER_WAIT_SECONDS)
 
     def _name(self, key: str) -> str:
         """The region's name, in Triton and in /dev/shm: unique to this backend and input."""
