@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -35,6 +35,7 @@ from easyphoto.engines.roles.manifest import EngineManifest
 from easyphoto.engines.shapes import ProfilePoint
 
 from .onnx_check import GraphCheck, GraphTolerance, check_graphs
+from .refit import lora_weight_names
 from .tensorrt_plan import plan_role, write_plans
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ class ExportResult:
     skipped: bool
     fp16_path: Path | None = None
     fp16_rel_diff: float = 0.0
+    # LoRA file module name -> ONNX initializer (and TensorRT weight) name, for refit.
+    lora_weights: dict[str, str] = field(default_factory=dict)
 
 
 def weights_hash(module: nn.Module) -> str:
@@ -89,7 +92,14 @@ def export_key(description: RoleDescription, module: nn.Module) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def export_role(description: RoleDescription, out_dir: Path, force: bool = False) -> ExportResult:
+def export_role(
+    description: RoleDescription,
+    out_dir: Path,
+    force: bool = False,
+    lora_roots: dict[str, nn.Module] | None = None,
+) -> ExportResult:
+    """The role's graph(s) and ``export.json``; with ``lora_roots`` (the family's UNet and text
+    encoder) the map of its LoRA-targeted layers to their weights, for refit."""
     module = description.build_module()
     if not isinstance(module, nn.Module):
         raise TypeError(f"{description.name} is not a torch module and has no ONNX export")
@@ -111,6 +121,7 @@ def export_role(description: RoleDescription, out_dir: Path, force: bool = False
                 skipped=True,
                 fp16_path=role_dir / FP16_FILE if fp16 else None,
                 fp16_rel_diff=fp16["difference"] if fp16 else 0.0,
+                lora_weights=meta.get("lora_weights", {}),
             )
     started = time.perf_counter()
     role_dir.mkdir(parents=True, exist_ok=True)
@@ -136,6 +147,14 @@ def export_role(description: RoleDescription, out_dir: Path, force: bool = False
     diff = max(checks[point].difference for point in POINTS)
     ok = all(check.passed for check in checks.values())
     fp16 = checks.get("fp16")
+    lora_weights, shared = lora_weight_names(description, module, lora_roots or {}, initializer_names(path))
+    if shared:
+        log.warning(
+            "%s: %d LoRA-targeted layers share their weight with another (not refittable alone): %s",
+            description.name,
+            len(shared),
+            shared[:3],
+        )
     meta_path.write_text(
         json.dumps(
             {
@@ -150,6 +169,8 @@ def export_role(description: RoleDescription, out_dir: Path, force: bool = False
                 },
                 "description": description.manifest(),
                 "parameters": parameters,
+                "lora_weights": lora_weights,
+                "lora_weights_shared": shared,
             },
             indent=2,
         )
@@ -164,6 +185,7 @@ def export_role(description: RoleDescription, out_dir: Path, force: bool = False
         False,
         fp16.graph if fp16 else None,
         fp16.difference if fp16 else 0.0,
+        lora_weights,
     )
 
 
@@ -244,9 +266,15 @@ def export_all(
         if not isinstance(module, nn.Module):
             log.info("skipping %s: not a torch module (served by its own runtime)", description.name)
             continue
-        results.append(export_role(description, out_dir, force))
+        roots = {"unet": family.unet, "text_encoder": family.text_encoder}
+        results.append(export_role(description, out_dir, force, roots))
     plans = [
-        plan_role(roles[r.role], str(r.path.relative_to(out_dir)), tuple(sorted(initializer_names(r.path))))
+        plan_role(
+            roles[r.role],
+            str(r.path.relative_to(out_dir)),
+            tuple(sorted(initializer_names(r.path))),
+            lora_weights=r.lora_weights,
+        )
         for r in results
     ]
     write_plans(plans, out_dir)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ class BuildPlan:
     timing_cache: str
     # ONNX initializer names the refitter will address (the PyTorch parameter names).
     weights: tuple[str, ...] = ()
+    # Each LoRA-targeted layer (as LoRA files name it) -> the weight a LoRA refit writes.
+    lora_weights: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)
@@ -66,6 +68,7 @@ def plan_role(
     weights: tuple[str, ...] = (),
     fp16: bool = True,
     workspace_bytes: int = DEFAULT_WORKSPACE,
+    lora_weights: dict[str, str] | None = None,
 ) -> BuildPlan:
     """The build plan of one exported role (fp16 only where the role allows it)."""
     return BuildPlan(
@@ -78,6 +81,7 @@ def plan_role(
         workspace_bytes=workspace_bytes,
         timing_cache=TIMING_CACHE,
         weights=weights,
+        lora_weights=dict(lora_weights or {}),
     )
 
 
