@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 from weakref import WeakKeyDictionary
 
+import numpy as np
 import torch
 from torch import nn
 
 from easyphoto.rpc.errors import InvalidArgument
 
 from .lora import LoraTargets, LoraWeights, check_fits, submodule
+from .roles.lora_feed import Factors
 
 # A gibibyte of factors: a rank-128 SD 1.5 LoRA (75 M parameters) is 150 MB in fp16, 300 MB in fp32.
 DEFAULT_CACHE_BYTES = 4 << 30
@@ -181,7 +183,7 @@ class AdapterHooks:
                 if factors is None or group.sample.weight == 0:
                     continue
                 x = args[0] if group.rows is None else args[0].index_select(0, group.rows)
-                update = _low_rank(x, factors, conv) * group.sample.weight
+                update = low_rank_update(x, factors.down, factors.up, conv) * group.sample.weight
                 if group.rows is None:
                     output.add_(update)
                 else:
@@ -203,6 +205,20 @@ def adapter_from_lora(
     return Adapter.from_lora(name, lora, device, dtype)
 
 
+def adapter_factors(adapter: Adapter, target: str, layers: Sequence[str]) -> Factors:
+    """The adapter's factors for one target in a graph's layer order, as numpy (what a graph with
+    LoRA inputs is fed from: :func:`engines.roles.lora_feed.lora_feed`)."""
+    factors: Factors = []
+    for layer in layers:
+        pair = adapter.layers.get((target, layer))
+        factors.append(None if pair is None else (_numpy(pair.down), _numpy(pair.up)))
+    return factors
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float32).numpy()
+
+
 def _groups(adapters: AdapterRows, device: torch.device) -> tuple[_Group, ...]:
     rows: dict[tuple[int, float], list[int]] = {}
     samples: dict[tuple[int, float], SampleAdapter] = {}
@@ -219,9 +235,18 @@ def _groups(adapters: AdapterRows, device: torch.device) -> tuple[_Group, ...]:
     )
 
 
-def _low_rank(x: torch.Tensor, factors: AdapterLayer, conv: bool) -> torch.Tensor:
-    """``up @ down @ x`` for a Linear layer's input (..., in) or a 1x1 conv's (B, in, H, W)."""
+def low_rank_update(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, conv: bool) -> torch.Tensor:
+    """``up @ down @ x`` for a Linear layer's input ``(B, ..., in)`` or a 1x1 conv's ``(B, in, H, W)``,
+    with one pair of factors for every row (``down (rank, in)``, ``up (out, rank)``) or a pair per
+    row (``(B, rank, in)``, ``(B, out, rank)``, the graphs with LoRA inputs). Batched matmuls only,
+    so the same code runs in PyTorch and exports to ONNX and TensorRT."""
+    batch = x.shape[0]
     if conv:
-        hidden = torch.einsum("bchw,rc->brhw", x, factors.down)
-        return torch.einsum("brhw,or->bohw", hidden, factors.up)
-    return (x @ factors.down.T) @ factors.up.T
+        flat = x.flatten(2)  # (B, in, H*W)
+        update = up @ (down @ flat)
+        return update.reshape(batch, update.shape[1], *x.shape[2:])
+    if down.dim() == 2:
+        return (x @ down.T) @ up.T
+    rows = x.reshape(batch, -1, x.shape[-1])  # (B, T, in)
+    update = (rows @ down.transpose(-1, -2)) @ up.transpose(-1, -2)
+    return update.reshape(*x.shape[:-1], update.shape[-1])
