@@ -28,6 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_running=args.max_running,
             max_waiting=args.max_waiting,
             adapter_cache_bytes=args.adapter_cache_mb << 20,
+            adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
         )
     )
     return 0
@@ -195,7 +196,7 @@ def _export(args: argparse.Namespace) -> int:
         catalogue = catalogue.only(args.roles.split(","))
     roles = catalogue.roles
     out = Path(args.out)
-    results = export_all(catalogue, out, family, force=args.force)
+    results = export_all(catalogue, out, family, force=args.force, lora_graphs=not args.no_lora_graphs)
     for result in results:
         state = "unchanged" if result.skipped else f"{result.seconds:.1f}s"
         verdict = "ok" if result.ok else "MISMATCH"
@@ -211,8 +212,10 @@ def _export(args: argparse.Namespace) -> int:
             print(f"built {engine}")
     if args.triton:
         from easyphoto.export.triton_repository import write_repository
+        from easyphoto.users.store import default_data_root
 
-        models = write_repository(out, roles, Path(args.triton), target=args.target)
+        adapter_dir = Path(args.adapter_dir) if args.adapter_dir else default_data_root() / "adapters"
+        models = write_repository(out, roles, Path(args.triton), target=args.target, adapter_dir=adapter_dir)
         print(f"wrote {len(models)} {args.target} models into {args.triton}")
     return 0 if all(r.ok for r in results) else 1
 
@@ -255,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=8,
         help="requests waiting beyond those; more get RESOURCE_EXHAUSTED",
+    )
+    serve.add_argument(
+        "--adapter-dir",
+        default="",
+        help="--backend triton: where Triton's models read users' adapters, which this server writes"
+        " (default: DATA/adapters; export --triton --adapter-dir must name the same folder)",
     )
     serve.add_argument(
         "--adapter-cache-mb",
@@ -322,6 +331,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--triton", default="", metavar="DIR", help="write a Triton model repository there")
     export.add_argument(
         "--target", choices=["cpu", "gpu"], default="cpu", help="python+onnxruntime or TensorRT"
+    )
+    export.add_argument(
+        "--adapter-dir",
+        default="",
+        help="where the repository's models read users' adapters, which serve --backend triton writes"
+        " (default: $EASYPHOTO_DATA/adapters, serve's default)",
+    )
+    export.add_argument(
+        "--no-lora-graphs",
+        action="store_true",
+        help="leave out the graphs with LoRA inputs (no users on Triton)",
     )
     export.set_defaults(run=_export)
 

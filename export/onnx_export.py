@@ -28,9 +28,11 @@ import onnx
 import torch
 from torch import nn
 
+from easyphoto.engines.lora import LoraTargets, lora_targets
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.roles.catalogue import RoleCatalogue
 from easyphoto.engines.roles.description import RoleDescription
+from easyphoto.engines.roles.lora_inputs import describe_with_lora, lora_layers
 from easyphoto.engines.roles.manifest import EngineManifest
 from easyphoto.engines.shapes import ProfilePoint
 
@@ -48,6 +50,7 @@ FP16_FILE = "model.fp16.onnx"
 FP16_TOLERANCE = 2e-2
 FP32_SCOPE = "/time_proj/"  # the nodes of diffusers' Timesteps module (UNet, ControlNet)
 META_FILE = "export.json"
+LORA_SPEC = "lora.json"  # beside a graph with LoRA inputs
 # Per-role tolerance of onnxruntime against PyTorch (fp32, CPU): max |difference| over outputs.
 TOLERANCES = {"default": 1e-4, "vae_decoder": 5e-4, "vae_encoder": 5e-4}
 # At the tiny family's min point the UNet's and ControlNets' mid block is 1x1, so its GroupNorm
@@ -254,20 +257,29 @@ def initializer_names(path: Path) -> set[str]:
 
 
 def export_all(
-    catalogue: RoleCatalogue, out_dir: Path, family: ModelFamily, force: bool = False
+    catalogue: RoleCatalogue,
+    out_dir: Path,
+    family: ModelFamily,
+    force: bool = False,
+    lora_graphs: bool = True,
 ) -> list[ExportResult]:
-    """Every role of the catalogue that is a torch module; writes ``plans.json`` (the TensorRT build
-    plans) and the engine manifest (``manifest.json`` with the tokenizer: what serving needs to call
-    the roles without their weights)."""
+    """Every role of the catalogue that is a torch module, and with ``lora_graphs`` the variant with
+    LoRA inputs (``<role>_lora``, and its ``lora.json``) of each role that takes a LoRA; writes
+    ``plans.json`` (the TensorRT build plans of the roles) and the engine manifest (``manifest.json``
+    with the tokenizer: what serving needs to call the roles without their weights)."""
     roles = catalogue.roles
-    results = []
+    roots = {"unet": family.unet, "text_encoder": family.text_encoder}
+    results, variants = [], {}
     for description in roles.values():
         module = description.build_module()
         if not isinstance(module, nn.Module):
             log.info("skipping %s: not a torch module (served by its own runtime)", description.name)
             continue
-        roots = {"unet": family.unet, "text_encoder": family.text_encoder}
         results.append(export_role(description, out_dir, force, roots))
+        if lora_graphs and description.lora_target is not None:
+            variant = describe_with_lora(description, family)
+            variants[description.name] = export_role(variant, out_dir, force)
+            _write_lora_spec(out_dir / variant.name, description.lora_target, lora_targets(roots))
     plans = [
         plan_role(
             roles[r.role],
@@ -283,8 +295,17 @@ def export_all(
         r.role: {
             "onnx": str(r.path.relative_to(out_dir)),
             "onnx_fp16": str(r.fp16_path.relative_to(out_dir)) if r.fp16_path else None,
+            "onnx_lora": str(variants[r.role].path.relative_to(out_dir)) if r.role in variants else None,
         }
         for r in results
     }
     manifest.write(out_dir, family.tokenizer)
-    return results
+    return [*results, *variants.values()]
+
+
+def _write_lora_spec(folder: Path, target: str, targets: LoraTargets) -> None:
+    """``lora.json`` beside a graph with LoRA inputs: its target, the layers its factor inputs
+    follow and their weights' (out, in), for whatever feeds it factors (the Triton model)."""
+    layers = lora_layers(targets, target)
+    shapes = [list(targets[target][layer][:2]) for layer in layers]
+    (folder / LORA_SPEC).write_text(json.dumps({"target": target, "layers": layers, "shapes": shapes}))

@@ -20,20 +20,30 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Collection
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+from easyphoto.engines.backends.triton_backend import ADAPTER_INPUTS
 from easyphoto.engines.faces.models import DlibEmbedder
 from easyphoto.engines.roles.description import RoleDescription
+from easyphoto.engines.roles.lora_inputs import lora_role_name
 from easyphoto.engines.shapes import DTYPES, TensorSpec
 
+from .onnx_export import LORA_SPEC
 from .tensorrt_plan import read_plans
 
 log = logging.getLogger(__name__)
 
 Target = Literal["cpu", "gpu"]
+# A row's user adapter (its name, user@vN; "" for none) and weight, each [1] per sample: optional, so
+# a call without them is the base model.
+ADAPTER_INPUT, ADAPTER_WEIGHT_INPUT = (
+    f'  {{\n    name: "{name}"\n    data_type: {datatype}\n    dims: [ 1 ]\n    optional: true\n  }}'
+    for name, datatype in zip(ADAPTER_INPUTS, ("TYPE_STRING", "TYPE_FP32"), strict=True)
+)
 
 
 @dataclass(frozen=True)
@@ -53,20 +63,28 @@ def _tensor(description: RoleDescription, spec: TensorSpec) -> str:
 
 
 def config_pbtxt(
-    description: RoleDescription, target: Target, settings: ServingSettings, python: bool = False
+    description: RoleDescription,
+    target: Target,
+    settings: ServingSettings,
+    python: bool = False,
+    adapter_dir: Path | None = None,
 ) -> str:
     """The model configuration of one role, in Triton's protobuf text format (``python``: a
-    python-backend model on CPU instances whatever the target)."""
+    python-backend model on CPU instances whatever the target; ``adapter_dir``: it serves users'
+    adapters too, from that folder, through the optional ``adapter`` and ``adapter_weight`` inputs)."""
     batched = description.batched
     max_batch = description.axes["batch"].max if batched else 0
     engine = target == "gpu" and not python
     runtime = 'platform: "tensorrt_plan"' if engine else 'backend: "python"'
     kind = "KIND_GPU" if engine else "KIND_CPU"
+    inputs = [_tensor(description, s) for s in description.inputs]
+    if adapter_dir is not None:
+        inputs += [ADAPTER_INPUT, ADAPTER_WEIGHT_INPUT]
     lines = [
         f'name: "{description.name}"',
         runtime,
         f"max_batch_size: {max_batch}",
-        "input [\n" + ",\n".join(_tensor(description, s) for s in description.inputs) + "\n]",
+        "input [\n" + ",\n".join(inputs) + "\n]",
         "output [\n" + ",\n".join(_tensor(description, s) for s in description.outputs) + "\n]",
         f"instance_group [ {{ count: {settings.instances} kind: {kind} }} ]",
         "version_policy: { latest: { num_versions: 1 } }",
@@ -75,6 +93,8 @@ def config_pbtxt(
         lines.append(
             f"dynamic_batching {{ max_queue_delay_microseconds: {settings.max_queue_delay_microseconds} }}"
         )
+    if adapter_dir is not None:
+        lines.append(f'parameters: {{ key: "adapter_dir" value: {{ string_value: "{adapter_dir}" }} }}')
     return "\n".join(lines) + "\n"
 
 
@@ -116,16 +136,32 @@ def write_repository(
     repository: Path,
     target: Target = "cpu",
     settings: ServingSettings | None = None,
+    adapter_dir: Path | None = None,
+    only: Collection[str] | None = None,
 ) -> list[str]:
     """Writes one model per role in ``export_dir/plans.json``, and dlib's embedder when it is among
     ``roles``; returns the model names. The gpu target needs the engines built first
-    (``build_all``); the cpu target serves the ONNX graphs."""
+    (``build_all``); the cpu target serves the ONNX graphs, and with ``adapter_dir`` each role's
+    graph with LoRA inputs too (users' adapters from that folder, which the orchestrator fills).
+    ``only``: just these roles."""
     settings = settings or ServingSettings()
     written = []
     for plan in read_plans(export_dir):
+        if only is not None and plan.role not in only:
+            continue
         description = roles[plan.role]
         version_dir = _version_dir(repository, plan.role, settings)
-        (repository / plan.role / "config.pbtxt").write_text(config_pbtxt(description, target, settings))
+        lora = export_dir / lora_role_name(plan.role)
+        serves_adapters = target == "cpu" and adapter_dir is not None and (lora / "model.onnx").is_file()
+        config = config_pbtxt(
+            description, target, settings, adapter_dir=adapter_dir if serves_adapters else None
+        )
+        (repository / plan.role / "config.pbtxt").write_text(config)
+        if serves_adapters:
+            shutil.copyfile(lora / "model.onnx", version_dir / "model.lora.onnx")
+            shutil.copyfile(lora / LORA_SPEC, version_dir / LORA_SPEC)
+            feed = resources.files("easyphoto.engines.roles").joinpath("lora_feed.py")
+            (version_dir / "lora_feed.py").write_text(feed.read_text())
         if target == "gpu":
             engine = export_dir / plan.engine
             if not engine.is_file():
@@ -137,7 +173,9 @@ def write_repository(
             shutil.copyfile(export_dir / plan.onnx, version_dir / "model.onnx")
             (version_dir / "model.py").write_text(python_model_source())
         written.append(plan.role)
-    for description in (d for d in roles.values() if d.name not in written):
+    for description in (
+        d for d in roles.values() if d.name not in written and (only is None or d.name in only)
+    ):
         module = description.build_module()
         if isinstance(module, DlibEmbedder):
             written.append(write_dlib_embedder(description, module.resnet_path, repository, target, settings))

@@ -64,6 +64,9 @@ class ServerConfig:
     max_waiting: int = MAX_WAITING
     # Users' adapters kept hot on the serving device (torch backend), least recently used out first.
     adapter_cache_bytes: int = DEFAULT_CACHE_BYTES
+    # Where Triton's models read users' adapters (the orchestrator writes each one there on first
+    # use); None: <data>/adapters. The repository must be written with the same folder.
+    adapter_dir: Path | None = None
 
 
 class EngineHolder:
@@ -145,6 +148,7 @@ class EngineHolder:
             shared_memory=self.config.triton_shared_memory,
             cuda_device=self.config.triton_cuda_device,
             lora_targets=manifest.lora_targets,
+            adapter_dir=self.config.adapter_dir or UserStore(self.config.data).adapter_dir,
         )
         if not backend.ready():
             backend.close()

@@ -100,9 +100,6 @@ class _Reference:
     embedding: np.ndarray
     lora_file: Path | None  # None: published without a LoRA (paints with the base model)
 
-    @property
-    def adapter_name(self) -> str:
-        return f"{self.artifacts.user_id}@v{self.artifacts.version}"
 
 
 @dataclass
@@ -268,7 +265,7 @@ class Orchestrator:
         artifacts = reference.artifacts
         try:
             return self.engines.backend.adapter(
-                reference.adapter_name, lambda: load_lora(path, self.engines.backend.lora_targets())
+                artifacts.adapter_name, lambda: load_lora(path, self.engines.backend.lora_targets())
             )
         except InvalidArgument as error:  # the user's adapter, not the request, is what is wrong
             raise InvalidArgument(

@@ -212,8 +212,12 @@ def test_version_numbers_are_never_reused_after_a_delete(tmp_path: Path) -> None
         (folder / LORA_FILE).write_bytes(b"weights")
 
     assert users.publish("ann", write, {}) == 1
+    users.adapter_dir.mkdir()
+    for name in ("ann@v1.unet.npz", "ann@v1.text_encoder.npz", "anna@v1.unet.npz"):
+        (users.adapter_dir / name).write_bytes(b"factors")  # what serving derived from the LoRA
     users.delete("ann")
     assert users.user_ids() == []
+    assert [p.name for p in users.adapter_dir.iterdir()] == ["anna@v1.unet.npz"]  # ann's factors went too
     assert users.publish("ann", write, {}) == 2
     meta = json.loads((users.user_dir("ann") / "v2" / "meta.json").read_text())
     assert meta["lora_sha256"] == sha256_file(users.user_dir("ann") / "v2" / LORA_FILE)

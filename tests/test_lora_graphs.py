@@ -67,3 +67,20 @@ def test_a_lora_graph_exports_and_matches_pytorch(tiny: ModelFamily, tmp_path: P
     result = export_role(description, tmp_path)
     assert result.ok, (result.max_abs_diff, result.fp16_rel_diff)
     assert result.path.name == "model.onnx" and result.path.parent.name == "unet_lora"
+
+
+def test_export_writes_each_lora_graph_with_what_feeds_it(tiny: ModelFamily, tmp_path: Path) -> None:
+    import json
+
+    from easyphoto.engines.roles.catalogue import RoleCatalogue
+    from easyphoto.export.onnx_export import export_all
+
+    text_encoder = describe_roles(tiny)["text_encoder"]
+    results = export_all(RoleCatalogue({"text_encoder": text_encoder}), tmp_path, tiny)
+    assert [r.role for r in results] == ["text_encoder", "text_encoder_lora"] and all(r.ok for r in results)
+    spec = json.loads((tmp_path / "text_encoder_lora" / "lora.json").read_text())
+    targets = TorchBackend(tiny, "cpu").lora_targets()["text_encoder"]
+    assert spec["target"] == "text_encoder" and spec["layers"] == sorted(targets)
+    assert spec["shapes"] == [list(targets[layer][:2]) for layer in spec["layers"]]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["roles"]["text_encoder"]["onnx_lora"] == "text_encoder_lora/model.onnx"

@@ -10,6 +10,7 @@ import shutil
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from easyphoto.engines.backends.triton_backend import TritonBackend
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels, default_face_models
 from easyphoto.engines.interface import Engines
+from easyphoto.engines.lora import LoraLayer, LoraWeights, lora_targets, save_lora
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.roles.catalogue import RoleCatalogue
 from easyphoto.engines.roles.description import RoleDescription
@@ -68,13 +70,18 @@ def export_dir(
     face_models: FaceModels,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Path:
-    """The tiny family exported (with its manifest) and written as a CPU Triton repository beside it."""
+    """The tiny family exported (with its manifest and graphs with LoRA inputs) and written as a CPU
+    Triton repository beside it, whose models read users' adapters from ``adapters/`` beside it."""
     root = tmp_path_factory.mktemp("triton")
     catalogue = RoleCatalogue(describe_roles(tiny), _stages(tiny), face_models.roles)
     exported = export_all(catalogue, root / "export", tiny)
     assert all(result.ok for result in exported), [(r.role, r.max_abs_diff) for r in exported if not r.ok]
-    write_repository(root / "export", catalogue.roles, root / "repository")
+    write_repository(root / "export", catalogue.roles, root / "repository", adapter_dir=root / "adapters")
     return root / "export"
+
+
+def _adapter_dir(export_dir: Path) -> Path:
+    return export_dir.parent / "adapters"
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +100,15 @@ def _stages(tiny: ModelFamily) -> dict[str, RoleDescription]:
 
 
 @pytest.fixture(scope="module")
-def triton_backend(server: TritonServer, tiny: ModelFamily, face_models: FaceModels) -> TritonBackend:
+def triton_backend(
+    server: TritonServer, export_dir: Path, tiny: ModelFamily, face_models: FaceModels
+) -> TritonBackend:
     served = {**describe_roles(tiny), **face_models.roles, **_stages(tiny)}
-    return TritonBackend(server.grpc_url, served, fallback=TorchBackend(None, "cpu", faces=face_models))
+    fallback = TorchBackend(None, "cpu", faces=face_models)
+    targets = lora_targets({"unet": tiny.unet, "text_encoder": tiny.text_encoder})
+    return TritonBackend(
+        server.grpc_url, served, fallback=fallback, lora_targets=targets, adapter_dir=_adapter_dir(export_dir)
+    )
 
 
 def test_every_role_through_triton_equals_the_torch_backend(
@@ -117,21 +130,39 @@ def test_every_role_through_triton_equals_the_torch_backend(
                 assert diff <= tolerance * scale, (name, point, output, diff, scale)
 
 
-def _publish_user(root: Path, faces: FaceAnalyzer, user_id: str = "amy") -> None:
-    """A user without a LoRA file (the triton backend has no refit yet): face-id and reference images."""
+def _random_lora(tiny: ModelFamily, seed: int) -> LoraWeights:
+    """A rank-4 LoRA on every targeted layer, its updates about a tenth of the weights."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = lora_targets({"unet": tiny.unet, "text_encoder": tiny.text_encoder})
+    layers = [
+        LoraLayer(
+            target, module, torch.randn(4, *shape[1:], generator=generator) * 0.1,
+            torch.randn(shape[0], 4, *[1] * (len(shape) - 2), generator=generator) * 0.1, 4.0,
+        )
+        for target, modules in targets.items()
+        for module, shape in modules.items()
+    ]  # fmt: skip
+    return LoraWeights(f"random-{seed}", layers)
+
+
+def _publish_user(root: Path, faces: FaceAnalyzer, tiny: ModelFamily, user_id: str = "amy") -> None:
+    """A trained user: face-id and reference images, and a LoRA."""
     group = sample_photo("group")
     x0, y0, x1, y1 = int_box(grow_box(faces.detect(group)[1].box, 1.8, group.shape[1], group.shape[0]))
     folder = root / "users" / user_id / "v1"
     folder.mkdir(parents=True)
     for name in ("face_id.png", "reference.png"):
         (folder / name).write_bytes(encode_png(group[y0:y1, x0:x1]))
+    save_lora(_random_lora(tiny, sum(map(ord, user_id))), folder / "lora.safetensors")
     (root / "users" / user_id / "CURRENT").write_text("1")
 
 
-def _inference_count(server: TritonServer, model: str) -> float:
+def _inference_count(server: TritonServer, model: str, metric: str = "nv_inference_count") -> float:
+    """Triton's count of inferences (rows) of a model, or with ``nv_inference_exec_count`` of its
+    executions (model runs)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{server.ports['metrics']}/metrics", timeout=5) as reply:
         for line in reply.read().decode().splitlines():
-            if line.startswith(f'nv_inference_count{{model="{model}",'):
+            if line.startswith(f'{metric}{{model="{model}",'):
                 return float(line.rsplit(" ", 1)[1])
     return 0.0
 
@@ -144,7 +175,7 @@ def test_a_whole_generate_through_triton_equals_torch(
     faces: FaceAnalyzer,
     tmp_path: Path,
 ) -> None:
-    _publish_user(tmp_path, faces)
+    _publish_user(tmp_path, faces, tiny)
     options = GenerateOptions()
     options = replace(
         options,
@@ -209,24 +240,56 @@ def test_a_call_ends_with_the_request_deadline(server: TritonServer, triton_back
     assert _inference_count(server, "text_encoder") == before + 1
 
 
-def test_a_users_lora_on_the_triton_backend_is_refused_until_it_is_served(
-    triton_backend: TritonBackend,
+def test_users_adapters_reach_triton_by_name_and_one_model_run_computes_both(
+    server: TritonServer, triton_backend: TritonBackend, tiny: ModelFamily
 ) -> None:
-    from easyphoto.engines.adapters import Adapter, SampleAdapter
-    from easyphoto.engines.lora import LoraLayer, LoraWeights
-    from easyphoto.rpc.errors import Unimplemented
+    from easyphoto.engines.adapters import SampleAdapter
+    from easyphoto.rpc.errors import EngineInputError
 
-    layer = LoraLayer("unet", "mid_block.attentions.0.proj_in", torch.zeros(1, 64), torch.zeros(64, 1), 1.0)
-    adapter = Adapter.from_lora("x@v1", LoraWeights("x", [layer]), torch.device("cpu"), torch.float32)
-    sample = triton_backend.roles["unet"].sample_inputs("min")
-    with pytest.raises(Unimplemented):
-        triton_backend.infer("unet", sample, [SampleAdapter(adapter, 0.9)])
-    triton_backend.infer("unet", sample, [SampleAdapter(adapter, 0.0)])  # weight 0 is the base model
+    loras = {"ann@v1": _random_lora(tiny, 1), "bob@v3": _random_lora(tiny, 2)}
+    ann, bob = (triton_backend.adapter(name, partial(loras.__getitem__, name)) for name in loras)
+    written = {p.name for p in _adapter_dir_of(triton_backend).iterdir()}  # each once, by name and target
+    assert written >= {
+        "ann@v1.text_encoder.npz",
+        "ann@v1.unet.npz",
+        "bob@v3.text_encoder.npz",
+        "bob@v3.unet.npz",
+    }
+    rows = [SampleAdapter(ann, 0.9), SampleAdapter(bob, 0.6), None, SampleAdapter(ann, 0.3)]
+    one = triton_backend.roles["unet"].sample_inputs("opt", seed=6)
+    sample = {name: torch.cat([value[:1]] * len(rows)) for name, value in one.items()}
+    local = TorchBackend(tiny, "cpu")
+    local_rows = [
+        SampleAdapter(
+            local.adapter(row.adapter.name, partial(loras.__getitem__, row.adapter.name)), row.weight
+        )
+        if row
+        else None
+        for row in rows
+    ]
+    ours = local.infer("unet", sample, local_rows)["noise_pred"]
+    rows_before = _inference_count(server, "unet")
+    runs_before = _inference_count(server, "unet", "nv_inference_exec_count")
+    theirs = triton_backend.infer("unet", sample, rows)["noise_pred"]
+    assert float((theirs - ours).abs().max()) <= 1e-4 * float(ours.abs().max())
+    assert _inference_count(server, "unet") == rows_before + len(rows)  # four rows of two users...
+    assert _inference_count(server, "unet", "nv_inference_exec_count") == runs_before + 1  # ...one run
+    base = triton_backend.infer("unet", sample)["noise_pred"]
+    assert not torch.allclose(base[0], theirs[0], atol=1e-3) and torch.allclose(base[2], theirs[2], atol=1e-5)
+    canny = triton_backend.roles["controlnet_canny"].sample_inputs("min")
+    with pytest.raises(EngineInputError, match="takes no LoRA"):
+        triton_backend.infer("controlnet_canny", canny, [SampleAdapter(ann, 0.9)])
+
+
+def _adapter_dir_of(backend: TritonBackend) -> Path:
+    assert backend.adapter_dir is not None
+    return backend.adapter_dir
 
 
 def test_the_server_serves_generate_through_triton_without_model_weights(
     server: TritonServer,
     export_dir: Path,
+    tiny: ModelFamily,
     faces: FaceAnalyzer,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -246,14 +309,19 @@ def test_the_server_serves_generate_through_triton_without_model_weights(
         monkeypatch.setattr(model, "__init__", built)
     caplog.set_level(logging.INFO, logger="easyphoto.server.app")
     config = ServerConfig(
-        port=0, data=tmp_path, backend="triton", triton_url=server.grpc_url, export_dir=export_dir
+        port=0,
+        data=tmp_path,
+        backend="triton",
+        triton_url=server.grpc_url,
+        export_dir=export_dir,
+        adapter_dir=_adapter_dir(export_dir),
     )
     app, holder = build_app(config)
     app.start()
     try:
         holder.load()
         app.set_serving(True)
-        _publish_user(tmp_path, faces)
+        _publish_user(tmp_path, faces, tiny)
         request = generator_pb2.GenerateRequest(
             templates=[encode_png(sample_photo("astronaut"))], user_ids=["amy"], seed=1
         )
@@ -465,3 +533,61 @@ def test_a_region_triton_still_holds_is_let_go_once_it_lets_go(monkeypatch: pyte
     shared.place("unet-sample", source, source.numpy())
     with pytest.raises(RuntimeError, match="no such region"):  # any other error is not waited out
         shared.close()
+
+
+def test_two_users_requests_arriving_together_are_one_model_run(
+    install: TritonInstall, export_dir: Path, tiny: ModelFamily, tmp_path: Path
+) -> None:
+    """Triton's dynamic batcher merges two orchestrators' calls (here with a generous queue delay, so
+    that they surely meet); the served model runs them, both users' rows, as one session run."""
+    import threading
+
+    from easyphoto.engines.adapters import SampleAdapter
+    from easyphoto.export.triton_repository import ServingSettings
+
+    unet = describe_roles(tiny)["unet"]
+    repository = tmp_path / "repository"
+    settings = ServingSettings(max_queue_delay_microseconds=300_000)
+    adapters = _adapter_dir(export_dir)
+    write_repository(
+        export_dir, {"unet": unet}, repository, settings=settings, adapter_dir=adapters, only={"unet"}
+    )
+    server = start_server(repository, install, free_ports())
+    targets = lora_targets({"unet": tiny.unet, "text_encoder": tiny.text_encoder})
+    try:
+        server.wait_ready()
+        clients = [
+            TritonBackend(server.grpc_url, {"unet": unet}, lora_targets=targets, adapter_dir=adapters)
+            for _ in range(2)
+        ]
+        sample = unet.sample_inputs("opt", seed=9)
+        rows = [
+            [SampleAdapter(client.adapter(name, partial(_random_lora, tiny, seed)), 0.8)] * 2
+            for client, name, seed in zip(clients, ("cy@v1", "dee@v1"), (5, 6), strict=True)
+        ]
+        alone = [
+            client.infer("unet", sample, row)["noise_pred"] for client, row in zip(clients, rows, strict=True)
+        ]
+        runs = _inference_count(server, "unet", "nv_inference_exec_count")
+        results: list[torch.Tensor] = [torch.empty(0), torch.empty(0)]
+        start = threading.Barrier(2)
+
+        def call(index: int) -> None:
+            start.wait()
+            results[index] = clients[index].infer("unet", sample, rows[index])["noise_pred"]
+
+        threads = [threading.Thread(target=call, args=(index,)) for index in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert (
+            _inference_count(server, "unet", "nv_inference_exec_count") == runs + 1
+        )  # two requests, one run
+        for together, by_itself in zip(results, alone, strict=True):
+            assert torch.allclose(together, by_itself, atol=1e-5)
+        assert not torch.allclose(results[0], results[1], atol=1e-3)  # each kept its own user's rows
+        for client in clients:
+            client.close()
+    finally:
+        server.stop()

@@ -53,6 +53,11 @@ class UserArtifacts:
         return self.directory / LORA_FILE
 
     @property
+    def adapter_name(self) -> str:
+        """What serving calls this version's LoRA (its adapters, their factor files): ``user@vN``."""
+        return f"{self.user_id}@v{self.version}"
+
+    @property
     def lora_sha256(self) -> str:
         """Recorded at publish time; hashed here only for versions published before that."""
         recorded = self.meta.get("lora_sha256")
@@ -83,6 +88,12 @@ class UserStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self._publish_lock = threading.Lock()
+
+    @property
+    def adapter_dir(self) -> Path:
+        """Where serving keeps users' adapter factors for the engines to read (derived from the
+        published LoRAs, named ``user@vN.<target>.npz``; removed with the user)."""
+        return self.root / "adapters"
 
     def user_dir(self, user_id: str) -> Path:
         return self.root / "users" / user_id
@@ -177,6 +188,8 @@ class UserStore:
         doomed = self.root / "users" / f".deleting-{user_id}-{os.getpid()}"
         os.rename(self.user_dir(user_id), doomed)
         shutil.rmtree(doomed)
+        for derived in self.adapter_dir.glob(f"{user_id}@v*"):  # the user's LoRA must not outlive them
+            derived.unlink(missing_ok=True)
         return count
 
     def clean_staging(self) -> list[Path]:

@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -34,10 +35,12 @@ from easyphoto.rpc.errors import (
     Unimplemented,
 )
 
-from ..adapters import Adapter, AdapterRows, adapter_from_lora
+from ..adapters import Adapter, AdapterCache, AdapterRows, adapter_factors, adapter_from_lora
 from ..interface import Backend, Tensors
 from ..lora import LoraTargets, LoraWeights
 from ..roles.description import RoleDescription
+from ..roles.lora_feed import factors_file, save_factors
+from ..roles.lora_inputs import lora_layers
 from ..shapes import DTYPES, TensorSpec
 from .shared_memory import SHARED_MEMORY_KINDS, CudaRegions, SharedInputs, SystemRegions
 
@@ -45,6 +48,8 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_TIMEOUT_SECONDS = 60.0
+# The optional inputs of a model that serves users' adapters (export/triton_repository.py).
+ADAPTER_INPUTS = ("adapter", "adapter_weight")
 
 
 T = TypeVar("T")
@@ -67,6 +72,7 @@ class TritonBackend:
         shared_memory_min_bytes: int = SHARED_MEMORY_MIN_BYTES,
         cuda_device: int = 0,
         lora_targets: LoraTargets | None = None,
+        adapter_dir: Path | None = None,
     ) -> None:
         import tritonclient.grpc as grpcclient
 
@@ -88,10 +94,16 @@ class TritonBackend:
         self.timeout = timeout
         self.fallback = fallback
         self._lora_targets = lora_targets or {}
+        # Where the served models read users' adapters (the orchestrator writes them there).
+        self.adapter_dir = adapter_dir
+        self.adapters = AdapterCache()
         self._roles = dict(roles)
         self._served = set(roles)  # by Triton; the rest of the fallback's roles run locally
         if fallback is not None:
             self._roles.update({k: v for k, v in fallback.roles.items() if k not in roles})
+        self._adapter_roles = {
+            name for name, role in roles.items() if role.lora_target and self._takes_adapters(name)
+        }
 
     def _shared_inputs(self, kind: str, cuda_device: int) -> SharedInputs | None:
         prefix = f"easyphoto-{os.getpid()}-{id(self):x}"
@@ -126,7 +138,9 @@ class TritonBackend:
         except Exception:  # unknown model or unreachable server
             return False
         theirs = {
-            (t["name"], t["datatype"]) for t in [*metadata.get("inputs", []), *metadata.get("outputs", [])]
+            (t["name"], t["datatype"])
+            for t in [*metadata.get("inputs", []), *metadata.get("outputs", [])]
+            if t["name"] not in ADAPTER_INPUTS  # a model that also serves users' adapters
         }
         ours = {(t.name, DTYPES[t.dtype].triton) for t in (*description.inputs, *description.outputs)}
         if theirs != ours:
@@ -149,15 +163,47 @@ class TritonBackend:
 
     def adapter(self, name: str, load: Callable[[], LoraWeights]) -> Adapter:
         """The LoRA checked against the manifest's targeted layers (it has to fit before anything is
-        sent); its factors stay on the host."""
-        return adapter_from_lora(name, load(), self._lora_targets, torch.device("cpu"), torch.float32)
+        sent), its factors written once into the adapter folder the served models read them from."""
+        return self.adapters.get(name, lambda: self._publish_adapter(name, load()))
+
+    def _publish_adapter(self, name: str, lora: LoraWeights) -> Adapter:
+        adapter = adapter_from_lora(name, lora, self._lora_targets, torch.device("cpu"), torch.float32)
+        if self.adapter_dir is None:
+            return adapter
+        self.adapter_dir.mkdir(parents=True, exist_ok=True)
+        for target in sorted(adapter.targets):
+            path = self.adapter_dir / factors_file(name, target)
+            if path.is_file():  # names are user@version: a written file never changes
+                continue
+            layers = lora_layers(self._lora_targets, target)
+            temporary = path.with_name(f".{os.getpid()}-{path.name}")  # np.savez keeps the .npz
+            save_factors(temporary, layers, adapter_factors(adapter, target, layers))
+            os.replace(temporary, path)
+        return adapter
+
+    def _takes_adapters(self, role: str) -> bool:
+        """Whether Triton's model of ``role`` takes users' adapters (its optional ``adapter`` input)."""
+        try:
+            metadata = self._client.get_model_metadata(role, as_json=True, client_timeout=5)
+        except Exception:  # unknown model or unreachable server: no adapters
+            return False
+        return any(t["name"] == ADAPTER_INPUTS[0] for t in metadata.get("inputs", []))
 
     def infer(self, role: str, inputs: Tensors, adapters: AdapterRows | None = None) -> Tensors:
-        if adapters is not None and any(sample is not None and sample.weight != 0 for sample in adapters):
+        active = adapters is not None and any(s is not None and s.weight != 0 for s in adapters)
+        rows = adapters if active else None
+        if rows is not None and role in self._roles and self._roles[role].lora_target is None:
+            raise EngineInputError(role, "adapters", "given to a role that takes no LoRA")
+        if rows is not None and role not in self._adapter_roles:
             raise Unimplemented(
-                "users' LoRAs on the triton backend are not served yet (the triton-lora design)"
+                f"triton's {role} model serves no users' adapters: export it with its LoRA graph and write"
+                " the repository with an adapter folder (easyphoto export --triton DIR --adapter-dir ...)"
             )
-        return self.infer_many([(role, inputs)])[0]
+        if rows is None:
+            return self.infer_many([(role, inputs)])[0]
+        if self.shared is None:
+            return self._send([self._request(role, inputs, rows)])[0]
+        return self._infer_shared([(role, inputs, rows)])[0]
 
     def infer_many(self, calls: list[tuple[str, Tensors]]) -> list[Tensors]:
         """Several calls at once (concurrently on the server); results in the order of ``calls``."""
@@ -171,11 +217,11 @@ class TritonBackend:
         if self.shared is None:
             answers = self._send([self._request(*calls[i]) for i in remote])
         else:
-            answers = self._infer_shared([calls[i] for i in remote])
+            answers = self._infer_shared([(*calls[i], None) for i in remote])
         results.update(zip(remote, answers, strict=True))
         return [results[i] for i in range(len(calls))]
 
-    def _infer_shared(self, calls: list[tuple[str, Tensors]]) -> list[Tensors]:
+    def _infer_shared(self, calls: list[tuple[str, Tensors, AdapterRows | None]]) -> list[Tensors]:
         """One call at a time owns the shared regions; a server that lost them (restarted) gets
         them registered again, once, and the calls are retried."""
         assert self.shared is not None
@@ -197,11 +243,25 @@ class TritonBackend:
     def _await(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
-    def _request(self, role: str, inputs: Tensors) -> tuple[str, list[object], list[object]]:
+    def _request(
+        self, role: str, inputs: Tensors, adapters: AdapterRows | None = None
+    ) -> tuple[str, list[object], list[object]]:
         description = self._roles[role]
         description.bind({name: tuple(t.shape) for name, t in inputs.items()})
         request = [self._input(role, description, spec, inputs[spec.name]) for spec in description.inputs]
+        if adapters is not None:
+            request += self._adapter_inputs(adapters)
         return role, request, [self._grpc.InferRequestedOutput(spec.name) for spec in description.outputs]
+
+    def _adapter_inputs(self, adapters: AdapterRows) -> list[object]:
+        """Each row's adapter name (``""``: the base model) and weight: names, never factors."""
+        names = np.array([[(s.adapter.name if s else "").encode()] for s in adapters], dtype=np.object_)
+        weights = np.array([[s.weight if s else 0.0] for s in adapters], np.float32)
+        name_input = self._grpc.InferInput(ADAPTER_INPUTS[0], list(names.shape), "BYTES")
+        name_input.set_data_from_numpy(names)
+        weight_input = self._grpc.InferInput(ADAPTER_INPUTS[1], list(weights.shape), "FP32")
+        weight_input.set_data_from_numpy(weights)
+        return [name_input, weight_input]
 
     def _send(self, requests: list[tuple[str, list[object], list[object]]]) -> list[Tensors]:
         """The requests, concurrently, each bounded by the timeout (or the request's deadline)."""

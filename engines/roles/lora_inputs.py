@@ -55,7 +55,7 @@ def describe_with_lora(description: RoleDescription, family: ModelFamily) -> Rol
             TensorSpec(f"lora_down_{index}", "float32", (ADAPTERS, LORA_RANK, shape[1])),
             TensorSpec(f"lora_up_{index}", "float32", (ADAPTERS, shape[0], LORA_RANK)),
         ]
-    small = {spec.name: (-0.05, 0.05) for spec in factors}  # sample LoRAs of a trained one's size
+    small = {spec.name: (-0.02, 0.02) for spec in factors}  # sample LoRAs of a trained one's size
     return RoleDescription(
         name=lora_role_name(description.name),
         inputs=(

@@ -29,7 +29,8 @@ from .description import RoleDescription
 
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
-GraphFiles = dict[str, str | None]  # "onnx", "onnx_fp16": paths relative to the manifest's folder
+# "onnx", "onnx_fp16", "onnx_lora" (the graph with LoRA inputs): paths relative to the manifest's folder
+GraphFiles = dict[str, str | None]
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,8 @@ class EngineManifest:
         for name, role in self.catalogue.roles.items():
             files = self.files.get(name, {})
             group = self.catalogue.group_of(name)
-            roles[name] = {**role.manifest(), "group": group, "onnx": None, "onnx_fp16": None, **files}
+            graphs = {"onnx": None, "onnx_fp16": None, "onnx_lora": None, **files}
+            roles[name] = {**role.manifest(), "group": group, **graphs}
         return {
             "exporter": self.exporter,
             "family": facts.name,
@@ -119,7 +121,7 @@ class EngineManifest:
         files: dict[str, GraphFiles] = {}
         for name, entry in data["roles"].items():
             groups[entry["group"]][name] = RoleDescription.from_manifest(entry, _served_elsewhere(name, path))
-            files[name] = {"onnx": entry.get("onnx"), "onnx_fp16": entry.get("onnx_fp16")}
+            files[name] = {key: entry.get(key) for key in ("onnx", "onnx_fp16", "onnx_lora")}
         low, opt, high = data["image_sizes"]
         facts = FamilyFacts(
             name=data["family"],
