@@ -101,7 +101,6 @@ class _Reference:
     lora_file: Path | None  # None: published without a LoRA (paints with the base model)
 
 
-
 @dataclass
 class _Painted:
     """Where one face was repainted: its crop box in the template and the repainted region there."""
