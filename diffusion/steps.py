@@ -8,7 +8,8 @@ phase and shapes; for a step, the same latent size and ControlNets), makes one b
 per group (up to the roles' batch limit) with each row's timestep, ControlNet weight and adapter,
 and hands each job its rows for its own scheduler step and mask blend. Jobs join and leave between
 steps: a new pass waits at most ``batch_wait`` for others to form a batch. The VAE encode and
-decode calls of the passes batch the same way.
+decode calls of the passes batch the same way, and so do the text encoder's calls for prompts not
+yet cached (:meth:`StepEngine.encode_text`, which the orchestrator's engines call).
 
 Each job checks its stop hook and deadline before each of its steps, in the loop; a job that fails
 (stopped, past its deadline, or its call failed when run alone) fails its own request only: a
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from easyphoto.engines.adapters import AdapterRows
 from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.rpc.deadline import deadline_at, request_deadline_at
 from easyphoto.rpc.errors import DeadlineExceeded, EasyPhotoError
@@ -36,21 +38,49 @@ log = logging.getLogger(__name__)
 
 # How long a runnable job waits for others to join its first call when the loop is idle.
 BATCH_WAIT_SECONDS = 0.005
-ENCODE, DENOISE, DECODE, DONE = "encode", "denoise", "decode", "done"
+TEXT, ENCODE, DENOISE, DECODE, DONE = "text", "encode", "denoise", "decode", "done"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class _Job:
-    state: InpaintState
     deadline: float | None  # time.monotonic() seconds; the request's, seen by the loop thread
-    phase: str = ENCODE
-    image: torch.Tensor | None = None
+    phase: str
+    result: torch.Tensor | None = None
     error: BaseException | None = None
     finished: threading.Event = field(default_factory=threading.Event)
     joined: float = field(default_factory=time.monotonic)
 
     def group_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys share a call."""
+        raise NotImplementedError
+
+    @property
+    def rows(self) -> int:
+        """Rows this job adds to its group's call."""
+        raise NotImplementedError
+
+    def check(self) -> None:
+        """Raises when the job must stop: its request went away, or its deadline passed."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise DeadlineExceeded("the request's deadline passed while its models ran")
+
+    def fail(self, error: BaseException) -> None:
+        self.error, self.phase = error, DONE
+        self.finished.set()
+
+    def done(self, result: torch.Tensor) -> None:
+        self.result, self.phase = result, DONE
+        self.finished.set()
+
+
+@dataclass(eq=False, kw_only=True)
+class _PassJob(_Job):
+    """A diffusion pass: encoded, denoised a step at a time, decoded."""
+
+    state: InpaintState
+    phase: str = ENCODE
+
+    def group_key(self) -> tuple[Any, ...]:
         state = self.state
         if self.phase == ENCODE:
             return (ENCODE, tuple(state.image.shape[1:]))
@@ -61,18 +91,27 @@ class _Job:
 
     @property
     def rows(self) -> int:
-        """Rows this job adds to its group's call."""
         return self.state.rows if self.phase == DENOISE else self.state.image.shape[0]
 
     def check(self) -> None:
-        """Raises when the job must stop: its request went away, or its deadline passed."""
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            raise DeadlineExceeded("the request's deadline passed during a diffusion pass")
+        super().check()
         self.state.inpaint.raise_if_stopped()
 
-    def fail(self, error: BaseException) -> None:
-        self.error, self.phase = error, DONE
-        self.finished.set()
+
+@dataclass(eq=False, kw_only=True)
+class _TextJob(_Job):
+    """Prompts to embed, each row with its adapter (or None)."""
+
+    ids: torch.Tensor
+    adapters: AdapterRows | None
+    phase: str = TEXT
+
+    def group_key(self) -> tuple[Any, ...]:
+        return (TEXT, tuple(self.ids.shape[1:]))
+
+    @property
+    def rows(self) -> int:
+        return self.ids.shape[0]
 
 
 class StepEngine:
@@ -101,7 +140,16 @@ class StepEngine:
     def run(self, inpaint: InpaintPass) -> torch.Tensor:
         """The pass run in the loop with everyone else's; the decoded image in [-1, 1] (NCHW).
         Raises what stopped it (Cancelled, DeadlineExceeded, an engine's error)."""
-        job = _Job(InpaintState(self.engines, inpaint, self.scheduler_config), deadline_at())
+        state = InpaintState(self.engines, inpaint, self.scheduler_config)
+        return self._submit(_PassJob(state=state, deadline=deadline_at()))
+
+    def encode_text(self, ids: torch.Tensor, adapters: AdapterRows | None) -> torch.Tensor:
+        """The text encoder's last hidden states of ``ids`` (each row with its adapter), in the loop
+        with everyone else's prompts: what :meth:`Engines.encode_prompts` calls for the prompts it
+        has not cached."""
+        return self._submit(_TextJob(ids=ids, adapters=adapters, deadline=deadline_at()))
+
+    def _submit(self, job: _Job) -> torch.Tensor:
         with self._wake:
             if self._stopping:
                 raise EasyPhotoError("the step engine is stopping")
@@ -112,8 +160,8 @@ class StepEngine:
                 raise EasyPhotoError("the step engine stopped")
         if job.error is not None:
             raise job.error
-        assert job.image is not None
-        return job.image
+        assert job.result is not None
+        return job.result
 
     @property
     def active(self) -> int:
@@ -200,26 +248,37 @@ class StepEngine:
                 job.fail(error)
 
     def _call(self, group: list[_Job]) -> torch.Tensor:
-        """One model call for the whole group (the VAE encoder's moments, the step's noise
-        prediction, or the decoded images), every job's rows in order."""
+        """One model call for the whole group (the text encoder's hidden states, the VAE encoder's
+        moments, the step's noise prediction, or the decoded images), every job's rows in order."""
         phase = group[0].phase
         deadlines = [job.deadline for job in group]
         # The call serves every job: it may run until the latest deadline among them.
         limit = None if None in deadlines else max(d for d in deadlines if d is not None)
         with request_deadline_at(limit):
-            if phase == ENCODE:
-                outputs = self.engines.vae_moments(torch.cat([job.state.image for job in group]))
+            if phase == TEXT:
+                texts = [job for job in group if isinstance(job, _TextJob)]
+                outputs = self._text(texts)
+            elif phase == ENCODE:
+                outputs = self.engines.vae_moments(torch.cat([_state(job).image for job in group]))
             elif phase == DENOISE:
-                outputs = self.engines.predict_noise(*_batched_step(group))
+                outputs = self.engines.predict_noise(*_batched_step([_state(job) for job in group]))
             else:
-                outputs = self.engines.vae_decode(torch.cat([job.state.latents for job in group]))
+                outputs = self.engines.vae_decode(torch.cat([_state(job).latents for job in group]))
         if self.on_call is not None:
             self.on_call(phase, len(group), sum(job.rows for job in group))
         return outputs
 
+    def _text(self, group: list[_TextJob]) -> torch.Tensor:
+        ids = torch.cat([job.ids for job in group])
+        rows = [row for job in group for row in (job.adapters or [None] * job.rows)]
+        adapters = rows if any(rows) else None
+        return self.engines.backend.infer("text_encoder", {"input_ids": ids}, adapters)["last_hidden_state"]
+
     def _take(self, job: _Job, rows: torch.Tensor) -> None:
         """The job's share of its group's call: its next phase."""
-        if job.phase == ENCODE:
+        if not isinstance(job, _PassJob):
+            job.done(rows)
+        elif job.phase == ENCODE:
             job.state.begin(rows)
             job.phase = DENOISE
         elif job.phase == DENOISE:
@@ -227,8 +286,12 @@ class StepEngine:
             if job.state.done:
                 job.phase = DECODE
         else:
-            job.image, job.phase = rows, DONE
-            job.finished.set()
+            job.done(rows)
+
+
+def _state(job: _Job) -> InpaintState:
+    assert isinstance(job, _PassJob)
+    return job.state
 
 
 def _split(tensor: torch.Tensor, group: Sequence[_Job]) -> list[torch.Tensor]:
@@ -236,11 +299,11 @@ def _split(tensor: torch.Tensor, group: Sequence[_Job]) -> list[torch.Tensor]:
 
 
 def _batched_step(
-    group: list[_Job],
+    group: list[InpaintState],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[ControlInput], list[Any] | None]:
-    """The group's next step as one call: each job's rows, in order, with their own timesteps,
+    """The group's next step as one call: each pass's rows, in order, with their own timesteps,
     ControlNet weights and adapters."""
-    inputs = [job.state.step_inputs() for job in group]
+    inputs = [state.step_inputs() for state in group]
     sample = torch.cat([i[0] for i in inputs])
     timesteps = torch.cat([i[1] for i in inputs])
     embeds = torch.cat([i[2] for i in inputs])

@@ -107,6 +107,9 @@ class Engines:
         self._prompt_cache: OrderedDict[tuple[tuple[str, float] | None, str], torch.Tensor] = OrderedDict()
         self._prompt_cache_size = prompt_cache_size
         self._prompt_lock = threading.Lock()
+        # Who runs the text encoder for prompts not cached: the backend, or a step engine that
+        # batches them with other requests' (the orchestrator sets its own).
+        self.text_encoder: Callable[[torch.Tensor, AdapterRows | None], torch.Tensor] = self.embed_in_backend
 
     @property
     def roles(self) -> dict[str, RoleDescription]:
@@ -145,6 +148,10 @@ class Engines:
         ).input_ids
         return ids.to(torch.int32)
 
+    def embed_in_backend(self, ids: torch.Tensor, adapters: AdapterRows | None) -> torch.Tensor:
+        """The text encoder's last hidden states of ``ids``, one backend call."""
+        return self.backend.infer("text_encoder", {"input_ids": ids}, adapters)["last_hidden_state"]
+
     def encode_prompts(self, prompts: Sequence[str], adapter: SampleAdapter | None = None) -> torch.Tensor:
         """Text embeddings (B, 77, hidden) with ``adapter``'s text-encoder layers, if it has any:
         computed once per (adapter, weight, prompt) and cached."""
@@ -156,7 +163,7 @@ class Engines:
         if missing:
             ids = self.tokenize([p for _, p in missing]).to(self.backend.device)
             rows = [adapter] * len(missing) if adapter else None
-            hidden = self.backend.infer("text_encoder", {"input_ids": ids}, rows)["last_hidden_state"]
+            hidden = self.text_encoder(ids, rows)
             with self._prompt_lock:
                 self._prompt_cache.update(zip(missing, hidden, strict=True))
         with self._prompt_lock:

@@ -132,8 +132,10 @@ class Orchestrator:
         steps: StepEngine | None = None,
     ) -> None:
         self.engines = engines
-        # Every pass of every request runs through one loop that batches their steps.
+        # Every pass of every request runs through one loop that batches their steps, and the
+        # prompts they have not yet embedded.
         self.steps = steps or StepEngine(engines, scheduler_config)
+        engines.text_encoder = self.steps.encode_text
         self.scheduler_config = scheduler_config
         self.face_models = face_models
         self.analyzer = analyzer
@@ -142,8 +144,9 @@ class Orchestrator:
         self._references_lock = threading.Lock()  # RefreshUser runs beside Generate
 
     def close(self) -> None:
-        """Stops the step engine (passes still running fail)."""
+        """Stops the step engine (passes still running fail); the engines embed prompts themselves again."""
         self.steps.close()
+        self.engines.text_encoder = self.engines.embed_in_backend
 
     # ---- the request ----
 

@@ -162,3 +162,29 @@ def test_a_pass_whose_batched_call_fails_fails_alone(engines: Engines, tiny: Mod
     assert isinstance(results[0], Exception) and not isinstance(results[0], torch.Tensor)
     assert isinstance(results[1], torch.Tensor) and isinstance(results[2], torch.Tensor)
     assert any(call[0] == "denoise" and call[1] == 2 for call in calls)  # the others still share
+
+
+def test_prompts_of_concurrent_requests_are_embedded_in_one_call(engines: Engines, tiny: ModelFamily) -> None:
+    users = [_adapter(engines, f"text{i}@v1", 10 + i) for i in range(3)]
+    ids = engines.tokenize(["easyphoto_face, easyphoto, 1person", "a negative prompt"])
+    calls: list[tuple[str, int, int]] = []
+    engine = StepEngine(engines, tiny.scheduler_config, on_call=lambda *call: calls.append(call))
+    results: list[torch.Tensor] = [torch.empty(0)] * 3
+    start = threading.Barrier(3)
+
+    def embed(index: int) -> None:
+        start.wait()
+        results[index] = engine.encode_text(ids, [users[index]] * 2)
+
+    threads = [threading.Thread(target=embed, args=(index,)) for index in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        engine.close()
+    assert [call[:2] for call in calls] == [("text", 3)]  # three requests' prompts, one call
+    for user, got in zip(users, results, strict=True):
+        alone = engines.backend.infer("text_encoder", {"input_ids": ids}, [user] * 2)["last_hidden_state"]
+        assert torch.allclose(got, alone, atol=1e-5)
