@@ -1,6 +1,8 @@
 """One ControlNet inpainting pass over the engines: the loop both services run.
 
-The orchestrator runs it for each diffusion stage, the trainer for validation. Its semantics are
+The orchestrator runs each diffusion stage through the step engine (``diffusion/steps.py``, which
+batches the steps of concurrent passes), the trainer's validation runs it alone (:func:`run_inpaint`);
+both drive an :class:`InpaintState`. Its semantics are
 those of diffusers' ``StableDiffusionControlNetInpaintPipeline`` with a 4-channel UNet: the image
 is encoded, noised to the strength's first timestep, and after every step the known (unmasked)
 latents are re-noised to the next timestep and blended back. Random draws happen in the same
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from diffusers import (
 )
 from diffusers.utils.torch_utils import randn_tensor
 
-from easyphoto.engines.adapters import SampleAdapter
+from easyphoto.engines.adapters import SampleAdapter, active_rows
 from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.rpc.errors import InvalidArgument
 
@@ -79,6 +81,17 @@ def run_inpaint(engines: Engines, inpaint: InpaintPass, scheduler_config: dict[s
     return engines.vae_decode(state.latents)
 
 
+class StepInputs(NamedTuple):
+    """One step's model evaluation: the scaled model input, a timestep per row, the text
+    embeddings, the controls and each row's adapter (the arguments of ``Engines.predict_noise``)."""
+
+    sample: torch.Tensor
+    timesteps: torch.Tensor
+    embeds: torch.Tensor
+    controls: list[ControlInput]
+    adapters: list[SampleAdapter | None] | None
+
+
 class InpaintState:
     """One pass in progress, a step at a time. Made from an :class:`InpaintPass` without a model
     call, begun with the VAE encoder's moments of its image, advanced with each step's noise
@@ -105,9 +118,8 @@ class InpaintState:
         self.embeds = embeds.to(device=device, dtype=dtype)
         self.controls = [_prepare_control(c, self.cfg, device, dtype) for c in inpaint.controls]
         self.rows = self.image.shape[0] * (2 if self.cfg else 1)  # of every model call
-        self.adapters: list[SampleAdapter | None] | None = (
-            [inpaint.adapter] * self.rows if inpaint.adapter else None
-        )
+        # The user's adapter on every row, where it has UNet layers (else the base UNet).
+        self.adapters = active_rows([inpaint.adapter] * self.rows, "unet")
         self.index = 0
         self._mask = binarize_mask(inpaint.mask.to(device=device, dtype=dtype))
         self._step_kwargs = _step_kwargs(self.scheduler, inpaint.generator)
@@ -136,18 +148,13 @@ class InpaintState:
     def latent_shape(self) -> tuple[int, ...]:
         return tuple(self.latents.shape[1:])
 
-    def step_inputs(
-        self,
-    ) -> tuple[
-        torch.Tensor, torch.Tensor, torch.Tensor, list[ControlInput], list[SampleAdapter | None] | None
-    ]:
-        """The next step's model evaluation, as :meth:`Engines.predict_noise` takes it: the scaled
-        model input, a timestep per row, the text embeddings, the controls and the adapters."""
+    def step_inputs(self) -> StepInputs:
+        """The next step's model evaluation, as :meth:`Engines.predict_noise` takes it."""
         t = self.timesteps[self.index]
         model_input = torch.cat([self.latents] * 2) if self.cfg else self.latents
         model_input = self.scheduler.scale_model_input(model_input, t)
         timesteps = t.reshape(1).expand(self.rows).to(model_input.dtype)
-        return model_input, timesteps, self.embeds, self.controls, self.adapters
+        return StepInputs(model_input, timesteps, self.embeds, self.controls, self.adapters)
 
     def advance(self, noise_pred: torch.Tensor) -> None:
         """One scheduler step with the step's noise prediction, then the known latents blended back."""

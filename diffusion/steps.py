@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
-from easyphoto.engines.adapters import AdapterRows
+from easyphoto.engines.adapters import AdapterRows, concat_rows
 from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.rpc.deadline import deadline_at, request_deadline_at
-from easyphoto.rpc.errors import DeadlineExceeded, EasyPhotoError
+from easyphoto.rpc.errors import DeadlineExceeded, EngineInputError, EngineUnavailable
 
-from .inpaint import InpaintPass, InpaintState
+from .inpaint import InpaintPass, InpaintState, StepInputs
 
 log = logging.getLogger(__name__)
 
@@ -152,28 +152,30 @@ class StepEngine:
     def _submit(self, job: _Job) -> torch.Tensor:
         with self._wake:
             if self._stopping:
-                raise EasyPhotoError("the step engine is stopping")
+                raise EngineUnavailable("the orchestrator is stopping; retry on another replica")
             self._jobs.append(job)
             self._wake.notify()
         while not job.finished.wait(1.0):
             if not self._thread.is_alive():  # never wait on a loop that is gone
-                raise EasyPhotoError("the step engine stopped")
+                raise EngineUnavailable("the step engine stopped")
         if job.error is not None:
             raise job.error
         assert job.result is not None
         return job.result
 
     @property
-    def active(self) -> int:
-        with self._wake:
-            return len(self._jobs)
+    def alive(self) -> bool:
+        """Whether the loop runs (readiness: a dead loop serves nothing)."""
+        return self._thread.is_alive() and not self._stopping
 
-    def close(self) -> None:
-        """Stops the loop; passes still running fail."""
+    def close(self, timeout: float = 60.0) -> bool:
+        """Stops the loop (jobs waiting fail, the call in flight ends first); whether it stopped
+        within ``timeout`` (else the engines are still in use and must not be closed)."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=timeout)
+        return not self._thread.is_alive()
 
     # ---- the loop ----
 
@@ -189,7 +191,7 @@ class StepEngine:
             with self._wake:
                 self._stopping = True
                 for job in self._jobs:
-                    job.fail(EasyPhotoError(f"the step engine failed: {error}"))
+                    job.fail(EngineUnavailable(f"the step engine failed: {error}"))
                 self._jobs.clear()
 
     def _runnable(self) -> list[_Job] | None:
@@ -204,7 +206,7 @@ class StepEngine:
                     self._wake.wait(left)
             if self._stopping:
                 for job in self._jobs:
-                    job.fail(EasyPhotoError("the orchestrator is stopping"))
+                    job.fail(EngineUnavailable("the orchestrator is stopping; retry on another replica"))
                 self._jobs.clear()
                 return None
             return list(self._jobs)
@@ -227,10 +229,16 @@ class StepEngine:
         return [chunk for chunks in by_key.values() for chunk in chunks if chunk]
 
     def _run_group(self, group: list[_Job]) -> None:
-        """The group's call, each job then taking its rows; when a batched call fails, each job's
-        call alone, so that only the job that cannot run fails."""
+        """The group's call, each job then taking its rows. When a batched call fails for what may
+        be one job's inputs, each job's call alone, so that only the job that cannot run fails (an
+        engine that is unavailable or a deadline fails the group at once: alone it would fail
+        again, holding up everyone)."""
         try:
-            outputs = self._call(group)
+            shares = _split(self._call(group), group)
+        except (EngineUnavailable, DeadlineExceeded) as error:
+            for job in group:
+                job.fail(error)
+            return
         except Exception as error:
             if len(group) == 1:
                 group[0].fail(error)
@@ -241,7 +249,9 @@ class StepEngine:
             for job in group:
                 self._run_group([job])
             return
-        for job, rows in zip(group, _split(outputs, group), strict=True):
+        if self.on_call is not None:
+            self.on_call(group[0].phase, len(group), sum(job.rows for job in group))
+        for job, rows in zip(group, shares, strict=True):
             try:
                 self._take(job, rows)
             except Exception as error:
@@ -259,20 +269,16 @@ class StepEngine:
                 texts = [job for job in group if isinstance(job, _TextJob)]
                 outputs = self._text(texts)
             elif phase == ENCODE:
-                outputs = self.engines.vae_moments(torch.cat([_state(job).image for job in group]))
+                outputs = self.engines.vae_moments(_cat([_state(job).image for job in group]))
             elif phase == DENOISE:
                 outputs = self.engines.predict_noise(*_batched_step([_state(job) for job in group]))
             else:
-                outputs = self.engines.vae_decode(torch.cat([_state(job).latents for job in group]))
-        if self.on_call is not None:
-            self.on_call(phase, len(group), sum(job.rows for job in group))
+                outputs = self.engines.vae_decode(_cat([_state(job).latents for job in group]))
         return outputs
 
     def _text(self, group: list[_TextJob]) -> torch.Tensor:
-        ids = torch.cat([job.ids for job in group])
-        rows = [row for job in group for row in (job.adapters or [None] * job.rows)]
-        adapters = rows if any(rows) else None
-        return self.engines.backend.infer("text_encoder", {"input_ids": ids}, adapters)["last_hidden_state"]
+        adapters = concat_rows([(job.adapters, job.rows) for job in group])
+        return self.engines.embed_in_backend(_cat([job.ids for job in group]), adapters)
 
     def _take(self, job: _Job, rows: torch.Tensor) -> None:
         """The job's share of its group's call: its next phase."""
@@ -295,23 +301,36 @@ def _state(job: _Job) -> InpaintState:
 
 
 def _split(tensor: torch.Tensor, group: Sequence[_Job]) -> list[torch.Tensor]:
-    return list(torch.split(tensor, [job.rows for job in group]))
+    rows = [job.rows for job in group]
+    if tensor.shape[0] != sum(rows):
+        raise EngineInputError("step-engine", "outputs", f"{tensor.shape[0]} rows for a call of {sum(rows)}")
+    return list(torch.split(tensor, rows))
 
 
-def _batched_step(
-    group: list[InpaintState],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[ControlInput], list[Any] | None]:
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One job's tensor as it is (so shared memory sees the same tensor step after step and writes
+    it once), several jobs' concatenated."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _batched_step(group: list[InpaintState]) -> StepInputs:
     """The group's next step as one call: each pass's rows, in order, with their own timesteps,
-    ControlNet weights and adapters."""
+    ControlNet weights and adapters (one pass's inputs as they are)."""
     inputs = [state.step_inputs() for state in group]
-    sample = torch.cat([i[0] for i in inputs])
-    timesteps = torch.cat([i[1] for i in inputs])
-    embeds = torch.cat([i[2] for i in inputs])
-    controls = []
-    for index, control in enumerate(inputs[0][3]):
-        images = torch.cat([i[3][index].image for i in inputs])
-        scales = torch.cat([i[3][index].scale_tensor(i[0]) for i in inputs])
-        controls.append(ControlInput(control.kind, images, scales))
-    any_adapter = any(i[4] for i in inputs)
-    adapters = [row for i in inputs for row in (i[4] or [None] * len(i[0]))] if any_adapter else None
-    return sample, timesteps, embeds, controls, adapters
+    if len(inputs) == 1:
+        return inputs[0]
+    controls = [
+        ControlInput(
+            control.kind,
+            torch.cat([i.controls[index].image for i in inputs]),
+            torch.cat([i.controls[index].scale_tensor(i.sample) for i in inputs]),
+        )
+        for index, control in enumerate(inputs[0].controls)
+    ]
+    return StepInputs(
+        torch.cat([i.sample for i in inputs]),
+        torch.cat([i.timesteps for i in inputs]),
+        torch.cat([i.embeds for i in inputs]),
+        controls,
+        concat_rows([(i.adapters, len(i.sample)) for i in inputs]),
+    )

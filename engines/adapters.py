@@ -14,8 +14,6 @@ by bytes; :class:`AdapterHooks` installs the per-row update on a model's targete
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -26,8 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from easyphoto.rpc.errors import InvalidArgument
-
+from .caches import HotCache
 from .lora import LoraTargets, LoraWeights, check_fits, submodule
 from .roles.lora_feed import Factors
 
@@ -84,42 +81,33 @@ class SampleAdapter:
 AdapterRows = Sequence[SampleAdapter | None]
 
 
-class AdapterCache:
+def active_rows(adapters: AdapterRows | None, target: str | None = None) -> list[SampleAdapter | None] | None:
+    """The rows' adapters that change something: a weight other than 0 (and layers of ``target``,
+    when given; a row whose adapter has none computes as the base model). None when no row's does,
+    so a call without one runs the base model as it is."""
+    if adapters is None:
+        return None
+    rows = [
+        row
+        if row is not None and row.weight != 0 and (target is None or target in row.adapter.targets)
+        else None
+        for row in adapters
+    ]
+    return rows if any(rows) else None
+
+
+def concat_rows(parts: Sequence[tuple[AdapterRows | None, int]]) -> list[SampleAdapter | None] | None:
+    """The adapters of several calls' rows made one call (each part: its rows' adapters, or None for
+    ``count`` rows of the base model)."""
+    return active_rows([row for adapters, count in parts for row in (adapters or [None] * count)])
+
+
+class AdapterCache(HotCache[str, Adapter]):
     """Adapters by name, the least recently used dropped first once they pass ``max_bytes``
     (a batch running with a dropped adapter keeps it until it ends: it holds its own reference)."""
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
-        self.max_bytes = max_bytes
-        self._adapters: OrderedDict[str, Adapter] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, name: str, load: Callable[[], Adapter]) -> Adapter:
-        """The cached adapter of ``name``, or ``load()``'s, cached."""
-        with self._lock:
-            if name in self._adapters:
-                self._adapters.move_to_end(name)
-                return self._adapters[name]
-        adapter = load()  # outside the lock: loading one user does not hold up the others
-        with self._lock:
-            self._adapters[name] = adapter
-            self._adapters.move_to_end(name)
-            while self.nbytes > self.max_bytes and len(self._adapters) > 1:
-                self._adapters.popitem(last=False)
-        return adapter
-
-    def __contains__(self, name: str) -> bool:
-        with self._lock:
-            return name in self._adapters
-
-    @property
-    def nbytes(self) -> int:
-        return sum(adapter.nbytes for adapter in self._adapters.values())
-
-    @property
-    def names(self) -> list[str]:
-        """Least recently used first."""
-        with self._lock:
-            return list(self._adapters)
+        super().__init__(max_bytes, size=lambda adapter: adapter.nbytes)
 
 
 @dataclass(frozen=True)
@@ -163,12 +151,13 @@ class AdapterHooks:
     @contextlib.contextmanager
     def rows(self, adapters: AdapterRows | None, batch: int, device: torch.device) -> Iterator[None]:
         """Calls made inside compute each row with its adapter (``adapters``: one per row)."""
-        if adapters is None or not any(adapters):
+        rows = active_rows(adapters)
+        if rows is None:
             yield
             return
-        if len(adapters) != batch:
-            raise InvalidArgument(f"{len(adapters)} adapters for a batch of {batch}", field="adapters")
-        token = self._rows.set(_groups(adapters, device))
+        if len(rows) != batch:
+            raise ValueError(f"{len(rows)} adapters for a batch of {batch} rows")  # a caller's bug
+        token = self._rows.set(_groups(rows, device))
         try:
             yield
         finally:

@@ -20,7 +20,7 @@ from transformers import CLIPTokenizer
 
 from easyphoto.rpc.errors import ModelMissing
 
-from .adapters import Adapter, AdapterRows, SampleAdapter
+from .adapters import Adapter, AdapterRows, SampleAdapter, active_rows
 from .lora import LoraTargets, LoraWeights
 from .roles.description import RoleDescription
 from .roles.diffusion import (
@@ -155,30 +155,25 @@ class Engines:
     def encode_prompts(self, prompts: Sequence[str], adapter: SampleAdapter | None = None) -> torch.Tensor:
         """Text embeddings (B, 77, hidden) with ``adapter``'s text-encoder layers, if it has any:
         computed once per (adapter, weight, prompt) and cached."""
-        if adapter is not None and (adapter.weight == 0 or "text_encoder" not in adapter.adapter.targets):
-            adapter = None
+        adapter = (active_rows([adapter], "text_encoder") or [None])[0]
         keys = [(adapter.key if adapter else None, p) for p in prompts]
-        with self._prompt_lock:
-            missing = [k for k in dict.fromkeys(keys) if k not in self._prompt_cache]
+        with self._prompt_lock:  # the hits taken now: other requests may evict them meanwhile
+            found = {key: self._prompt_cache[key] for key in dict.fromkeys(keys) if key in self._prompt_cache}
+            for key in found:
+                self._prompt_cache.move_to_end(key)
+        missing = [key for key in dict.fromkeys(keys) if key not in found]
         if missing:
             ids = self.tokenize([p for _, p in missing]).to(self.backend.device)
             rows = [adapter] * len(missing) if adapter else None
-            hidden = self.text_encoder(ids, rows)
+            computed = dict(zip(missing, self.text_encoder(ids, rows), strict=True))
+            found.update(computed)
             with self._prompt_lock:
-                self._prompt_cache.update(zip(missing, hidden, strict=True))
-        with self._prompt_lock:
-            embeddings = torch.stack([self._prompt_cache[k] for k in keys])
-            for key in keys:
-                self._prompt_cache.move_to_end(key)
-            while len(self._prompt_cache) > self._prompt_cache_size:
-                self._prompt_cache.popitem(last=False)
-        return embeddings
+                self._prompt_cache.update(computed)
+                while len(self._prompt_cache) > self._prompt_cache_size:
+                    self._prompt_cache.popitem(last=False)
+        return torch.stack([found[key] for key in keys])
 
     # ---- VAE ----
-
-    def vae_encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Images in [-1, 1] to UNet-space latents, sampled as diffusers' ``retrieve_latents`` does."""
-        return self.latents_from_moments(self.vae_moments(images), generator)
 
     def vae_moments(self, images: torch.Tensor) -> torch.Tensor:
         """The VAE encoder's Gaussian moments of images in [-1, 1] (the model call of an encode)."""

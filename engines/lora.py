@@ -1,4 +1,4 @@
-"""LoRA weights: reading peft/diffusers and kohya files, and patching them into torch modules.
+"""LoRA weights: reading peft/diffusers and kohya files, and the layers they may target.
 
 Formats (both read; the trainer writes the first):
 * peft/diffusers: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (and ``text_encoder.``), the
@@ -90,7 +90,7 @@ def load_lora(path: Path, targets: LoraTargets | None = None) -> LoraWeights:
     against them and every layer is checked to fit (:func:`check_fits`); without, kohya files are
     refused and nothing is checked."""
     tensors, metadata = _read(path)
-    # The name identifies this file's contents (patchers skip re-applying the same name and weight).
+    # The name says which file, at which modification time, these weights were read from.
     name = f"{path.resolve()}@{path.stat().st_mtime_ns}"
     if any(k.startswith(tuple(TARGETS.values())) for k in tensors):
         if targets is None:

@@ -172,15 +172,20 @@ class EngineHolder:
         threading.Thread(target=run, name="load-engines", daemon=True).start()
 
     def backend_ready(self) -> bool:
-        """Whether the loaded backend can serve now (Triton's server and models ready)."""
-        return self._orchestrator is not None and self._orchestrator.engines.backend.ready()
+        """Whether the orchestrator can serve now: its step engine runs and its backend is ready
+        (Triton's server and models)."""
+        orchestrator = self._orchestrator
+        return orchestrator is not None and orchestrator.steps.alive and orchestrator.engines.backend.ready()
 
     def close(self) -> None:
         """Stops the step engine, then releases the backend's connections (and Triton shared-memory
         regions)."""
-        if self._orchestrator is not None:
-            self._orchestrator.close()
+        if self._orchestrator is None:
+            return
+        if self._orchestrator.close():
             self._orchestrator.engines.backend.close()
+        else:  # a call still in flight uses the backend: leave it to the process's exit
+            log.warning("the step engine did not stop in time; leaving the backend open")
 
     def get(self) -> Orchestrator:
         if self._orchestrator is None:
@@ -191,7 +196,8 @@ class EngineHolder:
 
 class ServingService(generator_pb2_grpc.ServingServicer):
     """Internal: the trainer calls RefreshUser after publishing, so the user's first Generate finds
-    the faces, embedding and LoRA loaded (refit into built engines comes with the refit issue)."""
+    the faces and embedding loaded and the user's adapter ready (in the torch backend's hot cache,
+    or written where Triton's models read it)."""
 
     def __init__(self, orchestrator: Callable[[], Orchestrator]) -> None:
         self._orchestrator = orchestrator

@@ -39,13 +39,13 @@ class GeneratorMetrics:
         )
         self.engine_calls = Counter(
             "easyphoto_engine_calls_total",
-            "Batched model calls the step engine made, by phase (encode, denoise, decode).",
+            "Batched model calls the step engine made, by phase (text, encode, denoise, decode).",
             ["phase"],
             registry=registry,
         )
         self.call_jobs = Histogram(
             "easyphoto_engine_call_passes",
-            "Diffusion passes (of all requests) sharing one model call, by phase.",
+            "Jobs (diffusion passes; one request's prompts for text) sharing one model call, by phase.",
             ["phase"],
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
             registry=registry,

@@ -13,9 +13,7 @@ goes through the engines.
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from easyphoto.diffusion.inpaint import InpaintPass, StepEvent
 from easyphoto.diffusion.passes import PassOptions
 from easyphoto.diffusion.steps import StepEngine
 from easyphoto.engines.adapters import Adapter, SampleAdapter
+from easyphoto.engines.caches import HotCache
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
 from easyphoto.engines.faces.parts import fuse_faces, super_resolve
@@ -140,13 +139,15 @@ class Orchestrator:
         self.face_models = face_models
         self.analyzer = analyzer
         self.users = users
-        self._references: OrderedDict[tuple[str, int | None], _Reference] = OrderedDict()
-        self._references_lock = threading.Lock()  # RefreshUser runs beside Generate
+        # Users' images, faces and embeddings by (user, version); RefreshUser runs beside Generate.
+        self._references: HotCache[tuple[str, int | None], _Reference] = HotCache(USER_CACHE)
 
-    def close(self) -> None:
-        """Stops the step engine (passes still running fail); the engines embed prompts themselves again."""
-        self.steps.close()
+    def close(self) -> bool:
+        """Stops the step engine (passes still waiting fail); whether it stopped, so that the engines
+        may be closed (they embed prompts themselves again)."""
+        stopped = self.steps.close()
         self.engines.text_encoder = self.engines.embed_in_backend
+        return stopped
 
     # ---- the request ----
 
@@ -231,15 +232,8 @@ class Orchestrator:
         versions never change, so a new version is a new cache entry). Its adapter is made ready
         in the backend's hot cache too (a cold user's first request loads it here)."""
         check_user_id(user_id, field_name)
-        with self._references_lock:
-            key = (user_id, self.users.current_version(user_id))
-            if key in self._references:
-                self._references.move_to_end(key)
-                return self._references[key]
-            reference = self._load_reference(user_id, field_name)
-            self._references[(user_id, reference.artifacts.version)] = reference
-            while len(self._references) > USER_CACHE:
-                self._references.popitem(last=False)
+        key = (user_id, self.users.current_version(user_id))
+        reference = self._references.get(key, lambda: self._load_reference(user_id, field_name))
         self._adapter(reference, field_name)
         return reference
 

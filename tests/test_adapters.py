@@ -75,10 +75,10 @@ def test_the_hot_cache_drops_the_least_recently_used_past_its_bytes(backend: Tor
     cache.get("b@v1", lambda: load("b@v1", 2))
     assert cache.get("a@v1", lambda: load("a@v1", 1)) is first  # a hit: not loaded again
     cache.get("c@v1", lambda: load("c@v1", 3))  # over the budget: b, the least recently used, goes
-    assert cache.names == ["a@v1", "c@v1"] and cache.nbytes <= cache.max_bytes
+    assert cache.keys == ["a@v1", "c@v1"] and cache.size <= cache.max_size
     assert loads == ["probe", "a@v1", "b@v1", "c@v1"]
     cache.get("b@v1", lambda: load("b@v1", 2))  # a cold user is loaded on demand
-    assert loads[-1] == "b@v1" and cache.names == ["c@v1", "b@v1"]
+    assert loads[-1] == "b@v1" and cache.keys == ["c@v1", "b@v1"]
 
 
 def test_a_call_with_adapters_for_a_role_without_lora_is_refused(backend: TorchBackend) -> None:

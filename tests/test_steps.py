@@ -17,7 +17,7 @@ from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.engines.lora import LoraLayer, LoraWeights
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.rpc.deadline import request_deadline
-from easyphoto.rpc.errors import Cancelled, DeadlineExceeded
+from easyphoto.rpc.errors import Cancelled, DeadlineExceeded, EngineUnavailable
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +188,12 @@ def test_prompts_of_concurrent_requests_are_embedded_in_one_call(engines: Engine
     for user, got in zip(users, results, strict=True):
         alone = engines.backend.infer("text_encoder", {"input_ids": ids}, [user] * 2)["last_hidden_state"]
         assert torch.allclose(got, alone, atol=1e-5)
+
+
+def test_a_closed_engine_refuses_passes_as_unavailable(engines: Engines, tiny: ModelFamily) -> None:
+    engine = StepEngine(engines, tiny.scheduler_config)
+    assert engine.alive
+    assert engine.close(timeout=30)
+    assert not engine.alive
+    with pytest.raises(EngineUnavailable, match="stopping"):
+        engine.run(_pass(engines, 0)())

@@ -102,7 +102,8 @@ class SharedInputs:
     A region is rewritten only when its source tensor changed: the same tensor object at the same
     torch version counter (kept alive here, so its memory cannot be reused by another tensor) is
     already in place. Prompt embeddings and control images, the same at every step of a pass, are
-    therefore copied once per pass instead of being serialized into every call.
+    therefore copied once per pass instead of being serialized into every call (while the pass's
+    steps run alone; a step batched with other passes' is a new concatenation, written each step).
     """
 
     def __init__(self, regions: SharedRegions, prefix: str) -> None:

@@ -15,6 +15,7 @@ from ..adapters import (
     AdapterCache,
     AdapterHooks,
     AdapterRows,
+    active_rows,
     adapter_from_lora,
 )
 from ..faces.models import FaceModels
@@ -120,7 +121,7 @@ class TorchBackend:
     def infer(self, role: str, inputs: Tensors, adapters: AdapterRows | None = None) -> Tensors:
         description = self.describe(role)
         values = description.bind({name: tuple(t.shape) for name, t in inputs.items()})
-        if adapters is not None and any(adapters) and description.lora_target is None:
+        if active_rows(adapters) is not None and description.lora_target is None:
             raise EngineInputError(role, "adapters", "given to a role that takes no LoRA")
         float_dtype = self._dtype if description.fp16 else torch.float32
         args = [self._cast(inputs[spec.name], spec.dtype, float_dtype) for spec in description.inputs]

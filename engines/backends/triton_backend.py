@@ -8,9 +8,11 @@ Inputs are built from the role descriptions (names, dtypes, shapes checked again
 before anything is sent), outputs come back as CPU tensors. Roles the repository does not serve
 (dlib's embedder) go to a local ``fallback`` backend. Readiness mirrors Triton's server and model
 readiness; each call's timeout is the backend's ``timeout`` or, nearer, the request's deadline
-(:mod:`.deadline`); Triton's UNAVAILABLE and deadline errors become :class:`EngineUnavailable` and
-:class:`DeadlineExceeded`. LoRA switching needs refit into the built engines (the refit issue):
-until then a LoRA on this backend is refused with UNIMPLEMENTED rather than silently ignored.
+(:mod:`rpc.deadline`); Triton's UNAVAILABLE and deadline errors become :class:`EngineUnavailable`
+and :class:`DeadlineExceeded`. Users' LoRAs: each row of a call names its adapter and weight; the
+served model (its graph with LoRA inputs) reads the factors, which :meth:`TritonBackend.adapter`
+writes once into the adapter folder; a model without that graph refuses an adapter with
+UNIMPLEMENTED rather than silently painting with the base model.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Coroutine, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +39,7 @@ from easyphoto.rpc.errors import (
     Unimplemented,
 )
 
-from ..adapters import Adapter, AdapterCache, AdapterRows, adapter_factors, adapter_from_lora
+from ..adapters import Adapter, AdapterCache, AdapterRows, active_rows, adapter_factors, adapter_from_lora
 from ..interface import Backend, Tensors
 from ..lora import LoraTargets, LoraWeights
 from ..roles.description import RoleDescription
@@ -176,9 +180,8 @@ class TritonBackend:
             if path.is_file():  # names are user@version: a written file never changes
                 continue
             layers = lora_layers(self._lora_targets, target)
-            temporary = path.with_name(f".{os.getpid()}-{path.name}")  # np.savez keeps the .npz
-            save_factors(temporary, layers, adapter_factors(adapter, target, layers))
-            os.replace(temporary, path)
+            factors = adapter_factors(adapter, target, layers)
+            _write_whole(path, partial(save_factors, layers=layers, factors=factors))
         return adapter
 
     def _takes_adapters(self, role: str) -> bool:
@@ -190,8 +193,7 @@ class TritonBackend:
         return any(t["name"] == ADAPTER_INPUTS[0] for t in metadata.get("inputs", []))
 
     def infer(self, role: str, inputs: Tensors, adapters: AdapterRows | None = None) -> Tensors:
-        active = adapters is not None and any(s is not None and s.weight != 0 for s in adapters)
-        rows = adapters if active else None
+        rows = active_rows(adapters)
         if rows is not None and role in self._roles and self._roles[role].lora_target is None:
             raise EngineInputError(role, "adapters", "given to a role that takes no LoRA")
         if rows is not None and role not in self._adapter_roles:
@@ -297,10 +299,26 @@ class TritonBackend:
     def close(self) -> None:
         """Unregisters and frees the shared memory regions and closes the connections."""
         if self.shared is not None:
-            self.shared.close()
+            with self._lock:  # not under a call that is using them
+                self.shared.close()
         self._await(self._aio.close())  # type: ignore[attr-defined]
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._client.close()
+
+
+def _write_whole(path: Path, write: Callable[..., None]) -> None:
+    """``write`` into a temporary file of its own beside ``path``, fsynced, then renamed onto it: a
+    reader (Triton's model) or a restart finds the whole file or none, however writers race."""
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 async def _gather(calls: Iterator[Coroutine[Any, Any, T]]) -> list[T]:
