@@ -64,9 +64,9 @@ def _publish(root: Path, user_id: str, face: np.ndarray, version: int = 1) -> No
 DAVE_LORA_TARGET = "mid_block.attentions.0.transformer_blocks.0.attn1.to_v"
 
 
-def _save_random_lora(tiny: ModelFamily, path: Path) -> None:
+def _save_random_lora(tiny: ModelFamily, path: Path, seed: int = 1) -> None:
     weight = tiny.unet.get_submodule(DAVE_LORA_TARGET).weight
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(seed)
     layer = LoraLayer(
         "unet", DAVE_LORA_TARGET, torch.randn(4, weight.shape[1], generator=generator),
         torch.randn(weight.shape[0], 4, generator=generator), alpha=4.0,
@@ -189,6 +189,27 @@ def test_the_users_lora_is_applied_at_its_weight_and_removed_after(
     assert not np.array_equal(plain.image, with_lora.image)
     assert torch.equal(tiny.unet.get_submodule(DAVE_LORA_TARGET).weight, before)
     assert "lora_switch" in with_lora.timings
+
+
+def test_a_new_version_is_warmed_and_served_without_a_restart(
+    orchestrator: Orchestrator, tiny: ModelFamily
+) -> None:
+    root, face = orchestrator.users.root, orchestrator.users.load("alice").face_id
+    options = GenerateOptions(first_pass=FAST, second_pass=FAST)
+    astronaut = sample_photo("astronaut")
+    adapters = orchestrator.engines.backend.adapters  # type: ignore[attr-defined]
+    _publish(root, "frank", face)
+    _save_random_lora(tiny, root / "users" / "frank" / "v1" / "lora.safetensors", seed=3)
+    orchestrator.prepare_user("frank")  # what RefreshUser does
+    assert "frank@v1" in adapters
+    first = orchestrator.generate(astronaut, ["frank"], options, seed=2).image
+    _publish(root, "frank", face, version=2)
+    _save_random_lora(tiny, root / "users" / "frank" / "v2" / "lora.safetensors", seed=4)
+    orchestrator.prepare_user("frank")
+    assert "frank@v2" in adapters
+    second = orchestrator.generate(astronaut, ["frank"], options, seed=2).image
+    assert orchestrator.engines.loras[-1] == ("frank@v2", options.lora_weight)  # type: ignore[attr-defined]
+    assert not np.array_equal(first, second)
 
 
 def test_a_user_whose_lora_does_not_fit_is_refused_naming_the_user(
