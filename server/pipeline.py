@@ -164,7 +164,8 @@ class Orchestrator:
         """One image: each face of ``template`` painted as its user, left to right. Between steps
         ``raise_if_stopped`` is called (it raises to stop: the client went away, a deadline passed)."""
         started = time.perf_counter()
-        faces = self.analyzer.detect_checked(template, field_name, MAX_FACES, MIN_FACE_SIZE)
+        painted_faces = [index for index, user_id in enumerate(user_ids) if user_id]
+        faces = self.analyzer.detect_painted(template, painted_faces, field_name, MAX_FACES, MIN_FACE_SIZE)
         if len(user_ids) > len(faces):
             raise InvalidArgument(
                 f"{len(user_ids)} user ids for {len(faces)} faces in {field_name}", field="user_ids"

@@ -39,17 +39,20 @@ def test_photo_without_face_raises_typed_error(faces: FaceAnalyzer) -> None:
     assert info.value.field == "photos[3]" and info.value.code == "FAILED_PRECONDITION"
 
 
-def test_too_small_and_too_many_faces_are_typed_errors(faces: FaceAnalyzer) -> None:
+def test_too_small_and_too_many_faces_are_typed_errors_only_for_painted_faces(faces: FaceAnalyzer) -> None:
     from easyphoto.rpc.errors import FaceTooSmall, TooManyFaces
 
-    group = sample_photo("group")
+    group = sample_photo("group")  # six faces, 93-118 px wide
+    crowd = np.concatenate([group] * 3, axis=1)  # eighteen
+    assert len(faces.detect_painted(crowd, [0, 15], "templates[0]", max_faces=16)) == 18
     with pytest.raises(TooManyFaces) as many:
-        faces.detect_checked(group, "templates[0]", max_faces=4)
-    assert many.value.code == "INVALID_ARGUMENT" and "6 faces" in many.value.message
+        faces.detect_painted(crowd, [0, 16], "templates[0]", max_faces=16)
+    assert many.value.code == "INVALID_ARGUMENT" and "face 16" in many.value.message
+    assert len(faces.detect_painted(group, [0, 2], "templates[0]", max_faces=8, min_size=100)) == 6
     with pytest.raises(FaceTooSmall) as small:
-        faces.detect_checked(group, "templates[0]", max_faces=8, min_size=200)
+        faces.detect_painted(group, [0, 5], "templates[0]", max_faces=8, min_size=100)
     assert small.value.field == "templates[0]" and small.value.code == "FAILED_PRECONDITION"
-    assert len(faces.detect_checked(group, "templates[0]", max_faces=8, min_size=60)) == 6
+    assert "face 5" in small.value.message
     with pytest.raises(FaceTooSmall):
         faces.largest(sample_photo("astronaut"), min_size=300)
 

@@ -20,7 +20,14 @@ from easyphoto.engines.models.family import ModelFamily
 from easyphoto.fixtures.photos import sample_photo
 from easyphoto.imaging.codec import encode_png
 from easyphoto.imaging.geometry import grow_box, int_box
-from easyphoto.rpc.errors import Cancelled, InvalidArgument, ModelMissing, UnknownUser, UserNotReady
+from easyphoto.rpc.errors import (
+    Cancelled,
+    FaceTooSmall,
+    InvalidArgument,
+    ModelMissing,
+    UnknownUser,
+    UserNotReady,
+)
 from easyphoto.server.options import GenerateOptions
 from easyphoto.server.pipeline import Orchestrator
 from easyphoto.users.store import UserStore
@@ -131,6 +138,33 @@ def test_faces_are_matched_left_to_right_and_empty_ids_skip(orchestrator: Orches
     assert {"face1_crop", "face1_inpaint_mask", "face1_first_diffusion", "face1_second_mask"} <= names
     crop = dict(result.intermediates)["face1_crop"]  # as large as the models allow
     assert max(crop.shape[:2]) == orchestrator.engines.max_image_side and min(crop.shape[:2]) >= 192
+
+
+def _astronaut_with_a_small_crowd() -> np.ndarray:
+    """The astronaut (face 0, 89 px) and the group photo at a sixth of its size in a corner: six
+    more faces, left to right, of which faces 2 and 6 are 15 px a side, under the 16 px limit."""
+    template = sample_photo("astronaut").copy()
+    group = sample_photo("group")
+    crowd = cv2.resize(group, (group.shape[1] // 6, group.shape[0] // 6), interpolation=cv2.INTER_AREA)
+    template[-crowd.shape[0] :, -crowd.shape[1] :] = crowd
+    return template
+
+
+def test_faces_a_request_skips_never_fail_it_and_keep_their_places(orchestrator: Orchestrator) -> None:
+    template = _astronaut_with_a_small_crowd()
+    off = replace(FAST, enabled=False)
+    options = GenerateOptions(first_pass=FAST, second_pass=off, seam_pass=off)
+    result = orchestrator.generate(template, ["alice"], options, seed=1)
+    assert [o.user_id for o in result.faces] == ["alice"] + [""] * 6
+    small = [o.face for o in result.faces if min(o.face.width, o.face.height) < 16]
+    assert len(small) == 2
+    for face in small:
+        x0, y0, x1, y1 = int_box(face.box)
+        assert np.array_equal(result.image[y0:y1, x0:x1], template[y0:y1, x0:x1])
+    with pytest.raises(FaceTooSmall, match=r"face 2 \(left to right"):
+        orchestrator.generate(template, ["", "", "alice"], options, seed=1)
+    with pytest.raises(FaceTooSmall, match=r"face 6 \(left to right"):
+        orchestrator.generate(template, ["", "", "", "", "", "", "alice"], options, seed=1)
 
 
 def test_request_errors_are_typed(orchestrator: Orchestrator) -> None:

@@ -8,7 +8,7 @@ are cosine similarities of L2-normalised embeddings, whatever embedder is loaded
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -118,10 +118,10 @@ class MtcnnDetector:
         return faces
 
 
-def _check_size(face: Face, field: str, min_size: float) -> None:
+def _check_size(face: Face, field: str, min_size: float, which: str = "face") -> None:
     if min(face.width, face.height) < min_size:
         raise FaceTooSmall(
-            f"face at {[round(v) for v in face.box]} is {face.width:.0f}x{face.height:.0f} px;"
+            f"{which} at {[round(v) for v in face.box]} is {face.width:.0f}x{face.height:.0f} px;"
             f" at least {min_size:.0f} px a side is needed",
             field=field,
         )
@@ -156,17 +156,26 @@ class FaceAnalyzer:
         _check_size(face, field, min_size)
         return face
 
-    def detect_checked(
-        self, image: np.ndarray, field: str, max_faces: int, min_size: float = 0
+    def detect_painted(
+        self, image: np.ndarray, painted: Sequence[int], field: str, max_faces: int, min_size: float = 0
     ) -> list[Face]:
-        """Every face, left to right, with typed errors for none, too many, or a face too small."""
+        """Every face, left to right, whatever its size. Typed errors only for what a request asks
+        to paint (the faces at indices ``painted``): no face at all, an index past the first
+        ``max_faces``, or a painted face under ``min_size``. A skipped face never fails a request,
+        and keeps its place, so the indices of the others do not shift."""
         faces = self.detect(image)
         if not faces:
             raise NoFace("no face found", field=field)
-        if len(faces) > max_faces:
-            raise TooManyFaces(f"{len(faces)} faces found; at most {max_faces} are supported", field=field)
-        for face in faces:
-            _check_size(face, field, min_size)
+        beyond = [index for index in painted if max_faces <= index < len(faces)]
+        if beyond:
+            raise TooManyFaces(
+                f"face {beyond[0]} (left to right, from 0) of {len(faces)} is asked for; only the first"
+                f" {max_faces} can be painted",
+                field=field,
+            )
+        for index in painted:
+            if index < len(faces):
+                _check_size(faces[index], field, min_size, f"face {index} (left to right, from 0)")
         return faces
 
     def embed(self, image: np.ndarray, faces: list[Face]) -> np.ndarray:
