@@ -78,6 +78,7 @@ class FaceOutcome:
     user_id: str
     face: Face
     identity_score: float | None
+    user_version: int | None = None  # the published version that painted the face
 
 
 @dataclass
@@ -201,6 +202,7 @@ class Orchestrator:
                 uid,
                 face,
                 self.analyzer.identity(result, face, references[uid].embedding, found) if uid else None,
+                references[uid].artifacts.version if uid else None,
             )
             for uid, face in zip(user_ids + [""] * (len(faces) - len(user_ids)), faces, strict=True)
         ]

@@ -233,6 +233,8 @@ def _image_message(template_index: int, generation: Generation) -> generator_pb2
         result = generator_pb2.FaceResult(user_id=outcome.user_id, face=face)
         if outcome.identity_score is not None:
             result.identity_score = outcome.identity_score
+        if outcome.user_version is not None:
+            result.user_version = outcome.user_version
         message.faces.append(result)
     message.intermediates.extend(
         common_pb2.NamedImage(name=name, png=encode_png(image)) for name, image in generation.intermediates

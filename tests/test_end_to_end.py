@@ -12,6 +12,7 @@ import pytest
 from easyphoto.engines.faces.models import default_face_models
 from easyphoto.fixtures.photos import person_photos, sample_photo
 from easyphoto.imaging.codec import encode_png
+from easyphoto.rpc.wire import error_details
 from easyphoto.server.app import ServerConfig, build_app
 from easyphoto.trainer.app import TrainerApp, TrainerConfig, build_trainer
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
@@ -50,6 +51,12 @@ def test_a_trained_user_is_refreshed_and_generated(services: tuple[grpc.Channel,
     created = stub.CreateTrainingJob(
         trainer_pb2.CreateTrainingJobRequest(user_id="zoe", photos=photos, options=TRAINING), timeout=30
     )
+    early = generator_pb2.GenerateRequest(templates=[encode_png(sample_photo("astronaut"))], user_ids=["zoe"])
+    with pytest.raises(grpc.RpcError) as training_now:  # the first job is queued or running
+        generator_pb2_grpc.GeneratorStub(orchestrator).Generate(early, timeout=60)
+    details = error_details(training_now.value)
+    assert (details["code"], details["reason"]) == ("FAILED_PRECONDITION", "USER_NOT_READY")
+    assert created.job_id in details["message"]
     for job in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=created.job_id), timeout=300):
         if job.state not in (trainer_pb2.JOB_STATE_QUEUED, trainer_pb2.JOB_STATE_RUNNING):
             break
@@ -64,6 +71,7 @@ def test_a_trained_user_is_refreshed_and_generated(services: tuple[grpc.Channel,
     response = generator_pb2_grpc.GeneratorStub(orchestrator).Generate(request, timeout=120)
     face = response.images[0].faces[0]
     assert face.user_id == "zoe" and face.HasField("identity_score")
+    assert face.user_version == job.published_version == 1
 
 
 def test_refresh_user_errors(services: tuple[grpc.Channel, grpc.Channel]) -> None:

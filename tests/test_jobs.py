@@ -20,7 +20,7 @@ from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.models.loading import tiny_family
 from easyphoto.fixtures.photos import person_photos
 from easyphoto.imaging.codec import encode_png
-from easyphoto.rpc.errors import Cancelled, InvalidArgument
+from easyphoto.rpc.errors import Cancelled, InvalidArgument, UnknownUser, UserNotReady
 from easyphoto.trainer.jobs import (
     CANCELLED,
     FAILED,
@@ -175,6 +175,53 @@ def test_folders_of_jobs_that_were_never_recorded_are_removed_at_start(
     runner.start()
     runner.stop()
     assert not orphan.parent.exists()
+
+
+def test_training_marks_of_jobs_that_ended_are_removed_at_start(
+    store: JobStore, tmp_path: Path, faces: FaceAnalyzer
+) -> None:
+    """Marks a killed trainer could not remove: of a cancelled, a failed, a never-recorded job, and
+    of one failed at start for crash-looping."""
+    users = UserStore(tmp_path)
+    cancelled = store.create("ann", OPTIONS, seed=1, photo_count=1)
+    store.update(cancelled.job_id, state=CANCELLED)
+    failed = store.create("bea", OPTIONS, seed=1, photo_count=1)
+    store.update(failed.job_id, state=FAILED)
+    looping = store.create("dee", OPTIONS, seed=1, photo_count=1)
+    store.update(looping.job_id, state=RUNNING, attempts=MAX_ATTEMPTS)
+    marks = [
+        ("ann", cancelled.job_id),
+        ("bea", failed.job_id),
+        ("cy", "never-recorded"),
+        ("dee", looping.job_id),
+    ]
+    for user_id, job_id in marks:
+        users.mark_training(user_id, job_id)
+    with pytest.raises(UserNotReady, match=cancelled.job_id):
+        users.load("ann")
+    runner = _runner(store, tmp_path, faces)
+    runner.start()
+    runner.stop()
+    assert users.marked_users() == []
+    for user_id, _ in marks:
+        with pytest.raises(UnknownUser):
+            users.load(user_id)
+
+
+def _write_faces(folder: Path) -> None:
+    face = encode_png(person_photos()[0])
+    (folder / "face_id.png").write_bytes(face)
+    (folder / "reference.png").write_bytes(face)
+
+
+def test_a_user_training_again_keeps_its_published_version(tmp_path: Path) -> None:
+    users = UserStore(tmp_path)
+    users.publish("eve", lambda folder: _write_faces(folder), {})
+    users.mark_training("eve", "retrain")
+    assert users.load("eve").version == 1
+    users.unmark_training("eve", "retrain")
+    users.unmark_training("eve", "retrain")  # twice is harmless
+    assert users.training_jobs("eve") == [] and users.load("eve").version == 1
 
 
 def test_stopping_pauses_the_running_job_and_the_next_start_resumes_it(

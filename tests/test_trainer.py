@@ -31,7 +31,7 @@ from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.models.loading import tiny_family
 from easyphoto.fixtures.photos import person_photos, sample_photo
 from easyphoto.imaging.codec import encode_png
-from easyphoto.rpc.errors import NoUsablePhotos
+from easyphoto.rpc.errors import NoUsablePhotos, UnknownUser
 from easyphoto.rpc.wire import error_details
 from easyphoto.trainer.app import TrainerApp, TrainerConfig, build_trainer
 from easyphoto.trainer.lora_training import LoraTrainer, TrainingImages
@@ -112,6 +112,7 @@ def test_a_job_publishes_a_user_and_reports_every_dropped_photo(
     assert (
         job.state == trainer_pb2.JOB_STATE_QUEUED and job.options.rank == 4 and job.options.merge_top_k == 3
     )
+    assert trainer.runner.users.training_jobs("ann") == [job.job_id]  # what serving replicas read
     events = _watch(channel, job.job_id)
     final = events[-1]
     assert final.state == trainer_pb2.JOB_STATE_SUCCEEDED, final.error
@@ -133,6 +134,7 @@ def test_a_job_publishes_a_user_and_reports_every_dropped_photo(
     user = users_pb2_grpc.UsersStub(channel).GetUser(users_pb2.GetUserRequest(user_id="ann"), timeout=10)
     assert user.state == users_pb2.USER_STATE_READY and user.version == 1 and len(user.lora_sha256) == 64
     assert not (trainer.runner.job_dir(job.job_id) / "checkpoints").exists()
+    assert trainer.runner.users.training_jobs("ann") == []
 
 
 def test_metrics_count_jobs_steps_and_dropped_photos(trainer: TrainerApp, channel: grpc.Channel) -> None:
@@ -167,7 +169,7 @@ def test_metrics_count_jobs_steps_and_dropped_photos(trainer: TrainerApp, channe
     assert handled["CreateTrainingJob"] >= 1
 
 
-def test_all_photos_unusable_fails_with_every_reason(channel: grpc.Channel) -> None:
+def test_all_photos_unusable_fails_with_every_reason(trainer: TrainerApp, channel: grpc.Channel) -> None:
     stub = trainer_pb2_grpc.TrainerStub(channel)
     job = stub.CreateTrainingJob(_request("bad", [sample_photo("coffee"), b"\x89PNG broken"]), timeout=30)
     final = _watch(channel, job.job_id)[-1]
@@ -176,6 +178,8 @@ def test_all_photos_unusable_fails_with_every_reason(channel: grpc.Channel) -> N
     assert "photo 0: NO_FACE" in final.error.message and "photo 1: IMAGE_UNREADABLE" in final.error.message
     user = users_pb2_grpc.UsersStub(channel).GetUser(users_pb2.GetUserRequest(user_id="bad"), timeout=10)
     assert user.state == users_pb2.USER_STATE_FAILED
+    with pytest.raises(UnknownUser):  # nothing published, nothing training: unknown to serving
+        trainer.runner.users.load("bad")
 
 
 def test_cancel_stops_a_running_job_and_a_queued_one(trainer: TrainerApp, channel: grpc.Channel) -> None:
@@ -195,6 +199,7 @@ def test_cancel_stops_a_running_job_and_a_queued_one(trainer: TrainerApp, channe
     final = _watch(channel, long.job_id)[-1]
     assert final.state == trainer_pb2.JOB_STATE_CANCELLED and final.step < 500
     assert trainer.runner.users.current_version("cat") is None
+    assert trainer.runner.users.training_jobs("cat") == trainer.runner.users.training_jobs("dan") == []
 
 
 def test_deleting_a_user_removes_its_finished_jobs_and_their_files(

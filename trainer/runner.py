@@ -90,6 +90,7 @@ class JobRunner:
         for leftover in self.users.clean_staging():
             log.warning("removed a half-published version: %s", leftover)
         self._remove_orphan_folders()
+        self._remove_stale_training_marks()
         for job in self.store.list(states=(RUNNING,), limit=10_000):
             self._requeue_after_crash(job)
         for job in self.store.list(states=(QUEUED,), limit=10_000):
@@ -102,7 +103,7 @@ class JobRunner:
             log.error("job %s stopped the trainer %d times; failing it", job.job_id, job.attempts)
             error = CrashLoop(f"the trainer stopped {job.attempts} times while running this job")
             self.store.update(job.job_id, state=FAILED, error=error_record(error), eta_seconds=0.0)
-            self.discard_files(job.job_id)
+            self.ended(job)
             return
         log.warning("job %s was running when the trainer stopped; resuming at step %d", job.job_id, job.step)
         self.store.update(
@@ -110,6 +111,15 @@ class JobRunner:
             state=QUEUED,
             warnings=[*job.warnings, f"resumed after a trainer restart (was at step {job.step})"],
         )
+
+    def _remove_stale_training_marks(self) -> None:
+        """Marks of jobs that ended (or were never recorded) while no trainer could remove them."""
+        known = self.store.job_ids()
+        for user_id in self.users.marked_users():
+            for job_id in self.users.training_jobs(user_id):
+                if job_id not in known or self.store.get(job_id).finished:
+                    log.warning("job %s of %s has ended; removing its training mark", job_id, user_id)
+                    self.users.unmark_training(user_id, job_id)
 
     def _remove_orphan_folders(self) -> None:
         """Job folders whose job row was never written (killed inside ``submit``) or was deleted."""
@@ -148,12 +158,16 @@ class JobRunner:
         try:
             for index, data in enumerate(photos):
                 write_atomically(folder / f"{index:03d}.bin", data)
+            # Marked before the row exists: serving may say "training" a moment early, never late.
+            self.users.mark_training(user_id, job_id)
             job = self.store.create(user_id, options, seed, len(photos), request_id, job_id=job_id)
         except BaseException:
             shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            self.users.unmark_training(user_id, job_id)
             raise
         if job.job_id != job_id:  # a retried request_id: the earlier job answers
             shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            self.users.unmark_training(user_id, job_id)
             return job
         self._queue.put(job.job_id)
         log.info("job %s queued for user %s with %d photos", job.job_id, user_id, len(photos))
@@ -162,7 +176,7 @@ class JobRunner:
     def cancel(self, job_id: str) -> JobRecord:
         cancelled = self.store.transition(job_id, (QUEUED,), state=CANCELLED, stage="cancelled")
         if cancelled is not None:
-            self.discard_files(job_id)
+            self.ended(cancelled)
             return cancelled
         with self._lock:  # RUNNING: the worker sees this at its next step
             self._cancelled.add(job_id)
@@ -178,6 +192,11 @@ class JobRunner:
         for job_id in removed:
             shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
         return len(removed)
+
+    def ended(self, job: JobRecord) -> None:
+        """What a job that will not run again leaves behind: its large files and its training mark."""
+        self.discard_files(job.job_id)
+        self.users.unmark_training(job.user_id, job.job_id)
 
     def discard_files(self, job_id: str) -> None:
         for name in DISCARDED_WHEN_FINISHED:
@@ -226,15 +245,15 @@ class JobRunner:
                 log.info("job %s paused at step %d for shutdown", job.job_id, self.store.get(job.job_id).step)
                 return self.store.update(job.job_id, state=QUEUED, stage="queued", eta_seconds=0.0)
             log.info("job %s cancelled at step %d", job.job_id, self.store.get(job.job_id).step)
-            self.discard_files(job.job_id)
+            self.ended(job)
             return self.store.update(job.job_id, state=CANCELLED, stage="cancelled", eta_seconds=0.0)
         except EasyPhotoError as error:
             log.warning("job %s failed: %s %s", job.job_id, error.reason, error.message)
-            self.discard_files(job.job_id)
+            self.ended(job)
             return self.store.update(job.job_id, state=FAILED, error=error_record(error), eta_seconds=0.0)
         except Exception as exc:
             log.exception("job %s failed", job.job_id)
-            self.discard_files(job.job_id)
+            self.ended(job)
             internal = EasyPhotoError(f"{type(exc).__name__}: {str(exc)[:MAX_ERROR_CHARS]}")
             return self.store.update(job.job_id, state=FAILED, error=error_record(internal), eta_seconds=0.0)
         finally:
@@ -428,9 +447,10 @@ class _Job:
     def finish(self, version: int) -> None:
         self.update(published_version=version)
         self.notify(version)
-        # Before SUCCEEDED, so that a watcher seeing the job done finds its large files gone; a crash
-        # in between resumes into this same finish (the version is found by its job id).
-        self.runner.discard_files(self.job.job_id)  # the report keeps the checkpoints' scores
+        # Before SUCCEEDED, so that a watcher seeing the job done finds its large files gone (the
+        # report keeps the checkpoints' scores) and serving no longer says "training"; a crash in
+        # between resumes into this same finish (the version is found by its job id).
+        self.runner.ended(self.job)
         self.update(state=SUCCEEDED, stage="done", eta_seconds=0.0)
 
     def notify(self, version: int) -> None:

@@ -8,10 +8,15 @@ temporary name and renamed into place, and ``CURRENT`` is replaced atomically, s
 whole version or none. Version numbers are never reused, even after the user is deleted
 (``version-counters/<user_id>`` keeps the last one), so a cache keyed by (user, version) cannot
 serve a deleted identity.
+
+``training/<user_id>/<job_id>`` marks a training job that is queued or running: the trainer writes
+it at submission and removes it when the job publishes, fails or is cancelled. Every orchestrator
+replica reading the same root can so tell a user still training from an unknown one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -114,16 +119,46 @@ class UserStore:
             return []
         return sorted(p.name for p in users.iterdir() if p.is_dir() and not p.name.startswith("."))
 
+    def mark_training(self, user_id: str, job_id: str) -> None:
+        """Records that ``job_id`` trains ``user_id`` (queued or running)."""
+        check_user_id(user_id, "user_id")
+        folder = self.root / "training" / user_id
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(folder / job_id, json.dumps({"job_id": job_id}).encode())
+
+    def unmark_training(self, user_id: str, job_id: str) -> None:
+        """The job has ended (published, failed or cancelled); safe to call more than once."""
+        folder = self.root / "training" / user_id
+        (folder / job_id).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # another job of the user is still marked, or it is gone
+            folder.rmdir()
+
+    def training_jobs(self, user_id: str) -> list[str]:
+        """The user's jobs marked queued or running."""
+        folder = self.root / "training" / user_id
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))  # not half-written
+
+    def marked_users(self) -> list[str]:
+        folder = self.root / "training"
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
     def load(self, user_id: str, field_name: str = "user_ids") -> UserArtifacts:
         check_user_id(user_id, field_name)
         directory = self.user_dir(user_id)
-        if not directory.is_dir():
-            raise UnknownUser(f"no user {user_id!r}", field=field_name)
         version = self.current_version(user_id)
         if version is None:
-            raise UserNotReady(
-                f"user {user_id!r} has no published version yet (still training?)", field=field_name
-            )
+            if jobs := self.training_jobs(user_id):
+                raise UserNotReady(
+                    f"user {user_id!r} has no published version yet: training job {jobs[0]} is queued"
+                    " or running; retry when it has succeeded",
+                    field=field_name,
+                    metadata={"user_id": user_id, "job_id": jobs[0]},
+                )
+            if not directory.is_dir():
+                raise UnknownUser(f"no user {user_id!r}", field=field_name)
+            raise UserNotReady(f"user {user_id!r} has no published version", field=field_name)
         folder = directory / f"v{version}"
         meta_path = folder / "meta.json"
         return UserArtifacts(
