@@ -90,10 +90,12 @@ def grow_box(box: Box, scale: float, width: int, height: int) -> Box:
 def tighten_box(
     box: Box, width: int, height: int, x: float = 0.30, top: float = 0.15, bottom: float = 0.15
 ) -> Box:
-    """The training crop around a re-detected face: x +- x*w, top - top*h, bottom + bottom*h."""
+    """The rectangle of a training photo kept around its re-detected face: x0 - x*w, x1 + x*w, and
+    both horizontal edges moved down, y0 + top*h (below the hairline), y1 + bottom*h (reference
+    ``scripts/preprocess.py`` L231-234 at 6c1f895)."""
     x0, y0, x1, y1 = box
     w, h = x1 - x0, y1 - y0
-    return clip_box((x0 - x * w, y0 - top * h, x1 + x * w, y1 + bottom * h), width, height)
+    return clip_box((x0 - x * w, y0 + top * h, x1 + x * w, y1 + bottom * h), width, height)
 
 
 def int_box(box: Box) -> tuple[int, int, int, int]:
@@ -147,6 +149,10 @@ class Face:
         """The same face in a crop whose origin is at (-dx, -dy) of this image."""
         x0, y0, x1, y1 = self.box
         return Face((x0 + dx, y0 + dy, x1 + dx, y1 + dy), self.score, self.landmarks + np.array([dx, dy]))
+
+    def scaled(self, factor: float) -> Face:
+        """The same face in this image resized by ``factor``."""
+        return Face(tuple(v * factor for v in self.box), self.score, self.landmarks * factor)  # type: ignore[arg-type]
 
     def to_json(self) -> dict[str, object]:
         return {

@@ -50,7 +50,7 @@ def test_roll_angle_and_score() -> None:
 def test_box_grow_and_tighten() -> None:
     assert geometry.grow_box((40, 40, 60, 80), 3.0, 1000, 1000) == (20, 0, 80, 120)
     assert geometry.grow_box((0, 0, 10, 10), 3.0, 20, 20) == (0, 0, 20, 20)  # clipped
-    assert geometry.tighten_box((100, 100, 200, 300), 1000, 1000) == pytest.approx((70, 70, 230, 330))
+    assert geometry.tighten_box((100, 100, 200, 300), 1000, 1000) == pytest.approx((70, 130, 230, 330))
 
 
 def test_fit_size_keeps_multiples() -> None:

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -357,9 +358,54 @@ def test_a_tilted_photo_still_crops_around_the_face(faces: FaceAnalyzer) -> None
     for crop, face in zip(prepared.crops, prepared.crop_faces, strict=True):
         height, width = crop.shape[:2]
         assert 0 <= face.box[0] < face.box[2] <= width and 0 <= face.box[1] < face.box[3] <= height
-        assert face.width / width > 0.5  # tightened: x +- 0.30 w leaves the face most of the crop
     scores = [r.roll_score for r in prepared.reports]
     assert scores[0] > scores[1]
+
+
+def test_training_images_keep_the_3x_framing_and_only_the_tight_rectangle(faces: FaceAnalyzer) -> None:
+    """preprocess.py L224-246: the training image is the 3x crop (the scale faces are painted at),
+    white outside the saliency matte and the rectangle x +- 0.30 w, y0 + 0.15 h .. y1 + 0.15 h."""
+    from easyphoto.trainer.photos import prepare_photos
+
+    prepared = prepare_photos(
+        [encode_png(p) for p in person_photos()[:2]], TrainingOptions(), faces, default_face_models()
+    )
+    assert len(prepared.crops) == 2
+    for crop, face, report in zip(prepared.crops, prepared.crop_faces, prepared.reports, strict=True):
+        x0, y0, x1, _ = report.crop_box
+        fx0, _, fx1, _ = report.face_box
+        assert (x1 - x0) / (fx1 - fx0) == pytest.approx(3.0, abs=0.05)  # not clipped sideways here
+        assert crop.shape[1] / face.width == pytest.approx(3.0, rel=0.15)  # re-detected in the crop
+        top = int(face.box[1] + 0.15 * face.height)  # the top edge moves down, below the hairline
+        assert (crop[: top - 1] == 255).all() and (crop[top + 2 : top + 12] != 255).any()
+        assert report.tight_box[1] == pytest.approx(y0 + top, abs=1.5)
+        left = int(face.box[0] - 0.30 * face.width)
+        assert (crop[:, : max(left - 1, 0)] == 255).all()
+    assert (prepared.reference[:5] != 255).any()  # the reference photo is the 3x crop, not matted
+
+
+def test_portrait_enhancement_upscales_small_crops_for_at_most_half_the_photos(faces: FaceAnalyzer) -> None:
+    from easyphoto.trainer.photos import prepare_photos
+
+    photos = [encode_png(p) for p in person_photos()[:2]]
+    plain = prepare_photos(photos, TrainingOptions(), faces, default_face_models())
+    enhanced = prepare_photos(
+        photos, TrainingOptions(portrait_enhancement=True), faces, default_face_models()
+    )
+    grown = [b.shape[0] / a.shape[0] for a, b in zip(plain.crops, enhanced.crops, strict=True)]
+    assert sorted(grown) == [1.0, 2.0]  # one of two photos (preprocess.py L211-218), x2
+    index = grown.index(2.0)
+    scaled, face = enhanced.crop_faces[index], plain.crop_faces[index]
+    assert scaled.box == pytest.approx(tuple(2 * v for v in face.box))
+
+
+def test_a_photo_whose_matte_is_empty_is_dropped_with_its_reason(faces: FaceAnalyzer) -> None:
+    from easyphoto.trainer.photos import prepare_photos
+
+    nothing = replace(default_face_models(), matte=lambda image, box: np.zeros(image.shape[:2], np.uint8))
+    prepared = prepare_photos([encode_png(person_photos()[0])], TrainingOptions(), faces, nothing)
+    assert prepared.crops == [] and prepared.reports[0].reason == "EMPTY_MATTE"
+    assert not prepared.reports[0].kept and "EMPTY_MATTE" in prepared.no_usable_photos().message
 
 
 STEPS = 12

@@ -121,7 +121,7 @@ class JobRecord:
             total_steps=self.total_steps,
             loss=self.loss,
             eta_seconds=self.eta_seconds,
-            photos=[trainer_pb2.PhotoReport(**photo) for photo in self.photos],
+            photos=[_photo_report(photo) for photo in self.photos],
             created_at=timestamp(self.created_at),
             updated_at=timestamp(self.updated_at),
             options=self.training_options.to_proto(),
@@ -131,6 +131,18 @@ class JobRecord:
         if self.error:
             job.error.CopyFrom(common_pb2.ErrorDetail(**self.error))
         return job
+
+
+BOXES = ("face_box", "crop_box", "tight_box")
+
+
+def _photo_report(photo: dict[str, Any]) -> trainer_pb2.PhotoReport:
+    report = trainer_pb2.PhotoReport(**{k: v for k, v in photo.items() if k not in BOXES})
+    for name in BOXES:
+        if box := photo.get(name):  # absent in jobs recorded before boxes were, empty if not framed
+            x0, y0, x1, y1 = box
+            getattr(report, name).CopyFrom(common_pb2.Box(x0=x0, y0=y0, x1=x1, y1=y1))
+    return report
 
 
 def timestamp(seconds: float) -> Timestamp:

@@ -1,9 +1,10 @@
 """From uploaded photos to training crops (MISSION.md §1 steps 1–5), with a reason per dropped photo.
 
-Decode (EXIF-rotated RGB, size limits) → largest face → identity filter (photos that do not look
-like the majority are dropped, then the top ``max_kept_photos`` by dot with the mean embedding are
-kept) → reference photo by score × roll-score → crop the box × 3, re-detect, tighten → saliency
-matte, everything outside painted white.
+Decode (EXIF-rotated RGB, size limits) → largest face → identity filter (the top
+``max_kept_photos`` by dot with the mean embedding; photos unlike the majority are flagged, or
+dropped with ``drop_different_person``) → crop the box × 3 (the training image keeps that framing),
+re-detect, tighten → saliency matte ∧ tight rectangle, everything outside painted white; a photo
+whose matte is empty is dropped → reference photo by score × roll-score.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from easyphoto.engines.faces.detect import FaceAnalyzer
@@ -33,6 +35,11 @@ class PhotoReport:
     message: str = ""
     identity_score: float = 0.0
     roll_score: float = 0.0
+    # Where the photo was framed, in its own pixels (x0, y0, x1, y1): the face found, the 3x crop
+    # that is the training image, and the rectangle of it that the matte may keep.
+    face_box: list[float] = field(default_factory=list)
+    crop_box: list[float] = field(default_factory=list)
+    tight_box: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -44,10 +51,18 @@ class _Candidate:
 
 
 @dataclass
+class _Framed:
+    candidate: _Candidate
+    crop: np.ndarray  # the 3x crop, before the matte
+    face: Face  # in the crop
+    tight: tuple[int, int, int, int]  # in the crop
+
+
+@dataclass
 class PreparedPhotos:
-    crops: list[np.ndarray]  # matted training crops, in kept order (best identity score first)
+    crops: list[np.ndarray]  # matted 3x training crops, in kept order (best identity score first)
     crop_faces: list[Face]  # the face in each crop
-    reference: np.ndarray  # the "roop" photo: the tight crop of the best score × roll-score photo
+    reference: np.ndarray  # the "roop" photo: the 3x crop of the best score × roll-score photo
     reference_face: Face | None  # the face in it
     embeddings: np.ndarray  # of the kept faces (rows, L2-normalised)
     reports: list[PhotoReport]
@@ -71,34 +86,48 @@ def prepare_photos(
     on_stage("filter")
     kept, warnings = _filter(candidates, options.max_kept_photos, analyzer.same_person_threshold)
     if not kept:
-        empty = np.zeros((0, 0, 3), np.uint8)
-        return PreparedPhotos([], [], empty, None, np.zeros((0, 0), np.float32), reports, warnings)
+        return _nothing(reports, warnings)
     on_stage("crop")
-    reference = max(kept, key=lambda c: c.report.identity_score * c.report.roll_score)
-    crops, faces = [], []
-    for candidate in kept:
-        crop, face = _tight_crop(candidate, options, analyzer)
-        if options.portrait_enhancement and min(crop.shape[:2]) < options.resolution:
-            crop = super_resolve(crop, face_models.upscaler, 1.0)
-            face = analyzer.largest(crop)
-        crops.append(crop)
-        faces.append(face)
-    chosen = kept.index(reference)
+    framed = [_frame(candidate, options, analyzer) for candidate in kept]
+    if options.portrait_enhancement:
+        framed = _enhance_small(framed, options.resolution, face_models)
     on_stage("matte")
-    matted = [
-        apply_matte(crop, face_models.matte(crop, face.box)) for crop, face in zip(crops, faces, strict=True)
-    ]
+    matted = _matted(framed, face_models)
     if options.skin_retouching:
         warnings.append("skin_retouching was requested but no retouching model is loaded; skipped")
+    if not matted:
+        return _nothing(reports, warnings)
+    # preprocess.py L190-194: the reference photo is the best by identity score × roll score.
+    reference = max((frame for frame, _ in matted), key=_reference_score)
     return PreparedPhotos(
-        crops=matted,
-        crop_faces=faces,
-        reference=crops[chosen],
-        reference_face=faces[chosen],
-        embeddings=np.stack([c.embedding for c in kept]),
+        crops=[image for _, image in matted],
+        crop_faces=[frame.face for frame, _ in matted],
+        reference=reference.crop,
+        reference_face=reference.face,
+        embeddings=np.stack([frame.candidate.embedding for frame, _ in matted]),
         reports=reports,
         warnings=warnings,
     )
+
+
+def _nothing(reports: list[PhotoReport], warnings: list[str]) -> PreparedPhotos:
+    empty = np.zeros((0, 0, 3), np.uint8)
+    return PreparedPhotos([], [], empty, None, np.zeros((0, 0), np.float32), reports, warnings)
+
+
+def _matted(framed: list[_Framed], face_models: FaceModels) -> list[tuple[_Framed, np.ndarray]]:
+    """Each crop with everything outside its training mask white; a photo whose mask is empty is
+    dropped (preprocess.py L243-246)."""
+    matted = []
+    for frame in framed:
+        mask = _training_mask(frame, face_models)
+        if mask.any():
+            matted.append((frame, apply_matte(frame.crop, mask)))
+            continue
+        report = frame.candidate.report
+        report.kept, report.reason = False, "EMPTY_MATTE"
+        report.message = "the saliency matte kept nothing inside the face's rectangle"
+    return matted
 
 
 def _detect(data: bytes, report: PhotoReport, analyzer: FaceAnalyzer) -> _Candidate | None:
@@ -149,18 +178,61 @@ def _filter(
     return kept, warnings
 
 
-def _tight_crop(
-    candidate: _Candidate, options: TrainingOptions, analyzer: FaceAnalyzer
-) -> tuple[np.ndarray, Face]:
-    """Box × crop_scale, re-detect there, then the tighten rule of MISSION.md §1.4."""
+def _frame(candidate: _Candidate, options: TrainingOptions, analyzer: FaceAnalyzer) -> _Framed:
+    """The face box × ``crop_scale`` (preprocess.py L154, L167), the face re-detected there (L224)
+    and the tight rectangle around it (L231-234). A crop whose short side passes twice the training
+    resolution is shrunk first: training resizes it to that resolution anyway."""
     image, face = candidate.image, candidate.face
     height, width = image.shape[:2]
-    x0, y0, x1, y1 = int_box(grow_box(face.box, options.crop_scale, width, height))
-    wide = image[y0:y1, x0:x1]
+    box = int_box(grow_box(face.box, options.crop_scale, width, height))
+    x0, y0, x1, y1 = box
+    crop = image[y0:y1, x0:x1]
     expected = face.shifted(-x0, -y0)
-    local = nearest_face(analyzer.detect(wide), expected)
-    wide_h, wide_w = wide.shape[:2]
-    tx0, ty0, tx1, ty1 = int_box(
-        tighten_box(local.box, wide_w, wide_h, options.tighten_x, options.tighten_top, options.tighten_bottom)
+    factor = min(1.0, 2 * options.resolution / min(crop.shape[:2]))
+    if factor < 1.0:
+        size = (max(1, round(crop.shape[1] * factor)), max(1, round(crop.shape[0] * factor)))
+        crop, expected = cv2.resize(crop, size, interpolation=cv2.INTER_AREA), expected.scaled(factor)
+    local = nearest_face(analyzer.detect(crop), expected)
+    crop_h, crop_w = crop.shape[:2]
+    tight = int_box(
+        tighten_box(local.box, crop_w, crop_h, options.tighten_x, options.tighten_top, options.tighten_bottom)
     )
-    return wide[ty0:ty1, tx0:tx1], local.shifted(-tx0, -ty0)
+    report = candidate.report
+    report.face_box = _rounded(face.box)
+    report.crop_box = [float(v) for v in box]
+    tx0, ty0, tx1, ty1 = (v / factor for v in tight)
+    report.tight_box = _rounded((x0 + tx0, y0 + ty0, x0 + tx1, y0 + ty1))
+    return _Framed(candidate, crop, local, tight)
+
+
+def _enhance_small(framed: list[_Framed], resolution: int, face_models: FaceModels) -> list[_Framed]:
+    """Crops smaller than the training resolution upscaled through the enhancer, for at most half
+    of the photos (preprocess.py L209-218)."""
+    budget = len(framed) // 2
+    enhanced = []
+    for frame in framed:
+        if budget > 0 and min(frame.crop.shape[:2]) < resolution:
+            budget -= 1
+            crop = super_resolve(frame.crop, face_models.upscaler, 1.0)
+            factor = crop.shape[1] / frame.crop.shape[1]
+            tight = int_box(tuple(v * factor for v in frame.tight))
+            frame = _Framed(frame.candidate, crop, frame.face.scaled(factor), tight)
+        enhanced.append(frame)
+    return enhanced
+
+
+def _training_mask(frame: _Framed, face_models: FaceModels) -> np.ndarray:
+    """The saliency matte of the whole 3x crop and the tight rectangle (preprocess.py L235-240)."""
+    x0, y0, x1, y1 = frame.tight
+    rectangle = np.zeros(frame.crop.shape[:2], bool)
+    rectangle[y0:y1, x0:x1] = True
+    kept = (face_models.matte(frame.crop, frame.face.box) > 127) & rectangle
+    return np.where(kept, 255, 0).astype(np.uint8)
+
+
+def _reference_score(frame: _Framed) -> float:
+    return frame.candidate.report.identity_score * frame.candidate.report.roll_score
+
+
+def _rounded(box: tuple[float, ...]) -> list[float]:
+    return [round(float(v), 1) for v in box]
