@@ -109,7 +109,9 @@ def test_a_job_publishes_a_user_and_reports_every_dropped_photo(
         b"not an image",
         other_person(faces),
     ]
-    job = trainer_pb2_grpc.TrainerStub(channel).CreateTrainingJob(_request("ann", photos), timeout=30)
+    job = trainer_pb2_grpc.TrainerStub(channel).CreateTrainingJob(
+        _request("ann", photos, drop_different_person=True), timeout=30
+    )
     assert (
         job.state == trainer_pb2.JOB_STATE_QUEUED and job.options.rank == 4 and job.options.merge_top_k == 3
     )
@@ -122,6 +124,10 @@ def test_a_job_publishes_a_user_and_reports_every_dropped_photo(
     reasons = {p.index: p.reason for p in final.photos if not p.kept}
     assert reasons == {4: "NO_FACE", 5: "IMAGE_UNREADABLE", 6: "DIFFERENT_PERSON"}
     assert all(p.identity_score > 0.9 for p in final.photos if p.kept)
+    assert (
+        final.photos[6].median_similarity < faces.same_person_threshold <= final.photos[0].median_similarity
+    )
+    assert final.photos[0].crop_box.x1 > final.photos[0].face_box.x1  # the framing is reported
 
     folder = trainer.runner.users.user_dir("ann") / "v1"
     assert final.published_version == 1 and (folder.parent / "CURRENT").read_text() == "1"
@@ -382,6 +388,22 @@ def test_training_images_keep_the_3x_framing_and_only_the_tight_rectangle(faces:
         left = int(face.box[0] - 0.30 * face.width)
         assert (crop[:, : max(left - 1, 0)] == 255).all()
     assert (prepared.reference[:5] != 255).any()  # the reference photo is the 3x crop, not matted
+
+
+def test_a_photo_unlike_the_others_is_kept_with_a_warning_by_default(faces: FaceAnalyzer) -> None:
+    """The reference only ranks by similarity to the mean; the majority check only warns."""
+    from easyphoto.trainer.photos import prepare_photos
+
+    photos = [encode_png(p) for p in [*person_photos(), other_person(faces)]]
+    prepared = prepare_photos(photos, TrainingOptions(), faces, default_face_models())
+    assert all(r.kept for r in prepared.reports) and len(prepared.crops) == 5
+    assert any(w.startswith("photo 4 may show someone else (median similarity") for w in prepared.warnings)
+    others = min(r.median_similarity for r in prepared.reports[:4])
+    assert prepared.reports[4].median_similarity < faces.same_person_threshold <= others
+    dropped = prepare_photos(
+        photos, TrainingOptions(drop_different_person=True), faces, default_face_models()
+    )
+    assert dropped.reports[4].reason == "DIFFERENT_PERSON" and len(dropped.crops) == 4
 
 
 def test_portrait_enhancement_upscales_small_crops_for_at_most_half_the_photos(faces: FaceAnalyzer) -> None:

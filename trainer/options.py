@@ -20,6 +20,7 @@ MAX_PHOTOS = 50
 @dataclass(frozen=True)
 class TrainingOptions:
     max_kept_photos: int = 15
+    drop_different_person: bool = False
     crop_scale: float = 3.0
     tighten_x: float = 0.30
     tighten_top: float = 0.15

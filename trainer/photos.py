@@ -1,10 +1,11 @@
 """From uploaded photos to training crops (MISSION.md §1 steps 1–5), with a reason per dropped photo.
 
 Decode (EXIF-rotated RGB, size limits) → largest face → identity filter (the top
-``max_kept_photos`` by dot with the mean embedding; photos unlike the majority are flagged, or
-dropped with ``drop_different_person``) → crop the box × 3 (the training image keeps that framing),
-re-detect, tighten → saliency matte ∧ tight rectangle, everything outside painted white; a photo
-whose matte is empty is dropped → reference photo by score × roll-score.
+``max_kept_photos`` by dot with the mean embedding, as the reference; photos unlike the majority
+are flagged with a warning, or dropped with ``drop_different_person``) → crop the box × 3 (the
+training image keeps that framing), re-detect, tighten → saliency matte ∧ tight rectangle,
+everything outside painted white; a photo whose matte is empty is dropped → reference photo by
+score × roll-score.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class PhotoReport:
     message: str = ""
     identity_score: float = 0.0
     roll_score: float = 0.0
+    median_similarity: float = 0.0  # to the other photos' faces (0 with fewer than 3)
     # Where the photo was framed, in its own pixels (x0, y0, x1, y1): the face found, the 3x crop
     # that is the training image, and the rectangle of it that the matte may keep.
     face_box: list[float] = field(default_factory=list)
@@ -84,7 +86,9 @@ def prepare_photos(
     on_stage("detect")
     candidates = [c for c in (_detect(photos[r.index], r, analyzer) for r in reports) if c is not None]
     on_stage("filter")
-    kept, warnings = _filter(candidates, options.max_kept_photos, analyzer.same_person_threshold)
+    kept, warnings = _filter(
+        candidates, options.max_kept_photos, analyzer.same_person_threshold, options.drop_different_person
+    )
     if not kept:
         return _nothing(reports, warnings)
     on_stage("crop")
@@ -142,23 +146,22 @@ def _detect(data: bytes, report: PhotoReport, analyzer: FaceAnalyzer) -> _Candid
 
 
 def _filter(
-    candidates: list[_Candidate], max_kept: int, threshold: float
+    candidates: list[_Candidate], max_kept: int, threshold: float, drop_different: bool
 ) -> tuple[list[_Candidate], list[str]]:
-    """Drops photos unlike the majority, then keeps the top ``max_kept`` by dot with the pivot."""
+    """Keeps the top ``max_kept`` by dot with the pivot (preprocess.py L76-84, L197-198). Photos
+    whose median similarity to the others is under ``threshold`` (a check the reference does not
+    make, calibrated on a handful of photos) are flagged in a warning, or dropped first with
+    ``drop_different``."""
     warnings: list[str] = []
-    if len(candidates) >= 3:
-        embeddings = np.stack([c.embedding for c in candidates])
-        pairwise = embeddings @ embeddings.T
-        np.fill_diagonal(pairwise, np.nan)
-        typical = np.nanmedian(pairwise, axis=1)
-        if (typical >= threshold).any():  # else no majority to compare with: keep all, warn below
-            for candidate, score in zip(candidates, typical, strict=True):
-                if score < threshold:
-                    candidate.report.reason = "DIFFERENT_PERSON"
-                    candidate.report.message = (
-                        f"median similarity {score:.3f} to the other photos is below {threshold}"
-                    )
-            candidates = [c for c in candidates if not c.report.reason]
+    unlike = _unlike_the_majority(candidates, threshold)
+    for candidate in unlike:
+        similarity = candidate.report.median_similarity
+        message = f"median similarity {similarity:.3f} to the other photos is below {threshold}"
+        if drop_different:
+            candidate.report.reason, candidate.report.message = "DIFFERENT_PERSON", message
+        else:
+            warnings.append(f"photo {candidate.report.index} may show someone else ({message}); kept")
+    candidates = [c for c in candidates if not c.report.reason]
     if not candidates:
         return [], warnings
     pivot = np.mean([c.embedding for c in candidates], axis=0)
@@ -176,6 +179,22 @@ def _filter(
     if len(kept) > 1 and float((embeddings @ embeddings.T).min()) < threshold:
         warnings.append("the kept photos may show more than one person")
     return kept, warnings
+
+
+def _unlike_the_majority(candidates: list[_Candidate], threshold: float) -> list[_Candidate]:
+    """Photos whose median cosine to the others is under ``threshold``, where at least one is over
+    it (else there is no majority to compare with); records every photo's median."""
+    if len(candidates) < 3:
+        return []
+    embeddings = np.stack([c.embedding for c in candidates])
+    pairwise = embeddings @ embeddings.T
+    np.fill_diagonal(pairwise, np.nan)
+    typical = np.nanmedian(pairwise, axis=1)
+    for candidate, score in zip(candidates, typical, strict=True):
+        candidate.report.median_similarity = round(float(score), 4)
+    if not (typical >= threshold).any():
+        return []
+    return [c for c, score in zip(candidates, typical, strict=True) if score < threshold]
 
 
 def _frame(candidate: _Candidate, options: TrainingOptions, analyzer: FaceAnalyzer) -> _Framed:
