@@ -33,7 +33,7 @@ from easyphoto.imaging.codec import encode_png
 from easyphoto.server.options import GenerateOptions
 from easyphoto.server.pipeline import Generation, Orchestrator, Progress
 from easyphoto.trainer.jobs import SUCCEEDED, JobStore
-from easyphoto.trainer.options import TrainingOptions
+from easyphoto.trainer.options import TINY_FAMILY_TRAINING, TrainingOptions
 from easyphoto.trainer.runner import JobRunner, RunnerConfig
 from easyphoto.users.store import UserStore
 
@@ -45,18 +45,9 @@ RANDOM_WEIGHTS_NOTE = "tiny RANDOM weights: faces are painted with noise, not fa
 DEMO_USER = "demo"
 # Group photo regions (x0, y0, x1, y1) holding one face and two faces.
 TEMPLATES = {"one_person": (640, 230, 940, 620), "two_person": (180, 60, 660, 560)}
-# Small enough to train the tiny models in seconds; every other number is the reference default.
-DEMO_TRAINING = TrainingOptions(
-    rank=8,
-    alpha=8.0,
-    resolution=128,
-    steps_per_photo=4,
-    max_train_steps=16,
-    gradient_accumulation_steps=1,
-    validation_interval=8,
-    validation_steps=10,
-    validation_templates=2,
-    seed=0,
+# The tiny family's defaults with fewer steps: the demo trains in seconds.
+DEMO_TRAINING = replace(
+    TINY_FAMILY_TRAINING, steps_per_photo=4, max_train_steps=16, validation_interval=8, seed=0
 )
 STAGE_TILES = (
     "crop", "openpose", "inpaint_mask", "first_diffusion_canny", "first_diffusion_color",

@@ -37,7 +37,7 @@ from easyphoto.rpc.wire import error_details
 from easyphoto.trainer.app import TrainerApp, TrainerConfig, build_trainer
 from easyphoto.trainer.lora_training import LoraTrainer, TrainingImages
 from easyphoto.trainer.merge import merge_checkpoints
-from easyphoto.trainer.options import TrainingOptions
+from easyphoto.trainer.options import TINY_FAMILY_TRAINING, TrainingOptions
 from easyphoto.trainer.validation import ValidationImage
 from easyphoto.v1 import trainer_pb2, trainer_pb2_grpc, users_pb2, users_pb2_grpc
 
@@ -133,6 +133,7 @@ def test_a_job_publishes_a_user_and_reports_every_dropped_photo(
     assert final.published_version == 1 and (folder.parent / "CURRENT").read_text() == "1"
     report = json.loads((folder / "report.json").read_text())
     assert len(report["validation"]) == 3 * 2 and len(report["merged_from"]) == 3
+    assert report["option_defaults"].startswith("tiny family") and report["options"]["rank"] == 4
     lora = load_lora(folder / "lora.safetensors")
     assert lora.targets == {"unet", "text_encoder"} and {x.rank for x in lora.layers} == {4}
     assert np.load(folder / "embeddings.npy").shape[0] == 4
@@ -260,6 +261,20 @@ def test_a_dead_worker_makes_the_trainer_unready(tmp_path: Path, monkeypatch: py
         assert unready.value.code == 503
     finally:
         app.stop(0)
+
+
+def test_unset_options_take_the_tiny_familys_defaults(channel: grpc.Channel) -> None:
+    """The reference's 512 px and 800 steps would take hours on the tiny family here."""
+    stub = trainer_pb2_grpc.TrainerStub(channel)
+    request = trainer_pb2.CreateTrainingJobRequest(
+        user_id="tia", photos=[encode_png(person_photos()[0])], options=trainer_pb2.TrainingOptions(rank=4)
+    )
+    job = stub.CreateTrainingJob(request, timeout=30)
+    stub.CancelJob(trainer_pb2.CancelJobRequest(job_id=job.job_id), timeout=10)
+    assert job.options.rank == 4  # set: kept
+    assert (job.options.resolution, job.options.max_train_steps) == (128, 400)
+    assert job.options.gradient_accumulation_steps == TINY_FAMILY_TRAINING.gradient_accumulation_steps == 1
+    assert _watch(channel, job.job_id)[-1].state == trainer_pb2.JOB_STATE_CANCELLED
 
 
 def test_bad_requests_get_their_codes(channel: grpc.Channel) -> None:

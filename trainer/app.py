@@ -31,6 +31,7 @@ from easyphoto.v1 import (
 
 from .jobs import JobStore
 from .metrics import TrainerMetrics
+from .options import training_defaults
 from .runner import JobRunner, Notify, RunnerConfig
 from .service import TrainerService, UsersService
 
@@ -96,7 +97,7 @@ def build_trainer(config: TrainerConfig, face_models: FaceModels | None = None) 
     runner = _runner(config, store, users, face_models, TrainerMetrics(metrics.registry))
     services = [
         Service(
-            TrainerService(store, runner),
+            TrainerService(store, runner, training_defaults(config.models)[0]),
             trainer_pb2_grpc.add_TrainerServicer_to_server,
             trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name,
         ),
@@ -131,6 +132,7 @@ def _runner(
         analyzer=models.analyzer(backend),
         notify=refresh_notifier(config.orchestrator) if config.orchestrator else None,
         metrics=metrics,
+        option_defaults=training_defaults(config.models)[1],
     )
     return JobRunner(store, users, runner_config)
 

@@ -66,6 +66,7 @@ class RunnerConfig:
     face_models: FaceModels
     analyzer: FaceAnalyzer
     notify: Notify | None = None  # tells the serving side a user version is ready
+    option_defaults: str = "reference (SD 1.5)"  # which defaults unset options took (the report says)
     metrics: TrainerMetrics = field(default_factory=lambda: TrainerMetrics(CollectorRegistry()))
 
 
@@ -470,6 +471,7 @@ class _Job:
             "user_id": self.job.user_id,
             "seed": self.job.seed,
             "options": self.options.to_json(),
+            "option_defaults": self.config.option_defaults,
             "photos": self.job.photos,
             "warnings": self.job.warnings,
             "validation": [r.to_json() for r in results],

@@ -16,7 +16,7 @@ from easyphoto.users.store import UserStore, check_user_id
 from easyphoto.v1 import trainer_pb2, trainer_pb2_grpc, users_pb2, users_pb2_grpc
 
 from .jobs import ACTIVE, FAILED, JobRecord, JobStore, UserBusy, timestamp
-from .options import MAX_PHOTOS, resolve_training_options
+from .options import MAX_PHOTOS, TrainingOptions, resolve_training_options
 from .runner import JobRunner
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,10 @@ def _guard(context: grpc.ServicerContext, call: Callable[[], Message]) -> Messag
 
 
 class TrainerService(trainer_pb2_grpc.TrainerServicer):
-    def __init__(self, store: JobStore, runner: JobRunner) -> None:
+    def __init__(self, store: JobStore, runner: JobRunner, defaults: TrainingOptions | None = None) -> None:
         self.store = store
         self.runner = runner
+        self.defaults = defaults or TrainingOptions()  # of options a request leaves unset
 
     def CreateTrainingJob(
         self, request: trainer_pb2.CreateTrainingJobRequest, context: grpc.ServicerContext
@@ -67,7 +68,7 @@ class TrainerService(trainer_pb2_grpc.TrainerServicer):
                 raise ImageTooLarge(
                     f"{len(photo)} bytes; the limit is {MAX_ENCODED_BYTES}", field=f"photos[{index}]"
                 )
-        options = resolve_training_options(request.options)
+        options = resolve_training_options(request.options, self.defaults)
         seed = options.seed if options.seed is not None else secrets.randbits(62)
         return self.runner.submit(request.user_id, list(request.photos), options, seed, request.request_id)
 
