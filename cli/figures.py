@@ -9,10 +9,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from easyphoto.engines.faces.fusion import fuse_faces, warp_reference
 from easyphoto.engines.faces.models import default_face_models
-from easyphoto.fixtures.photos import person_photos
+from easyphoto.fixtures.photos import person_photos, sample_photo
 from easyphoto.imaging.codec import encode_png
-from easyphoto.imaging.geometry import int_box
+from easyphoto.imaging.geometry import grow_box, int_box
 from easyphoto.trainer.options import TrainingOptions
 from easyphoto.trainer.photos import prepare_photos
 
@@ -53,6 +54,27 @@ def training_crop() -> np.ndarray:
     )
 
 
+def fusion(faces: int = 3) -> np.ndarray:
+    """The demo user's reference face fused (ratio 0.5, the landmark parser, no diffusion) into
+    the first faces of the group photo, each 3x crop beside the template's."""
+    models, analyzer = default_face_models(), default_analyzer()
+    user = prepare_photos([encode_png(p) for p in person_photos()], TrainingOptions(), analyzer, models)
+    if user.reference_face is None:
+        raise RuntimeError("the packaged person photos gave no reference face")
+    group = sample_photo("group")
+    tiles = []
+    for index, face in enumerate(analyzer.detect(group)[:faces]):
+        x0, y0, x1, y1 = int_box(grow_box(face.box, 3.0, group.shape[1], group.shape[0]))
+        crop = np.ascontiguousarray(group[y0:y1, x0:x1])
+        crop_face = analyzer.largest(crop)
+        moved = warp_reference(user.reference, user.reference_face, crop_face, crop.shape[:2])
+        fused = fuse_faces(crop, crop_face, moved, models.parser, 0.5)
+        tiles += [(f"face {index}: template", crop), (f"face {index}: fusion only", fused)]
+    return contact_sheet(
+        tiles, height=240, banner="face fusion before the first pass (easyphoto_infer.py L1435-1468)"
+    )
+
+
 def _framed(image: np.ndarray) -> np.ndarray:
     """A grey line around a mostly white image, so its extent shows on the white sheet."""
     out = image.copy()
@@ -60,7 +82,7 @@ def _framed(image: np.ndarray) -> np.ndarray:
     return out
 
 
-FIGURES = {"training_crop.png": training_crop}
+FIGURES = {"training_crop.png": training_crop, "fusion.png": fusion}
 
 
 def main(argv: list[str]) -> int:

@@ -30,6 +30,9 @@ def add_service_arguments(parser: argparse.ArgumentParser, port: int, metrics_po
     faces.add_argument("--face-parsing", default=None, help="a BiSeNet face parsing ONNX file")
     faces.add_argument("--face-saliency", default=None, help="a saliency matte ONNX file")
     faces.add_argument("--face-enhancer", default=None, help="a face upscaler ONNX file")
+    faces.add_argument(
+        "--face-swapper", default=None, help="an inswapper-style face swap ONNX file (needs --face-models)"
+    )
 
 
 def service_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -53,5 +56,6 @@ def service_settings(args: argparse.Namespace) -> dict[str, Any]:
             parsing=path(args.face_parsing),
             saliency=path(args.face_saliency),
             enhancer=path(args.face_enhancer),
+            swapper=path(args.face_swapper),
         ),
     }

@@ -55,10 +55,21 @@ def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return (np.asarray(points, np.float32) @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
 
 
+def arcface_template(size: int) -> np.ndarray:
+    """The 5-point template of a ``size``-pixel aligned crop as insightface's ``norm_crop`` places
+    it: the 112 template scaled for multiples of 112; for multiples of 128 (its swapper's 128 px
+    crops, 512 px enhancer crops) scaled by size / 128 and moved right by 8 px per 128."""
+    if size % 112 == 0:
+        return ARCFACE_TEMPLATE_112 * (size / 112.0)
+    if size % 128 == 0:
+        return ARCFACE_TEMPLATE_112 * (size / 128.0) + np.array([8.0 * size / 128.0, 0.0], np.float32)
+    raise ValueError(f"aligned crops are 112 or 128 px multiples, not {size}")
+
+
 def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = 112) -> tuple[np.ndarray, np.ndarray]:
-    """The face warped onto the ArcFace template scaled to ``size`` (112 or 512); returns the crop
-    and the 2x3 matrix from image to crop."""
-    matrix = similarity_transform(landmarks, ARCFACE_TEMPLATE_112 * (size / 112.0))
+    """The face warped onto :func:`arcface_template` of ``size``; returns the crop and the 2x3
+    matrix from image to crop."""
+    matrix = similarity_transform(landmarks, arcface_template(size))
     crop = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     return crop, matrix
 

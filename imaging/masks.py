@@ -21,6 +21,8 @@ def ellipse_mask(height: int, width: int, box: tuple[float, float, float, float]
 
 
 FACE_PARTS = ("skin", "brows", "eyes", "nose", "mouth", "lips")
+# The brows of the landmark geometry, in eye distances: centred this far above each eye, this half-high.
+BROW_RISE, BROW_HALF_HEIGHT = 0.32, 0.09
 
 
 def _ellipse(mask: np.ndarray, center: np.ndarray, axes: tuple[float, float], angle: float) -> None:
@@ -53,7 +55,8 @@ def face_part_masks(shape: tuple[int, int], landmarks: np.ndarray) -> dict[str, 
     masks = {part: np.zeros((height, width), np.uint8) for part in FACE_PARTS}
     for eye in (left_eye, right_eye):
         _ellipse(masks["eyes"], eye, (0.28 * eye_dist, 0.14 * eye_dist), angle)
-        _ellipse(masks["brows"], eye - down * 0.32 * eye_dist, (0.36 * eye_dist, 0.09 * eye_dist), angle)
+        brow = eye - down * BROW_RISE * eye_dist
+        _ellipse(masks["brows"], brow, (0.36 * eye_dist, BROW_HALF_HEIGHT * eye_dist), angle)
     nose_top = eye_mid + down * 0.15 * eye_dist
     wing = across * 0.22 * eye_dist
     nose_poly = np.stack(
@@ -66,6 +69,20 @@ def face_part_masks(shape: tuple[int, int], landmarks: np.ndarray) -> dict[str, 
     skin_center = eye_mid + down * 0.45 * face_len
     _ellipse(masks["skin"], skin_center, (1.05 * eye_dist, 1.25 * face_len + 0.3 * eye_dist), angle)
     return masks
+
+
+def below_brows(shape: tuple[int, int], landmarks: np.ndarray) -> np.ndarray:
+    """Everything below the top of the landmark geometry's brows (a line along the eye line): what
+    5 landmarks can say is face rather than hair or a fringe."""
+    height, width = shape
+    left_eye, right_eye = (np.asarray(p, np.float32) for p in landmarks[:2])
+    eye_vec = right_eye - left_eye
+    eye_dist = float(np.hypot(*eye_vec)) or 1.0
+    across = eye_vec / eye_dist
+    down = np.array([-across[1], across[0]], np.float32)
+    top = (left_eye + right_eye) / 2 - down * (BROW_RISE + BROW_HALF_HEIGHT) * eye_dist
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    return np.where((xs - top[0]) * down[0] + (ys - top[1]) * down[1] >= 0, 255, 0).astype(np.uint8)
 
 
 def union(masks: list[np.ndarray]) -> np.ndarray:

@@ -28,8 +28,9 @@ from easyphoto.diffusion.steps import StepEngine
 from easyphoto.engines.adapters import Adapter, SampleAdapter
 from easyphoto.engines.caches import HotCache
 from easyphoto.engines.faces.detect import FaceAnalyzer
+from easyphoto.engines.faces.fusion import AFTER_PARTS, fuse_faces, warp_reference
 from easyphoto.engines.faces.models import FaceModels
-from easyphoto.engines.faces.parts import fuse_faces, super_resolve
+from easyphoto.engines.faces.parts import super_resolve
 from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.engines.lora import load_lora
 from easyphoto.imaging.codec import from_model, to_model
@@ -297,14 +298,8 @@ class Orchestrator:
         ctx.keep("openpose", draw_pose(crop.shape[:2], pose))
         fused = crop
         if options.fusion_before:
-            fused = fuse_faces(
-                crop,
-                crop_face,
-                reference.artifacts.reference,
-                reference.reference_face,
-                parts,
-                options.fusion_before_ratio,
-            )
+            moved = self._moved_face(crop, crop_face, reference)
+            fused = fuse_faces(crop, crop_face, moved, self.face_models.parser, options.fusion_before_ratio)
         ctx.keep("fusion_before", fused)
         mask = inpaint_mask(parts, crop_face.width)
         ctx.keep("inpaint_mask", mask)
@@ -315,14 +310,9 @@ class Orchestrator:
         if options.color_shift:
             painted = transfer_color(painted, crop, face_mask)
         if options.fusion_after:
-            painted = fuse_faces(
-                painted,
-                crop_face,
-                reference.artifacts.reference,
-                reference.reference_face,
-                parts,
-                options.fusion_after_ratio,
-            )
+            moved = self._moved_face(painted, crop_face, reference)
+            ratio = options.fusion_after_ratio
+            painted = fuse_faces(painted, crop_face, moved, self.face_models.parser, ratio, AFTER_PARTS)
         repainted = mask
         if options.second_pass.enabled:
             ring = ring_mask(parts, crop_face.width)
@@ -338,6 +328,14 @@ class Orchestrator:
         region = resize(cv2.dilate(repainted, np.ones((3, 3), np.uint8)), x1 - x0, y1 - y0)
         where = _Painted(ctx.index, face, (x0, y0, x1, y1), region)
         return _blend_into(image, back, region, where.box, max(1, round(face.width / 20))), where
+
+    def _moved_face(self, target: np.ndarray, target_face: Face, reference: _Reference) -> np.ndarray:
+        """The user's face on the target face's landmarks: swapped in by the learned swapper when
+        one is loaded, else the user's reference photo warped there."""
+        if self.face_models.swapper is not None:
+            return self.face_models.swapper(target, target_face, reference.embedding)
+        user = reference.artifacts.reference
+        return warp_reference(user, reference.reference_face, target_face, target.shape[:2])
 
     def _model_size(self, width: int, height: int, options: GenerateOptions) -> tuple[int, int]:
         """Short side ``crop_short_side`` in the models' multiples, long side within their maximum."""

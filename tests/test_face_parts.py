@@ -1,4 +1,4 @@
-"""Face parsing (landmarks or a BiSeNet ONNX), saliency matte, classical fusion, super-resolution."""
+"""Face parsing (landmarks or a BiSeNet ONNX), saliency matte, face fusion, super-resolution."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -18,11 +17,10 @@ from easyphoto.engines.faces.parts import (
     LandmarkParser,
     OnnxUpscaler,
     apply_matte,
-    fuse_faces,
     super_resolve,
 )
 from easyphoto.fixtures.photos import sample_photo
-from easyphoto.imaging import geometry, masks
+from easyphoto.imaging import geometry
 
 
 def _export(module: nn.Module, example: torch.Tensor, path: Path, dynamic: bool = False) -> Path:
@@ -78,26 +76,6 @@ def test_grabcut_matte_keeps_the_person_and_drops_the_border(faces: FaceAnalyzer
     assert 0.2 < (matte > 0).mean() < 0.9
     white = apply_matte(crop, matte)
     assert (white[matte == 0] == 255).all() and np.array_equal(white[matte > 0], crop[matte > 0])
-
-
-def test_fusion_keeps_lips_and_outside_and_repaints_eyes(faces: FaceAnalyzer) -> None:
-    target = sample_photo("astronaut")
-    group = sample_photo("group")
-    target_face, reference_face = faces.largest(target), faces.detect(group)[1]
-    parts = LandmarkParser()(target, target_face)
-    assert np.array_equal(fuse_faces(target, target_face, group, reference_face, parts, ratio=0), target)
-    fused = fuse_faces(target, target_face, group, reference_face, parts, ratio=0.5)
-    face_mask = masks.union([parts[p] for p in masks.FACE_PARTS if p != "lips"])
-    outside = face_mask == 0
-    assert np.array_equal(fused[outside], target[outside])
-    mouth = ((target_face.landmarks[3] + target_face.landmarks[4]) / 2).round().astype(int)
-    assert np.array_equal(fused[mouth[1], mouth[0]], target[mouth[1], mouth[0]])
-    eye = target_face.landmarks[0].round().astype(int)
-    assert np.abs(fused[eye[1], eye[0]].astype(int) - target[eye[1], eye[0]]).max() > 5
-    poisson = fuse_faces(target, target_face, group, reference_face, parts, ratio=0.5, method="poisson")
-    assert np.array_equal(poisson[outside], target[outside])
-    with pytest.raises(ValueError):
-        fuse_faces(target, target_face, group, reference_face, parts, method="magic")
 
 
 class NearestX2(nn.Module):

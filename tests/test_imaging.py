@@ -34,8 +34,12 @@ def test_align_face_puts_landmarks_on_the_template() -> None:
     assert crop.shape == (112, 112, 3)
     moved = geometry.transform_points(matrix, ASTRONAUT)
     assert np.abs(moved - geometry.ARCFACE_TEMPLATE_112).max() < 6  # a similarity fit of 5 real points
-    _, matrix512 = geometry.align_face(image, ASTRONAUT, size=512)
-    assert np.allclose(matrix512, matrix * (512 / 112), atol=1e-3)
+    _, matrix224 = geometry.align_face(image, ASTRONAUT, size=224)
+    assert np.allclose(matrix224, matrix * 2, atol=1e-3)
+    _, matrix128 = geometry.align_face(image, ASTRONAUT, size=128)  # insightface's swapper crop
+    assert np.allclose(
+        geometry.transform_points(matrix128, ASTRONAUT), moved + np.array([8.0, 0.0]), atol=1e-3
+    )
 
 
 def test_roll_angle_and_score() -> None:

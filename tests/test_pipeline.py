@@ -335,3 +335,36 @@ def test_the_whole_second_pass_ring_reaches_the_template(orchestrator: Orchestra
     changed = np.any(result.image[y0:y1, x0:x1] != template[y0:y1, x0:x1], axis=-1)
     assert beyond.sum() > 100
     assert changed[beyond].mean() > 0.3
+
+
+class InvertingSwapper:
+    """A face swapper with a known answer (the target inverted), recording the embeddings given."""
+
+    def __init__(self) -> None:
+        self.embeddings: list[np.ndarray] = []
+
+    def __call__(self, target: np.ndarray, target_face: object, embedding: np.ndarray) -> np.ndarray:
+        self.embeddings.append(embedding)
+        return 255 - target
+
+
+def test_a_loaded_face_swapper_replaces_the_warp_in_both_fusions(orchestrator: Orchestrator) -> None:
+    swapper = InvertingSwapper()
+    swapping = Orchestrator(
+        orchestrator.engines, orchestrator.scheduler_config,
+        replace(default_face_models(), swapper=swapper), orchestrator.analyzer, orchestrator.users,
+        steps=orchestrator.steps,
+    )  # fmt: skip
+    off = replace(FAST, enabled=False)
+    options = GenerateOptions(
+        first_pass=off, second_pass=off, seam_pass=off, color_shift=False, return_intermediates=True
+    )
+    template = sample_photo("astronaut")
+    warped = dict(orchestrator.generate(template, ["alice"], options, seed=1).intermediates)
+    swapped = dict(swapping.generate(template, ["alice"], options, seed=1).intermediates)
+    alice = swapping.prepare_user("alice")
+    assert len(swapper.embeddings) == 2  # before the first pass and after it
+    assert all(np.array_equal(e, alice.embedding) for e in swapper.embeddings)
+    inverted = 255 - warped["face0_crop"].astype(int)
+    fused = swapped["face0_fusion_before"].astype(int)
+    assert np.abs(fused - inverted).sum() < np.abs(warped["face0_fusion_before"].astype(int) - inverted).sum()

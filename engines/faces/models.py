@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from easyphoto.imaging.geometry import Face
+from easyphoto.rpc.errors import ModelMissing
 
 from ..interface import Backend
 from ..packages import package_dir
@@ -27,6 +28,7 @@ from ..roles.description import RoleDescription
 from ..shapes import AxisRange, Dim, TensorSpec, sym
 from .detect import SAME_PERSON_THRESHOLD, Aligner, Detector, FaceAnalyzer, MtcnnDetector
 from .dlib_descriptor import RESNET_FILE, describe_chips, load_descriptor
+from .fusion import FaceSwapper, OnnxFaceSwapper
 from .mtcnn import load_mtcnn_nets
 from .parts import (
     BiSeNetParser,
@@ -93,11 +95,17 @@ class FaceModels:
     parser: Parser = field(default_factory=LandmarkParser)
     matte: Matte = field(default_factory=GrabCutMatte)
     upscaler: Upscaler = field(default_factory=LanczosUpscaler)
+    # A learned face swapper replacing the classical warp of the fusion (None: the warp).
+    swapper: FaceSwapper | None = None
     # Cosine at or above which two faces count as one person (depends on the embedder).
     same_person_threshold: float = SAME_PERSON_THRESHOLD
 
     def analyzer(self, backend: Backend) -> FaceAnalyzer:
         return FaceAnalyzer(backend, self.make_detector(backend), self.aligner, self.same_person_threshold)
+
+    @property
+    def embedding_size(self) -> int:
+        return int(self.roles["face_embedder"].outputs[0].shape[-1])  # type: ignore[arg-type]
 
 
 def default_face_models() -> FaceModels:
@@ -123,9 +131,10 @@ class FaceModelPaths:
     parsing: Path | None = None
     saliency: Path | None = None
     enhancer: Path | None = None
+    swapper: Path | None = None
 
     def load(self) -> FaceModels:
-        return load_face_models(self.pack, self.parsing, self.saliency, self.enhancer)
+        return load_face_models(self.pack, self.parsing, self.saliency, self.enhancer, self.swapper)
 
 
 def load_face_models(
@@ -133,9 +142,11 @@ def load_face_models(
     parsing: Path | None = None,
     saliency: Path | None = None,
     enhancer: Path | None = None,
+    swapper: Path | None = None,
 ) -> FaceModels:
     """The default models, or an insightface pack directory when one is given; optional ONNX files
-    replace the classical face parsing (BiSeNet), saliency matte and Lanczos upscaling."""
+    replace the classical face parsing (BiSeNet), saliency matte, Lanczos upscaling and the
+    fusion's warp (an inswapper-style swapper, which needs the pack's 512-d ArcFace embeddings)."""
     if pack is None:
         models = default_face_models()
     else:
@@ -161,6 +172,14 @@ def load_face_models(
         models.matte = OnnxSaliencyMatte(saliency)
     if enhancer is not None:
         models.upscaler = OnnxUpscaler(enhancer)
+    if swapper is not None:
+        models.swapper = OnnxFaceSwapper(swapper)
+        if models.embedding_size != models.swapper.embedding_size:
+            raise ModelMissing(
+                f"the face swapper {swapper} needs {models.swapper.embedding_size}-d ArcFace embeddings;"
+                f" {models.name} gives {models.embedding_size}-d: give an insightface pack too",
+                field="face_swapper",
+            )
     return models
 
 

@@ -1,4 +1,4 @@
-"""Face-part masks, the saliency matte, classical face fusion and the super-resolution hook.
+"""Face-part masks, the saliency matte and the super-resolution hook.
 
 Each has a classical default that needs no model, and an ONNX model that is used instead when the
 operator gives one (BiSeNet face parsing, a U²-Net-style saliency net, a Real-ESRGAN-style x2
@@ -10,19 +10,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import cv2
 import numpy as np
 import torch
 
-from easyphoto.imaging.compose import transfer_color
-from easyphoto.imaging.geometry import Box, Face, grow_box, int_box, similarity_transform
-from easyphoto.imaging.masks import FACE_PARTS, face_part_masks, feather, union
+from easyphoto.imaging.geometry import Box, Face, grow_box, int_box
+from easyphoto.imaging.masks import face_part_masks
 
 from .onnx_runner import OnnxRunner
 
-# What a face-parts provider, a matte and an upscaler look like to callers.
-Parser = Callable[[np.ndarray, Face], dict[str, np.ndarray]]
+
+class Parser(Protocol):
+    """Face-part masks of the face at ``face`` in ``image`` (uint8, 255 inside), keyed by part."""
+
+    # Whether the parser tells skin from hair and whatever covers a face (5-landmark geometry
+    # cannot: a fusion with it stops at the brows).
+    sees_hair: bool
+
+    def __call__(self, image: np.ndarray, face: Face) -> dict[str, np.ndarray]: ...
+
+
+# What a matte and an upscaler look like to callers.
 Matte = Callable[[np.ndarray, Box], np.ndarray]
 Upscaler = Callable[[np.ndarray], np.ndarray]
 
@@ -44,6 +54,8 @@ PARSING_SIZE = 512
 class LandmarkParser:
     """Face parts from 5-landmark geometry (the default)."""
 
+    sees_hair = False
+
     def __call__(self, image: np.ndarray, face: Face) -> dict[str, np.ndarray]:
         return face_part_masks(image.shape[:2], face.landmarks)
 
@@ -51,6 +63,8 @@ class LandmarkParser:
 class BiSeNetParser:
     """Face parts from a 19-class BiSeNet face-parsing ONNX (input 1x3x512x512, ImageNet
     normalisation; output 1x19x512x512 logits) run on a square crop around the face."""
+
+    sees_hair = True
 
     def __init__(self, path: Path, crop_scale: float = 1.6) -> None:
         self.runner = OnnxRunner(path)
@@ -146,47 +160,6 @@ def apply_matte(image: np.ndarray, matte: np.ndarray) -> np.ndarray:
     out = image.copy()
     out[matte <= 127] = 255
     return out
-
-
-# ---- classical face fusion ------------------------------------------------------------------
-
-
-def fuse_faces(
-    target: np.ndarray,
-    target_face: Face,
-    reference: np.ndarray,
-    reference_face: Face,
-    parts: dict[str, np.ndarray],
-    ratio: float = 0.5,
-    method: str = "alpha",
-) -> np.ndarray:
-    """The reference face warped onto the target's landmarks and blended through the face-part
-    mask at ``ratio``; the eyes come fully from the reference, the lips stay the target's
-    (MISSION.md §2.3). ``method`` is ``alpha`` or ``poisson`` (seamless clone, then the ratio)."""
-    if ratio <= 0:
-        return target.copy()
-    height, width = target.shape[:2]
-    matrix = similarity_transform(reference_face.landmarks, target_face.landmarks)
-    warped = cv2.warpAffine(
-        reference, matrix, (width, height), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT
-    )
-    face_mask = union([parts[p] for p in FACE_PARTS if p != "lips"])
-    warped = transfer_color(warped, target, face_mask)
-    if method == "poisson" and face_mask.any():
-        x0, y0, w, h = cv2.boundingRect(face_mask)
-        center = (x0 + w // 2, y0 + h // 2)
-        # seamlessClone writes into the mask it is given: hand it a copy.
-        warped = cv2.seamlessClone(warped, target, face_mask.copy(), center, cv2.NORMAL_CLONE)
-    elif method != "alpha":
-        raise ValueError(f"unknown fusion method {method!r}")
-    radius = max(1, round(target_face.width / 20))
-    alpha = feather(face_mask, radius) * ratio
-    alpha = np.maximum(alpha, feather(parts["eyes"], max(1, radius // 2)))
-    alpha = alpha * (1 - feather(parts["lips"], max(1, radius // 2)))
-    blended = warped.astype(np.float32) * alpha[..., None] + target.astype(np.float32) * (
-        1 - alpha[..., None]
-    )
-    return blended.round().astype(np.uint8)
 
 
 # ---- super-resolution hook -------------------------------------------------------------------
