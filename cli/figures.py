@@ -14,6 +14,7 @@ from easyphoto.engines.faces.models import default_face_models
 from easyphoto.fixtures.photos import person_photos, sample_photo
 from easyphoto.imaging.codec import encode_png
 from easyphoto.imaging.geometry import grow_box, int_box
+from easyphoto.imaging.masks import FACE_PARTS, REFERENCE_CROP_SIDE, inpaint_mask, only_parts, ring_mask
 from easyphoto.trainer.options import TrainingOptions
 from easyphoto.trainer.photos import prepare_photos
 
@@ -75,6 +76,37 @@ def fusion(faces: int = 3) -> np.ndarray:
     )
 
 
+def masks() -> np.ndarray:
+    """The masks of a face of the group photo at the working size (512 px short side): the first
+    pass's inpaint mask, the second pass's ring and the colour shift's blurred weight."""
+    models, analyzer = default_face_models(), default_analyzer()
+    group = sample_photo("group")
+    face = analyzer.detect(group)[2]
+    x0, y0, x1, y1 = int_box(grow_box(face.box, 3.0, group.shape[1], group.shape[0]))
+    scale = REFERENCE_CROP_SIDE / min(x1 - x0, y1 - y0)
+    crop = cv2.resize(group[y0:y1, x0:x1], (round((x1 - x0) * scale), round((y1 - y0) * scale)))
+    crop_face = analyzer.largest(crop)
+    parts = models.parser(crop, crop_face)
+    bx0, by0, bx1, by1 = int_box(grow_box(crop_face.box, 1.1, crop.shape[1], crop.shape[0]))
+    shift = np.zeros(crop.shape[:2], np.uint8)  # blurred inside the face box only, as applied
+    shift[by0:by1, bx0:bx1] = cv2.blur(only_parts(parts, FACE_PARTS)[by0:by1, bx0:bx1], (32, 32))
+    return contact_sheet(
+        [
+            ("crop", crop),
+            ("inpaint mask (L1470-1478)", _tinted(crop, inpaint_mask(parts, bx1 - bx0), (255, 0, 0))),
+            ("second-pass ring (L1697-1714)", _tinted(crop, ring_mask(parts), (0, 0, 255))),
+            ("colour shift weight (L1615-1648)", _tinted(crop, shift, (0, 160, 0))),
+        ],
+        height=300,
+        banner="the masks of one face, landmark parser, tinted where they apply",
+    )
+
+
+def _tinted(image: np.ndarray, mask: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    weight = mask.astype(np.float32)[..., None] / 255.0 * 0.5
+    return (image * (1 - weight) + np.array(colour, np.float32) * weight).round().astype(np.uint8)
+
+
 def _framed(image: np.ndarray) -> np.ndarray:
     """A grey line around a mostly white image, so its extent shows on the white sheet."""
     out = image.copy()
@@ -82,7 +114,7 @@ def _framed(image: np.ndarray) -> np.ndarray:
     return out
 
 
-FIGURES = {"training_crop.png": training_crop, "fusion.png": fusion}
+FIGURES = {"training_crop.png": training_crop, "fusion.png": fusion, "masks.png": masks}
 
 
 def main(argv: list[str]) -> int:

@@ -39,6 +39,27 @@ def transfer_color(
     return out
 
 
+def shift_color(
+    image: np.ndarray, reference: np.ndarray, box: tuple[int, int, int, int], mask: np.ndarray, blur: int
+) -> np.ndarray:
+    """The reference's colour shift (easyphoto_infer.py L1615-1648, L1757-1786): ``image``'s LAB
+    mean and spread over ``box`` moved to ``reference``'s over the same box, and taken through
+    ``mask`` box-blurred by ``blur`` px inside the box, so the shift fades out with no edge."""
+    x0, y0, x1, y1 = box
+    inside = np.zeros(image.shape[:2], np.uint8)
+    inside[y0:y1, x0:x1] = 255
+    shifted = transfer_color(image, reference, inside)
+    weight = np.zeros(image.shape[:2], np.float32)
+    weight[y0:y1, x0:x1] = cv2.blur(mask[y0:y1, x0:x1], (blur, blur)).astype(np.float32) / 255.0
+    return mix(shifted, image, weight)
+
+
+def mix(front: np.ndarray, back: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``front`` over ``back`` at ``weight`` (0..1 per pixel), rounded to uint8."""
+    alpha = weight[..., None]
+    return (front.astype(np.float32) * alpha + back.astype(np.float32) * (1 - alpha)).round().astype(np.uint8)
+
+
 def paste_back(
     image: np.ndarray, crop: np.ndarray, box: tuple[int, int, int, int], feather_px: int
 ) -> np.ndarray:

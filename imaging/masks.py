@@ -85,22 +85,48 @@ def below_brows(shape: tuple[int, int], landmarks: np.ndarray) -> np.ndarray:
     return np.where((xs - top[0]) * down[0] + (ys - top[1]) * down[1] >= 0, 255, 0).astype(np.uint8)
 
 
+def only_parts(parts: dict[str, np.ndarray], names: tuple[str, ...]) -> np.ndarray:
+    """The ``names`` parts and none of the others (the landmark geometry's skin covers the mouth:
+    leaving the mouth out must cut it from the skin)."""
+    mask = union([parts[p] for p in names])
+    others = [parts[p] for p in parts if p not in names]
+    return cv2.subtract(mask, union(others)) if others else mask
+
+
 def union(masks: list[np.ndarray]) -> np.ndarray:
     return np.maximum.reduce(masks) if masks else np.zeros((0, 0), np.uint8)
 
 
+# The reference sizes its fixed kernels in pixels of a template crop with a 512 px short side
+# (easyphoto_infer.py L1318-1343); they scale with the crop here.
+REFERENCE_CROP_SIDE = 512
+
+
+def reference_pixels(pixels: int, shape: tuple[int, ...]) -> int:
+    """A kernel side the reference gives in pixels at its 512 px crop, at a crop of ``shape``."""
+    return max(1, round(pixels * min(shape[:2]) / REFERENCE_CROP_SIDE))
+
+
+def _square(side: int) -> np.ndarray:
+    return np.ones((max(1, side), max(1, side)), np.uint8)
+
+
 def inpaint_mask(parts: dict[str, np.ndarray], face_width: float) -> np.ndarray:
-    """The first pass's mask: every face part, closed and dilated by face-width / 10."""
+    """The first pass's mask: every face part, closed and then dilated with a square kernel of
+    side ``face_width // 10`` (L1470-1478; the width of the 1.1x face box)."""
+    kernel = _square(int(face_width // 10))
     mask = union([parts[p] for p in FACE_PARTS])
-    radius = max(1, round(face_width / 10))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
     return cv2.dilate(cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel), kernel)
 
 
-def ring_mask(parts: dict[str, np.ndarray], face_width: float) -> np.ndarray:
-    """The second pass's mask: a ring around the face border plus the eyes and the lips."""
-    ring = border_ring(inpaint_mask(parts, face_width), max(1, round(face_width / 20)))
-    return union([ring, parts["eyes"], parts["lips"]])
+def ring_mask(parts: dict[str, np.ndarray]) -> np.ndarray:
+    """The second pass's mask (L1697-1714): the face parts dilated by a 32 px square less the
+    same eroded by a 16 px square, a ring across the border where the first pass, the fusion and
+    the colour shift end, plus the eyes and the lips."""
+    face = union([parts[p] for p in FACE_PARTS])
+    grown = cv2.dilate(face, _square(reference_pixels(32, face.shape)))
+    shrunk = cv2.erode(face, _square(reference_pixels(16, face.shape)))
+    return union([cv2.subtract(grown, shrunk), parts["eyes"], parts["lips"]])
 
 
 def border_ring(mask: np.ndarray, radius: int) -> np.ndarray:

@@ -34,7 +34,7 @@ from easyphoto.engines.faces.parts import super_resolve
 from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.engines.lora import load_lora
 from easyphoto.imaging.codec import from_model, to_model
-from easyphoto.imaging.compose import paint_boxes_white, paste_back, transfer_color
+from easyphoto.imaging.compose import paint_boxes_white, paste_back, shift_color
 from easyphoto.imaging.controls import CONTROL_IMAGES, ControlSource, draw_pose
 from easyphoto.imaging.geometry import (
     Face,
@@ -45,7 +45,16 @@ from easyphoto.imaging.geometry import (
     similarity_transform,
     transform_points,
 )
-from easyphoto.imaging.masks import FACE_PARTS, border_ring, feather, inpaint_mask, ring_mask, union
+from easyphoto.imaging.masks import (
+    FACE_PARTS,
+    border_ring,
+    feather,
+    inpaint_mask,
+    only_parts,
+    reference_pixels,
+    ring_mask,
+    union,
+)
 from easyphoto.rpc.errors import InvalidArgument, ModelMissing
 from easyphoto.users.store import UserArtifacts, UserStore, check_user_id
 
@@ -54,6 +63,9 @@ from .options import GenerateOptions
 log = logging.getLogger(__name__)
 
 MAX_FACES = 16
+# The last colour shift leaves the mouth and lips alone (L1777: classes 1-5 and 10).
+LAST_SHIFT_PARTS = ("skin", "brows", "eyes", "nose")
+COLOR_BOX_SCALE = 1.1
 USER_CACHE = 32  # users whose faces, embedding and LoRA stay loaded
 MIN_FACE_SIZE = 16.0
 # The progress and timing stage of each pass (named as the request's options name it).
@@ -290,8 +302,8 @@ class Orchestrator:
         x0, y0, x1, y1 = int_box(box)
         crop = resize(working[y0:y1, x0:x1], *self._model_size(x1 - x0, y1 - y0, options))
         crop_face = self.analyzer.largest(crop, field="templates")
-        parts = self.face_models.parser(crop, crop_face)
-        face_mask = union([parts[p] for p in FACE_PARTS if p != "lips"])
+        # L1347-1349: the 1.1x face box sizes the mask kernels and holds the colour statistics.
+        color_box = int_box(grow_box(crop_face.box, COLOR_BOX_SCALE, crop.shape[1], crop.shape[0]))
         ctx.keep("crop", crop)
 
         pose = [self._pose_landmarks(crop_face, reference)]
@@ -301,33 +313,45 @@ class Orchestrator:
             moved = self._moved_face(crop, crop_face, reference)
             fused = fuse_faces(crop, crop_face, moved, self.face_models.parser, options.fusion_before_ratio)
         ctx.keep("fusion_before", fused)
-        mask = inpaint_mask(parts, crop_face.width)
+        mask = inpaint_mask(self.face_models.parser(fused, crop_face), color_box[2] - color_box[0])
         ctx.keep("inpaint_mask", mask)
         painted = fused
         if options.first_pass.enabled:
             painted = self._diffuse("first_pass", fused, pose, mask, ctx)
             ctx.keep("first_diffusion", painted)
         if options.color_shift:
-            painted = transfer_color(painted, crop, face_mask)
+            painted = self._shift_color(painted, crop, crop_face, color_box, FACE_PARTS)
         if options.fusion_after:
             moved = self._moved_face(painted, crop_face, reference)
             ratio = options.fusion_after_ratio
             painted = fuse_faces(painted, crop_face, moved, self.face_models.parser, ratio, AFTER_PARTS)
         repainted = mask
         if options.second_pass.enabled:
-            ring = ring_mask(parts, crop_face.width)
+            ring = ring_mask(self.face_models.parser(painted, crop_face))
             repainted = union([mask, ring])  # the ring reaches past the first mask's edge
             ctx.keep("second_mask", ring)
             painted = self._diffuse("second_pass", painted, pose, ring, ctx)
             ctx.keep("second_diffusion", painted)
         if options.color_shift:
-            without_lips = cv2.subtract(face_mask, parts["lips"])
-            painted = transfer_color(painted, crop, without_lips)
+            painted = self._shift_color(painted, crop, crop_face, color_box, LAST_SHIFT_PARTS)
         back = self._native_size(painted, x1 - x0, y1 - y0, options.super_resolution_ratio)
         # Only what a pass repainted changes: blend through its feathered mask, then into the template.
         region = resize(cv2.dilate(repainted, np.ones((3, 3), np.uint8)), x1 - x0, y1 - y0)
         where = _Painted(ctx.index, face, (x0, y0, x1, y1), region)
         return _blend_into(image, back, region, where.box, max(1, round(face.width / 20))), where
+
+    def _shift_color(
+        self,
+        image: np.ndarray,
+        template: np.ndarray,
+        face: Face,
+        box: tuple[int, int, int, int],
+        parts: tuple[str, ...],
+    ) -> np.ndarray:
+        """``image``'s colours over the face box moved to the template crop's, through the named
+        parts of ``image`` blurred by the reference's 32 px (L1615-1648, L1757-1786)."""
+        mask = only_parts(self.face_models.parser(image, face), parts)
+        return shift_color(image, template, box, mask, reference_pixels(32, image.shape))
 
     def _moved_face(self, target: np.ndarray, target_face: Face, reference: _Reference) -> np.ndarray:
         """The user's face on the target face's landmarks: swapped in by the learned swapper when

@@ -104,10 +104,70 @@ def test_landmark_masks_cover_the_face_not_the_background() -> None:
     assert mask[:20].max() == 0 and mask[:, :100].max() == 0 and mask[400:].max() == 0
     x0, y0, x1, y1 = ASTRONAUT_BOX
     assert (mask > 0).sum() < 2.5 * (x1 - x0) * (y1 - y0)
-    ring = masks.ring_mask(parts, face_width)
+    ring = masks.ring_mask(parts)
     nose = ASTRONAUT[2]
     assert ring[round(nose[1]), round(nose[0])] == 0  # the ring leaves the nose alone
     assert ring[round(ASTRONAUT[0][1]), round(ASTRONAUT[0][0])] == 255  # but repaints the eyes
+
+
+def _rectangle_face(shape: tuple[int, int], box: tuple[int, int, int, int]) -> dict[str, np.ndarray]:
+    """Face parts where the skin is one rectangle and every other part is empty."""
+    parts = {name: np.zeros(shape, np.uint8) for name in masks.FACE_PARTS}
+    x0, y0, x1, y1 = box
+    parts["skin"][y0:y1, x0:x1] = 255
+    return parts
+
+
+def test_inpaint_mask_closes_and_grows_by_a_square_of_a_tenth_of_the_face() -> None:
+    parts = _rectangle_face((400, 400), (150, 150, 250, 210))
+    parts["skin"][175:185, 195:205] = 0  # a hole the close fills
+    mask = masks.inpaint_mask(parts, face_width=200.5)  # a 20 px square: 19 px more across
+    ys, xs = np.nonzero(mask)
+    assert (xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) == (119, 79)
+    assert 8 <= 150 - xs.min() <= 11 and 8 <= xs.max() - 249 <= 11
+    assert (mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] == 255).all()  # square corners
+
+
+def test_second_pass_ring_crosses_the_face_border_at_the_reference_kernels() -> None:
+    """Dilated by a 32 px square less eroded by a 16 px one at a 512 px crop (16 px out, 8 in);
+    half of that at a 256 px crop; the eyes and lips whole."""
+    for side, outward, inward in ((512, 16, 8), (256, 8, 4)):
+        scale = side // 256
+        box = (100 * scale, 80 * scale, 160 * scale, 180 * scale)
+        parts = _rectangle_face((side, side), box)
+        eye = (box[0] + 10 * scale, box[1] + 20 * scale)
+        parts["eyes"][eye[1], eye[0]] = 255
+        row = masks.ring_mask(parts)[box[1] + 50 * scale]
+        band = np.nonzero(row[: (box[0] + box[2]) // 2])[0]
+        assert abs(box[0] - band.min() - outward) <= 1 and abs(band.max() + 1 - box[0] - inward) <= 1
+        assert masks.ring_mask(parts)[eye[1], eye[0]] == 255
+
+
+def test_colour_shift_takes_the_face_box_statistics_through_a_blurred_mask() -> None:
+    ys, xs = np.mgrid[0:200, 0:200]
+    template = np.stack([80 + xs // 4, 90 + ys // 4, 120 + (xs + ys) // 8], axis=-1).astype(np.uint8)
+    cast = template.copy()
+    cast[..., 0] = np.clip(cast[..., 0].astype(int) + 40, 0, 255)  # a red cast over everything
+    mask = masks.ellipse_mask(200, 200, (60, 50, 140, 150))
+    box = (40, 30, 160, 170)
+    shifted = compose.shift_color(cast, template, box, mask, blur=32)
+    assert np.array_equal(shifted[:30], cast[:30]) and np.array_equal(shifted[:, 160:], cast[:, 160:])
+    centre = np.s_[90:110, 90:110]  # weight 1: the box's statistics match the template's
+    assert abs(shifted[centre].astype(float).mean(axis=(0, 1)) - template[centre].mean(axis=(0, 1))).max() < 4
+    across = shifted[100, 40:100, 0].astype(float) - cast[100, 40:100, 0]  # box edge to the centre
+    assert abs(across[0]) < 1 and across[-1] < -25  # from no shift to all of it
+    assert np.abs(np.diff(across)).max() < 6  # ... without a step: a hard mask jumps about 40
+
+
+def test_the_last_colour_shift_mask_leaves_the_mouth_out() -> None:
+    parts = masks.face_part_masks((512, 512), ASTRONAUT)
+    without_mouth = masks.only_parts(parts, ("skin", "brows", "eyes", "nose"))
+    mouth = ((ASTRONAUT[3] + ASTRONAUT[4]) / 2).round().astype(int)
+    assert parts["skin"][mouth[1], mouth[0]] == 255 and without_mouth[mouth[1], mouth[0]] == 0
+    assert not (without_mouth & parts["lips"]).any()
+    nose = ASTRONAUT[2].round().astype(int)
+    assert without_mouth[nose[1], nose[0]] == 255
+    assert np.array_equal(masks.only_parts(parts, masks.FACE_PARTS), masks.union(list(parts.values())))
 
 
 def test_pose_drawing_marks_landmarks_and_body() -> None:

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import onnx
 
-from easyphoto.imaging.compose import transfer_color
+from easyphoto.imaging.compose import mix, transfer_color
 from easyphoto.imaging.geometry import Face, align_face, similarity_transform
 from easyphoto.imaging.masks import below_brows, feather, union
 
@@ -90,13 +90,7 @@ def fuse_faces(
     target_parts, moved_parts = parser(target, target_face), parser(moved, target_face)
     within = None if parser.sees_hair else below_brows(target.shape[:2], target_face.landmarks)
     alpha, region = fusion_weights(target_parts, moved_parts, target_face, ratio, parts, within)
-    matched = transfer_color(moved, target, region)
-    weight = alpha[..., None]
-    return (
-        (matched.astype(np.float32) * weight + target.astype(np.float32) * (1 - weight))
-        .round()
-        .astype(np.uint8)
-    )
+    return mix(transfer_color(moved, target, region), target, alpha)
 
 
 def _disc(radius: int) -> np.ndarray:
