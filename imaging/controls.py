@@ -1,5 +1,6 @@
-"""The ControlNets' input images: canny edges, the colour mosaic, the tile blur and an
-openpose-style skeleton drawn from face landmarks.
+"""The ControlNets' input images as the reference makes them (``scripts/easyphoto_infer.py`` at
+6c1f895): canny edges, the colour control, the tile control and an openpose-style skeleton drawn
+from face landmarks.
 """
 
 from __future__ import annotations
@@ -10,29 +11,36 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .geometry import resize, round_to_multiple
+
 
 def canny_control(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
     edges = cv2.Canny(image, low, high)
     return np.repeat(edges[..., None], 3, axis=2)
 
 
-def color_control(image: np.ndarray, cells: int = 16) -> np.ndarray:
-    """The colour ControlNet's input: a mosaic of mean colours, ``cells`` across the short side
-    (the reference resizes to a 1024 short side and averages 64 px cells)."""
-    height, width = image.shape[:2]
-    cell = min(height, width) / cells
-    small_size = (max(1, round(width / cell)), max(1, round(height / cell)))
-    small = cv2.resize(image, small_size, interpolation=cv2.INTER_AREA)
-    return cv2.resize(small, (width, height), interpolation=cv2.INTER_NEAREST)
+# The colour control's working size and its down-sampling at 6c1f895 (L175; 24 before 9efad36).
+COLOR_CONTROL_SIDE, COLOR_BLUR_RATIO = 1024, 1.0
 
 
-def tile_control(image: np.ndarray, factor: int = 4) -> np.ndarray:
-    """The tile ControlNet's input: the image blurred by a down/up-sample."""
+def color_control(image: np.ndarray, blur_ratio: float = COLOR_BLUR_RATIO) -> np.ndarray:
+    """The colour ControlNet's input (L164-204): the image at a 1024 px short side (sides rounded
+    to 64, L71-88), shrunk by ``blur_ratio`` (bicubic), enlarged again (nearest) and brought back
+    to its size (bicubic). At the reference's ratio of 1 that is the image itself, resampled."""
     height, width = image.shape[:2]
-    small = cv2.resize(
-        image, (max(1, width // factor), max(1, height // factor)), interpolation=cv2.INTER_AREA
-    )
-    return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+    scale = COLOR_CONTROL_SIDE / min(height, width)
+    large_w, large_h = round_to_multiple(width * scale, 64), round_to_multiple(height * scale, 64)
+    large = resize(image, large_w, large_h)
+    small_size = (max(1, int(large_w // blur_ratio)), max(1, int(large_h // blur_ratio)))
+    small = cv2.resize(large, small_size, interpolation=cv2.INTER_CUBIC)
+    large = cv2.resize(small, (large_w, large_h), interpolation=cv2.INTER_NEAREST)
+    return cv2.resize(large, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+def tile_control(image: np.ndarray) -> np.ndarray:
+    """The tile ControlNet's input (L206-217): the reference runs sd-webui-controlnet's
+    ``tile_resample`` at a down-sampling rate (``threshold_a``) of 1, which returns the image."""
+    return image.copy()
 
 
 # OpenPose's limb colours, in its drawing order.

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
+from easyphoto.fixtures.photos import sample_photo
 from easyphoto.imaging import codec, compose, controls, geometry, masks
 from easyphoto.rpc.errors import ImageTooSmall, ImageUnreadable
 
@@ -168,6 +169,19 @@ def test_the_last_colour_shift_mask_leaves_the_mouth_out() -> None:
     nose = ASTRONAUT[2].round().astype(int)
     assert without_mouth[nose[1], nose[0]] == 255
     assert np.array_equal(masks.only_parts(parts, masks.FACE_PARTS), masks.union(list(parts.values())))
+
+
+def test_tile_control_is_the_image_and_colour_control_nearly_so() -> None:
+    """At the reference's settings (tile_resample at rate 1, colour blur ratio 1 at 6c1f895) both
+    controls keep the image's detail; a 4x blur or a colour mosaic would not."""
+    image = sample_photo("astronaut")
+    assert np.array_equal(controls.tile_control(image), image)
+    color = controls.color_control(image)
+    assert color.shape == image.shape
+    assert np.abs(color.astype(int) - image).mean() < 2.0
+    mosaic = controls.color_control(image, blur_ratio=64)  # the reference's mechanism, 16 cells
+    assert np.abs(mosaic.astype(int) - image).mean() > 8.0
+    assert len(np.unique(mosaic[300, :, 0])) < 40
 
 
 def test_pose_drawing_marks_landmarks_and_body() -> None:
