@@ -13,7 +13,9 @@ from easyphoto.engines.faces.fusion import fuse_faces, warp_reference
 from easyphoto.engines.faces.models import default_face_models
 from easyphoto.fixtures.photos import person_photos, sample_photo
 from easyphoto.imaging.codec import encode_png
-from easyphoto.imaging.geometry import grow_box, int_box
+from easyphoto.imaging.compose import paste_aligned
+from easyphoto.imaging.controls import Pose, draw_pose
+from easyphoto.imaging.geometry import grow_box, int_box, similarity_transform, transform_points
 from easyphoto.imaging.masks import FACE_PARTS, REFERENCE_CROP_SIDE, inpaint_mask, only_parts, ring_mask
 from easyphoto.trainer.options import TrainingOptions
 from easyphoto.trainer.photos import prepare_photos
@@ -76,6 +78,29 @@ def fusion(faces: int = 3) -> np.ndarray:
     )
 
 
+def pose() -> np.ndarray:
+    """The pose source of two faces of the group photo (the demo user's reference photo standing
+    in for the face-id image, pasted by a similarity fit of its landmarks) and the openpose control
+    drawn from the fitted landmarks."""
+    models, analyzer = default_face_models(), default_analyzer()
+    user = prepare_photos([encode_png(p) for p in person_photos()], TrainingOptions(), analyzer, models)
+    if user.reference_face is None:
+        raise RuntimeError("the packaged person photos gave no reference face")
+    group, tiles = sample_photo("group"), []
+    for index, face in enumerate(analyzer.detect(group)[1:3], start=1):
+        x0, y0, x1, y1 = int_box(grow_box(face.box, 3.0, group.shape[1], group.shape[0]))
+        crop = np.ascontiguousarray(group[y0:y1, x0:x1])
+        crop_face, user_face = analyzer.largest(crop), user.reference_face
+        box = grow_box(user_face.box, 1.5, user.reference.shape[1], user.reference.shape[0])
+        source = paste_aligned(user.reference, box, user_face.landmarks, crop, crop_face.landmarks)
+        fitted = transform_points(
+            similarity_transform(user_face.landmarks, crop_face.landmarks), user_face.landmarks
+        )
+        drawn = draw_pose(crop.shape[:2], [Pose.from_landmarks(fitted)])
+        tiles += [(f"face {index}: template", crop), ("pose source", source), ("openpose control", drawn)]
+    return contact_sheet(tiles, height=240, banner="pose source (crop_and_paste, L1362-1369) and its control")
+
+
 def masks() -> np.ndarray:
     """The masks of a face of the group photo at the working size (512 px short side): the first
     pass's inpaint mask, the second pass's ring and the colour shift's blurred weight."""
@@ -114,7 +139,7 @@ def _framed(image: np.ndarray) -> np.ndarray:
     return out
 
 
-FIGURES = {"training_crop.png": training_crop, "fusion.png": fusion, "masks.png": masks}
+FIGURES = {"training_crop.png": training_crop, "fusion.png": fusion, "masks.png": masks, "pose.png": pose}
 
 
 def main(argv: list[str]) -> int:

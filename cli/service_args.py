@@ -33,6 +33,9 @@ def add_service_arguments(parser: argparse.ArgumentParser, port: int, metrics_po
     faces.add_argument(
         "--face-swapper", default=None, help="an inswapper-style face swap ONNX file (needs --face-models)"
     )
+    faces.add_argument(
+        "--pose-model", default=None, help="a DWPose/RTMPose-style whole-body keypoint ONNX file"
+    )
 
 
 def service_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,5 +60,6 @@ def service_settings(args: argparse.Namespace) -> dict[str, Any]:
             saliency=path(args.face_saliency),
             enhancer=path(args.face_enhancer),
             swapper=path(args.face_swapper),
+            pose=path(args.pose_model),
         ),
     }

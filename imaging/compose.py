@@ -1,11 +1,12 @@
-"""Compositing: LAB colour transfer, painting boxes white and pasting a crop back feathered."""
+"""Compositing: LAB colour transfer and shift, aligned pastes, painting boxes white and pasting a crop
+back feathered."""
 
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
-from .geometry import Box, int_box
+from .geometry import Box, int_box, similarity_transform
 from .masks import feather
 
 
@@ -36,6 +37,27 @@ def transfer_color(
     moved[inside] = (src_px - src_mean) * (ref_std / src_std) + ref_mean
     out = cv2.cvtColor(np.clip(moved, 0, 255).round().astype(np.uint8), cv2.COLOR_LAB2RGB)
     out[~inside] = source[~inside]
+    return out
+
+
+def paste_aligned(
+    source: np.ndarray,
+    source_box: Box,
+    source_landmarks: np.ndarray,
+    target: np.ndarray,
+    target_landmarks: np.ndarray,
+) -> np.ndarray:
+    """``source``'s ``source_box`` moved by the similarity that takes its landmarks onto
+    ``target_landmarks`` and pasted over ``target`` wherever it lands (the reference's
+    ``crop_and_paste``, face_process_utils.py L147-184)."""
+    x0, y0, x1, y1 = int_box(source_box)
+    patch = np.ascontiguousarray(source[y0:y1, x0:x1])
+    matrix = similarity_transform(np.asarray(source_landmarks) - np.array([x0, y0]), target_landmarks)
+    size = (target.shape[1], target.shape[0])
+    warped = cv2.warpAffine(patch, matrix, size, borderValue=0)
+    covered = cv2.warpAffine(np.full(patch.shape[:2], 255, np.uint8), matrix, size, borderValue=0)
+    out = target.copy()
+    out[covered > 0] = warped[covered > 0]
     return out
 
 

@@ -6,7 +6,7 @@ from face landmarks.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -43,16 +43,42 @@ def tile_control(image: np.ndarray) -> np.ndarray:
     return image.copy()
 
 
-# OpenPose's limb colours, in its drawing order.
+# OpenPose's 18 body keypoints: 0 nose, 1 neck, 2-4 right arm, 5-7 left arm, 8-10 right leg,
+# 11-13 left leg, 14/15 right/left eye, 16/17 right/left ear. Its limbs, in its drawing order
+# (each limb's colour is the one at its index), and its keypoint colours.
+POSE_LIMBS = [
+    (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10), (1, 11), (11, 12),
+    (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17),
+]  # fmt: skip
 POSE_COLORS = [
     (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
     (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
     (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
 ]  # fmt: skip
+BODY_POINTS = 18
+# A hand's 21 points (0 the wrist, then 4 per finger) and its edges, coloured around the hue circle.
+HAND_EDGES = [
+    (4 * finger + joint if joint else 0, 4 * finger + joint + 1) for finger in range(5) for joint in range(4)
+]
 
 
-# (from, to) keypoint pairs: 0 nose, 1 neck, 2 right shoulder, 5 left shoulder, 14/15 eyes, 16/17 ears.
-POSE_LIMBS = [(1, 2), (1, 5), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17)]
+@dataclass(frozen=True)
+class Pose:
+    """One person's keypoints in OpenPose's layout, in pixels, NaN where not seen: the 18 body
+    points, each hand's 21 points, and face points (68 from a whole-body model, or the 5
+    landmarks)."""
+
+    body: np.ndarray
+    hands: tuple[np.ndarray, ...] = ()
+    face: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.float32))
+
+    @classmethod
+    def from_landmarks(cls, landmarks: np.ndarray) -> Pose:
+        """The body keypoints a face's 5 landmarks imply (nose, eyes, ears, neck, shoulders)."""
+        body = np.full((BODY_POINTS, 2), np.nan, np.float32)
+        for index, point in body_keypoints(landmarks).items():
+            body[index] = point
+        return cls(body, face=np.asarray(landmarks, np.float32))
 
 
 def body_keypoints(landmarks: np.ndarray) -> dict[int, np.ndarray]:
@@ -77,23 +103,42 @@ def body_keypoints(landmarks: np.ndarray) -> dict[int, np.ndarray]:
     }
 
 
-def draw_pose(shape: tuple[int, int], faces_landmarks: list[np.ndarray]) -> np.ndarray:
-    """The openpose ControlNet's input: limbs and keypoints on black, one skeleton per face."""
+def draw_pose(shape: tuple[int, int], poses: list[Pose]) -> np.ndarray:
+    """The openpose ControlNet's input (openpose_full's drawing): body limbs and keypoints in
+    OpenPose's colours, hand edges around the hue circle with blue joints, face points white; on
+    black, one skeleton per person, leaving out what was not seen."""
     height, width = shape
     canvas = np.zeros((height, width, 3), np.uint8)
     thickness = max(2, round(min(height, width) / 128))
-    for landmarks in faces_landmarks:
-        points = body_keypoints(landmarks)
+    for pose in poses:
         for index, (a, b) in enumerate(POSE_LIMBS):
-            pa, pb = points[a], points[b]
-            cv2.line(canvas, _pt(pa), _pt(pb), POSE_COLORS[index], thickness * 2, cv2.LINE_AA)
-        for key, point in points.items():
-            cv2.circle(
-                canvas, _pt(point), thickness * 2, POSE_COLORS[key % len(POSE_COLORS)], -1, cv2.LINE_AA
-            )
-        for point in landmarks:
-            cv2.circle(canvas, _pt(point), thickness, (255, 255, 255), -1, cv2.LINE_AA)
+            _line(canvas, pose.body[a], pose.body[b], POSE_COLORS[index], thickness * 2)
+        for index, point in enumerate(pose.body):
+            _dot(canvas, point, thickness * 2, POSE_COLORS[index])
+        for hand in pose.hands:
+            for index, (a, b) in enumerate(HAND_EDGES):
+                _line(canvas, hand[a], hand[b], _hue(index / len(HAND_EDGES)), max(1, thickness // 2 + 1))
+            for point in hand:
+                _dot(canvas, point, thickness, (0, 0, 255))
+        for point in pose.face:
+            _dot(canvas, point, thickness, (255, 255, 255))
     return canvas
+
+
+def _hue(fraction: float) -> tuple[int, int, int]:
+    hsv = np.array([[[round(fraction * 179), 255, 255]]], np.uint8)
+    r, g, b = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0]
+    return int(r), int(g), int(b)
+
+
+def _line(canvas: np.ndarray, a: np.ndarray, b: np.ndarray, colour: tuple[int, int, int], width: int) -> None:
+    if np.isfinite(a).all() and np.isfinite(b).all():
+        cv2.line(canvas, _pt(a), _pt(b), colour, width, cv2.LINE_AA)
+
+
+def _dot(canvas: np.ndarray, point: np.ndarray, radius: int, colour: tuple[int, int, int]) -> None:
+    if np.isfinite(point).all():
+        cv2.circle(canvas, _pt(point), radius, colour, -1, cv2.LINE_AA)
 
 
 def _pt(point: np.ndarray) -> tuple[int, int]:
@@ -102,11 +147,11 @@ def _pt(point: np.ndarray) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class ControlSource:
-    """What a pass's control images are made from: the image it repaints, the 5 landmarks of each
-    face the pose skeleton shows, and the canny thresholds."""
+    """What a pass's control images are made from: the image it repaints, the pose of each person
+    the openpose control shows, and the canny thresholds."""
 
     image: np.ndarray
-    landmarks: list[np.ndarray]
+    poses: list[Pose]
     canny_low: int = 100
     canny_high: int = 200
 
@@ -114,7 +159,7 @@ class ControlSource:
 # How each ControlNet kind's input image is made.
 CONTROL_IMAGES: dict[str, Callable[[ControlSource], np.ndarray]] = {
     "canny": lambda source: canny_control(source.image, source.canny_low, source.canny_high),
-    "openpose": lambda source: draw_pose(source.image.shape[:2], source.landmarks),
+    "openpose": lambda source: draw_pose(source.image.shape[:2], source.poses),
     "color": lambda source: color_control(source.image),
     "tile": lambda source: tile_control(source.image),
 }

@@ -34,8 +34,8 @@ from easyphoto.engines.faces.parts import super_resolve
 from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.engines.lora import load_lora
 from easyphoto.imaging.codec import from_model, to_model
-from easyphoto.imaging.compose import paint_boxes_white, paste_back, shift_color
-from easyphoto.imaging.controls import CONTROL_IMAGES, ControlSource, draw_pose
+from easyphoto.imaging.compose import paint_boxes_white, paste_aligned, paste_back, shift_color
+from easyphoto.imaging.controls import CONTROL_IMAGES, ControlSource, Pose, draw_pose
 from easyphoto.imaging.geometry import (
     Face,
     fit_size,
@@ -66,6 +66,7 @@ MAX_FACES = 16
 # The last colour shift leaves the mouth and lips alone (L1777: classes 1-5 and 10).
 LAST_SHIFT_PARTS = ("skin", "brows", "eyes", "nose")
 COLOR_BOX_SCALE = 1.1
+FACE_ID_CROP_SCALE = 1.5  # the face-id image's face box, grown (multi_user_facecrop_ratio, L830)
 USER_CACHE = 32  # users whose faces, embedding and LoRA stay loaded
 MIN_FACE_SIZE = 16.0
 # The progress and timing stage of each pass (named as the request's options name it).
@@ -306,7 +307,9 @@ class Orchestrator:
         color_box = int_box(grow_box(crop_face.box, COLOR_BOX_SCALE, crop.shape[1], crop.shape[0]))
         ctx.keep("crop", crop)
 
-        pose = [self._pose_landmarks(crop_face, reference)]
+        pose_source = self._pose_source(crop, crop_face, reference)
+        ctx.keep("pose_source", pose_source)
+        pose = [self._pose(pose_source, crop_face, reference)]
         ctx.keep("openpose", draw_pose(crop.shape[:2], pose))
         fused = crop
         if options.fusion_before:
@@ -383,7 +386,7 @@ class Orchestrator:
         ring = border_ring(resize(where.region, width, height), radius)
         ctx.keep("seam_mask", ring)
         landmarks = (where.face.landmarks - np.array([x0, y0])) * scale
-        out = self._diffuse("seam_pass", crop, [landmarks], ring, ctx)
+        out = self._diffuse("seam_pass", crop, [Pose.from_landmarks(landmarks)], ring, ctx)
         ctx.keep("seam_pass", out)
         back = resize(out, x1 - x0, y1 - y0)
         native_ring = border_ring(where.region, max(1, round(where.face.width / 10)))
@@ -407,31 +410,44 @@ class Orchestrator:
         scale = size[0] / width
         mask = resize(background, *size)
         ctx.keep("background_mask", mask)
-        landmarks = [where.face.landmarks * scale for where in painted]
-        out = self._diffuse("background_restore", small, landmarks, mask, ctx)
+        poses = [Pose.from_landmarks(where.face.landmarks * scale) for where in painted]
+        out = self._diffuse("background_restore", small, poses, mask, ctx)
         ctx.keep("background_restore", out)
         return _blend_into(image, resize(out, width, height), background, (0, 0, width, height), grow)
 
-    def _pose_landmarks(self, crop_face: Face, reference: _Reference) -> np.ndarray:
-        """The openpose control's face: the user's face-id landmarks warped onto the template face
-        (a similarity fit keeps the user's proportions, so the geometry is theirs)."""
-        matrix = similarity_transform(reference.face_id_face.landmarks, crop_face.landmarks)
-        return transform_points(matrix, reference.face_id_face.landmarks)
+    def _pose_source(self, crop: np.ndarray, crop_face: Face, reference: _Reference) -> np.ndarray:
+        """The crop with the user's face-id image pasted over the face by a similarity fit of its
+        landmarks (its face box grown 1.5x, L1172-1174 and L1362-1369): what the pose is read from."""
+        face_id, face = reference.artifacts.face_id, reference.face_id_face
+        box = grow_box(face.box, FACE_ID_CROP_SCALE, face_id.shape[1], face_id.shape[0])
+        return paste_aligned(face_id, box, face.landmarks, crop, crop_face.landmarks)
+
+    def _pose(self, pose_source: np.ndarray, crop_face: Face, reference: _Reference) -> Pose:
+        """The openpose control's person: read from the pose source by the whole-body keypoint
+        model when one is loaded (the crop is the person box), else drawn from the face-id
+        landmarks fitted onto the template face (where the pose source has them)."""
+        if self.face_models.pose is not None:
+            height, width = pose_source.shape[:2]
+            return self.face_models.pose(pose_source, (0, 0, width, height))
+        landmarks = reference.face_id_face.landmarks
+        return Pose.from_landmarks(
+            transform_points(similarity_transform(landmarks, crop_face.landmarks), landmarks)
+        )
 
     def _diffuse(
         self,
         pass_name: str,
         image: np.ndarray,
-        landmarks: list[np.ndarray],
+        poses: list[Pose],
         mask: np.ndarray,
         ctx: _FaceContext,
     ) -> np.ndarray:
         """One diffusion pass (``pass_name`` as the request names it) repainting ``mask`` of ``image``,
-        its pose control drawn from ``landmarks``."""
+        its pose control drawn from ``poses``."""
         options = ctx.run.options
         settings: PassOptions = getattr(options, pass_name)
         stage = STAGES[pass_name]
-        source = ControlSource(image, landmarks, settings.canny_low_threshold, settings.canny_high_threshold)
+        source = ControlSource(image, poses, settings.canny_low_threshold, settings.canny_high_threshold)
         controls = []
         for kind, weight in settings.control_weights().items():
             control = CONTROL_IMAGES[kind](source)

@@ -185,12 +185,44 @@ def test_tile_control_is_the_image_and_colour_control_nearly_so() -> None:
 
 
 def test_pose_drawing_marks_landmarks_and_body() -> None:
-    pose = controls.draw_pose((512, 512), [ASTRONAUT])
+    pose = controls.draw_pose((512, 512), [controls.Pose.from_landmarks(ASTRONAUT)])
     for x, y in ASTRONAUT:
         assert pose[round(y), round(x)].max() == 255
     chin = round(ASTRONAUT[3:, 1].max()) + 20
     assert pose[chin:].any()  # neck and shoulders below the face
     assert not pose[:40].any()
+
+
+def test_pose_limbs_take_openposes_colours_and_unseen_points_draw_nothing() -> None:
+    """The ControlNet reads a limb's identity from its colour: neck to nose is OpenPose's 13th
+    limb (blue), neck to right shoulder its first (red)."""
+    body = np.full((18, 2), np.nan, np.float32)
+    body[0], body[1], body[2] = (200, 100), (200, 300), (60, 300)
+    hand = np.full((21, 2), np.nan, np.float32)
+    hand[0], hand[1] = (400, 400), (400, 480)  # the wrist and the thumb's first joint
+    canvas = controls.draw_pose((512, 512), [controls.Pose(body, (hand,))])
+    assert tuple(canvas[200, 200]) == controls.POSE_COLORS[12]
+    assert tuple(canvas[300, 130]) == controls.POSE_COLORS[0]
+    assert tuple(canvas[440, 400]) == (255, 0, 0)  # the hand's first edge: hue 0
+    assert tuple(canvas[400, 400]) == (0, 0, 255)  # its joints are blue
+    assert not canvas[:, 420:].any() and not canvas[:60].any()  # nothing for the unseen points
+
+
+def test_an_aligned_paste_puts_the_sources_landmarks_on_the_targets() -> None:
+    source = np.zeros((200, 300, 3), np.uint8)
+    source[..., 0] = np.arange(300, dtype=np.uint8)[None, :] // 2  # red encodes the column
+    source[..., 1] = np.arange(200, dtype=np.uint8)[:, None]  # green the row
+    target = np.full((400, 400, 3), 7, np.uint8)
+    shift, scale = np.array([150.0, 120.0]), 1.5
+    landmarks = ASTRONAUT * 0.3 + np.array([60, 40])
+    pasted = compose.paste_aligned(source, (50, 30, 150, 110), landmarks, target, landmarks * scale + shift)
+    x, y = 80, 60  # a source pixel inside the box lands at scale * (x, y) + shift
+    tx, ty = np.round(np.array([x, y]) * scale + shift).astype(int)
+    assert abs(int(pasted[ty, tx, 0]) - x // 2) <= 1 and abs(int(pasted[ty, tx, 1]) - y) <= 1
+    landed = np.any(pasted != 7, axis=-1)
+    ys, xs = np.nonzero(landed)
+    assert abs(xs.min() - (50 * scale + shift[0])) <= 1 and abs(xs.max() - (150 * scale + shift[0])) <= 2
+    assert abs(ys.min() - (30 * scale + shift[1])) <= 1 and abs(ys.max() - (110 * scale + shift[1])) <= 2
 
 
 def test_paint_boxes_white() -> None:

@@ -19,7 +19,8 @@ from easyphoto.engines.lora import LoraLayer, LoraWeights, save_lora
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.fixtures.photos import sample_photo
 from easyphoto.imaging.codec import encode_png
-from easyphoto.imaging.geometry import grow_box, int_box
+from easyphoto.imaging.controls import Pose, draw_pose
+from easyphoto.imaging.geometry import grow_box, int_box, similarity_transform, transform_points
 from easyphoto.rpc.errors import (
     Cancelled,
     FaceTooSmall,
@@ -368,3 +369,45 @@ def test_a_loaded_face_swapper_replaces_the_warp_in_both_fusions(orchestrator: O
     inverted = 255 - warped["face0_crop"].astype(int)
     fused = swapped["face0_fusion_before"].astype(int)
     assert np.abs(fused - inverted).sum() < np.abs(warped["face0_fusion_before"].astype(int) - inverted).sum()
+
+
+class RecordingPose:
+    """A pose model with a known answer (one arm), recording the images it was shown."""
+
+    def __init__(self) -> None:
+        self.images: list[np.ndarray] = []
+
+    def __call__(self, image: np.ndarray, box: tuple[float, float, float, float]) -> Pose:
+        self.images.append(image)
+        body = np.full((18, 2), np.nan, np.float32)
+        body[1], body[2], body[3] = (100, 200), (40, 220), (30, 300)
+        return Pose(body)
+
+
+def test_the_pose_is_read_from_the_face_id_image_pasted_on_the_template(orchestrator: Orchestrator) -> None:
+    off = replace(FAST, enabled=False)
+    options = GenerateOptions(first_pass=off, second_pass=off, seam_pass=off, return_intermediates=True)
+    template = sample_photo("astronaut")
+    kept = dict(orchestrator.generate(template, ["alice"], options, seed=1).intermediates)
+    crop, source = kept["face0_crop"], kept["face0_pose_source"]
+    crop_face, pasted_face = orchestrator.analyzer.largest(crop), orchestrator.analyzer.largest(source)
+    alice = orchestrator.prepare_user("alice")
+    user = alice.face_id_face.landmarks  # fitted onto the template's by a similarity (her proportions)
+    fitted = transform_points(similarity_transform(user, crop_face.landmarks), user)
+    assert np.abs(pasted_face.landmarks - fitted).max() < 0.1 * crop_face.width  # detection noise
+    embed = orchestrator.analyzer.embed
+    to_alice = float(embed(source, [pasted_face])[0] @ alice.embedding)
+    to_template = float(embed(crop, [crop_face])[0] @ alice.embedding)
+    assert to_alice > 0.95 and to_template < 0.9  # the face there is alice's (measured 0.996, 0.847)
+    assert np.array_equal(source[:10, :10], crop[:10, :10])  # the rest is the template
+
+    estimator = RecordingPose()
+    posing = Orchestrator(
+        orchestrator.engines, orchestrator.scheduler_config,
+        replace(default_face_models(), pose=estimator), orchestrator.analyzer, orchestrator.users,
+        steps=orchestrator.steps,
+    )  # fmt: skip
+    kept = dict(posing.generate(template, ["alice"], options, seed=1).intermediates)
+    assert len(estimator.images) == 1 and np.array_equal(estimator.images[0], kept["face0_pose_source"])
+    drawn = draw_pose(crop.shape[:2], [estimator(source, (0, 0, 1, 1))])
+    assert np.array_equal(kept["face0_openpose"], drawn)

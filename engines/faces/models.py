@@ -41,6 +41,7 @@ from .parts import (
     Parser,
     Upscaler,
 )
+from .pose import OnnxPoseEstimator, PoseEstimator
 
 DLIB_CHIP = 150
 DLIB_PADDING = 0.25
@@ -97,6 +98,8 @@ class FaceModels:
     upscaler: Upscaler = field(default_factory=LanczosUpscaler)
     # A learned face swapper replacing the classical warp of the fusion (None: the warp).
     swapper: FaceSwapper | None = None
+    # A whole-body keypoint model for the openpose control (None: drawn from the 5 landmarks).
+    pose: PoseEstimator | None = None
     # Cosine at or above which two faces count as one person (depends on the embedder).
     same_person_threshold: float = SAME_PERSON_THRESHOLD
 
@@ -132,9 +135,12 @@ class FaceModelPaths:
     saliency: Path | None = None
     enhancer: Path | None = None
     swapper: Path | None = None
+    pose: Path | None = None
 
     def load(self) -> FaceModels:
-        return load_face_models(self.pack, self.parsing, self.saliency, self.enhancer, self.swapper)
+        return load_face_models(
+            self.pack, self.parsing, self.saliency, self.enhancer, self.swapper, self.pose
+        )
 
 
 def load_face_models(
@@ -143,10 +149,12 @@ def load_face_models(
     saliency: Path | None = None,
     enhancer: Path | None = None,
     swapper: Path | None = None,
+    pose: Path | None = None,
 ) -> FaceModels:
     """The default models, or an insightface pack directory when one is given; optional ONNX files
-    replace the classical face parsing (BiSeNet), saliency matte, Lanczos upscaling and the
-    fusion's warp (an inswapper-style swapper, which needs the pack's 512-d ArcFace embeddings)."""
+    replace the classical face parsing (BiSeNet), saliency matte, Lanczos upscaling, the fusion's
+    warp (an inswapper-style swapper, which needs the pack's 512-d ArcFace embeddings) and the
+    landmark-drawn pose (a DWPose-style whole-body keypoint model)."""
     if pack is None:
         models = default_face_models()
     else:
@@ -172,6 +180,8 @@ def load_face_models(
         models.matte = OnnxSaliencyMatte(saliency)
     if enhancer is not None:
         models.upscaler = OnnxUpscaler(enhancer)
+    if pose is not None:
+        models.pose = OnnxPoseEstimator(pose)
     if swapper is not None:
         models.swapper = OnnxFaceSwapper(swapper)
         if models.embedding_size != models.swapper.embedding_size:
