@@ -47,7 +47,13 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     _write_generated(response, templates, Path(args.out))
-    print(_timings_line({t.stage: t.seconds for t in response.timings}) + f" ({response.model_family})")
+    print(
+        _timings_line({t.stage: t.seconds for t in response.timings if not t.skipped})
+        + f" ({response.model_family})"
+    )
+    for timing in response.timings:
+        if timing.skipped:
+            print(f"skipped {timing.stage}: {timing.reason}")
     return 0
 
 

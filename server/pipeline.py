@@ -30,7 +30,7 @@ from easyphoto.engines.caches import HotCache
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.fusion import AFTER_PARTS, fuse_faces, warp_reference
 from easyphoto.engines.faces.models import FaceModels
-from easyphoto.engines.faces.parts import super_resolve
+from easyphoto.engines.faces.parts import LanczosUpscaler, super_resolve
 from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.engines.lora import load_lora
 from easyphoto.imaging.codec import from_model, to_model
@@ -102,6 +102,7 @@ class Generation:
     seed: int
     timings: dict[str, float] = field(default_factory=dict)
     intermediates: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # stage: why it did not run
 
 
 @dataclass
@@ -209,6 +210,8 @@ class Orchestrator:
                 result = self._repaint_seam(result, where, run.face(where.index))
         if painted and options.background_restore.enabled:
             result = self._restore_background(result, painted, run.face(0))
+        if painted:
+            result = self._enhance(result, run)
         scored = time.perf_counter()
         found = self.analyzer.detect(result) if painted else []  # once for every face's score
         outcomes = [
@@ -222,7 +225,7 @@ class Orchestrator:
         ]
         run.timings["score"] = time.perf_counter() - scored
         run.timings["total"] = time.perf_counter() - started
-        return Generation(result, outcomes, seed, run.timings, run.intermediates)
+        return Generation(result, outcomes, seed, run.timings, run.intermediates, run.skipped)
 
     def _check_controlnets(self, options: GenerateOptions, painted: int) -> None:
         """ModelMissing naming the pass and the kind when a pass that will run needs a ControlNet
@@ -337,7 +340,7 @@ class Orchestrator:
             ctx.keep("second_diffusion", painted)
         if options.color_shift:
             painted = self._shift_color(painted, crop, crop_face, color_box, LAST_SHIFT_PARTS)
-        back = self._native_size(painted, x1 - x0, y1 - y0, options.super_resolution_ratio)
+        back = self._native_size(painted, x1 - x0, y1 - y0)
         # Only what a pass repainted changes: blend through its feathered mask, then into the template.
         region = resize(cv2.dilate(repainted, np.ones((3, 3), np.uint8)), x1 - x0, y1 - y0)
         where = _Painted(ctx.index, face, (x0, y0, x1, y1), region)
@@ -369,12 +372,31 @@ class Orchestrator:
         limit = self.engines.max_image_side
         return fit_size(width, height, options.crop_short_side, self.engines.image_multiple, limit)
 
-    def _native_size(self, image: np.ndarray, width: int, height: int, ratio: float) -> np.ndarray:
-        """Back to the crop's size in the template; growing goes through the super-resolution hook
-        (the enhancer blended at ``ratio``; Lanczos when none is loaded), MISSION.md §2.11."""
+    def _native_size(self, image: np.ndarray, width: int, height: int) -> np.ndarray:
+        """Back to the crop's size in the template; growing goes through the enhancer (Lanczos
+        when none is loaded), MISSION.md §2.11."""
         while image.shape[1] < width or image.shape[0] < height:
-            image = super_resolve(image, self.face_models.upscaler, ratio)
+            image = self.face_models.upscaler(image)
         return resize(image, width, height)
+
+    def _enhance(self, image: np.ndarray, run: _Run) -> np.ndarray:
+        """The reference's last step (L2019-2040, GPEN there): the whole output through the
+        enhancer, blended at ``super_resolution_ratio`` with the output enlarged to the same size.
+        The response keeps the template's size (the reference returns the enhanced size). Skipped,
+        and said so, without an enhancer: blending Lanczos with itself changes nothing."""
+        ratio = run.options.super_resolution_ratio
+        if isinstance(self.face_models.upscaler, LanczosUpscaler):
+            run.skipped["super_resolution"] = "no enhancer model is loaded (--face-enhancer)"
+            return image
+        if ratio <= 0:
+            run.skipped["super_resolution"] = "super_resolution_ratio is 0"
+            return image
+        started = time.perf_counter()
+        enhanced = super_resolve(image, self.face_models.upscaler, ratio)
+        run.keep("super_resolution", enhanced)
+        out = resize(enhanced, image.shape[1], image.shape[0])
+        run.timings["super_resolution"] = time.perf_counter() - started
+        return out
 
     def _repaint_seam(self, image: np.ndarray, where: _Painted, ctx: _FaceContext) -> np.ndarray:
         """The third pass: the ring around the pasted face, base model only (MISSION.md §2.10)."""
@@ -488,9 +510,14 @@ class _Run:
     raise_if_stopped: Callable[[], None]
     timings: dict[str, float] = field(default_factory=dict)
     intermediates: list[tuple[str, np.ndarray]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # stage: why it did not run
 
     def face(self, index: int, adapter: SampleAdapter | None = None) -> _FaceContext:
         return _FaceContext(self, index, adapter)
+
+    def keep(self, name: str, image: np.ndarray) -> None:
+        if self.options.return_intermediates:
+            self.intermediates.append((name, image))
 
 
 @dataclass(frozen=True)
@@ -503,8 +530,7 @@ class _FaceContext:
     adapter: SampleAdapter | None = None
 
     def keep(self, name: str, image: np.ndarray) -> None:
-        if self.run.options.return_intermediates:
-            self.run.intermediates.append((f"face{self.index}_{name}", image))
+        self.run.keep(f"face{self.index}_{name}", image)
 
     def step(self, stage: str, event: StepEvent) -> None:
         if self.run.on_progress is not None:

@@ -142,6 +142,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         raise_if_stopped = _stopper(context)
         response = generator_pb2.GenerateResponse(model_family=self._model_family())
         timings: dict[str, float] = {}
+        skipped: dict[str, str] = {}
         with self._admission.slot(raise_if_stopped), request_deadline(context.time_remaining()):
             orchestrator = self._orchestrator()
             for index, template in enumerate(templates):
@@ -161,8 +162,14 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
                     response.images.append(_image_message(index, generation))
                     for stage, seconds in generation.timings.items():
                         timings[stage] = timings.get(stage, 0.0) + seconds
+                    skipped.update(generation.skipped)
         timings["request"] = time.perf_counter() - started
         response.timings.extend(common_pb2.StageTiming(stage=k, seconds=v) for k, v in timings.items())
+        response.timings.extend(
+            common_pb2.StageTiming(stage=k, skipped=True, reason=why)
+            for k, why in skipped.items()
+            if k not in timings
+        )
         log.info("generated %d image(s) for %s in %.2fs", len(response.images), user_ids, timings["request"])
         return response
 

@@ -49,6 +49,8 @@ def test_generate_returns_the_image_scores_and_timings(stub: generator_pb2_grpc.
     assert [f.user_id for f in image.faces] == ["alice"]
     assert image.faces[0].HasField("identity_score") and len(image.faces[0].face.landmarks) == 5
     assert {t.stage for t in response.timings} >= {"detect", "first_diffusion", "second_diffusion", "request"}
+    skipped = {t.stage: t.reason for t in response.timings if t.skipped}
+    assert skipped == {"super_resolution": "no enhancer model is loaded (--face-enhancer)"}
     assert "random weights" in response.model_family
     assert any(i.name == "face0_inpaint_mask" for i in image.intermediates)
 

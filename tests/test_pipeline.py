@@ -411,3 +411,41 @@ def test_the_pose_is_read_from_the_face_id_image_pasted_on_the_template(orchestr
     assert len(estimator.images) == 1 and np.array_equal(estimator.images[0], kept["face0_pose_source"])
     drawn = draw_pose(crop.shape[:2], [estimator(source, (0, 0, 1, 1))])
     assert np.array_equal(kept["face0_openpose"], drawn)
+
+
+class GreyEnhancer:
+    """A x2 enhancer with a known answer (flat grey), recording the sizes it was given."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        self.shapes.append(image.shape)
+        return np.full((image.shape[0] * 2, image.shape[1] * 2, 3), 200, np.uint8)
+
+
+def test_super_resolution_runs_on_the_whole_output_only_with_an_enhancer(orchestrator: Orchestrator) -> None:
+    off = replace(FAST, enabled=False)
+    options = GenerateOptions(first_pass=off, second_pass=off, seam_pass=off)
+    template = sample_photo("astronaut")
+    plain = orchestrator.generate(template, ["alice"], options, seed=1)
+    assert plain.skipped == {"super_resolution": "no enhancer model is loaded (--face-enhancer)"}
+    assert "super_resolution" not in plain.timings
+
+    enhancer = GreyEnhancer()
+    enhancing = Orchestrator(
+        orchestrator.engines, orchestrator.scheduler_config,
+        replace(default_face_models(), upscaler=enhancer), orchestrator.analyzer, orchestrator.users,
+        steps=orchestrator.steps,
+    )  # fmt: skip
+    enhanced = enhancing.generate(template, ["alice"], options, seed=1)
+    assert enhanced.skipped == {} and enhanced.timings["super_resolution"] > 0
+    crop_shape, whole_shape = enhancer.shapes
+    assert whole_shape == template.shape  # the whole output, last
+    assert max(crop_shape[:2]) < 512  # the working-size crop, grown back to its size in the template
+    corner = enhanced.image[:20, :20].astype(float)  # far from the face: only the final blend
+    difference = np.abs(corner - (template[:20, :20] * 0.5 + 100))  # up and down again: resampling
+    assert difference.mean() < 1 and difference.max() <= 4
+    zero = enhancing.generate(template, ["alice"], replace(options, super_resolution_ratio=0.0), seed=1)
+    assert zero.skipped == {"super_resolution": "super_resolution_ratio is 0"}
+    assert np.array_equal(zero.image[:20, :20], template[:20, :20])
