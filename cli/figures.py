@@ -4,21 +4,29 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from easyphoto.diffusion.passes import PassOptions
+from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.fusion import fuse_faces, warp_reference
 from easyphoto.engines.faces.models import default_face_models
+from easyphoto.engines.interface import Engines
+from easyphoto.engines.models.loading import tiny_family
 from easyphoto.fixtures.photos import person_photos, sample_photo
 from easyphoto.imaging.codec import encode_png
 from easyphoto.imaging.compose import paste_aligned
 from easyphoto.imaging.controls import Pose, draw_pose
 from easyphoto.imaging.geometry import grow_box, int_box, similarity_transform, transform_points
 from easyphoto.imaging.masks import FACE_PARTS, REFERENCE_CROP_SIDE, inpaint_mask, only_parts, ring_mask
+from easyphoto.server.options import GenerateOptions
+from easyphoto.server.pipeline import Orchestrator
 from easyphoto.trainer.options import TrainingOptions
 from easyphoto.trainer.photos import prepare_photos
+from easyphoto.users.store import UserStore
 
 from .faces import default_analyzer
 from .sheets import contact_sheet
@@ -75,6 +83,33 @@ def fusion(faces: int = 3) -> np.ndarray:
         tiles += [(f"face {index}: template", crop), (f"face {index}: fusion only", fused)]
     return contact_sheet(
         tiles, height=240, banner="face fusion before the first pass (easyphoto_infer.py L1435-1468)"
+    )
+
+
+def fusion_only() -> np.ndarray:
+    """The group photo generated with every diffusion pass off for the demo user on its first three
+    faces (its reference photo standing in as the face-id image): fusion, colour shift and paste
+    back only, the classical stages a user can judge without diffusion weights."""
+    models, analyzer = default_face_models(), default_analyzer()
+    user = prepare_photos([encode_png(p) for p in person_photos()], TrainingOptions(), analyzer, models)
+    family = tiny_family()
+    engines = Engines(TorchBackend(family, "cpu"), family.tokenizer, float(family.vae.config.scaling_factor))
+    off = PassOptions(False, 1, 0.5, 7.0)
+    with tempfile.TemporaryDirectory() as data:
+        folder = Path(data) / "users" / "demo" / "v1"
+        folder.mkdir(parents=True)
+        for name in ("face_id.png", "reference.png"):
+            (folder / name).write_bytes(encode_png(user.reference))
+        (folder.parent / "CURRENT").write_text("1")
+        orchestrator = Orchestrator(engines, family.scheduler_config, models, analyzer, UserStore(Path(data)))
+        group = sample_photo("group")
+        options = GenerateOptions(first_pass=off, second_pass=off, seam_pass=off)
+        result = orchestrator.generate(group, ["demo"] * 3, options, seed=1)
+        orchestrator.close()
+    return contact_sheet(
+        [("template (t1.jpg)", group), ("every pass off: the demo user on faces 0-2", result.image)],
+        height=400,
+        banner="fusion-only generation: no fringe pasted, the tone the template's",
     )
 
 
@@ -139,7 +174,13 @@ def _framed(image: np.ndarray) -> np.ndarray:
     return out
 
 
-FIGURES = {"training_crop.png": training_crop, "fusion.png": fusion, "masks.png": masks, "pose.png": pose}
+FIGURES = {
+    "training_crop.png": training_crop,
+    "fusion.png": fusion,
+    "fusion_only.png": fusion_only,
+    "masks.png": masks,
+    "pose.png": pose,
+}
 
 
 def main(argv: list[str]) -> int:
