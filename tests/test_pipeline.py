@@ -338,6 +338,16 @@ def test_the_whole_second_pass_ring_reaches_the_template(orchestrator: Orchestra
     assert changed[beyond].mean() > 0.3
 
 
+def _with_face_models(orchestrator: Orchestrator, **changes: object) -> Orchestrator:
+    """An orchestrator sharing ``orchestrator``'s engines, users and step loop, its face models
+    the defaults with ``changes``."""
+    return Orchestrator(
+        orchestrator.engines, orchestrator.scheduler_config,
+        replace(default_face_models(), **changes), orchestrator.analyzer, orchestrator.users,
+        steps=orchestrator.steps,
+    )  # fmt: skip
+
+
 class InvertingSwapper:
     """A face swapper with a known answer (the target inverted), recording the embeddings given."""
 
@@ -351,11 +361,7 @@ class InvertingSwapper:
 
 def test_a_loaded_face_swapper_replaces_the_warp_in_both_fusions(orchestrator: Orchestrator) -> None:
     swapper = InvertingSwapper()
-    swapping = Orchestrator(
-        orchestrator.engines, orchestrator.scheduler_config,
-        replace(default_face_models(), swapper=swapper), orchestrator.analyzer, orchestrator.users,
-        steps=orchestrator.steps,
-    )  # fmt: skip
+    swapping = _with_face_models(orchestrator, swapper=swapper)
     off = replace(FAST, enabled=False)
     options = GenerateOptions(
         first_pass=off, second_pass=off, seam_pass=off, color_shift=False, return_intermediates=True
@@ -402,11 +408,7 @@ def test_the_pose_is_read_from_the_face_id_image_pasted_on_the_template(orchestr
     assert np.array_equal(source[:10, :10], crop[:10, :10])  # the rest is the template
 
     estimator = RecordingPose()
-    posing = Orchestrator(
-        orchestrator.engines, orchestrator.scheduler_config,
-        replace(default_face_models(), pose=estimator), orchestrator.analyzer, orchestrator.users,
-        steps=orchestrator.steps,
-    )  # fmt: skip
+    posing = _with_face_models(orchestrator, pose=estimator)
     kept = dict(posing.generate(template, ["alice"], options, seed=1).intermediates)
     assert len(estimator.images) == 1 and np.array_equal(estimator.images[0], kept["face0_pose_source"])
     drawn = draw_pose(crop.shape[:2], [estimator(source, (0, 0, 1, 1))])
@@ -433,11 +435,7 @@ def test_super_resolution_runs_on_the_whole_output_only_with_an_enhancer(orchest
     assert "super_resolution" not in plain.timings
 
     enhancer = GreyEnhancer()
-    enhancing = Orchestrator(
-        orchestrator.engines, orchestrator.scheduler_config,
-        replace(default_face_models(), upscaler=enhancer), orchestrator.analyzer, orchestrator.users,
-        steps=orchestrator.steps,
-    )  # fmt: skip
+    enhancing = _with_face_models(orchestrator, upscaler=enhancer)
     enhanced = enhancing.generate(template, ["alice"], options, seed=1)
     assert enhanced.skipped == {} and enhanced.timings["super_resolution"] > 0
     crop_shape, whole_shape = enhancer.shapes
