@@ -17,6 +17,7 @@ from easyphoto.engines.faces.models import default_face_models
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.models.loading import tiny_family
 from easyphoto.fixtures.photos import person_photos, sample_photo
+from easyphoto.fixtures.users import publish_photo_user
 from easyphoto.imaging.codec import encode_png
 from easyphoto.imaging.compose import paste_aligned
 from easyphoto.imaging.controls import Pose, draw_pose
@@ -96,11 +97,7 @@ def fusion_only() -> np.ndarray:
     engines = Engines(TorchBackend(family, "cpu"), family.tokenizer, float(family.vae.config.scaling_factor))
     off = PassOptions(False, 1, 0.5, 7.0)
     with tempfile.TemporaryDirectory() as data:
-        folder = Path(data) / "users" / "demo" / "v1"
-        folder.mkdir(parents=True)
-        for name in ("face_id.png", "reference.png"):
-            (folder / name).write_bytes(encode_png(user.reference))
-        (folder.parent / "CURRENT").write_text("1")
+        publish_photo_user(UserStore(Path(data)), "demo", user.reference)
         orchestrator = Orchestrator(engines, family.scheduler_config, models, analyzer, UserStore(Path(data)))
         group = sample_photo("group")
         options = GenerateOptions(first_pass=off, second_pass=off, seam_pass=off)

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 
 from .geometry import Box, int_box, similarity_transform
-from .masks import feather
+from .masks import bounds, feather
 
 
 def paint_boxes_white(image: np.ndarray, boxes: list[Box]) -> np.ndarray:
@@ -26,17 +26,20 @@ def transfer_color(
     ``reference_mask`` (default: the same mask); pixels outside the mask are unchanged."""
     inside = mask > 127
     ref_inside = (reference_mask if reference_mask is not None else mask) > 127
-    if not inside.any() or not ref_inside.any():
-        return source.copy()
-    src_lab = cv2.cvtColor(source, cv2.COLOR_RGB2LAB).astype(np.float32)
-    ref_lab = cv2.cvtColor(reference, cv2.COLOR_RGB2LAB).astype(np.float32)
-    src_px, ref_px = src_lab[inside], ref_lab[ref_inside]
-    src_mean, src_std = src_px.mean(axis=0), src_px.std(axis=0) + 1e-6
-    ref_mean, ref_std = ref_px.mean(axis=0), ref_px.std(axis=0)
-    moved = src_lab.copy()
-    moved[inside] = (src_px - src_mean) * (ref_std / src_std) + ref_mean
-    out = cv2.cvtColor(np.clip(moved, 0, 255).round().astype(np.uint8), cv2.COLOR_LAB2RGB)
-    out[~inside] = source[~inside]
+    where, ref_where = bounds(inside), bounds(ref_inside)
+    out = source.copy()
+    if where is None or ref_where is None:
+        return out
+    # Only the masks' bounding rectangles are converted: LAB is per pixel.
+    src_lab = cv2.cvtColor(np.ascontiguousarray(source[where]), cv2.COLOR_RGB2LAB)
+    ref_lab = cv2.cvtColor(np.ascontiguousarray(reference[ref_where]), cv2.COLOR_RGB2LAB)
+    src_mask, ref_mask = inside[where].astype(np.uint8), ref_inside[ref_where].astype(np.uint8)
+    src_mean, src_std = (v.ravel() for v in cv2.meanStdDev(src_lab, mask=src_mask))
+    ref_mean, ref_std = (v.ravel() for v in cv2.meanStdDev(ref_lab, mask=ref_mask))
+    gain = (ref_std / (src_std + 1e-6)).astype(np.float32)
+    moved = src_lab.astype(np.float32) * gain + (ref_mean - src_mean * gain).astype(np.float32)
+    moved_rgb = cv2.cvtColor(np.clip(moved, 0, 255).round().astype(np.uint8), cv2.COLOR_LAB2RGB)
+    np.copyto(out[where], moved_rgb, where=inside[where][..., None])
     return out
 
 
@@ -78,8 +81,14 @@ def shift_color(
 
 def mix(front: np.ndarray, back: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """``front`` over ``back`` at ``weight`` (0..1 per pixel), rounded to uint8."""
-    alpha = weight[..., None]
-    return (front.astype(np.float32) * alpha + back.astype(np.float32) * (1 - alpha)).round().astype(np.uint8)
+    out = back.copy()
+    where = bounds(weight)
+    if where is None:
+        return out
+    alpha = weight[where][..., None]
+    blended = front[where].astype(np.float32) * alpha + back[where].astype(np.float32) * (1 - alpha)
+    out[where] = blended.round().astype(np.uint8)
+    return out
 
 
 def paste_back(

@@ -165,6 +165,15 @@ class Face:
         """The same face in this image resized by ``factor``."""
         return Face(tuple(v * factor for v in self.box), self.score, self.landmarks * factor)  # type: ignore[arg-type]
 
+    def in_crop(self, box: tuple[int, int, int, int], size: tuple[int, int]) -> Face:
+        """The same face in ``box`` of this image resized to ``size`` (width, height): the box's
+        edges scale with it, the landmarks' pixel centres move as ``cv2.resize`` moves them."""
+        x0, y0, x1, y1 = box
+        scale = np.array([size[0] / (x1 - x0), size[1] / (y1 - y0)])
+        corners = (np.array(self.box, np.float64).reshape(2, 2) - np.array([x0, y0])) * scale
+        landmarks = (self.landmarks - np.array([x0, y0]) + 0.5) * scale - 0.5
+        return Face(tuple(float(v) for v in corners.ravel()), self.score, landmarks.astype(np.float32))  # type: ignore[arg-type]
+
     def to_json(self) -> dict[str, object]:
         return {
             "box": [round(float(v), 1) for v in self.box],

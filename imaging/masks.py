@@ -81,8 +81,9 @@ def below_brows(shape: tuple[int, int], landmarks: np.ndarray) -> np.ndarray:
     across = eye_vec / eye_dist
     down = np.array([-across[1], across[0]], np.float32)
     top = (left_eye + right_eye) / 2 - down * (BROW_RISE + BROW_HALF_HEIGHT) * eye_dist
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-    return np.where((xs - top[0]) * down[0] + (ys - top[1]) * down[1] >= 0, 255, 0).astype(np.uint8)
+    across_x = (np.arange(width, dtype=np.float32) - top[0]) * down[0]
+    along_y = (np.arange(height, dtype=np.float32) - top[1]) * down[1]
+    return ((along_y[:, None] + across_x[None, :]) >= 0).astype(np.uint8) * 255
 
 
 def only_parts(parts: dict[str, np.ndarray], names: tuple[str, ...]) -> np.ndarray:
@@ -140,11 +141,26 @@ def feather(mask: np.ndarray, radius: int) -> np.ndarray:
     edge (the image border counts as outside)."""
     if radius <= 0:
         return (mask > 127).astype(np.float32)
+    soft = np.zeros(mask.shape, np.float32)
+    found = bounds(mask)
+    if found is None:
+        return soft
+    rows, cols = found
+    # Everything outside the mask's bounding rectangle is 0 before and after: work inside it.
     pad = 2 * radius
-    padded = np.pad(mask, pad)
+    padded = np.pad(mask[rows, cols], pad)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
     eroded = cv2.erode(padded, kernel)
     # OpenCV sizes a float kernel to 4 sigma each side: sigma = radius / 4 keeps the blur inside the
     # eroded margin, so the mask stays exactly 0 outside the original region.
-    soft = cv2.GaussianBlur(eroded.astype(np.float32) / 255.0, (0, 0), sigmaX=radius / 4)
-    return soft[pad:-pad, pad:-pad]
+    blurred = cv2.GaussianBlur(eroded.astype(np.float32) / 255.0, (0, 0), sigmaX=radius / 4)
+    soft[rows, cols] = blurred[pad:-pad, pad:-pad]
+    return soft
+
+
+def bounds(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """The rows and columns of the smallest rectangle holding every non-zero pixel of ``mask``
+    (None when there is none)."""
+    binary = mask if mask.dtype == np.uint8 else (mask > 0).view(np.uint8)
+    x, y, width, height = cv2.boundingRect(binary)
+    return (slice(y, y + height), slice(x, x + width)) if width else None

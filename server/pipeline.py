@@ -304,8 +304,10 @@ class Orchestrator:
             else (0, 0, width, height)
         )
         x0, y0, x1, y1 = int_box(box)
-        crop = resize(working[y0:y1, x0:x1], *self._model_size(x1 - x0, y1 - y0, options))
-        crop_face = self.analyzer.largest(crop, field="templates")
+        size = self._model_size(x1 - x0, y1 - y0, options)
+        crop = resize(working[y0:y1, x0:x1], *size)
+        # Detected once, in the template: the crop's transform carries the face into it.
+        crop_face = face.in_crop((x0, y0, x1, y1), size)
         # L1347-1349: the 1.1x face box sizes the mask kernels and holds the colour statistics.
         color_box = int_box(grow_box(crop_face.box, COLOR_BOX_SCALE, crop.shape[1], crop.shape[0]))
         ctx.keep("crop", crop)
@@ -407,7 +409,7 @@ class Orchestrator:
         radius = max(1, round(where.face.width * scale / 10))
         ring = border_ring(resize(where.region, width, height), radius)
         ctx.keep("seam_mask", ring)
-        landmarks = (where.face.landmarks - np.array([x0, y0])) * scale
+        landmarks = where.face.in_crop(where.box, (width, height)).landmarks
         out = self._diffuse("seam_pass", crop, [Pose.from_landmarks(landmarks)], ring, ctx)
         ctx.keep("seam_pass", out)
         back = resize(out, x1 - x0, y1 - y0)
@@ -429,10 +431,12 @@ class Orchestrator:
         background = 255 - cv2.dilate(faces, kernel)
         size = self._model_size(width, height, ctx.run.options)
         small = resize(image, *size)
-        scale = size[0] / width
         mask = resize(background, *size)
         ctx.keep("background_mask", mask)
-        poses = [Pose.from_landmarks(where.face.landmarks * scale) for where in painted]
+        poses = [
+            Pose.from_landmarks(where.face.in_crop((0, 0, width, height), size).landmarks)
+            for where in painted
+        ]
         out = self._diffuse("background_restore", small, poses, mask, ctx)
         ctx.keep("background_restore", out)
         return _blend_into(image, resize(out, width, height), background, (0, 0, width, height), grow)

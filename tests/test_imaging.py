@@ -171,6 +171,28 @@ def test_the_last_colour_shift_mask_leaves_the_mouth_out() -> None:
     assert np.array_equal(masks.only_parts(parts, masks.FACE_PARTS), masks.union(list(parts.values())))
 
 
+def test_a_face_carried_into_a_resized_crop_lands_on_its_pixels() -> None:
+    """Dots drawn at the landmarks are found, after the crop and its resize, where the carried
+    landmarks say (within half a pixel), shrinking and growing."""
+    image = np.zeros((300, 400), np.uint8)
+    landmarks = np.array([[150.0, 120.0], [190.0, 122.0], [170.0, 150.0], [155.0, 175.0], [185.0, 176.0]])
+    for x, y in landmarks:
+        image[round(y) - 1 : round(y) + 2, round(x) - 1 : round(x) + 2] = 255
+    face = geometry.Face((140.0, 100.0, 200.0, 190.0), 0.99, landmarks.astype(np.float32))
+    box = (101, 63, 261, 231)
+    for size in ((512, 538), (96, 101)):
+        crop = cv2.resize(image[63:231, 101:261], size, interpolation=cv2.INTER_LINEAR).astype(float)
+        carried = face.in_crop(box, size)
+        radius = max(2, round(3 * size[0] / 160))
+        for x, y in carried.landmarks:
+            ys, xs = np.mgrid[0 : size[1], 0 : size[0]]
+            near = (np.abs(xs - x) <= radius) & (np.abs(ys - y) <= radius)
+            weights = crop * near
+            centre = np.array([(weights * xs).sum(), (weights * ys).sum()]) / weights.sum()
+            assert np.abs(centre - (x, y)).max() < 0.5
+        assert carried.box[0] == pytest.approx((140 - 101) * size[0] / 160)
+
+
 def test_tile_control_is_the_image_and_colour_control_nearly_so() -> None:
     """At the reference's settings (tile_resample at rate 1, colour blur ratio 1 at 6c1f895) both
     controls keep the image's detail; a 4x blur or a colour mosaic would not."""

@@ -16,7 +16,7 @@ ALLOWED = {
     "engines": {"easyphoto.engines", "easyphoto.imaging", "easyphoto.rpc"},
     "users": {"easyphoto.users", "easyphoto.imaging", "easyphoto.rpc"},
     "diffusion": {"easyphoto.diffusion", "easyphoto.engines", "easyphoto.imaging", "easyphoto.rpc"},
-    "fixtures": {"easyphoto.fixtures", "easyphoto.engines", "easyphoto.imaging"},
+    "fixtures": {"easyphoto.fixtures", "easyphoto.engines", "easyphoto.imaging", "easyphoto.users"},
     "export": {"easyphoto.export", "easyphoto.diffusion", "easyphoto.engines", "easyphoto.rpc"},
     "server": {
         "easyphoto.server", "easyphoto.diffusion", "easyphoto.engines", "easyphoto.users",

@@ -151,6 +151,25 @@ def _astronaut_with_a_small_crowd() -> np.ndarray:
     return template
 
 
+def test_faces_are_detected_once_in_the_template_and_once_in_the_output(
+    orchestrator: Orchestrator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    orchestrator.prepare_user("alice")  # her own images' faces are found once per version
+    images: list[tuple[int, ...]] = []
+    detect = orchestrator.analyzer.detect
+
+    def counting(image: np.ndarray, *args: object, **kwargs: object) -> list:
+        images.append(image.shape)
+        return detect(image, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(orchestrator.analyzer, "detect", counting)
+    off = replace(FAST, enabled=False)
+    group = sample_photo("group")
+    options = GenerateOptions(first_pass=off, second_pass=off, seam_pass=off)
+    orchestrator.generate(group, ["alice", "alice", "alice"], options, seed=1)
+    assert images == [group.shape, group.shape]  # the template's faces, then the scores' faces
+
+
 def test_faces_a_request_skips_never_fail_it_and_keep_their_places(orchestrator: Orchestrator) -> None:
     template = _astronaut_with_a_small_crowd()
     off = replace(FAST, enabled=False)
