@@ -22,6 +22,9 @@ def _trainer(args: argparse.Namespace) -> int:
         TrainerConfig(
             **service_settings(args),
             orchestrator=args.orchestrator,
+            job_store=args.job_store,
+            **({"replica": args.replica} if args.replica else {}),
+            lease_seconds=args.lease_seconds,
         )
     )
     return 0
@@ -165,6 +168,17 @@ def register(commands: Any) -> None:
     trainer = commands.add_parser("trainer", help="run the trainer (Trainer + Users) gRPC server")
     add_service_arguments(trainer, port=50052, metrics_port=9465, data="jobs and user artifacts")
     trainer.add_argument("--orchestrator", default="", help="host:port to tell when a user is published")
+    trainer.add_argument(
+        "--job-store",
+        default="",
+        help="a postgresql:// URL shared by replicas (default: <data>/trainer.sqlite3)",
+    )
+    trainer.add_argument(
+        "--replica", default="", help="this trainer's name among replicas (default: hostname)"
+    )
+    trainer.add_argument(
+        "--lease-seconds", type=float, default=30.0, help="a job whose trainer is silent this long moves on"
+    )
     trainer.set_defaults(run=_trainer)
 
     train = commands.add_parser("train", help="train a user's LoRA from photos (waits with a progress bar)")

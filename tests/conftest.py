@@ -66,3 +66,12 @@ def generator_address(alice_data: Path) -> Iterator[str]:
     app.set_serving(True)
     yield f"127.0.0.1:{app.port}"
     app.stop(0)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A real PostgreSQL server for the suite (started from the distribution's packages)."""
+    from postgres import postgres_server
+
+    with postgres_server() as url:
+        yield url

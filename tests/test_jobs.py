@@ -5,6 +5,7 @@ graceful stop, and user versions that are never reused."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -22,6 +23,7 @@ from easyphoto.fixtures.photos import person_photos
 from easyphoto.imaging.codec import encode_png
 from easyphoto.rpc.errors import Cancelled, InvalidArgument, UnknownUser, UserNotReady
 from easyphoto.trainer.jobs import (
+    ADDED_COLUMNS,
     CANCELLED,
     FAILED,
     QUEUED,
@@ -33,7 +35,7 @@ from easyphoto.trainer.jobs import (
     UserBusy,
 )
 from easyphoto.trainer.options import TrainingOptions
-from easyphoto.trainer.runner import MAX_ATTEMPTS, JobRunner, RunnerConfig
+from easyphoto.trainer.runner import LEFTOVER_SECONDS, MAX_ATTEMPTS, JobRunner, RunnerConfig
 from easyphoto.users.durable import sha256_file
 from easyphoto.users.store import LORA_FILE, UserStore, check_user_id
 
@@ -127,14 +129,21 @@ def test_every_uint64_seed_round_trips(store: JobStore) -> None:
 
 def test_an_old_database_gains_the_new_columns(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
-    first_release = SCHEMA.replace(",\n    attempts INTEGER NOT NULL DEFAULT 0", "")
-    assert first_release != SCHEMA
+    first_release = SCHEMA
+    for name, declaration in ADDED_COLUMNS.items():
+        first_release = first_release.replace(f",\n    {name} {declaration}", "")
+    assert all(name not in first_release for name in ADDED_COLUMNS)
     with sqlite3.connect(path) as db:
         db.executescript(first_release)
+        db.execute("INSERT INTO jobs (job_id, user_id, state, options, seed, photo_count, created_at,"
+                   " updated_at) VALUES ('old', 'ann', ?, '{}', 1, 1, 0, 0)", (QUEUED,))  # fmt: skip
     store = JobStore(path)
-    columns = {row["name"] for row in store._db.execute("PRAGMA table_info(jobs)")}
-    store.close()
-    assert "attempts" in columns
+    try:
+        assert store.get("old").owner == "" and store.get("old").lease_until == 0
+        with pytest.raises(UserBusy):  # the one-active-job-per-user index came too
+            store.create("ann", OPTIONS, seed=1, photo_count=1)
+    finally:
+        store.close()
 
 
 def test_a_job_that_keeps_killing_the_trainer_fails_instead_of_resuming(
@@ -171,10 +180,13 @@ def test_folders_of_jobs_that_were_never_recorded_are_removed_at_start(
 ) -> None:
     orphan = tmp_path / "jobs" / "killed-inside-submit" / "photos"
     orphan.mkdir(parents=True)
+    submitting = tmp_path / "jobs" / "another-replica-is-submitting"  # young: it may be written now
+    submitting.mkdir()
+    _age(orphan.parent, LEFTOVER_SECONDS + 1)
     runner = _runner(store, tmp_path, faces)
     runner.start()
     runner.stop()
-    assert not orphan.parent.exists()
+    assert not orphan.parent.exists() and submitting.exists()
 
 
 def test_training_marks_of_jobs_that_ended_are_removed_at_start(
@@ -197,15 +209,22 @@ def test_training_marks_of_jobs_that_ended_are_removed_at_start(
     ]
     for user_id, job_id in marks:
         users.mark_training(user_id, job_id)
+    _age(tmp_path / "training" / "cy" / "never-recorded", LEFTOVER_SECONDS + 1)
+    users.mark_training("fay", "being-submitted")  # by another replica: its row comes next
     with pytest.raises(UserNotReady, match=cancelled.job_id):
         users.load("ann")
     runner = _runner(store, tmp_path, faces)
     runner.start()
     runner.stop()
-    assert users.marked_users() == []
+    assert users.marked_users() == ["fay"]
     for user_id, _ in marks:
         with pytest.raises(UnknownUser):
             users.load(user_id)
+
+
+def _age(path: Path, seconds: float) -> None:
+    old = time.time() - seconds
+    os.utime(path, (old, old))
 
 
 def _write_faces(folder: Path) -> None:
@@ -302,7 +321,8 @@ def test_an_unreadable_last_checkpoint_is_dropped_and_the_one_before_resumed(
     from easyphoto.trainer.runner import _Job
 
     runner = _runner(store, tmp_path, faces)
-    job = _Job(runner, store.create("ann", OPTIONS, seed=1, photo_count=1))
+    created = store.create("ann", OPTIONS, seed=1, photo_count=1)
+    job = _Job(runner, store.update(created.job_id, state=RUNNING, owner=runner.config.replica))
     folder = job.folder / "checkpoints"
 
     def trainer() -> LoraTrainer:

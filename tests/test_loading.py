@@ -101,3 +101,19 @@ def test_shipped_sd15_configs_have_sd15_sizes(cache_dir: Path) -> None:
     folder = single_file_config_dir(cache_dir)
     for part in ("model_index.json", "unet/config.json", "vae/config.json", "tokenizer/vocab.json"):
         assert (folder / part).is_file(), part
+
+
+def test_processes_building_the_tiny_family_at_once_on_a_cold_cache_all_load_it(tmp_path: Path) -> None:
+    """Replicas starting together on one empty cache: each stages its own copy, one wins."""
+    import subprocess
+    import sys
+
+    script = "import sys; from pathlib import Path; from easyphoto.engines.models.loading import tiny_family;"
+    script += " print(tiny_family(Path(sys.argv[1])).name)"
+    builders = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(3)]  # fmt: skip
+    results = [builder.communicate(timeout=300) for builder in builders]
+    assert [builder.returncode for builder in builders] == [0, 0, 0], [err[-2000:] for _, err in results]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [
+        f"tiny-v{TINY_VERSION}"
+    ]  # no staging left

@@ -240,10 +240,10 @@ def test_a_dead_worker_makes_the_trainer_unready(tmp_path: Path, monkeypatch: py
         TrainerConfig(port=0, data=tmp_path, device="cpu", metrics_port=0), default_face_models()
     )
 
-    def die(job: object) -> None:
+    def die(*claimed: object) -> None:
         raise SystemExit("fatal")  # not an Exception: nothing in the worker's loop catches it
 
-    monkeypatch.setattr(app.runner, "run", die)
+    monkeypatch.setattr(app.runner, "run_claimed", die)
     app.start()
     try:
         assert app.app.serving

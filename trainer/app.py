@@ -8,6 +8,7 @@ resumes the jobs a previous process left running.
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,15 @@ class TrainerConfig:
     # HTTP /metrics, /healthz, /readyz: None serves none, 0 any free port (`easyphoto trainer`: 9465).
     metrics_host: str = DEFAULT_HOST
     metrics_port: int | None = None
+    # Where jobs are kept: "" is ``<data>/trainer.sqlite3``; a ``postgresql://`` URL is a server
+    # several replicas share (with ``data`` on storage they all mount).
+    job_store: str = ""
+    replica: str = field(default_factory=socket.gethostname)  # this trainer's name among them
+    lease_seconds: float = 30.0
+
+    @property
+    def job_store_location(self) -> str | Path:
+        return self.job_store or self.data / "trainer.sqlite3"
 
 
 def refresh_notifier(address: str) -> Notify:
@@ -91,7 +101,7 @@ class TrainerApp:
 
 
 def build_trainer(config: TrainerConfig, face_models: FaceModels | None = None) -> TrainerApp:
-    store = JobStore(config.data / "trainer.sqlite3")
+    store = JobStore(config.job_store_location)
     users = UserStore(config.data)
     metrics = Metrics(host=config.metrics_host, port=config.metrics_port)
     runner = _runner(config, store, users, face_models, TrainerMetrics(metrics.registry))
@@ -133,6 +143,8 @@ def _runner(
         notify=refresh_notifier(config.orchestrator) if config.orchestrator else None,
         metrics=metrics,
         option_defaults=training_defaults(config.models)[1],
+        replica=config.replica,
+        lease_seconds=config.lease_seconds,
     )
     return JobRunner(store, users, runner_config)
 

@@ -1,15 +1,20 @@
-"""Training jobs persisted in SQLite (``<data>/trainer.sqlite3``), with change notification.
+"""Training jobs persisted in SQLite (``<data>/trainer.sqlite3``, the default) or in a PostgreSQL
+server that several trainer replicas share, with change notification.
 
 A job's row holds its state, stage, progress, error, photo reports and resolved options; its files
-(the uploaded photos, prepared crops, checkpoints, validation images) live in ``<data>/jobs/<id>/``.
-Every update bumps the row's ``revision`` and wakes :meth:`JobStore.wait_for_change` callers, which
-is what ``WatchJob`` streams.
+(the uploaded photos, prepared crops, checkpoints, validation images) live in ``<data>/jobs/<id>/``,
+on storage every replica shares. Every update bumps the row's ``revision`` and wakes
+:meth:`JobStore.wait_for_change` callers, which is what ``WatchJob`` streams (a job another replica
+runs is seen by polling).
+
+A worker :meth:`JobStore.claim` s a job: the oldest QUEUED one, or a RUNNING one whose owner's lease
+ran out (that replica died), atomically across replicas; it holds the job by renewing the lease
+and writes its progress only while it still owns it.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 import uuid
@@ -22,6 +27,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from easyphoto.rpc.errors import EasyPhotoError, NotFound
 from easyphoto.v1 import common_pb2, trainer_pb2
 
+from .job_db import Database, open_database
 from .options import TrainingOptions
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
@@ -43,26 +49,41 @@ CREATE TABLE IF NOT EXISTS jobs (
     stage TEXT NOT NULL DEFAULT '',
     step INTEGER NOT NULL DEFAULT 0,
     total_steps INTEGER NOT NULL DEFAULT 0,
-    loss REAL NOT NULL DEFAULT 0,
-    eta_seconds REAL NOT NULL DEFAULT 0,
+    loss DOUBLE PRECISION NOT NULL DEFAULT 0,
+    eta_seconds DOUBLE PRECISION NOT NULL DEFAULT 0,
     error TEXT NOT NULL DEFAULT '{}',
     photos TEXT NOT NULL DEFAULT '[]',
     options TEXT NOT NULL,
     warnings TEXT NOT NULL DEFAULT '[]',
     published_version INTEGER NOT NULL DEFAULT 0,
-    seed INTEGER NOT NULL,
+    seed BIGINT NOT NULL,
     photo_count INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
     revision INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    owner TEXT NOT NULL DEFAULT '',
+    lease_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_user ON jobs (user_id, created_at);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs (request_id) WHERE request_id != '';
 """
+# One active job per user, kept by the database itself (several replicas insert).
+ACTIVE_USER_INDEX = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS jobs_active_user ON jobs (user_id)"
+    f" WHERE state IN ({QUEUED}, {RUNNING})"
+)
 JSON_COLUMNS = ("error", "photos", "options", "warnings")
 # Columns added after the first release, created on an older database at open.
-ADDED_COLUMNS = {"attempts": "INTEGER NOT NULL DEFAULT 0"}
+ADDED_COLUMNS = {
+    "attempts": "INTEGER NOT NULL DEFAULT 0",
+    "owner": "TEXT NOT NULL DEFAULT ''",
+    "lease_until": "DOUBLE PRECISION NOT NULL DEFAULT 0",
+    "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
+}
+# How often a watcher looks again for changes another replica made.
+POLL_SECONDS = 0.5
 SIGNED_64 = 2**63
 
 
@@ -102,6 +123,9 @@ class JobRecord:
     published_version: int = 0
     revision: int = 0
     attempts: int = 0  # how many times a worker started it (a crash-looping job stops after a few)
+    owner: str = ""  # the replica running it
+    lease_until: float = 0.0  # when its owner's hold ends unless renewed (epoch seconds)
+    cancel_requested: int = 0  # a client asked to cancel it while it ran
 
     @property
     def finished(self) -> bool:
@@ -156,17 +180,16 @@ def error_record(error: EasyPhotoError) -> dict[str, str]:
 
 
 class JobStore:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        existing = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for name, declaration in ADDED_COLUMNS.items():
-            if name not in existing:
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+    def __init__(self, location: str | Path) -> None:
+        """``location``: a SQLite file's path or a ``postgresql://`` URL."""
+        self._db: Database = open_database(location)
+        with self._db.migrating():
+            self._db.script(SCHEMA)
+            existing = self._db.columns("jobs")
+            for name, declaration in ADDED_COLUMNS.items():
+                if name not in existing:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
+            self._db.execute(ACTIVE_USER_INDEX)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
 
@@ -184,7 +207,8 @@ class JobStore:
         job_id: str = "",
     ) -> JobRecord:
         """A new QUEUED job; or, for a ``request_id`` seen before, that job. Raises UserBusy when
-        the user already has an active job (checked and inserted under one lock)."""
+        the user already has an active job (the database's unique indexes decide, so replicas
+        inserting at once cannot both win)."""
         now = time.time()
         record = JobRecord(
             job_id=job_id or new_job_id(),
@@ -206,17 +230,23 @@ class JobStore:
         with self._changed:
             if request_id and (seen := self._by_request_id(request_id)) is not None:
                 return seen
-            active = self._db.execute(
-                f"SELECT job_id FROM jobs WHERE user_id = ? AND state IN ({QUEUED}, {RUNNING}) LIMIT 1",
-                (user_id,),
-            ).fetchone()
-            if active is not None:
-                raise UserBusy(
-                    f"user {user_id!r} already has job {active['job_id']} in progress", field="user_id"
+            try:
+                self._db.execute(
+                    f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * len(values))})",
+                    list(values.values()),
                 )
-            self._db.execute(
-                f"INSERT INTO jobs ({columns}) VALUES ({', '.join('?' * len(values))})", list(values.values())
-            )
+            except self._db.conflict:
+                if request_id and (seen := self._by_request_id(request_id)) is not None:
+                    return seen  # the same request, inserted by another replica just now
+                active = self._db.rows(
+                    f"SELECT job_id FROM jobs WHERE user_id = ? AND state IN ({QUEUED}, {RUNNING}) LIMIT 1",
+                    (user_id,),
+                )
+                if not active:
+                    raise
+                raise UserBusy(
+                    f"user {user_id!r} already has job {active[0]['job_id']} in progress", field="user_id"
+                ) from None
             self._changed.notify_all()
         return record
 
@@ -225,27 +255,30 @@ class JobStore:
             return self._fetch(job_id)
 
     def _fetch(self, job_id: str) -> JobRecord:
-        row = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        if row is None:
+        found = self._db.rows("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+        if not found:
             raise NotFound(f"no job {job_id!r}", field="job_id")
-        return _record(row)
+        return _record(found[0])
 
     def by_request_id(self, request_id: str) -> JobRecord | None:
         with self._lock:
             return self._by_request_id(request_id)
 
     def _by_request_id(self, request_id: str) -> JobRecord | None:
-        row = self._db.execute("SELECT * FROM jobs WHERE request_id = ?", (request_id,)).fetchone()
-        return _record(row) if row is not None else None
+        found = self._db.rows("SELECT * FROM jobs WHERE request_id = ?", (request_id,))
+        return _record(found[0]) if found else None
 
     def update(self, job_id: str, **values: Any) -> JobRecord:
         record = self.transition(job_id, (), **values)
         assert record is not None  # no state condition: the update always applies
         return record
 
-    def transition(self, job_id: str, from_states: tuple[int, ...], **values: Any) -> JobRecord | None:
+    def transition(
+        self, job_id: str, from_states: tuple[int, ...], held_by: str = "", **values: Any
+    ) -> JobRecord | None:
         """Applies ``values`` only while the job is in one of ``from_states`` (any state when
-        empty), atomically: the updated job, or None when it was in another state."""
+        empty) and, given ``held_by``, while that replica owns it; atomically: the updated job,
+        or None when it was in another state or owned by another replica."""
         values["updated_at"] = time.time()
         for name in JSON_COLUMNS:
             if name in values:
@@ -255,31 +288,73 @@ class JobStore:
         if from_states:
             condition += f" AND state IN ({', '.join('?' * len(from_states))})"
             args += list(from_states)
+        if held_by:
+            condition, args = condition + " AND owner = ?", [*args, held_by]
         with self._changed:
-            cursor = self._db.execute(
+            changed = self._db.execute(
                 f"UPDATE jobs SET {assignments}, revision = revision + 1 WHERE {condition}",
                 [*values.values(), *args],
             )
-            if cursor.rowcount == 0:
+            if changed == 0:
                 self._fetch(job_id)  # NotFound for an unknown job
                 return None
             self._changed.notify_all()
             return self._fetch(job_id)
 
+    # ---- workers ----
+
+    def claim(self, owner: str, lease_seconds: float) -> tuple[JobRecord, int] | None:
+        """The next job for ``owner`` to run, now RUNNING and held for ``lease_seconds``, with the
+        state it was claimed from (RUNNING: its last owner died and it resumes); None when
+        nothing waits. Atomic across replicas: each claim goes to exactly one of them."""
+        now = time.time()
+        pick = (
+            "SELECT job_id, state FROM jobs"
+            f" WHERE state = {QUEUED} OR (state = {RUNNING} AND lease_until < ?)"
+            " ORDER BY created_at, job_id LIMIT 1"
+        )
+        assign = (
+            f"state = {RUNNING}, owner = ?, lease_until = ?, attempts = attempts + 1,"
+            " revision = revision + 1, updated_at = ?"
+        )
+        with self._changed:
+            row = self._db.claim(pick, [now], assign, [owner, now + lease_seconds, now])
+            if row is None:
+                return None
+            self._changed.notify_all()
+        claimed_from = int(row.pop("claimed_from"))
+        return _record(row), claimed_from
+
+    def renew(self, job_id: str, owner: str, lease_seconds: float) -> bool:
+        """Extends ``owner``'s hold on a job it runs; False when it no longer holds it."""
+        with self._lock:
+            renewed = self._db.execute(
+                f"UPDATE jobs SET lease_until = ? WHERE job_id = ? AND owner = ? AND state = {RUNNING}",
+                (time.time() + lease_seconds, job_id, owner),
+            )
+        return renewed == 1
+
+    def release(self, owner: str) -> int:
+        """Ends ``owner``'s leases at once (it restarted: what it ran is not running); how many."""
+        with self._lock:
+            return self._db.execute(
+                f"UPDATE jobs SET lease_until = 0 WHERE owner = ? AND state = {RUNNING}", (owner,)
+            )
+
     def delete_user_jobs(self, user_id: str) -> list[str]:
         """Removes the user's finished jobs; returns their ids."""
         finished = ", ".join(str(state) for state in FINISHED)
         with self._changed:
-            rows = self._db.execute(
+            found = self._db.rows(
                 f"SELECT job_id FROM jobs WHERE user_id = ? AND state IN ({finished})", (user_id,)
-            ).fetchall()
+            )
             self._db.execute(f"DELETE FROM jobs WHERE user_id = ? AND state IN ({finished})", (user_id,))
             self._changed.notify_all()
-        return [row["job_id"] for row in rows]
+        return [row["job_id"] for row in found]
 
     def job_ids(self) -> set[str]:
         with self._lock:
-            return {row["job_id"] for row in self._db.execute("SELECT job_id FROM jobs")}
+            return {row["job_id"] for row in self._db.rows("SELECT job_id FROM jobs")}
 
     def list(
         self, user_id: str = "", states: tuple[int, ...] = (), limit: int = 50, offset: int = 0
@@ -292,11 +367,12 @@ class JobStore:
             args += list(states)
         query += " ORDER BY created_at, job_id LIMIT ? OFFSET ?"
         with self._lock:
-            rows = self._db.execute(query, [*args, limit, offset]).fetchall()
-        return [_record(row) for row in rows]
+            found = self._db.rows(query, [*args, limit, offset])
+        return [_record(row) for row in found]
 
     def wait_for_change(self, job_id: str, revision: int, timeout: float) -> JobRecord:
-        """The job once its revision differs from ``revision``, or as it is after ``timeout``."""
+        """The job once its revision differs from ``revision``, or as it is after ``timeout``.
+        This process's updates wake the wait at once; other replicas' are seen by polling."""
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
@@ -304,14 +380,14 @@ class JobStore:
                 remaining = deadline - time.monotonic()
                 if record.revision != revision or remaining <= 0:
                     return record
-                self._changed.wait(remaining)
+                self._changed.wait(min(remaining, POLL_SECONDS))
 
 
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
-def _record(row: sqlite3.Row) -> JobRecord:
+def _record(row: dict[str, Any]) -> JobRecord:
     values = dict(row)
     for name in JSON_COLUMNS:
         values[name] = json.loads(values[name])

@@ -13,8 +13,8 @@ import importlib.metadata
 import json
 import logging
 import os
-import queue
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -50,6 +50,10 @@ Notify = Callable[[str, int], None]
 MAX_ERROR_CHARS = 500
 # A job that was running when the trainer died this many times is failed rather than resumed again.
 MAX_ATTEMPTS = 3
+# A job folder, training mark or staging folder with no job this old was left by a killed process
+# (younger, another replica may be writing it right now).
+LEFTOVER_SECONDS = 120.0
+CANCEL_POLL_SECONDS = 0.5
 # What a finished job keeps: validation images and scores. Photos, crops and checkpoints go.
 DISCARDED_WHEN_FINISHED = ("photos", "prepared", "checkpoints")
 
@@ -68,6 +72,11 @@ class RunnerConfig:
     notify: Notify | None = None  # tells the serving side a user version is ready
     option_defaults: str = "reference (SD 1.5)"  # which defaults unset options took (the report says)
     metrics: TrainerMetrics = field(default_factory=lambda: TrainerMetrics(CollectorRegistry()))
+    # Who this trainer is among the replicas sharing the job store; the same name after a restart
+    # (a pod's, a host's) lets it take back its own jobs at once instead of after their leases.
+    replica: str = field(default_factory=socket.gethostname)
+    lease_seconds: float = 30.0  # a job whose owner stops renewing this long goes to another
+    poll_seconds: float = 1.0  # how often an idle worker looks for jobs other replicas queued
 
 
 class JobRunner:
@@ -75,10 +84,14 @@ class JobRunner:
         self.store = store
         self.users = users
         self.config = config
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._wake = threading.Event()  # a job was queued here, or the trainer is stopping
         self._cancelled: set[str] = set()
+        self._lost: set[str] = set()  # jobs whose lease another replica took over
+        self._running: str | None = None
+        self._cancel_checked = 0.0
         self._lock = threading.Lock()
         self._worker: threading.Thread | None = None
+        self._heartbeat: threading.Thread | None = None
         self._stopping = False
 
     def job_dir(self, job_id: str) -> Path:
@@ -87,49 +100,59 @@ class JobRunner:
     # ---- lifecycle ----
 
     def start(self) -> None:
-        """Resumes what a previous process left running, then serves the queue."""
-        for leftover in self.users.clean_staging():
+        """Cleans what a killed process left behind, takes back this replica's own jobs, then
+        claims jobs from the shared store until stopped."""
+        for leftover in self.users.clean_staging(older_than=LEFTOVER_SECONDS):
             log.warning("removed a half-published version: %s", leftover)
         self._remove_orphan_folders()
         self._remove_stale_training_marks()
-        for job in self.store.list(states=(RUNNING,), limit=10_000):
-            self._requeue_after_crash(job)
-        for job in self.store.list(states=(QUEUED,), limit=10_000):
-            self._queue.put(job.job_id)
+        released = self.store.release(self.config.replica)
+        if released:
+            log.warning(
+                "%d job(s) of %s were running when it stopped; resuming", released, self.config.replica
+            )
+        self._fail_crash_loops()
         self._worker = threading.Thread(target=self._work, name="trainer-jobs", daemon=True)
+        self._heartbeat = threading.Thread(target=self._renew_leases, name="trainer-leases", daemon=True)
         self._worker.start()
+        self._heartbeat.start()
 
-    def _requeue_after_crash(self, job: JobRecord) -> None:
-        if job.attempts >= MAX_ATTEMPTS:
-            log.error("job %s stopped the trainer %d times; failing it", job.job_id, job.attempts)
-            error = CrashLoop(f"the trainer stopped {job.attempts} times while running this job")
-            self.store.update(job.job_id, state=FAILED, error=error_record(error), eta_seconds=0.0)
-            self.ended(job)
-            return
-        log.warning("job %s was running when the trainer stopped; resuming at step %d", job.job_id, job.step)
-        self.store.update(
-            job.job_id,
-            state=QUEUED,
-            warnings=[*job.warnings, f"resumed after a trainer restart (was at step {job.step})"],
-        )
+    def _fail_crash_loops(self) -> None:
+        """Jobs whose owners died while running them too often: failed, never claimed again."""
+        now = time.time()
+        for job in self.store.list(states=(RUNNING,), limit=10_000):
+            if job.lease_until < now and job.attempts >= MAX_ATTEMPTS:
+                self._fail_crash_loop(job)
+
+    def _fail_crash_loop(self, job: JobRecord) -> None:
+        log.error("job %s stopped a trainer %d times; failing it", job.job_id, job.attempts)
+        error = CrashLoop(f"the trainer stopped {job.attempts} times while running this job")
+        self.store.update(job.job_id, state=FAILED, error=error_record(error), eta_seconds=0.0, owner="")
+        self.ended(job)
 
     def _remove_stale_training_marks(self) -> None:
-        """Marks of jobs that ended (or were never recorded) while no trainer could remove them."""
+        """Marks of jobs that ended (or were never recorded) while no trainer could remove them. A
+        mark of an unknown job is only stale once old: another replica may be submitting it."""
         known = self.store.job_ids()
         for user_id in self.users.marked_users():
             for job_id in self.users.training_jobs(user_id):
-                if job_id not in known or self.store.get(job_id).finished:
+                ended = job_id in known and self.store.get(job_id).finished
+                unknown = (
+                    job_id not in known and self.users.training_mark_age(user_id, job_id) > LEFTOVER_SECONDS
+                )
+                if ended or unknown:
                     log.warning("job %s of %s has ended; removing its training mark", job_id, user_id)
                     self.users.unmark_training(user_id, job_id)
 
     def _remove_orphan_folders(self) -> None:
-        """Job folders whose job row was never written (killed inside ``submit``) or was deleted."""
+        """Job folders whose job row was never written (killed inside ``submit``) or was deleted,
+        once old enough that no replica can still be writing them."""
         folder = self.config.data / "jobs"
         if not folder.is_dir():
             return
         known = self.store.job_ids()
         for path in folder.iterdir():
-            if path.name not in known:
+            if path.name not in known and time.time() - path.stat().st_mtime > LEFTOVER_SECONDS:
                 log.warning("removing job folder %s: no such job", path)
                 shutil.rmtree(path, ignore_errors=True)
 
@@ -138,10 +161,12 @@ class JobRunner:
         resumes on the next start); True when it stopped within ``timeout``."""
         with self._lock:
             self._stopping = True
-        self._queue.put(None)
+        self._wake.set()
         if self._worker is None:
             return True
         self._worker.join(timeout=timeout)
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=max(0.0, timeout))
         return not self._worker.is_alive()
 
     @property
@@ -170,7 +195,7 @@ class JobRunner:
             shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
             self.users.unmark_training(user_id, job_id)
             return job
-        self._queue.put(job.job_id)
+        self._wake.set()
         log.info("job %s queued for user %s with %d photos", job.job_id, user_id, len(photos))
         return job
 
@@ -179,8 +204,9 @@ class JobRunner:
         if cancelled is not None:
             self.ended(cancelled)
             return cancelled
-        with self._lock:  # RUNNING: the worker sees this at its next step
+        with self._lock:  # RUNNING: its worker (on any replica) sees this at its next step
             self._cancelled.add(job_id)
+        self.store.transition(job_id, (RUNNING,), cancel_requested=1)
         job = self.store.get(job_id)
         if job.finished:
             with self._lock:
@@ -205,29 +231,80 @@ class JobRunner:
 
     def _work(self) -> None:
         try:
-            while (job_id := self._queue.get()) is not None:
+            while not self._stopping:
                 try:
-                    job = self.store.get(job_id)
-                    if job.state == QUEUED:
-                        self.run(job)
+                    claimed = self.store.claim(self.config.replica, self.config.lease_seconds)
+                    if claimed is None:
+                        self._wake.wait(self.config.poll_seconds)
+                        self._wake.clear()
+                        continue
+                    self.run_claimed(*claimed)
                 except Exception:  # the worker must outlive any one job's failure to record its end
-                    log.exception("the trainer worker could not run job %s", job_id)
+                    log.exception("the trainer worker could not run a job")
+                    self._wake.wait(self.config.poll_seconds)
         finally:
             if not self._stopping:
                 log.critical("the trainer worker ended unexpectedly; no job will run until a restart")
 
+    def _renew_leases(self) -> None:
+        """Keeps this replica's hold on the job it runs; a hold lost (this process stalled past its
+        lease and another replica took the job) stops the job here at its next step."""
+        while not self._stopping:
+            with self._lock:
+                job_id = self._running
+            if job_id is not None and not self.store.renew(
+                job_id, self.config.replica, self.config.lease_seconds
+            ):
+                log.error("job %s: this trainer's lease was taken over; stopping it here", job_id)
+                with self._lock:
+                    self._lost.add(job_id)
+            self._wake_or_sleep(self.config.lease_seconds / 3)
+
+    def _wake_or_sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stopping and time.monotonic() < deadline:
+            time.sleep(min(0.2, seconds))
+
     # ---- one job ----
 
     def run(self, job: JobRecord) -> JobRecord:
-        """Runs (or resumes) ``job`` to its end; the final record. A job no longer QUEUED (cancelled
-        meanwhile) is returned as it is."""
-        started = time.time()
-        running = self.store.transition(job.job_id, (QUEUED,), state=RUNNING, attempts=job.attempts + 1)
-        if running is None:
+        """Runs ``job`` here and now if it is still QUEUED (taking it as the worker would); the
+        final record. A job no longer QUEUED (cancelled meanwhile) is returned as it is."""
+        held = self.store.transition(
+            job.job_id, (QUEUED,), state=RUNNING, attempts=job.attempts + 1, owner=self.config.replica,
+            lease_until=time.time() + self.config.lease_seconds,
+        )  # fmt: skip
+        if held is None:
             return self.store.get(job.job_id)
+        return self._execute(held)
+
+    def run_claimed(self, job: JobRecord, claimed_from: int) -> JobRecord:
+        """Runs a job this replica claimed; one claimed from RUNNING was its dead owner's, and
+        resumes (or fails, when it keeps killing trainers)."""
+        if claimed_from == RUNNING:
+            if job.attempts - 1 >= MAX_ATTEMPTS:
+                self._fail_crash_loop(job)
+                return self.store.get(job.job_id)
+            log.warning(
+                "job %s was running when its trainer stopped; resuming at step %d", job.job_id, job.step
+            )
+            resumed = [*job.warnings, f"resumed after a trainer restart (was at step {job.step})"]
+            job = (
+                self.store.transition(job.job_id, (RUNNING,), held_by=self.config.replica, warnings=resumed)
+                or job
+            )
+        return self._execute(job)
+
+    def _execute(self, job: JobRecord) -> JobRecord:
+        started = time.time()
+        with self._lock:
+            self._running = job.job_id
         try:
-            final = self._run(running)
+            final = self._run(job)
         finally:
+            with self._lock:
+                self._running = None
+                self._lost.discard(job.job_id)
             metrics = self.config.metrics
             metrics.job_seconds.observe(time.time() - started)
         record = self.store.get(job.job_id)
@@ -242,34 +319,61 @@ class JobRunner:
         try:
             version = _Job(self, job).run()
         except Cancelled:
-            if self._stopping:  # the trainer is shutting down: the job resumes on the next start
+            if job.job_id in self._lost:  # another replica runs it now: write nothing more
+                return self.store.get(job.job_id)
+            if self._stopping:  # the trainer is shutting down: the job resumes on a replica's claim
                 log.info("job %s paused at step %d for shutdown", job.job_id, self.store.get(job.job_id).step)
-                return self.store.update(job.job_id, state=QUEUED, stage="queued", eta_seconds=0.0)
+                return self._finish(
+                    job, state=QUEUED, stage="queued", eta_seconds=0.0, owner="", lease_until=0.0
+                )
             log.info("job %s cancelled at step %d", job.job_id, self.store.get(job.job_id).step)
             self.ended(job)
-            return self.store.update(job.job_id, state=CANCELLED, stage="cancelled", eta_seconds=0.0)
+            return self._finish(job, state=CANCELLED, stage="cancelled", eta_seconds=0.0)
         except EasyPhotoError as error:
             log.warning("job %s failed: %s %s", job.job_id, error.reason, error.message)
             self.ended(job)
-            return self.store.update(job.job_id, state=FAILED, error=error_record(error), eta_seconds=0.0)
+            return self._finish(job, state=FAILED, error=error_record(error), eta_seconds=0.0)
         except Exception as exc:
             log.exception("job %s failed", job.job_id)
             self.ended(job)
             internal = EasyPhotoError(f"{type(exc).__name__}: {str(exc)[:MAX_ERROR_CHARS]}")
-            return self.store.update(job.job_id, state=FAILED, error=error_record(internal), eta_seconds=0.0)
+            return self._finish(job, state=FAILED, error=error_record(internal), eta_seconds=0.0)
         finally:
             with self._lock:
                 self._cancelled.discard(job.job_id)
         log.info("job %s published %s v%d in %.1fs", job.job_id, job.user_id, version, time.time() - started)
         return self.store.get(job.job_id)
 
+    def _finish(self, job: JobRecord, **values: Any) -> JobRecord:
+        """The job's last write, made only while this replica still holds it."""
+        return self.hold(job.job_id, **values) if job.job_id not in self._lost else self.store.get(job.job_id)
+
+    def hold(self, job_id: str, **values: Any) -> JobRecord:
+        """``values`` written to a job this replica runs; Cancelled when another replica has it."""
+        record = self.store.transition(job_id, (), held_by=self.config.replica, **values)
+        if record is None:
+            with self._lock:
+                self._lost.add(job_id)
+            raise Cancelled(f"job {job_id} is held by another trainer now")
+        return record
+
     def raise_if_stopped(self, job_id: str) -> None:
-        """Cancelled when the trainer is stopping or the job was cancelled."""
+        """Cancelled when the trainer is stopping, the job was cancelled (through any replica: the
+        store is asked at most twice a second) or another replica took it over."""
         with self._lock:
             if self._stopping:
                 raise Cancelled("the trainer is stopping")
+            if job_id in self._lost:
+                raise Cancelled(f"job {job_id} is held by another trainer now")
             if job_id in self._cancelled:
                 raise Cancelled(f"job {job_id} was cancelled")
+            ask = time.monotonic() - self._cancel_checked > CANCEL_POLL_SECONDS
+            if ask:
+                self._cancel_checked = time.monotonic()
+        if ask and self.store.get(job_id).cancel_requested:
+            with self._lock:
+                self._cancelled.add(job_id)
+            raise Cancelled(f"job {job_id} was cancelled")
 
 
 class _Job:
@@ -284,7 +388,7 @@ class _Job:
         self.timings: dict[str, float] = {}
 
     def update(self, **values: Any) -> None:
-        self.job = self.runner.store.update(self.job.job_id, **values)
+        self.job = self.runner.hold(self.job.job_id, **values)
 
     def raise_if_stopped(self) -> None:
         self.runner.raise_if_stopped(self.job.job_id)

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,11 @@ class UserStore:
             return []
         return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))  # not half-written
 
+    def training_mark_age(self, user_id: str, job_id: str) -> float:
+        """Seconds since ``job_id``'s training mark was written (0 when there is none)."""
+        mark = self.root / "training" / user_id / job_id
+        return max(0.0, time.time() - mark.stat().st_mtime) if mark.is_file() else 0.0
+
     def marked_users(self) -> list[str]:
         folder = self.root / "training"
         return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
@@ -227,10 +233,12 @@ class UserStore:
             derived.unlink(missing_ok=True)
         return count
 
-    def clean_staging(self) -> list[Path]:
-        """Removes half-written versions left by a killed publisher (call at start-up)."""
+    def clean_staging(self, older_than: float = 0.0) -> list[Path]:
+        """Removes half-written versions left by a killed publisher (call at start-up); with
+        ``older_than``, only those that old (another trainer may be publishing the rest)."""
         users = self.root / "users"
-        leftovers = [*users.glob("*/.staging-*"), *users.glob(".deleting-*")] if users.is_dir() else []
+        found = [*users.glob("*/.staging-*"), *users.glob(".deleting-*")] if users.is_dir() else []
+        leftovers = [path for path in found if time.time() - path.stat().st_mtime >= older_than]
         for path in leftovers:
             shutil.rmtree(path, ignore_errors=True)
         return leftovers

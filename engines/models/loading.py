@@ -10,7 +10,9 @@ instead of the ones diffusers would download.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,7 +124,17 @@ def _folder_tokenizer(folder: Path) -> CLIPTokenizer:
     return sd15_tokenizer(cache_root())
 
 
+# diffusers and transformers load through process-wide patches of torch (empty-weight init):
+# two threads loading at once corrupt each other's modules, so one load runs at a time.
+_LOADING = threading.RLock()
+
+
 def load_family(spec: FamilySpec, config_dir: Path | None = None) -> ModelFamily:
+    with _LOADING:
+        return _load_family(spec, config_dir)
+
+
+def _load_family(spec: FamilySpec, config_dir: Path | None) -> ModelFamily:
     base = _require(Path(spec.base).expanduser(), "base model")
     meta: dict[str, Any] = {}
     if is_single_file(base):
@@ -178,13 +190,24 @@ def tiny_family(cache_dir: Path | None = None) -> ModelFamily:
     """The tiny seeded family, built once into ``<cache>/models/tiny-v<N>`` and loaded from there."""
     root = cache_dir or cache_root()
     folder = root / "models" / f"tiny-v{TINY_VERSION}"
+    with _LOADING:
+        _build_tiny_once(root, folder)
+    return load_family(FamilySpec(base=str(folder)))
+
+
+def _build_tiny_once(root: Path, folder: Path) -> None:
     if not (folder / FAMILY_FILE).is_file():
-        staging = folder.with_name(folder.name + ".partial")
+        # Each builder stages its own copy and the first rename wins: several services (trainer
+        # replicas) may start on one cold cache at once.
+        staging = folder.with_name(f"{folder.name}.partial-{os.getpid()}-{threading.get_ident()}")
         shutil.rmtree(staging, ignore_errors=True)
         build_tiny_family(cache_dir=root).save_pretrained(staging)
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.rename(folder)
-    return load_family(FamilySpec(base=str(folder)))
+        if folder.is_dir() and not (folder / FAMILY_FILE).is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # left half-built by an older release
+        try:
+            staging.rename(folder)
+        except OSError:  # another process's complete copy got there first
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def resolve_family(models: str, cache_dir: Path | None = None) -> ModelFamily:
@@ -193,7 +216,8 @@ def resolve_family(models: str, cache_dir: Path | None = None) -> ModelFamily:
     if models == "tiny":
         return tiny_family(cache_dir)
     if models == "sd15-random":
-        return build_sd15_random_family(cache_dir=cache_dir)
+        with _LOADING:
+            return build_sd15_random_family(cache_dir=cache_dir)
     path = Path(models).expanduser()
     if path.suffix == ".json" and path.is_file():
         return load_family(FamilySpec.from_json(path))
