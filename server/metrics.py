@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from easyphoto.rpc.metrics import LATENCY_BUCKETS
 
@@ -52,6 +52,20 @@ class GeneratorMetrics:
         )
         self.images = Counter("easyphoto_images_generated_total", "Images generated.", registry=registry)
         self.faces = Counter("easyphoto_faces_painted_total", "Faces painted with a user.", registry=registry)
+        # What the autoscaler reads (deploy/kubernetes: an HPA on in-flight requests per pod).
+        self.in_flight = Gauge(
+            "easyphoto_generate_in_flight",
+            "Generate requests running now (their steps batched).",
+            registry=registry,
+        )
+        self.waiting = Gauge(
+            "easyphoto_generate_waiting", "Generate requests waiting for a slot to run.", registry=registry
+        )
+
+    def follow_admission(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
+        """The in-flight and waiting gauges read, at each scrape, from the admission's counts."""
+        self.in_flight.set_function(running)
+        self.waiting.set_function(waiting)
 
     def engine_call(self, phase: str, passes: int, rows: int) -> None:
         """One call of the step engine: ``passes`` passes' ``rows`` in one model evaluation."""

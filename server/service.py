@@ -55,6 +55,7 @@ class _Admission:
         self._running = threading.Semaphore(max_running)
         self._count = threading.Lock()
         self.waiting = 0
+        self.running = 0
 
     @contextmanager
     def slot(self, raise_if_stopped: Callable[[], None]) -> Iterator[None]:
@@ -68,9 +69,13 @@ class _Admission:
         finally:
             with self._count:
                 self.waiting -= 1
+        with self._count:
+            self.running += 1
         try:
             yield
         finally:
+            with self._count:
+                self.running -= 1
             self._running.release()
 
 
@@ -87,6 +92,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         self._model_family = model_family
         self._metrics = metrics or GeneratorMetrics(CollectorRegistry())
         self._admission = _Admission(max_running or default_max_running(), max_waiting)
+        self._metrics.follow_admission(lambda: self._admission.running, lambda: self._admission.waiting)
 
     def Generate(
         self, request: generator_pb2.GenerateRequest, context: grpc.ServicerContext

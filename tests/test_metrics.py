@@ -133,3 +133,37 @@ def test_each_app_has_its_own_registry(server: tuple[GrpcApp, EngineHolder]) -> 
         other.stop(0)
     assert samples[("easyphoto_images_generated_total", frozenset())] == 0
     assert not any(labels and ("grpc_method", "Generate") in labels for _, labels in samples)
+
+
+def test_in_flight_and_waiting_requests_are_gauges_the_autoscaler_can_read() -> None:
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from easyphoto.server.metrics import GeneratorMetrics
+    from easyphoto.server.service import _Admission
+
+    registry = CollectorRegistry()
+    metrics, admission = GeneratorMetrics(registry), _Admission(max_running=1, max_waiting=4)
+    metrics.follow_admission(lambda: admission.running, lambda: admission.waiting)
+    holding, release = threading.Event(), threading.Event()
+
+    def run() -> None:
+        with admission.slot(lambda: None):
+            holding.set()
+            release.wait(10)
+
+    first, second = threading.Thread(target=run), threading.Thread(target=run)
+    first.start()
+    holding.wait(10)
+    second.start()
+    deadline = time.monotonic() + 10
+    while admission.waiting < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert registry.get_sample_value("easyphoto_generate_in_flight") == 1
+    assert registry.get_sample_value("easyphoto_generate_waiting") == 1
+    release.set()
+    first.join()
+    second.join()
+    assert registry.get_sample_value("easyphoto_generate_in_flight") == 0
+    assert registry.get_sample_value("easyphoto_generate_waiting") == 0

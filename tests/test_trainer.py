@@ -169,6 +169,8 @@ def test_metrics_count_jobs_steps_and_dropped_photos(trainer: TrainerApp, channe
     assert samples[("easyphoto_training_jobs_finished_total", (("state", "JOB_STATE_SUCCEEDED"),))] >= 1
     assert samples[("easyphoto_training_photos_dropped_total", (("reason", "IMAGE_UNREADABLE"),))] >= 1
     assert samples[("easyphoto_training_steps_total", ())] >= 4
+    assert samples[("easyphoto_training_jobs_queued", ())] == 0  # read from the store at the scrape
+    assert samples[("easyphoto_training_jobs_running", ())] == 0
     handled = {
         dict(labels)["grpc_method"]: value
         for (name, labels), value in samples.items()

@@ -30,7 +30,7 @@ from easyphoto.v1 import (
     users_pb2_grpc,
 )
 
-from .jobs import JobStore
+from .jobs import QUEUED, RUNNING, JobStore
 from .metrics import TrainerMetrics
 from .options import training_defaults
 from .runner import JobRunner, Notify, RunnerConfig
@@ -104,7 +104,9 @@ def build_trainer(config: TrainerConfig, face_models: FaceModels | None = None) 
     store = JobStore(config.job_store_location)
     users = UserStore(config.data)
     metrics = Metrics(host=config.metrics_host, port=config.metrics_port)
-    runner = _runner(config, store, users, face_models, TrainerMetrics(metrics.registry))
+    trainer_metrics = TrainerMetrics(metrics.registry)
+    trainer_metrics.follow_store(store.count, QUEUED, RUNNING)
+    runner = _runner(config, store, users, face_models, trainer_metrics)
     services = [
         Service(
             TrainerService(store, runner, training_defaults(config.models)[0]),

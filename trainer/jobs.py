@@ -352,6 +352,11 @@ class JobStore:
             self._changed.notify_all()
         return [row["job_id"] for row in found]
 
+    def count(self, state: int) -> int:
+        """How many jobs are in ``state`` (every replica's)."""
+        with self._lock:
+            return int(self._db.rows("SELECT COUNT(*) AS n FROM jobs WHERE state = ?", (state,))[0]["n"])
+
     def job_ids(self) -> set[str]:
         with self._lock:
             return {row["job_id"] for row in self._db.rows("SELECT job_id FROM jobs")}

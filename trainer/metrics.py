@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from easyphoto.rpc.metrics import LATENCY_BUCKETS
 
@@ -26,7 +28,21 @@ class TrainerMetrics:
             "easyphoto_training_step_seconds", "Seconds per optimizer step (all accumulation micro-batches).",
             buckets=STEP_BUCKETS, registry=registry,
         )  # fmt: skip
+        self.jobs_queued = Gauge(
+            "easyphoto_training_jobs_queued", "Jobs waiting in the shared job store for a trainer.",
+            registry=registry,
+        )  # fmt: skip
+        self.jobs_running = Gauge(
+            "easyphoto_training_jobs_running",
+            "Jobs a trainer (any replica) is running now.",
+            registry=registry,
+        )
         self.photos_dropped = Counter(
             "easyphoto_training_photos_dropped_total", "Uploaded photos not used for training, by reason.",
             ["reason"], registry=registry,
         )  # fmt: skip
+
+    def follow_store(self, count: Callable[[int], int], queued: int, running: int) -> None:
+        """The queued and running gauges read from the job store (``count(state)``) at each scrape."""
+        self.jobs_queued.set_function(lambda: count(queued))
+        self.jobs_running.set_function(lambda: count(running))
