@@ -142,10 +142,16 @@ class GrpcMetrics(grpc.ServerInterceptor):
 
 class _Handler(BaseHTTPRequestHandler):
     def __init__(
-        self, registry: CollectorRegistry, ready: Callable[[], bool], *args: Any, **kwargs: Any
+        self,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+        alive: Callable[[], bool],
+        *args: Any,
+        **kwargs: Any,
     ) -> None:
         self.registry = registry
         self.ready = ready
+        self.alive = alive
         super().__init__(*args, **kwargs)  # handles the request
 
     def do_GET(self) -> None:
@@ -154,7 +160,8 @@ class _Handler(BaseHTTPRequestHandler):
             encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
             self._send(200, encoder(self.registry), content_type)
         elif path == "/healthz":
-            self._send(200, b"ok\n")
+            alive = self.alive()
+            self._send(200 if alive else 503, b"ok\n" if alive else b"dead: restart me\n")
         elif path == "/readyz":
             ready = self.ready()
             self._send(200 if ready else 503, b"ready\n" if ready else b"not ready\n")
@@ -176,8 +183,15 @@ class MetricsEndpoint:
     """``/metrics``, ``/healthz`` and ``/readyz`` over HTTP on ``host:port`` (bound at once; 0 = any
     free port, read back from ``port``), served from a daemon thread between start and stop."""
 
-    def __init__(self, registry: CollectorRegistry, ready: Callable[[], bool], host: str, port: int) -> None:
-        self._server = ThreadingHTTPServer((host, port), partial(_Handler, registry, ready))
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+        host: str,
+        port: int,
+        alive: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self._server = ThreadingHTTPServer((host, port), partial(_Handler, registry, ready, alive))
         self._server.daemon_threads = True
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)

@@ -27,6 +27,10 @@ from .wire import ERROR_DOMAIN, MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
 
+# The health service name a liveness probe asks for (Kubernetes: ``grpc: {service: liveness}``):
+# SERVING while the process can work, even when not ready (loading, Triton away).
+LIVENESS = "liveness"
+
 # How often a running app asks whether it is still ready (its backend, its worker).
 READINESS_POLL_SECONDS = 5.0
 
@@ -110,13 +114,17 @@ class GrpcApp:
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
         self.serving = False
+        self.alive = True
         self._stopped = threading.Event()
         self.http = (
-            MetricsEndpoint(metrics.registry, lambda: self.serving, metrics.host, metrics.port)
+            MetricsEndpoint(
+                metrics.registry, lambda: self.serving, metrics.host, metrics.port, lambda: self.alive
+            )
             if metrics and metrics.port is not None
             else None
         )
         self.set_serving(False)
+        self.set_alive(True)
 
     def set_serving(self, serving: bool) -> None:
         self.serving = serving
@@ -126,10 +134,22 @@ class GrpcApp:
         for name in ["", *self.service_names]:
             self.health.set(name, status)
 
-    def follow_readiness(self, ready: Callable[[], bool], interval: float = READINESS_POLL_SECONDS) -> None:
+    def set_alive(self, alive: bool) -> None:
+        """The ``liveness`` health service (and ``/healthz``): NOT_SERVING asks to be restarted."""
+        self.alive = alive
+        serving = health_pb2.HealthCheckResponse.SERVING
+        self.health.set(LIVENESS, serving if alive else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def follow_readiness(
+        self,
+        ready: Callable[[], bool],
+        interval: float = READINESS_POLL_SECONDS,
+        alive: Callable[[], bool] | None = None,
+    ) -> None:
         """Keeps health (and ``/readyz``) equal to ``ready()``, asked every ``interval`` seconds
         until the app stops: when what the app depends on goes away (Triton restarting), load
-        balancers stop sending it calls, and send them again once it is back."""
+        balancers stop sending it calls, and send them again once it is back. With ``alive``,
+        the ``liveness`` service follows it too (false: only a restart helps)."""
 
         def watch() -> None:
             while not self._stopped.wait(interval):
@@ -141,6 +161,9 @@ class GrpcApp:
                 if now != self.serving and not self._stopped.is_set():
                     log.warning("readiness changed: %s", "SERVING" if now else "NOT_SERVING")
                     self.set_serving(now)
+                if alive is not None and (living := bool(alive())) != self.alive:
+                    log.error("liveness changed: %s", "alive" if living else "dead")
+                    self.set_alive(living)
 
         threading.Thread(target=watch, name="readiness", daemon=True).start()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from easyphoto.fixtures.photos import sample_photo
@@ -62,6 +63,14 @@ def test_probes_and_metrics_after_a_good_and_a_failed_generate(server: tuple[Grp
     app, holder = server
     assert _get(app, "/healthz")[0] == 200 and _get(app, "/nope")[0] == 404
     assert _get(app, "/readyz")[0] == 503  # models not loaded yet
+    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        ready = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        alive = health.Check(health_pb2.HealthCheckRequest(service="liveness"), timeout=5).status
+    assert (ready, alive) == (
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+        health_pb2.HealthCheckResponse.SERVING,
+    )
     holder.load()
     app.set_serving(True)
     assert _get(app, "/readyz")[0] == 200

@@ -255,12 +255,19 @@ def test_a_dead_worker_makes_the_trainer_unready(tmp_path: Path, monkeypatch: py
             while app.app.serving and time.monotonic() < deadline:
                 time.sleep(0.05)
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            liveness = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="liveness"), timeout=5
+            )
         assert not app.runner.alive
         assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert liveness.status == health_pb2.HealthCheckResponse.NOT_SERVING  # the kubelet restarts it
         assert app.app.http is not None
         with pytest.raises(urllib.error.HTTPError) as unready:
             urllib.request.urlopen(f"http://127.0.0.1:{app.app.http.port}/readyz", timeout=5)
         assert unready.value.code == 503
+        with pytest.raises(urllib.error.HTTPError) as dead:
+            urllib.request.urlopen(f"http://127.0.0.1:{app.app.http.port}/healthz", timeout=5)
+        assert dead.value.code == 503
     finally:
         app.stop(0)
 

@@ -92,7 +92,11 @@ class TrainerApp:
         self.app.start()
         self.runner.start()
         self.app.set_serving(True)
-        self.app.follow_readiness(lambda: self.runner.alive, interval=WORKER_POLL_SECONDS)
+
+        def alive() -> bool:  # a dead worker: unready, and only a restart helps
+            return self.runner.alive
+
+        self.app.follow_readiness(alive, interval=WORKER_POLL_SECONDS, alive=alive)
 
     def stop(self, grace: float = 5.0) -> None:
         self.app.stop(grace)
