@@ -20,7 +20,7 @@ TRITON_HTTP_PORT ?= 8000
 TRITON_GRPC_PORT ?= 8001
 TRITON_METRICS_PORT ?= 8002
 
-.PHONY: setup proto demo test lint bench serve trainer export triton-setup triton clean
+.PHONY: setup proto demo test lint bench bench-quick serve trainer export triton-setup triton clean
 
 # torch==2.13.0 is the CPU wheel; an unpinned torch pulls gigabytes of CUDA packages.
 # open-clip-torch ships OpenAI's CLIP BPE (the SD 1.5 tokenizer) and facenet-pytorch the MTCNN
@@ -69,6 +69,9 @@ lint: setup
 
 bench: setup triton-setup
 	$(BIN)/easyphoto bench --out docs/benchmarks.md
+
+bench-quick: setup triton-setup
+	$(BIN)/easyphoto bench --only harness --quick --out docs/benchmarks.md
 
 # BACKEND=triton: against `make triton` on this host (TRITON_GRPC_PORT); TRITON_SHM=system|cuda to
 # send large inputs through shared memory.

@@ -165,7 +165,23 @@ def _bench(args: argparse.Namespace) -> int:
         section = _triton_bench(args.models)
         write_section(out, section)
         print(section)
+    if args.only in ("all", "harness"):
+        _harness(args, out)
     return 0
+
+
+def _harness(args: argparse.Namespace, doc: Path) -> None:
+    """The gRPC sweep against a running orchestrator, beside diffusers and the Triton backend."""
+    from dataclasses import replace
+
+    import torch
+
+    from easyphoto.cli.load_bench import FULL_CPU, FULL_GPU, QUICK, print_against_targets, run_harness
+
+    config = QUICK if args.quick else FULL_GPU if torch.cuda.is_available() else FULL_CPU
+    results = run_harness(replace(config, out=Path(args.harness_out), doc=doc))
+    for line in print_against_targets(results.summary()):
+        print(line)
 
 
 def _triton_bench(models: str) -> str:
@@ -357,7 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", type=int, default=256)
     bench.add_argument("--steps", type=int, default=50)
     bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--only", choices=["all", "faces", "first-pass", "triton"], default="all")
+    bench.add_argument("--only", choices=["all", "faces", "first-pass", "triton", "harness"], default="all")
+    bench.add_argument(
+        "--quick", action="store_true", help="harness: the tiny family, fewer steps (under 10 min on 2 cores)"
+    )
+    bench.add_argument("--harness-out", default="bench-out", help="harness: CSV, plots and summary.json")
     bench.set_defaults(run=_bench)
     training.register(commands)
     triton.register(commands)

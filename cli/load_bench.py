@@ -1,0 +1,598 @@
+"""The benchmark harness (``make bench``, ``make bench-quick``): our own gRPC clients against a
+running orchestrator at a concurrency sweep, one user and many different users, beside the
+baseline (diffusers' ControlNet inpaint pipeline doing both passes of a face on the same models)
+and, where tritonserver is installed, the Triton backend and perf_analyzer.
+
+The orchestrator runs as its own process (``easyphoto serve``), so its RSS is its own and the
+clients do not share its interpreter. Results go to ``bench-out/`` (CSV, PNG plots,
+``summary.json``) and to a section of ``docs/benchmarks.md``; each summary figure is printed
+against its target in ``docs/design.md``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from easyphoto.engines.interface import ControlInput
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.models.loading import resolve_family
+from easyphoto.fixtures.photos import sample_photo
+from easyphoto.fixtures.users import publish_photo_user, random_lora
+from easyphoto.imaging.codec import encode_png
+from easyphoto.imaging.geometry import grow_box, int_box
+from easyphoto.server.bench import PROMPT, _device_name, baseline_inpaint, baseline_pipeline, write_section
+from easyphoto.users.store import UserStore
+from easyphoto.v1 import generator_pb2, generator_pb2_grpc
+
+MARK_BEGIN = "<!-- bench:harness:begin -->"
+MARK_END = "<!-- bench:harness:end -->"
+# The stages whose seconds are model calls (diffusion passes, face detection and embedding).
+MODEL_STAGES = ("first_diffusion", "second_diffusion", "seam_pass", "background_restore", "detect", "score")
+FIRST_KINDS, SECOND_KINDS = ("canny", "openpose", "color"), ("canny", "tile")
+TARGETS_FILE = Path("docs/design.md")
+PLOTS = ("concurrency.png", "stages.png")
+
+
+@dataclass(frozen=True)
+class HarnessConfig:
+    models: str = "tiny"
+    concurrency: tuple[int, ...] = (1, 2, 4, 8, 16)
+    users: int = 16  # distinct users of the many-users runs (each with its own random LoRA)
+    lora_rank: int = 8
+    first_steps: int = 50  # the passes' steps (strengths 0.45 and 0.35 as the defaults)
+    second_steps: int = 20
+    requests_per_level: int = 0  # 0: twice the concurrency, at least 4
+    baseline_repeats: int = 3
+    triton_concurrency: tuple[int, ...] = (1, 4)  # () skips the Triton backend and perf_analyzer
+    out: Path = Path("bench-out")
+    doc: Path = Path("docs/benchmarks.md")
+
+    def requests_at(self, concurrency: int) -> int:
+        return self.requests_per_level or max(4, 2 * concurrency)
+
+
+QUICK = HarnessConfig(first_steps=10, second_steps=10, baseline_repeats=3)
+# Full SD 1.5 shapes on a CPU: one face at the reference's steps takes about 11 minutes here.
+FULL_CPU = HarnessConfig(
+    models="sd15-random", concurrency=(1, 2), users=2, lora_rank=128, first_steps=10, second_steps=10,
+    requests_per_level=2, baseline_repeats=1, triton_concurrency=(),
+)  # fmt: skip
+FULL_GPU = HarnessConfig(models="sd15-random", users=16, lora_rank=128, triton_concurrency=(1, 4, 8))
+
+
+@dataclass
+class Request:
+    """One Generate as a client saw it."""
+
+    seconds: float
+    faces: int
+    timings: dict[str, float]
+
+    @property
+    def model_seconds(self) -> float:
+        return sum(self.timings.get(stage, 0.0) for stage in MODEL_STAGES)
+
+    @property
+    def orchestrator_seconds(self) -> float:
+        return self.timings.get("total", 0.0) - self.model_seconds
+
+
+@dataclass
+class Level:
+    """One point of the sweep."""
+
+    backend: str
+    users: str  # "one user" or "N users"
+    concurrency: int
+    requests: list[Request]
+    wall_seconds: float
+    rss_mb: float
+
+    def row(self) -> dict[str, Any]:
+        latencies = [r.seconds for r in self.requests]
+        faces = sum(r.faces for r in self.requests)
+        return {
+            "backend": self.backend,
+            "users": self.users,
+            "concurrency": self.concurrency,
+            "requests": len(self.requests),
+            "p50_s": _quantile(latencies, 0.50),
+            "p95_s": _quantile(latencies, 0.95),
+            "p99_s": _quantile(latencies, 0.99),
+            "faces_per_s": faces / self.wall_seconds,
+            "model_ms_per_face": 1000 * sum(r.model_seconds for r in self.requests) / faces,
+            "orchestrator_ms_per_face": 1000 * sum(r.orchestrator_seconds for r in self.requests) / faces,
+            "lora_switch_ms": 1000
+            * statistics.median(r.timings.get("lora_switch", 0.0) for r in self.requests),
+            "rss_mb": self.rss_mb,
+        }
+
+
+@dataclass
+class Results:
+    config: HarnessConfig
+    device: str
+    levels: list[Level] = field(default_factory=list)
+    baseline_seconds: list[float] = field(default_factory=list)
+    perf_analyzer: list[dict[str, float]] = field(default_factory=list)
+
+    def level(self, backend: str, users: str, concurrency: int) -> Level | None:
+        found = [
+            x for x in self.levels if (x.backend, x.users, x.concurrency) == (backend, users, concurrency)
+        ]
+        return found[0] if found else None
+
+    def summary(self) -> dict[str, Any]:
+        single = self.level("torch", "N users", 1) or self.levels[0]
+        rows = {(x.backend, x.users, x.concurrency): x.row() for x in self.levels}
+        eight = rows.get(("torch", "N users", 8))
+        figures: dict[str, Any] = {
+            "ratio_vs_diffusers_single": statistics.median(r.seconds for r in single.requests)
+            / statistics.median(self.baseline_seconds),
+            "throughput_ratio_c8": eight["faces_per_s"] / rows[("torch", "N users", 1)]["faces_per_s"]
+            if eight
+            else None,
+            "orchestrator_ms_per_face": rows[("torch", "N users", 1)]["orchestrator_ms_per_face"],
+            "lora_switch_ms": rows[("torch", "N users", 1)]["lora_switch_ms"],
+            "models": self.config.models,
+            "device": self.device,
+            "steps": [self.config.first_steps, self.config.second_steps],
+            "baseline_both_passes_s": statistics.median(self.baseline_seconds),
+            "p50_s_c1": rows[("torch", "N users", 1)]["p50_s"],
+            "max_rss_mb": max(x.rss_mb for x in self.levels),
+        }
+        return figures
+
+
+def run_harness(config: HarnessConfig) -> Results:
+    """The whole run: baseline first (in this process), then our server and its sweep, then the
+    Triton backend's; writes every output."""
+    config.out.mkdir(parents=True, exist_ok=True)
+    results = Results(config, _device_name())
+    with tempfile.TemporaryDirectory(prefix="easyphoto-bench-") as folder:
+        data = Path(folder) / "data"
+        family = resolve_family(config.models)
+        _publish_users(family, UserStore(data), config)
+        print(f"baseline: diffusers, both passes, {config.baseline_repeats} times", flush=True)
+        results.baseline_seconds = time_baseline(family, config)
+        triton = _export_for_triton(family, Path(folder), data) if config.triton_concurrency else None
+        del family  # its memory is the server's to use now
+        with tqdm(total=_planned_requests(config), desc="bench", unit="req") as progress:
+            with _orchestrator(config, data, ["--backend", "torch"]) as server:
+                _sweep(results, server, "torch", config.concurrency, config, progress)
+            if triton is not None:
+                _triton_sweep(results, data, triton, config, progress)
+    write_outputs(results)
+    return results
+
+
+def _publish_users(family: ModelFamily, store: UserStore, config: HarnessConfig) -> None:
+    face = _user_photo()
+    for index in range(config.users):
+        publish_photo_user(
+            store, f"user{index}", face, random_lora(family, f"user{index}", config.lora_rank, index)
+        )
+
+
+def _user_photo() -> np.ndarray:
+    astronaut = sample_photo("astronaut")
+    x0, y0, x1, y1 = int_box(grow_box((178.4, 58.9, 267.0, 173.0), 1.8, 512, 512))
+    return np.ascontiguousarray(astronaut[y0:y1, x0:x1])
+
+
+def _planned_requests(config: HarnessConfig) -> int:
+    torch_requests = 2 * sum(config.requests_at(c) for c in config.concurrency)
+    return torch_requests + sum(config.requests_at(c) for c in config.triton_concurrency)
+
+
+# ---- the baseline ----
+
+
+def time_baseline(family: ModelFamily, config: HarnessConfig) -> list[float]:
+    """diffusers' StableDiffusionControlNetInpaintPipeline doing both passes of one face (the first
+    with canny, openpose and colour ControlNets, the second with canny and tile), at the working
+    size and steps our requests use, one after another."""
+    size = min(512, family.image_sizes[2])
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, size, size, generator=generator)
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
+    first = baseline_pipeline(family, list(FIRST_KINDS))
+    second = baseline_pipeline(family, list(SECOND_KINDS))
+
+    def controls(kinds: tuple[str, ...], scale: float) -> list[ControlInput]:
+        return [
+            ControlInput(kind, torch.rand(1, 3, size, size, generator=generator), scale) for kind in kinds
+        ]
+
+    def both_passes() -> None:
+        painted = baseline_inpaint(
+            first, PROMPT, "", image, mask, controls(FIRST_KINDS, 0.5), config.first_steps, 1
+        )
+        baseline_inpaint(
+            second, PROMPT, "", painted, mask, controls(SECOND_KINDS, 1.0), config.second_steps, 2, 0.35
+        )
+
+    both_passes()  # warm-up
+    times = []
+    for _ in range(config.baseline_repeats):
+        started = time.perf_counter()
+        both_passes()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+# ---- our server and its clients ----
+
+
+@dataclass
+class _Server:
+    process: subprocess.Popen[bytes]
+    address: str
+
+    def rss_mb(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status")
+        found = re.search(r"VmRSS:\s+(\d+) kB", status.read_text()) if status.is_file() else None
+        return int(found.group(1)) / 1024 if found else 0.0
+
+
+@contextmanager
+def _orchestrator(config: HarnessConfig, data: Path, backend_args: list[str]) -> Iterator[_Server]:
+    port, metrics_port = _free_port(), _free_port()
+    command = [
+        sys.executable, "-m", "easyphoto.cli.main", "serve", "--models", config.models, "--data", str(data),
+        "--port", str(port), "--metrics-port", str(metrics_port),
+        "--max-running", str(max(config.concurrency)), "--max-waiting", "64", *backend_args,
+    ]  # fmt: skip
+    log = (config.out / f"serve-{backend_args[1]}.log").open("w")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    try:
+        _wait_ready(process, metrics_port, timeout=1800)
+        yield _Server(process, f"127.0.0.1:{port}")
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def _wait_ready(process: subprocess.Popen[bytes], metrics_port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"easyphoto serve exited with {process.returncode} (see bench-out/serve-*.log)"
+            )
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError("easyphoto serve never became ready")
+
+
+def _sweep(
+    results: Results,
+    server: _Server,
+    backend: str,
+    levels: tuple[int, ...],
+    config: HarnessConfig,
+    progress: tqdm,
+) -> None:
+    template = encode_png(sample_photo("astronaut"))
+    with grpc.insecure_channel(
+        server.address, options=[("grpc.max_receive_message_length", 64 << 20)]
+    ) as channel:
+        stub = generator_pb2_grpc.GeneratorStub(channel)
+        for index in range(config.users):  # every user's adapter loaded once, as in steady serving
+            _generate(stub, template, f"user{index}", config)
+        modes = ("one user", "N users") if backend == "torch" else ("N users",)
+        for mode in modes:
+            for concurrency in levels:
+                users = ["user0"] if mode == "one user" else [f"user{i}" for i in range(config.users)]
+                level = _run_level(stub, template, users, concurrency, config, server, progress)
+                results.levels.append(Level(backend, mode, concurrency, *level))
+
+
+def _run_level(
+    stub: generator_pb2_grpc.GeneratorStub,
+    template: bytes,
+    users: list[str],
+    concurrency: int,
+    config: HarnessConfig,
+    server: _Server,
+    progress: tqdm,
+) -> tuple[list[Request], float, float]:
+    """``requests_at(concurrency)`` requests from ``concurrency`` clients sending back to back,
+    user by user in turn; their records, the wall time and the server's largest RSS."""
+    todo = list(range(config.requests_at(concurrency)))
+    done: list[Request] = []
+    lock = threading.Lock()
+    rss = [server.rss_mb()]
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                index = todo.pop(0)
+            request = _generate(stub, template, users[index % len(users)], config)
+            with lock:
+                done.append(request)
+                rss.append(server.rss_mb())
+                progress.update(1)
+
+    started = time.perf_counter()
+    clients = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in clients:
+        thread.start()
+    for thread in clients:
+        thread.join()
+    return done, time.perf_counter() - started, max(rss)
+
+
+def _generate(
+    stub: generator_pb2_grpc.GeneratorStub, template: bytes, user: str, config: HarnessConfig
+) -> Request:
+    request = generator_pb2.GenerateRequest(templates=[template], user_ids=[user], seed=1)
+    request.first_pass.steps, request.second_pass.steps = config.first_steps, config.second_steps
+    started = time.perf_counter()
+    response = stub.Generate(request, timeout=7200)
+    seconds = time.perf_counter() - started
+    faces = sum(1 for image in response.images for face in image.faces if face.user_id)
+    return Request(seconds, faces, {t.stage: t.seconds for t in response.timings if not t.skipped})
+
+
+@dataclass(frozen=True)
+class _TritonExport:
+    install: Any  # export.triton_server.TritonInstall
+    export_dir: Path
+    repository: Path
+    roles: dict[str, Any]
+
+
+def _export_for_triton(family: ModelFamily, folder: Path, data: Path) -> _TritonExport | None:
+    """The family exported (with its fused pass steps and LoRA graphs) as a CPU Triton repository
+    whose models read users' adapters from the data folder; None without a tritonserver."""
+    from easyphoto.diffusion.catalogue import role_catalogue
+    from easyphoto.engines.faces.models import default_face_models
+    from easyphoto.export.onnx_export import export_all
+    from easyphoto.export.triton_repository import write_repository
+    from easyphoto.export.triton_server import TritonUnavailable, find_install
+
+    try:
+        install = find_install()
+    except TritonUnavailable as why:
+        print(f"skipping the Triton backend: {why}", flush=True)
+        return None
+    print("exporting the family for Triton", flush=True)
+    catalogue = role_catalogue(family, default_face_models(), fused=True)
+    export_all(catalogue, folder / "export", family)
+    write_repository(folder / "export", catalogue.roles, folder / "repository", adapter_dir=data / "adapters")
+    return _TritonExport(install, folder / "export", folder / "repository", catalogue.roles)
+
+
+def _triton_sweep(
+    results: Results, data: Path, triton: _TritonExport, config: HarnessConfig, progress: tqdm
+) -> None:
+    """The same requests through ``serve --backend triton`` on the CPU tritonserver, then Triton's
+    own perf_analyzer on the repository's UNet."""
+    from easyphoto.export.triton_bench import ROLE, run_perf_analyzer
+    from easyphoto.export.triton_server import free_ports, start_server
+
+    server = start_server(triton.repository, triton.install, free_ports())
+    try:
+        server.wait_ready()
+        backend = [
+            "--backend", "triton", "--triton-url", server.grpc_url, "--export-dir", str(triton.export_dir),
+            "--adapter-dir", str(data / "adapters"),
+        ]  # fmt: skip
+        with _orchestrator(config, data, backend) as orchestrator:
+            _sweep(results, orchestrator, "triton", config.triton_concurrency, config, progress)
+        results.perf_analyzer = run_perf_analyzer(triton.install, server.grpc_url, triton.roles[ROLE])
+    finally:
+        server.stop()
+
+
+# ---- outputs ----
+
+
+def write_outputs(results: Results) -> None:
+    out = results.config.out
+    rows = [level.row() for level in results.levels]
+    with (out / "results.csv").open("w", newline="") as handle:
+        table = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        table.writeheader()
+        table.writerows(rows)
+    stages = _stage_means(results)
+    with (out / "stages.csv").open("w", newline="") as handle:
+        lines = csv.writer(handle)
+        lines.writerow(["backend", "stage", "mean_s"])
+        lines.writerows([backend, stage, seconds] for (backend, stage), seconds in stages.items())
+    summary = results.summary()
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _plots(results, stages)
+    images = results.config.doc.parent / "images"  # the plots beside the section that shows them
+    images.mkdir(parents=True, exist_ok=True)
+    for name in PLOTS:
+        shutil.copyfile(out / name, images / f"harness_{results.config.models}_{name}")
+    write_section(results.config.doc, markdown(results, rows, summary))
+
+
+def _stage_means(results: Results) -> dict[tuple[str, str], float]:
+    """Mean seconds per request of each stage at concurrency 1 (many users), by backend."""
+    means: dict[tuple[str, str], float] = {}
+    for level in results.levels:
+        if level.concurrency == 1 and level.users == "N users":
+            for stage in sorted({s for r in level.requests for s in r.timings}):
+                means[(level.backend, stage)] = statistics.mean(
+                    r.timings.get(stage, 0.0) for r in level.requests
+                )
+    return means
+
+
+def _plots(results: Results, stages: dict[tuple[str, str], float]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4))
+    for backend, users in sorted({(x.backend, x.users) for x in results.levels}):
+        levels = sorted(
+            (x for x in results.levels if (x.backend, x.users) == (backend, users)),
+            key=lambda x: x.concurrency,
+        )
+        xs = [x.concurrency for x in levels]
+        label = f"{backend}, {users}"
+        latency.plot(xs, [x.row()["p50_s"] for x in levels], marker="o", label=f"{label} p50")
+        latency.plot(xs, [x.row()["p95_s"] for x in levels], marker="x", linestyle="--", label=f"{label} p95")
+        throughput.plot(xs, [x.row()["faces_per_s"] for x in levels], marker="o", label=label)
+    sequential = len(results.baseline_seconds) and 1 / statistics.median(results.baseline_seconds)
+    throughput.axhline(sequential, color="grey", linestyle=":", label="diffusers, both passes only, in turn")
+    for axis, title, unit in ((latency, "latency", "seconds"), (throughput, "throughput", "faces / s")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrent requests")
+        axis.set_ylabel(unit)
+        axis.set_title(f"{title} ({results.config.models}, {results.device})")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(results.config.out / "concurrency.png", dpi=110)
+    plt.close(figure)
+
+    figure, axis = plt.subplots(figsize=(8, 4))
+    backends = sorted({backend for backend, _ in stages})
+    names = [
+        s
+        for s in ("detect", "lora_switch", "first_diffusion", "second_diffusion", "score")
+        if any((b, s) in stages for b in backends)
+    ]
+    bottom = np.zeros(len(backends))
+    for name in names:
+        heights = np.array([stages.get((b, name), 0.0) for b in backends])
+        axis.bar(backends, heights, bottom=bottom, label=name)
+        bottom += heights
+    other = np.array([stages.get((b, "total"), 0.0) for b in backends]) - bottom
+    axis.bar(backends, other, bottom=bottom, label="orchestrator (outside the models)")
+    axis.set_ylabel("seconds per request (concurrency 1)")
+    axis.set_title("where a request's time goes")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(results.config.out / "stages.png", dpi=110)
+    plt.close(figure)
+
+
+def markdown(results: Results, rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    config = results.config
+    lines = [
+        MARK_BEGIN,
+        f"### Harness: our gRPC clients at a concurrency sweep ({config.models}, {results.device})",
+        "",
+        f"`easyphoto bench --only harness{' --quick' if config == QUICK else ''}`: one 1-face template"
+        f" (astronaut), steps {config.first_steps}/{config.second_steps} (strengths 0.45/0.35),"
+        f" {config.users} users with random rank-{config.lora_rank} LoRAs; `easyphoto serve` as its own"
+        " process; plots in `bench-out/` (`concurrency.png`, `stages.png`).",
+        "",
+        "| backend | users | conc. | requests | p50 s | p95 s | p99 s | faces/s | model ms/face |"
+        " orchestrator ms/face | LoRA switch ms | RSS MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['backend']} | {row['users']} | {row['concurrency']} | {row['requests']}"
+            f" | {row['p50_s']:.2f} | {row['p95_s']:.2f} | {row['p99_s']:.2f} | {row['faces_per_s']:.3f}"
+            f" | {row['model_ms_per_face']:.0f} | {row['orchestrator_ms_per_face']:.0f}"
+            f" | {row['lora_switch_ms']:.1f} | {row['rss_mb']:.0f} |"
+        )
+    lines += [
+        "",
+        f"Baseline: diffusers' `StableDiffusionControlNetInpaintPipeline`, both passes of a face on the same"
+        f" models, one after another: {summary['baseline_both_passes_s']:.2f} s median of"
+        f" {len(results.baseline_seconds)}.",
+    ]
+    if results.perf_analyzer:
+        lines += ["", "perf_analyzer on the Triton repository's UNet:", ""]
+        lines += ["| conc. | infer/s | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
+        lines += [
+            f"| {r['concurrency']:.0f} | {r['throughput']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
+            for r in results.perf_analyzer
+        ]
+    lines += [""] + [f"![{name}](images/harness_{config.models}_{name})" for name in PLOTS]
+    lines += ["", "| summary.json | value | target (docs/design.md) |", "| --- | --- | --- |"]
+    targets = read_targets()
+    for name, value in summary.items():
+        if name in targets:
+            lines.append(f"| {name} | {_format(value)} | {targets[name]} |")
+    lines.append(MARK_END)
+    return "\n".join(lines)
+
+
+def read_targets(path: Path = TARGETS_FILE) -> dict[str, str]:
+    """``| name | target | ... |`` rows of the targets table in docs/design.md."""
+    if not path.is_file():
+        return {}
+    found = re.findall(r"^\| `([a-z0-9_]+)` \| ([^|]+) \|", path.read_text(), flags=re.MULTILINE)
+    return {name: target.strip() for name, target in found}
+
+
+def print_against_targets(summary: dict[str, Any]) -> list[str]:
+    """Each summary figure beside its target, as the bench prints them."""
+    targets = read_targets()
+    on_gpu = str(summary.get("device", "")).startswith("cuda")
+    lines = []
+    for name, value in summary.items():
+        target = targets.get(name)
+        met = target is not None and meets(value, target, on_gpu)
+        verdict = "" if target is None else f"  target {target}: {'met' if met else 'NOT met'}"
+        lines.append(f"{name} = {_format(value)}{verdict}")
+    return lines
+
+
+def meets(value: Any, target: str, on_gpu: bool = False) -> bool:
+    """Whether ``value`` meets a target written ``≤ x`` or ``≥ x``; of clauses marked "on a CPU"
+    and "on a GPU", the device's."""
+    clauses = re.findall(r"([≤≥])\s*([0-9.]+)([^,;]*)", target)
+    if not clauses or not isinstance(value, int | float):
+        return False
+    device = "GPU" if on_gpu else "CPU"
+    sign, limit, _ = next((c for c in clauses if f"on a {device}" in c[2]), clauses[0])
+    return value <= float(limit) if sign == "≤" else value >= float(limit)
+
+
+def _format(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    return float(np.quantile(np.array(values), q))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
