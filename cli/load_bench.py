@@ -136,6 +136,7 @@ class Results:
     levels: list[Level] = field(default_factory=list)
     baseline_seconds: list[float] = field(default_factory=list)
     perf_analyzer: list[dict[str, float]] = field(default_factory=list)
+    perf_analyzer_error: str = ""
 
     def level(self, backend: str, users: str, concurrency: int) -> Level | None:
         found = [
@@ -412,7 +413,12 @@ def _triton_sweep(
         ]  # fmt: skip
         with _orchestrator(config, data, backend) as orchestrator:
             _sweep(results, orchestrator, "triton", config.triton_concurrency, config, progress)
-        results.perf_analyzer = run_perf_analyzer(triton.install, server.grpc_url, triton.roles[ROLE])
+        try:  # with a user's adapter on every request (the sweep wrote user0's factors)
+            results.perf_analyzer = run_perf_analyzer(
+                triton.install, server.grpc_url, triton.roles[ROLE], config.triton_concurrency, "user0@v1"
+            )
+        except subprocess.CalledProcessError as error:
+            results.perf_analyzer_error = (error.stdout or b"").decode(errors="replace")[-400:].strip()
     finally:
         server.stop()
 
@@ -533,8 +539,14 @@ def markdown(results: Results, rows: list[dict[str, Any]], summary: dict[str, An
         f" models, one after another: {summary['baseline_both_passes_s']:.2f} s median of"
         f" {len(results.baseline_seconds)}.",
     ]
+    if results.perf_analyzer_error:
+        lines += ["", f"perf_analyzer failed: `{' '.join(results.perf_analyzer_error.split())}`"]
     if results.perf_analyzer:
-        lines += ["", "perf_analyzer on the Triton repository's UNet:", ""]
+        lines += [
+            "",
+            "perf_analyzer on the Triton repository's UNet, every request with user0's adapter:",
+            "",
+        ]
         lines += ["| conc. | infer/s | p50 ms | p99 ms |", "| --- | --- | --- | --- |"]
         lines += [
             f"| {r['concurrency']:.0f} | {r['throughput']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"

@@ -65,24 +65,31 @@ def _shape_flags(description: RoleDescription) -> list[str]:
 
 
 def run_perf_analyzer(
-    install: TritonInstall, grpc_url: str, description: RoleDescription
+    install: TritonInstall,
+    grpc_url: str,
+    description: RoleDescription,
+    concurrency: tuple[int, ...] = CONCURRENCY,
+    string_data: str | None = None,
 ) -> list[dict[str, float]]:
+    """perf_analyzer's rows at each concurrency; ``string_data`` fills every string input (a
+    model serving users' adapters takes the adapter's name there: give one the repository has)."""
     binary, env = perf_analyzer(install)
+    strings = ["--string-data", string_data] if string_data is not None else []
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        for concurrency in CONCURRENCY:
-            report = Path(folder) / f"c{concurrency}.csv"
+        for level in concurrency:
+            report = Path(folder) / f"c{level}.csv"
             command = [
                 str(binary), "-m", description.name, "-u", grpc_url, "-i", "grpc", "-b", "1",
-                "--concurrency-range", str(concurrency), "--measurement-interval", "3000",
-                "-f", str(report), *_shape_flags(description),
+                "--concurrency-range", str(level), "--measurement-interval", "3000",
+                "-f", str(report), *_shape_flags(description), *strings,
             ]  # fmt: skip
             subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
             with open(report) as handle:
                 row = next(csv.DictReader(handle))
             rows.append(
                 {
-                    "concurrency": concurrency,
+                    "concurrency": level,
                     "throughput": float(row["Inferences/Second"]),
                     "p50_ms": float(row["p50 latency"]) / 1000,
                     "p99_ms": float(row["p99 latency"]) / 1000,
