@@ -46,3 +46,4 @@ def test_a_miniature_run_writes_csv_plots_summary_and_the_doc_section(tmp_path: 
         assert (doc.parent / "images" / f"harness_tiny_{name}").is_file()
     text = doc.read_text()
     assert "kept" in text and "| torch | N users | 2 | 2 |" in text and "lora_switch_ms" in text
+    assert "<!-- bench:harness:tiny:begin -->" in text
