@@ -7,6 +7,7 @@ Images are HxWx3 uint8 RGB arrays; masks HxW uint8 (255 = inside).
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 import torch
@@ -36,8 +37,19 @@ def decode_image(data: bytes, field: str = "image", min_side: int = MIN_SIDE) ->
                 raise ImageTooSmall(f"{width}x{height}; at least {min_side} px a side", field=field)
             rgb = ImageOps.exif_transpose(img).convert("RGB")
             return np.asarray(rgb, dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageUnreadable(f"not a readable image: {exc}", field=field) from exc
+    except UnidentifiedImageError as exc:
+        kind = "no bytes" if not data else f"{len(data)} bytes in no format this server reads"
+        raise ImageUnreadable(
+            f"not a readable image: {kind} (JPEG, PNG, WebP, GIF, BMP, TIFF)", field=field
+        ) from exc
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageUnreadable(f"not a readable image: {_without_reprs(str(exc))}", field=field) from exc
+
+
+def _without_reprs(text: str) -> str:
+    """An exception's text without Python object reprs (``<_io.BytesIO object at 0x...>``), which
+    say nothing to a client."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the upload", text)
 
 
 def encode_png(image: np.ndarray) -> bytes:

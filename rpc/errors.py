@@ -7,6 +7,7 @@ client always learns which field or stage failed and why.
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 
@@ -120,8 +121,9 @@ class Unimplemented(EasyPhotoError):
 
 
 def check_range(field: str, value: float, low: float, high: float, low_open: bool = False) -> None:
-    """InvalidArgument naming ``field`` unless ``low <= value <= high`` (``low < value`` if open)."""
+    """InvalidArgument naming ``field`` unless ``low <= value <= high`` (``low < value`` if open);
+    NaN is never in range (it compares false with every bound)."""
     below = value <= low if low_open else value < low
-    if below or value > high:
+    if math.isnan(value) or below or value > high:
         bracket = "(" if low_open else "["
         raise InvalidArgument(f"{field} is {value}; allowed {bracket}{low}, {high}]", field=field)

@@ -36,21 +36,31 @@ READINESS_POLL_SECONDS = 5.0
 
 
 def to_status(error: EasyPhotoError) -> grpc.Status:
+    """The error as a gRPC status with google.rpc details (BadRequest naming the field, ErrorInfo
+    with the reason). Every text is clipped: what a client sent (a 100 kB user id) must never make
+    the trailing metadata larger than its gRPC library accepts (8 KiB by default)."""
+    message, field = clip(error.message, MAX_MESSAGE_CHARS), clip(error.field, MAX_FIELD_CHARS)
     detail = any_pb2.Any()
-    if error.field:
-        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message)
+    if field:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=field, description=message)
         detail.Pack(error_details_pb2.BadRequest(field_violations=[violation]))
         details = [detail]
     else:
         details = []
+    metadata = {clip(k, MAX_FIELD_CHARS): clip(v, MAX_FIELD_CHARS) for k, v in error.metadata.items()}
     info = any_pb2.Any()
-    info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata))
-    status = status_pb2.Status(
-        code=getattr(code_pb2, error.code),
-        message=error.message,
-        details=[*details, info],
-    )
+    info.Pack(error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata))
+    status = status_pb2.Status(code=getattr(code_pb2, error.code), message=message, details=[*details, info])
     return rpc_status.to_status(status)
+
+
+# A status message and each field name or metadata value at most this long (characters).
+MAX_MESSAGE_CHARS, MAX_FIELD_CHARS = 400, 120
+
+
+def clip(text: str, limit: int) -> str:
+    """``text``, or its first ``limit`` characters and how many more there were."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 def abort(context: grpc.ServicerContext, error: EasyPhotoError) -> NoReturn:

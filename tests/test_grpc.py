@@ -111,3 +111,31 @@ def test_api_has_every_option_with_presence() -> None:
     assert methods == {"GetUser", "ListUsers", "DeleteUser"}
     trainer = {m.name for m in trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].methods}
     assert trainer == {"CreateTrainingJob", "GetJob", "WatchJob", "CancelJob", "ListJobs"}
+
+
+def test_a_huge_user_id_gets_a_typed_error_the_client_can_read(channel: grpc.Channel) -> None:
+    """Echoed whole, a 100 kB id made the trailing metadata larger than gRPC clients accept."""
+    from easyphoto.fixtures.photos import sample_photo
+    from easyphoto.imaging.codec import encode_png
+
+    stub = generator_pb2_grpc.GeneratorStub(channel)
+    request = generator_pb2.GenerateRequest(
+        templates=[encode_png(sample_photo("astronaut"))], user_ids=["x" * 100_000]
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(request, timeout=60)
+    details = error_details(info.value)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert details["code"] == "INVALID_ARGUMENT" and "user_ids" in details["fields"]
+    assert len(info.value.details()) < 1024
+    trailer = dict(info.value.trailing_metadata())["grpc-status-details-bin"]
+    assert len(trailer) < 2048
+
+
+def test_every_text_of_a_status_is_clipped() -> None:
+    from easyphoto.rpc.errors import UnknownUser
+
+    error = UnknownUser("no user " + "y" * 50_000, field="f" * 5000, metadata={"user_id": "z" * 50_000})
+    status = to_status(error)
+    assert len(status.details) < 500 and status.details.endswith("more characters)")
+    assert len(dict(status.trailing_metadata)["grpc-status-details-bin"]) < 1500

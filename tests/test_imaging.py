@@ -255,8 +255,13 @@ def test_paint_boxes_white() -> None:
 
 
 def test_decode_rejects_bad_images() -> None:
-    with pytest.raises(ImageUnreadable):
+    with pytest.raises(ImageUnreadable) as junk:
         codec.decode_image(b"not an image", field="templates[0]")
+    assert "0x" not in junk.value.message and "12 bytes in no format" in junk.value.message
+    truncated = codec.encode_png(np.full((80, 70, 3), 7, np.uint8))[:60]
+    with pytest.raises(ImageUnreadable) as cut:
+        codec.decode_image(truncated)
+    assert "object at" not in cut.value.message
     tiny = codec.encode_png(np.zeros((10, 10, 3), np.uint8))
     with pytest.raises(ImageTooSmall):
         codec.decode_image(tiny)

@@ -61,6 +61,11 @@ def test_set_fields_override_including_zero() -> None:
         (lambda r: setattr(r, "lora_weight", -1.0), "lora_weight"),
         (lambda r: setattr(r, "crop_short_side", 500), "crop_short_side"),
         (lambda r: setattr(r, "images_per_template", 9), "images_per_template"),
+        (lambda r: setattr(r.first_pass, "strength", float("nan")), "first_pass.strength"),
+        (lambda r: setattr(r.seam_pass, "guidance_scale", float("nan")), "seam_pass.guidance_scale"),
+        (lambda r: setattr(r.fusion, "after_ratio", float("nan")), "fusion.after_ratio"),
+        (lambda r: setattr(r, "lora_weight", float("inf")), "lora_weight"),
+        (lambda r: setattr(r, "super_resolution_ratio", float("-inf")), "super_resolution_ratio"),
     ],
 )
 def test_out_of_range_options_name_their_field(mutate, field: str) -> None:  # type: ignore[no-untyped-def]
@@ -81,3 +86,15 @@ def test_a_strength_set_on_the_wire_runs_the_steps_of_its_default() -> None:
     resolved = resolve_options(request).second_pass
     assert resolved.denoising_steps == SECOND_PASS.denoising_steps == 7  # 20 x 0.35, as diffusers has it
     assert strength_steps(50, 0.45) == 22 and strength_steps(20, 0.3499) == 6 and strength_steps(1, 0.5) == 0
+
+
+@pytest.mark.parametrize("name", ["unet_learning_rate", "alpha", "text_encoder_learning_rate"])
+def test_training_options_that_are_not_numbers_name_their_field(name: str) -> None:
+    from easyphoto.trainer.options import resolve_training_options
+    from easyphoto.v1 import trainer_pb2
+
+    message = trainer_pb2.TrainingOptions()
+    setattr(message, name, float("nan"))
+    with pytest.raises(InvalidArgument) as info:
+        resolve_training_options(message)
+    assert info.value.field == f"options.{name}" and "nan" in info.value.message
