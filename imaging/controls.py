@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .geometry import resize, round_to_multiple
+from .geometry import eye_axes, resize, round_to_multiple
 
 
 def canny_control(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
@@ -84,10 +84,7 @@ class Pose:
 def body_keypoints(landmarks: np.ndarray) -> dict[int, np.ndarray]:
     """OpenPose body keypoints estimated from 5 face landmarks (nose, eyes, ears, neck, shoulders)."""
     left_eye, right_eye, nose, mouth_l, mouth_r = (np.asarray(p, np.float32) for p in landmarks)
-    eye_vec = right_eye - left_eye
-    eye_dist = float(np.hypot(*eye_vec)) or 1.0
-    across = eye_vec / eye_dist
-    down = np.array([-across[1], across[0]], np.float32)
+    eye_dist, across, down = eye_axes(landmarks)
     chin = (mouth_l + mouth_r) / 2 + down * 0.6 * eye_dist
     neck = chin + down * 0.9 * eye_dist
     # The subject's right eye is on the image's left (landmark 0), as OpenPose labels it.

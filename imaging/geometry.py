@@ -55,6 +55,16 @@ def transform_points(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
     return (np.asarray(points, np.float32) @ matrix[:, :2].T + matrix[:, 2]).astype(np.float32)
 
 
+def eye_axes(landmarks: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """The face's frame from its eyes (landmarks 0 and 1): the eye distance, the unit vector from
+    the left eye to the right one, and the unit vector down the face (across turned 90 degrees)."""
+    left_eye, right_eye = (np.asarray(p, np.float32) for p in landmarks[:2])
+    eye_vec = right_eye - left_eye
+    eye_dist = float(np.hypot(*eye_vec)) or 1.0
+    across = eye_vec / eye_dist
+    return eye_dist, across, np.array([-across[1], across[0]], np.float32)
+
+
 def arcface_template(size: int) -> np.ndarray:
     """The 5-point template of a ``size``-pixel aligned crop as insightface's ``norm_crop`` places
     it: the 112 template scaled for multiples of 112; for multiples of 128 (its swapper's 128 px

@@ -9,6 +9,8 @@ import math
 import cv2
 import numpy as np
 
+from .geometry import eye_axes
+
 
 def ellipse_mask(height: int, width: int, box: tuple[float, float, float, float]) -> np.ndarray:
     """A filled ellipse inscribed in ``box`` (x0, y0, x1, y1) as an HxW uint8 mask (255 inside)."""
@@ -45,11 +47,8 @@ def face_part_masks(shape: tuple[int, int], landmarks: np.ndarray) -> dict[str, 
     """
     height, width = shape
     left_eye, right_eye, nose, mouth_l, mouth_r = (np.asarray(p, np.float32) for p in landmarks)
-    eye_vec = right_eye - left_eye
-    eye_dist = float(np.hypot(*eye_vec)) or 1.0
-    angle = math.degrees(math.atan2(eye_vec[1], eye_vec[0]))
-    across = eye_vec / eye_dist
-    down = np.array([-across[1], across[0]], np.float32)
+    eye_dist, across, down = eye_axes(landmarks)
+    angle = math.degrees(math.atan2(across[1], across[0]))
     eye_mid, mouth_mid = (left_eye + right_eye) / 2, (mouth_l + mouth_r) / 2
     face_len = float(np.dot(mouth_mid - eye_mid, down)) or eye_dist
     masks = {part: np.zeros((height, width), np.uint8) for part in FACE_PARTS}
@@ -75,12 +74,9 @@ def below_brows(shape: tuple[int, int], landmarks: np.ndarray) -> np.ndarray:
     """Everything below the top of the landmark geometry's brows (a line along the eye line): what
     5 landmarks can say is face rather than hair or a fringe."""
     height, width = shape
-    left_eye, right_eye = (np.asarray(p, np.float32) for p in landmarks[:2])
-    eye_vec = right_eye - left_eye
-    eye_dist = float(np.hypot(*eye_vec)) or 1.0
-    across = eye_vec / eye_dist
-    down = np.array([-across[1], across[0]], np.float32)
-    top = (left_eye + right_eye) / 2 - down * (BROW_RISE + BROW_HALF_HEIGHT) * eye_dist
+    eye_dist, _, down = eye_axes(landmarks)
+    eye_mid = np.asarray(landmarks[:2], np.float32).mean(axis=0)
+    top = eye_mid - down * (BROW_RISE + BROW_HALF_HEIGHT) * eye_dist
     across_x = (np.arange(width, dtype=np.float32) - top[0]) * down[0]
     along_y = (np.arange(height, dtype=np.float32) - top[1]) * down[1]
     return ((along_y[:, None] + across_x[None, :]) >= 0).astype(np.uint8) * 255
@@ -108,6 +104,11 @@ def reference_pixels(pixels: int, shape: tuple[int, ...]) -> int:
     return max(1, round(pixels * min(shape[:2]) / REFERENCE_CROP_SIDE))
 
 
+def disc(radius: int) -> np.ndarray:
+    """A filled disc of ``radius`` as a morphology kernel (side 2 * radius + 1)."""
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+
+
 def _square(side: int) -> np.ndarray:
     return np.ones((max(1, side), max(1, side)), np.uint8)
 
@@ -132,7 +133,7 @@ def ring_mask(parts: dict[str, np.ndarray]) -> np.ndarray:
 
 def border_ring(mask: np.ndarray, radius: int) -> np.ndarray:
     """The band of half-width ``radius`` around the edge of ``mask`` (dilated minus eroded)."""
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    kernel = disc(radius)
     return cv2.subtract(cv2.dilate(mask, kernel), cv2.erode(mask, kernel))
 
 
@@ -149,7 +150,7 @@ def feather(mask: np.ndarray, radius: int) -> np.ndarray:
     # Everything outside the mask's bounding rectangle is 0 before and after: work inside it.
     pad = 2 * radius
     padded = np.pad(mask[rows, cols], pad)
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    kernel = disc(radius)
     eroded = cv2.erode(padded, kernel)
     # OpenCV sizes a float kernel to 4 sigma each side: sigma = radius / 4 keeps the blur inside the
     # eroded margin, so the mask stays exactly 0 outside the original region.

@@ -48,6 +48,7 @@ from easyphoto.imaging.geometry import (
 from easyphoto.imaging.masks import (
     FACE_PARTS,
     border_ring,
+    disc,
     feather,
     inpaint_mask,
     only_parts,
@@ -427,8 +428,7 @@ class Orchestrator:
             faces[y0:y1, x0:x1] = np.maximum(faces[y0:y1, x0:x1], where.region)
         widest = max(where.face.width for where in painted)
         grow = max(1, round(widest / 10))
-        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
-        background = 255 - cv2.dilate(faces, kernel)
+        background = 255 - cv2.dilate(faces, disc(grow))
         size = self._model_size(width, height, ctx.run.options)
         small = resize(image, *size)
         mask = resize(background, *size)

@@ -22,7 +22,7 @@ import onnx
 
 from easyphoto.imaging.compose import mix, transfer_color
 from easyphoto.imaging.geometry import Face, align_face, similarity_transform
-from easyphoto.imaging.masks import below_brows, feather, union
+from easyphoto.imaging.masks import below_brows, disc, feather, union
 
 from .onnx_runner import OnnxRunner
 from .parts import Parser
@@ -67,9 +67,9 @@ def fusion_weights(
     if within is not None:
         both = np.minimum(both, within)
     grow, shrink = max(1, round(face.width / 20)), max(1, round(face.width / 10))
-    region = cv2.erode(cv2.dilate(both, _disc(grow)), _disc(shrink))
+    region = cv2.erode(cv2.dilate(both, disc(grow)), disc(shrink))
     alpha = feather(region, grow) * ratio
-    eyes = cv2.dilate(np.minimum(moved_parts["eyes"], region), _disc(grow))
+    eyes = cv2.dilate(np.minimum(moved_parts["eyes"], region), disc(grow))
     alpha = np.maximum(alpha, feather(eyes, grow))
     alpha *= 1.0 - feather(target_parts["lips"], max(1, grow // 2))
     return alpha, region
@@ -91,10 +91,6 @@ def fuse_faces(
     within = None if parser.sees_hair else below_brows(target.shape[:2], target_face.landmarks)
     alpha, region = fusion_weights(target_parts, moved_parts, target_face, ratio, parts, within)
     return mix(transfer_color(moved, target, region), target, alpha)
-
-
-def _disc(radius: int) -> np.ndarray:
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
 
 class OnnxFaceSwapper:
