@@ -10,7 +10,6 @@ instead of the ones diffusers would download.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from .builders import (
     sd15_config,
     sd15_config_dir,
 )
+from .built_once import build_once
 from .family import CONTROLNET_KINDS, FAMILY_FILE, ModelFamily
 from .tokenizer import sd15_tokenizer
 
@@ -191,23 +191,10 @@ def tiny_family(cache_dir: Path | None = None) -> ModelFamily:
     root = cache_dir or cache_root()
     folder = root / "models" / f"tiny-v{TINY_VERSION}"
     with _LOADING:
-        _build_tiny_once(root, folder)
+        build_once(
+            folder, FAMILY_FILE, lambda staging: build_tiny_family(cache_dir=root).save_pretrained(staging)
+        )
     return load_family(FamilySpec(base=str(folder)))
-
-
-def _build_tiny_once(root: Path, folder: Path) -> None:
-    if not (folder / FAMILY_FILE).is_file():
-        # Each builder stages its own copy and the first rename wins: several services (trainer
-        # replicas) may start on one cold cache at once.
-        staging = folder.with_name(f"{folder.name}.partial-{os.getpid()}-{threading.get_ident()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        build_tiny_family(cache_dir=root).save_pretrained(staging)
-        if folder.is_dir() and not (folder / FAMILY_FILE).is_file():
-            shutil.rmtree(folder, ignore_errors=True)  # left half-built by an older release
-        try:
-            staging.rename(folder)
-        except OSError:  # another process's complete copy got there first
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def resolve_family(models: str, cache_dir: Path | None = None) -> ModelFamily:

@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 
 from ..packages import PackageDataMissing, package_dir
+from .built_once import build_once
 
 CLIP_MERGES = 49152 - 256 - 2
 BOS_TOKEN = "<|startoftext|>"
@@ -81,6 +82,5 @@ def write_clip_vocab(directory: Path, bpe_path: Path | None = None) -> None:
 def sd15_tokenizer(cache_dir: Path) -> CLIPTokenizer:
     """The SD 1.5 tokenizer, built into ``cache_dir/tokenizer`` on first use."""
     directory = cache_dir / "tokenizer"
-    if not (directory / "merges.txt").is_file():
-        write_clip_vocab(directory)
+    build_once(directory, "merges.txt", write_clip_vocab)
     return CLIPTokenizer.from_pretrained(directory, local_files_only=True)
