@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from easyphoto.rpc.termination import TERMINATION, end_process
+
 from . import training, triton
 from .service_args import add_service_arguments, service_settings
 
@@ -293,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=4096,
         help="users' LoRA adapters kept hot on the serving device, least recently used out first",
     )
-    serve.set_defaults(run=_serve)
+    serve.set_defaults(run=_serve, service=True)
 
     generate = commands.add_parser(
         "generate",
@@ -390,7 +392,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.run(args))
+    if not getattr(args, "service", False):
+        return int(args.run(args))
+    # A service: SIGTERM is caught before its heavy imports, and the process ends without
+    # finalising the interpreter (rpc.termination says why).
+    TERMINATION.install()
+    end_process(int(args.run(args)))
 
 
 if __name__ == "__main__":

@@ -179,7 +179,7 @@ def register(commands: Any) -> None:
     trainer.add_argument(
         "--lease-seconds", type=float, default=30.0, help="a job whose trainer is silent this long moves on"
     )
-    trainer.set_defaults(run=_trainer)
+    trainer.set_defaults(run=_trainer, service=True)
 
     train = commands.add_parser("train", help="train a user's LoRA from photos (waits with a progress bar)")
     train.add_argument("--user", required=True)

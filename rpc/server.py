@@ -7,7 +7,6 @@ below both, so that ``server`` and ``trainer`` never depend on each other. What 
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
@@ -189,23 +188,3 @@ class GrpcApp:
         self.server.stop(grace).wait()
         if self.http:
             self.http.stop()
-
-
-def wait_for_termination() -> str:
-    """Blocks the main thread until SIGTERM or SIGINT (what a container runtime or Ctrl-C sends);
-    returns the signal's name so the caller can stop gracefully and log why."""
-    received: list[str] = []
-    done = threading.Event()
-
-    def handle(signum: int, _frame: object) -> None:
-        received.append(signal.Signals(signum).name)
-        done.set()
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        while not done.wait(1.0):
-            pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return received[0]

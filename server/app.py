@@ -26,7 +26,8 @@ from easyphoto.engines.roles.manifest import MANIFEST_FILE, EngineManifest, Fami
 from easyphoto.rpc.deadline import request_deadline
 from easyphoto.rpc.errors import EasyPhotoError, EngineUnavailable, UserNotReady
 from easyphoto.rpc.metrics import DEFAULT_HOST, Metrics
-from easyphoto.rpc.server import GrpcApp, Service, abort, wait_for_termination
+from easyphoto.rpc.server import GrpcApp, Service, abort
+from easyphoto.rpc.termination import TERMINATION
 from easyphoto.users.store import UserStore, default_data_root
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
@@ -256,6 +257,7 @@ def build_app(config: ServerConfig) -> tuple[GrpcApp, EngineHolder]:
 
 def serve(config: ServerConfig) -> None:
     app, holder = build_app(config)
+    termination = TERMINATION.serving()
     app.start()
     log.info(
         "orchestrator listening on %s:%d (models=%s, backend=%s)",
@@ -272,7 +274,9 @@ def serve(config: ServerConfig) -> None:
         app.follow_readiness(holder.backend_ready)
 
     holder.load_in_background(on_ready)
-    signal_name = wait_for_termination()
+    signal_name = termination.wait()
     log.info("%s: draining requests, then stopping", signal_name)
     app.stop(grace=DRAIN_SECONDS)
+    if not holder.loaded.is_set():
+        log.info("stopped while the models were loading; the load is abandoned")
     holder.close()

@@ -5,11 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +19,7 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from processes import free_port, trainer_process
 
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import default_face_models
@@ -458,56 +454,10 @@ STEPS = 12
 INTERVAL = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class TrainerProcess:
-    def __init__(self, data: Path, port: int) -> None:
-        command = [
-            sys.executable,
-            "-m",
-            "easyphoto.cli.main",
-            "trainer",
-            "--port",
-            str(port),
-            "--data",
-            str(data),
-        ]
-        command += ["--device", "cpu"]
-        self.log = (data / f"trainer-{time.time_ns()}.log").open("w")
-        self.process = subprocess.Popen(
-            command, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy()
-        )
-        self.address = f"127.0.0.1:{port}"
-
-    def wait_serving(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                assert self.process.poll() is None, f"trainer exited: {self.process.returncode}"
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.3)
-        raise TimeoutError("the trainer never became SERVING")
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-        self.log.close()
-
-
 def test_a_killed_trainer_resumes_its_job_with_no_partial_artifacts(tmp_path: Path) -> None:
     data = tmp_path
-    port = _free_port()
-    first = TrainerProcess(data, port)
+    port = free_port()
+    first = trainer_process(data, data / "trainer-1.log", port=port)
     try:
         first.wait_serving()
         with grpc.insecure_channel(first.address) as channel:
@@ -530,7 +480,7 @@ def test_a_killed_trainer_resumes_its_job_with_no_partial_artifacts(tmp_path: Pa
     checkpoints = sorted((data / "jobs" / job.job_id / "checkpoints").glob("step-*.safetensors"))
     assert checkpoints and not (data / "users" / "kim" / "CURRENT").exists()
 
-    second = TrainerProcess(data, port)
+    second = trainer_process(data, data / "trainer-2.log", port=port)
     try:
         second.wait_serving()
         with grpc.insecure_channel(second.address) as channel:

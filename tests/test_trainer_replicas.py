@@ -4,16 +4,11 @@ once and publishes once, and a replica killed mid-job hands it to another after 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import grpc
 from postgres import new_database
+from processes import ServiceProcess, trainer_process
 
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import default_face_models
@@ -59,14 +54,16 @@ def _published_by(users: UserStore, user_id: str) -> list[str]:
 
 def test_two_trainers_on_one_store_run_each_job_once_and_publish_once(postgres: str, tmp_path: Path) -> None:
     location = new_database(postgres)
-    replicas = [_TrainerProcess(name, location, tmp_path) for name in ("a", "b")]
+    replicas = [_replica_process(name, location, tmp_path) for name in ("a", "b")]
     photos = [encode_png(p) for p in person_photos()[:2]]
     try:
         job_ids = []
         for index, user in enumerate(("ann", "bob", "cy", "dee")):
             request = trainer_pb2.CreateTrainingJobRequest(user_id=user, photos=photos, options=FAST_MESSAGE)
             job_ids.append(
-                replicas[index % 2].stub().CreateTrainingJob(request, timeout=120, wait_for_ready=True).job_id
+                trainer_pb2_grpc.TrainerStub(replicas[index % 2].channel)
+                .CreateTrainingJob(request, timeout=120, wait_for_ready=True)
+                .job_id
             )
         store = JobStore(location)
         finished = _wait_finished(store, job_ids, timeout=600)
@@ -86,7 +83,7 @@ def test_a_replica_killed_mid_job_hands_it_to_another_after_its_lease(
     postgres: str, tmp_path: Path, faces: FaceAnalyzer
 ) -> None:
     location = new_database(postgres)
-    doomed = _TrainerProcess("doomed", location, tmp_path, lease_seconds=2)
+    doomed = _replica_process("doomed", location, tmp_path, lease_seconds=2)
     try:
         job_id = _train_until_step(doomed, step=2)
     finally:
@@ -107,7 +104,21 @@ def test_a_replica_killed_mid_job_hands_it_to_another_after_its_lease(
     store.close()
 
 
-def _train_until_step(trainer: _TrainerProcess, step: int) -> str:
+def _replica_process(replica: str, location: str, data: Path, lease_seconds: float = 30.0) -> ServiceProcess:
+    """``easyphoto trainer`` as its own process: one replica on the shared store and data."""
+    args = [
+        "--job-store",
+        location,
+        "--replica",
+        replica,
+        "--lease-seconds",
+        str(lease_seconds),
+        "--no-metrics",
+    ]
+    return trainer_process(data, data / f"{replica}.log", *args)
+
+
+def _train_until_step(trainer: ServiceProcess, step: int) -> str:
     """A job for kim submitted to ``trainer``, watched until it reaches ``step``."""
     options = trainer_pb2.TrainingOptions()
     options.CopyFrom(FAST_MESSAGE)
@@ -115,41 +126,9 @@ def _train_until_step(trainer: _TrainerProcess, step: int) -> str:
     request = trainer_pb2.CreateTrainingJobRequest(
         user_id="kim", photos=[encode_png(p) for p in person_photos()[:2]], options=options
     )
-    stub = trainer.stub()
+    stub = trainer_pb2_grpc.TrainerStub(trainer.channel)
     job = stub.CreateTrainingJob(request, timeout=120, wait_for_ready=True)
     for state in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=300):
         if state.step >= step:
             return str(job.job_id)
     raise AssertionError("the job ended before the step")
-
-
-class _TrainerProcess:
-    """``easyphoto trainer`` as its own process: one replica on the shared store and data."""
-
-    def __init__(self, replica: str, location: str, data: Path, lease_seconds: float = 30.0) -> None:
-        port = _free_port()
-        command = [
-            sys.executable, "-m", "easyphoto.cli.main", "trainer", "--port", str(port), "--data", str(data),
-            "--device", "cpu", "--job-store", location, "--replica", replica,
-            "--lease-seconds", str(lease_seconds), "--no-metrics",
-        ]  # fmt: skip
-        self.log = (data / f"{replica}.log").open("w")
-        self.process = subprocess.Popen(
-            command, stdout=self.log, stderr=subprocess.STDOUT, env=os.environ.copy()
-        )
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-
-    def stub(self) -> trainer_pb2_grpc.TrainerStub:
-        return trainer_pb2_grpc.TrainerStub(self.channel)
-
-    def kill(self) -> None:
-        self.channel.close()
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(30)
-        self.log.close()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

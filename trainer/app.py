@@ -19,7 +19,8 @@ from easyphoto.engines.faces.models import FaceModelPaths, FaceModels
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.models.loading import resolve_family
 from easyphoto.rpc.metrics import DEFAULT_HOST, Metrics
-from easyphoto.rpc.server import GrpcApp, Service, wait_for_termination
+from easyphoto.rpc.server import GrpcApp, Service
+from easyphoto.rpc.termination import TERMINATION
 from easyphoto.users.store import UserStore, default_data_root
 from easyphoto.v1 import (
     generator_pb2,
@@ -157,6 +158,7 @@ def _runner(
 
 def serve_trainer(config: TrainerConfig) -> None:
     trainer = build_trainer(config)
+    termination = TERMINATION.serving()
     trainer.start()
     log.info(
         "trainer listening on %s:%d (models=%s, data=%s)",
@@ -167,6 +169,6 @@ def serve_trainer(config: TrainerConfig) -> None:
     )
     if trainer.app.http:
         log.info("metrics, /healthz and /readyz on http://%s:%d", config.metrics_host, trainer.app.http.port)
-    signal_name = wait_for_termination()
+    signal_name = termination.wait()
     log.info("%s: stopping; a running job pauses and resumes on the next start", signal_name)
     trainer.stop()
