@@ -32,6 +32,10 @@ NEGATIVE_PROMPT = (
     " jpeg artifacts, overexposed, cartoon, painting"
 )
 MAX_IMAGES_PER_TEMPLATE = 8
+# Characters of each prompt field. CLIP reads 77 tokens (a few hundred characters) and drops the
+# rest; a megabyte of prompt is a mistake or an attack, refused before it is tokenised.
+MAX_PROMPT_CHARS = 4000
+PROMPT_FIELDS = ("positive_prompt", "negative_prompt", "extra_prompt", "extra_negative_prompt")
 
 
 @dataclass(frozen=True)
@@ -130,6 +134,11 @@ def resolve_options(request: generator_pb2.GenerateRequest) -> GenerateOptions:
     check_range("crop_scale", options.crop_scale, 1.5, 6.0)
     check_range("super_resolution_ratio", options.super_resolution_ratio, 0.0, 1.0)
     check_range("images_per_template", options.images_per_template, 1, MAX_IMAGES_PER_TEMPLATE)
+    for name in PROMPT_FIELDS:
+        if len(getattr(options, name)) > MAX_PROMPT_CHARS:
+            raise InvalidArgument(
+                f"{name} has {len(getattr(options, name))} characters; at most {MAX_PROMPT_CHARS}", field=name
+            )
     if options.crop_short_side % 64 or not 256 <= options.crop_short_side <= 1024:
         raise InvalidArgument(
             f"crop_short_side is {options.crop_short_side}; a multiple of 64 in [256, 1024]",

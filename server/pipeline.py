@@ -188,11 +188,17 @@ class Orchestrator:
                 f"{len(user_ids)} user ids for {len(faces)} faces in {field_name}", field="user_ids"
             )
         self._check_controlnets(options, painted=sum(map(bool, user_ids)))
-        references = {uid: self.prepare_user(uid) for uid in dict.fromkeys(user_ids) if uid}
+        first_asked: dict[str, int] = {}
+        for index, uid in enumerate(user_ids):
+            if uid:
+                first_asked.setdefault(uid, index)
+        references = {uid: self.prepare_user(uid, f"user_ids[{i}]") for uid, i in first_asked.items()}
         run = _Run(options, torch.Generator().manual_seed(seed), started, on_progress, raise_if_stopped)
         run.timings["detect"] = time.perf_counter() - started
         switched = time.perf_counter()
-        adapters = {uid: self._adapter(reference, "user_ids") for uid, reference in references.items()}
+        adapters = {
+            uid: self._adapter(ref, f"user_ids[{first_asked[uid]}]") for uid, ref in references.items()
+        }
         run.timings["lora_switch"] = time.perf_counter() - switched
         result = template.copy()
         painted: list[_Painted] = []

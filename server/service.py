@@ -22,6 +22,7 @@ from easyphoto.imaging.codec import decode_image, encode_png
 from easyphoto.rpc.deadline import request_deadline
 from easyphoto.rpc.errors import Cancelled, DeadlineExceeded, EasyPhotoError, InvalidArgument, Overloaded
 from easyphoto.rpc.server import abort
+from easyphoto.users.store import check_user_id
 from easyphoto.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
 from .metrics import GeneratorMetrics
@@ -139,10 +140,13 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
             raise InvalidArgument("at least one template is required", field="templates")
         if len(request.templates) > MAX_TEMPLATES:
             raise InvalidArgument(f"at most {MAX_TEMPLATES} templates per request", field="templates")
+        user_ids = list(request.user_ids)
+        for index, user_id in enumerate(user_ids):
+            if user_id:
+                check_user_id(user_id, f"user_ids[{index}]")
         options = resolve_options(request)
         templates = [decode_image(data, field=f"templates[{i}]") for i, data in enumerate(request.templates)]
         base_seed = options.seed if options.seed is not None else secrets.randbits(63)
-        user_ids = list(request.user_ids)
         images = len(templates) * options.images_per_template
         steps = _RequestSteps(images * planned_steps(options, sum(map(bool, user_ids))), self._metrics, send)
         raise_if_stopped = _stopper(context)
@@ -153,7 +157,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
             orchestrator = self._orchestrator()
             for index, template in enumerate(templates):
                 for k in range(options.images_per_template):
-                    seed = base_seed + k
+                    seed = (base_seed + k) % 2**64  # a uint64 on the wire: the last seed wraps
                     generation = orchestrator.generate(
                         template,
                         user_ids,

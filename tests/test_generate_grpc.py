@@ -78,7 +78,7 @@ ASTRONAUT = "astronaut"
     ("make", "code", "reason", "field"),
     [
         (_junk, "INVALID_ARGUMENT", "IMAGE_UNREADABLE", "templates[0]"),
-        (lambda: _request(sample_photo(ASTRONAUT), ["nobody"]), "NOT_FOUND", "UNKNOWN_USER", "user_ids"),
+        (lambda: _request(sample_photo(ASTRONAUT), ["nobody"]), "NOT_FOUND", "UNKNOWN_USER", "user_ids[0]"),
         (
             lambda: _request(sample_photo("coffee"), ["alice"]),
             "FAILED_PRECONDITION",

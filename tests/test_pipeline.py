@@ -279,7 +279,7 @@ def test_a_user_whose_lora_does_not_fit_is_refused_naming_the_user(
     )
     with pytest.raises(InvalidArgument, match=r"user 'erin' v1: LoRA layer unet\.mid_block") as refused:
         orchestrator.generate(sample_photo("astronaut"), ["erin"], GenerateOptions(), seed=2)
-    assert refused.value.field == "user_ids" and refused.value.metadata["user_id"] == "erin"
+    assert refused.value.field == "user_ids[0]" and refused.value.metadata["user_id"] == "erin"
 
 
 def test_a_pass_needing_a_controlnet_the_deployment_lacks_is_refused_before_any_work(

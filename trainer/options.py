@@ -119,6 +119,10 @@ def training_defaults(models: str) -> tuple[TrainingOptions, str]:
     return TrainingOptions(), "reference (SD 1.5)"
 
 
+# CLIP reads 77 tokens of a caption; far longer text is a mistake, refused before it is stored.
+MAX_CAPTION_CHARS = 4000
+
+
 def resolve_training_options(
     message: trainer_pb2.TrainingOptions, defaults: TrainingOptions | None = None
 ) -> TrainingOptions:
@@ -130,4 +134,9 @@ def resolve_training_options(
         raise InvalidArgument("options.resolution must be a multiple of 8", field="options.resolution")
     if not options.caption.strip():
         raise InvalidArgument("options.caption is empty", field="options.caption")
+    if len(options.caption) > MAX_CAPTION_CHARS:
+        raise InvalidArgument(
+            f"options.caption has {len(options.caption)} characters; at most {MAX_CAPTION_CHARS}",
+            field="options.caption",
+        )
     return options

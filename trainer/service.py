@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
+MAX_OFFSET = 2**62  # beyond what a database's OFFSET takes
 WATCH_POLL_SECONDS = 1.0
 
 Message = TypeVar("Message")
@@ -32,11 +33,10 @@ def _page(size: int, token: str) -> tuple[int, int]:
     """(limit, offset) from a page size and an opaque token (the offset, as text)."""
     if size > MAX_PAGE:
         raise InvalidArgument(f"page_size is {size}; at most {MAX_PAGE}", field="page_size")
-    try:
-        offset = int(token) if token else 0
-    except ValueError:
-        raise InvalidArgument("page_token is not one this server issued", field="page_token") from None
-    return size or DEFAULT_PAGE, offset
+    offset = int(token) if token.isascii() and token.isdigit() else -1
+    if token and not 0 <= offset <= MAX_OFFSET:
+        raise InvalidArgument("page_token is not one this server issued", field="page_token")
+    return size or DEFAULT_PAGE, offset if token else 0
 
 
 def _guard(context: grpc.ServicerContext, call: Callable[[], Message]) -> Message:
@@ -96,6 +96,8 @@ class TrainerService(trainer_pb2_grpc.TrainerServicer):
     ) -> trainer_pb2.ListJobsResponse:
         def run() -> trainer_pb2.ListJobsResponse:
             limit, offset = _page(request.page_size, request.page_token)
+            if request.state not in trainer_pb2.JobState.values():
+                raise InvalidArgument(f"state {request.state} is no JobState", field="state")
             states = (request.state,) if request.state else ()
             jobs = self.store.list(request.user_id, states, limit + 1, offset)
             token = str(offset + limit) if len(jobs) > limit else ""
