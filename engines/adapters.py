@@ -17,8 +17,6 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import ClassVar
-from weakref import WeakKeyDictionary
 
 import numpy as np
 import torch
@@ -118,24 +116,28 @@ class _Group:
     rows: torch.Tensor | None  # None: every row of the batch
 
 
+_HOOKS_ATTRIBUTE = "_easyphoto_adapter_hooks"
+
+
 class AdapterHooks:
     """The per-row LoRA update on every LoRA-targeted layer of a model; active only inside
     :meth:`rows`, for the calls of the thread that entered it. Installed once per model
     (:meth:`on`): every backend over the same modules shares the hooks."""
 
-    _installed: ClassVar[WeakKeyDictionary[nn.Module, AdapterHooks]] = WeakKeyDictionary()
-
     @classmethod
     def on(cls, modules: dict[str, nn.Module], targets: LoraTargets) -> AdapterHooks:
-        """The hooks of these modules, installed on first use."""
+        """The hooks of these modules, installed on first use. They are kept on the first module
+        itself, not in a registry: a registry whose values hold their keys (the modules) would
+        keep every model ever hooked alive, a trainer's fresh family per job among them."""
         key = next(iter(modules.values()), None)
         if key is None:
             return cls({}, targets)
-        hooks = cls._installed.get(key)
-        if hooks is None or hooks.modules != modules:
-            if hooks is not None:
+        hooks = getattr(key, _HOOKS_ATTRIBUTE, None)
+        if not isinstance(hooks, AdapterHooks) or hooks.modules != modules:
+            if isinstance(hooks, AdapterHooks):
                 hooks.remove()
-            hooks = cls._installed[key] = cls(modules, targets)
+            hooks = cls(modules, targets)
+            setattr(key, _HOOKS_ATTRIBUTE, hooks)
         return hooks
 
     def __init__(self, modules: dict[str, nn.Module], targets: LoraTargets) -> None:

@@ -97,3 +97,23 @@ def test_backends_over_one_model_share_one_set_of_hooks(tiny: ModelFamily, backe
     TorchBackend(tiny, "cpu")
     TorchBackend(tiny, "cpu")
     assert len(tiny.unet.get_submodule(layer)._forward_hooks) == before == 1
+
+
+def test_hooks_on_a_model_do_not_keep_it_alive() -> None:
+    """A trainer loads a fresh family per job: the hooks its backend installs must go with it
+    (a registry of hooks keyed weakly by model, each hook holding the model, kept every one)."""
+    import gc
+    import weakref
+
+    from easyphoto.engines.adapters import AdapterHooks
+
+    def hooked() -> weakref.ref[torch.nn.Module]:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        hooks = AdapterHooks.on({"unet": model}, {"unet": {"0": (4, 4)}})
+        assert AdapterHooks.on({"unet": model}, {"unet": {"0": (4, 4)}}) is hooks  # installed once
+        assert model(torch.ones(1, 4)).shape == (1, 4)
+        return weakref.ref(model)
+
+    models = [hooked() for _ in range(3)]
+    gc.collect()
+    assert [m() for m in models] == [None, None, None]
