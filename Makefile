@@ -19,8 +19,9 @@ TRITON_REPO ?= build/triton-repo
 TRITON_HTTP_PORT ?= 8000
 TRITON_GRPC_PORT ?= 8001
 TRITON_METRICS_PORT ?= 8002
+SOAK_MINUTES ?= 10
 
-.PHONY: setup proto demo test lint bench bench-quick serve trainer export triton-setup triton clean
+.PHONY: setup proto demo test lint bench bench-quick soak serve trainer export triton-setup triton clean
 
 # torch==2.13.0 is the CPU wheel; an unpinned torch pulls gigabytes of CUDA packages.
 # open-clip-torch ships OpenAI's CLIP BPE (the SD 1.5 tokenizer) and facenet-pytorch the MTCNN
@@ -72,6 +73,10 @@ bench: setup triton-setup
 
 bench-quick: setup triton-setup
 	$(BIN)/easyphoto bench --only harness --quick --out docs/benchmarks.md
+
+# Both services under load for SOAK_MINUTES (not part of `make test`); fails on any error or leak.
+soak: setup
+	$(BIN)/easyphoto soak --minutes $(SOAK_MINUTES) --doc docs/benchmarks.md
 
 # BACKEND=triton: against `make triton` on this host (TRITON_GRPC_PORT); TRITON_SHM=system|cuda to
 # send large inputs through shared memory.

@@ -117,9 +117,9 @@ class Level:
             "users": self.users,
             "concurrency": self.concurrency,
             "requests": len(self.requests),
-            "p50_s": _quantile(latencies, 0.50),
-            "p95_s": _quantile(latencies, 0.95),
-            "p99_s": _quantile(latencies, 0.99),
+            "p50_s": quantile(latencies, 0.50),
+            "p95_s": quantile(latencies, 0.95),
+            "p99_s": quantile(latencies, 0.99),
             "faces_per_s": faces / self.wall_seconds,
             "model_ms_per_face": 1000 * sum(r.model_seconds for r in self.requests) / faces,
             "orchestrator_ms_per_face": 1000 * sum(r.orchestrator_seconds for r in self.requests) / faces,
@@ -174,7 +174,7 @@ def run_harness(config: HarnessConfig) -> Results:
     with tempfile.TemporaryDirectory(prefix="easyphoto-bench-") as folder:
         data = Path(folder) / "data"
         family = resolve_family(config.models)
-        _publish_users(family, UserStore(data), config)
+        publish_users(family, UserStore(data), config)
         print(f"baseline: diffusers, both passes, {config.baseline_repeats} times", flush=True)
         results.baseline_seconds = time_baseline(family, config)
         triton = _export_for_triton(family, Path(folder), data) if config.triton_concurrency else None
@@ -188,7 +188,7 @@ def run_harness(config: HarnessConfig) -> Results:
     return results
 
 
-def _publish_users(family: ModelFamily, store: UserStore, config: HarnessConfig) -> None:
+def publish_users(family: ModelFamily, store: UserStore, config: HarnessConfig) -> None:
     face = _user_photo()
     for index in range(config.users):
         publish_photo_user(
@@ -260,7 +260,7 @@ class _Server:
 
 @contextmanager
 def _orchestrator(config: HarnessConfig, data: Path, backend_args: list[str]) -> Iterator[_Server]:
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     command = [
         sys.executable, "-m", "easyphoto.cli.main", "serve", "--models", config.models, "--data", str(data),
         "--port", str(port), "--metrics-port", str(metrics_port),
@@ -269,7 +269,7 @@ def _orchestrator(config: HarnessConfig, data: Path, backend_args: list[str]) ->
     log = (config.out / f"serve-{backend_args[1]}.log").open("w")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:
-        _wait_ready(process, metrics_port, timeout=1800)
+        wait_ready(process, metrics_port, timeout=1800)
         yield _Server(process, f"127.0.0.1:{port}")
     finally:
         process.terminate()
@@ -280,7 +280,7 @@ def _orchestrator(config: HarnessConfig, data: Path, backend_args: list[str]) ->
         log.close()
 
 
-def _wait_ready(process: subprocess.Popen[bytes], metrics_port: int, timeout: float) -> None:
+def wait_ready(process: subprocess.Popen[bytes], metrics_port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -601,11 +601,11 @@ def _format(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _quantile(values: list[float], q: float) -> float:
+def quantile(values: list[float], q: float) -> float:
     return float(np.quantile(np.array(values), q))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as sock:

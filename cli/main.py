@@ -194,6 +194,26 @@ def _triton_bench(models: str) -> str:
     return triton_section(find_install(), resolve_family(models))
 
 
+def _soak(args: argparse.Namespace) -> int:
+    """Both services under load for a bounded time, checked for leaks (``cli/soak.py``)."""
+    from .soak import SoakConfig, soak
+
+    try:
+        config = SoakConfig(
+            minutes=args.minutes,
+            warmup_minutes=args.warmup_minutes,
+            concurrency=args.concurrency,
+            out=Path(args.out),
+            doc=Path(args.doc) if args.doc else None,
+            models=args.models,
+            sample_seconds=args.sample_seconds,
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return soak(config)
+
+
 def _faces(args: argparse.Namespace) -> int:
     from .faces import compare_faces, default_analyzer, list_faces
 
@@ -381,6 +401,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--harness-out", default="bench-out", help="harness: CSV, plots and summary.json")
     bench.set_defaults(run=_bench)
+
+    soak = commands.add_parser(
+        "soak", help="both services under load for a bounded time; fails on errors, deaths or RSS growth"
+    )
+    soak.add_argument("--minutes", type=float, default=10.0, help="the whole load, warm-up included")
+    soak.add_argument("--warmup-minutes", type=float, default=2.0, help="RSS growth is measured from here")
+    soak.add_argument("--concurrency", type=int, default=16, help="client threads in all")
+    soak.add_argument("--out", default="bench-out/soak", help="samples.csv, soak.png, summary.json, logs")
+    soak.add_argument("--doc", default="", help="a markdown file to write the soak section into")
+    soak.add_argument("--models", default="tiny")
+    soak.add_argument("--sample-seconds", type=float, default=5.0, help="how often the processes are sampled")
+    soak.set_defaults(run=_soak)
     training.register(commands)
     triton.register(commands)
     return parser

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from processes import free_port
 
 USER = "easyphoto"
 
@@ -51,7 +52,7 @@ def _server(binaries: Path, root: Path) -> Iterator[str]:
         [*as_server_user, str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", USER, "--no-sync"],
         check=True, capture_output=True,
     )  # fmt: skip
-    port = _free_port()
+    port = free_port()
     options = f"-k {root} -h 127.0.0.1 -p {port} -F"
     control = [*as_server_user, str(binaries / "pg_ctl"), "-D", str(data)]
     subprocess.run([*control, "-o", options, "-l", str(root / "server.log"), "-w", "start"], check=True,
@@ -70,9 +71,3 @@ def new_database(server_url: str) -> str:
     with psycopg.connect(server_url, autocommit=True) as connection:
         connection.execute(f"CREATE DATABASE {name}")
     return server_url.rsplit("/", 1)[0] + f"/{name}"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
