@@ -23,7 +23,7 @@ import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from easyphoto.rpc.wire import MAX_MESSAGE_BYTES, error_details
+from easyphoto.rpc.wire import MAX_MESSAGE_BYTES, ClientSecurity, error_details
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -186,12 +186,13 @@ class GeneratorClient:
         timeout: float | None = 600.0,
         metadata: Sequence[tuple[str, str]] = (),
         channel: grpc.Channel | None = None,
+        security: ClientSecurity | None = None,
     ) -> None:
         limits = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        self._channel = channel or grpc.insecure_channel(target, options=limits)
+        self._channel = channel or (security or ClientSecurity()).channel(target, options=limits)
         self._stub = generator_pb2_grpc.GeneratorStub(self._channel)
         self.timeout = timeout
         self.metadata = tuple(metadata)

@@ -13,7 +13,7 @@ from typing import Any
 from easyphoto.rpc.termination import TERMINATION, end_process
 
 from . import training, triton
-from .service_args import add_service_arguments, service_settings
+from .service_args import add_client_security, add_service_arguments, client_security, service_settings
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -42,7 +42,8 @@ def _generate(args: argparse.Namespace) -> int:
     templates = [Path(t) for t in args.templates]
     try:
         options = _generate_options(args)
-        with GeneratorClient(args.server, timeout=args.timeout) as client:
+        security = client_security(args)
+        with GeneratorClient(args.server, timeout=args.timeout, security=security) as client:
             events = client.generate_stream(templates, args.user, **options)
             response = _follow_generation(events, several=len(templates) > 1)
     except (ValueError, OSError, ServiceError) as error:
@@ -327,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--out", default="generate-out")
     generate.add_argument("--server", default="127.0.0.1:50051")
+    add_client_security(generate)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--steps-first", type=int, default=None, help="first pass steps (default 50)")
     generate.add_argument("--steps-second", type=int, default=None, help="second pass steps (default 20)")

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # grpc is imported where a client is made, not at the command's start
+    from easyphoto.rpc.wire import ClientSecurity
 
 
 def add_service_arguments(parser: argparse.ArgumentParser, port: int, metrics_port: int, data: str) -> None:
@@ -21,6 +25,13 @@ def add_service_arguments(parser: argparse.ArgumentParser, port: int, metrics_po
         "--metrics-port", type=int, default=metrics_port, help="their HTTP port (0: any free port)"
     )
     parser.add_argument("--no-metrics", action="store_true", help="serve no metrics HTTP endpoint")
+    security = parser.add_argument_group("security (all unset: open and plaintext, for local use)")
+    security.add_argument(
+        "--tenants", default=None, help="a tenants file: API keys (SHA-256) to tenants and their limits"
+    )
+    security.add_argument("--tls-cert", default=None, help="serve gRPC over TLS with this certificate (PEM)")
+    security.add_argument("--tls-key", default=None, help="and this private key (PEM)")
+    security.add_argument("--tls-client-ca", default=None, help="require client certificates of this CA")
     faces = parser.add_argument_group("face models (give the trainer and the orchestrator the same)")
     faces.add_argument(
         "--face-models",
@@ -41,6 +52,7 @@ def add_service_arguments(parser: argparse.ArgumentParser, port: int, metrics_po
 def service_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields :func:`add_service_arguments` sets (ServerConfig and TrainerConfig both)."""
     from easyphoto.engines.faces.models import FaceModelPaths
+    from easyphoto.rpc.server import Security
     from easyphoto.users.store import default_data_root
 
     def path(value: str | None) -> Path | None:
@@ -54,6 +66,12 @@ def service_settings(args: argparse.Namespace) -> dict[str, Any]:
         "data": Path(args.data) if args.data else default_data_root(),
         "metrics_host": args.metrics_host,
         "metrics_port": None if args.no_metrics else args.metrics_port,
+        "security": Security(
+            tenants=path(args.tenants),
+            tls_cert=path(args.tls_cert),
+            tls_key=path(args.tls_key),
+            tls_client_ca=path(args.tls_client_ca),
+        ),
         "faces": FaceModelPaths(
             pack=path(args.face_models),
             parsing=path(args.face_parsing),
@@ -63,3 +81,22 @@ def service_settings(args: argparse.Namespace) -> dict[str, Any]:
             pose=path(args.pose_model),
         ),
     }
+
+
+def add_client_security(parser: argparse.ArgumentParser, prefix: str = "", whose: str = "the server") -> None:
+    """``--[PREFIX]api-key`` (default ``$EASYPHOTO_[PREFIX]API_KEY``) and ``--[PREFIX]tls-ca``."""
+    env = f"EASYPHOTO_{prefix.replace('-', '_').upper()}API_KEY"
+    parser.add_argument(
+        f"--{prefix}api-key", default=os.environ.get(env, ""), help=f"API key for {whose} (default: ${env})"
+    )
+    parser.add_argument(
+        f"--{prefix}tls-ca", default=None, help=f"CA of {whose}'s TLS certificate: connect over TLS"
+    )
+
+
+def client_security(args: argparse.Namespace, prefix: str = "") -> ClientSecurity:
+    from easyphoto.rpc.wire import ClientSecurity
+
+    name = prefix.replace("-", "_")
+    ca = getattr(args, f"{name}tls_ca")
+    return ClientSecurity(api_key=getattr(args, f"{name}api_key"), tls_ca=Path(ca) if ca else None)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .service_args import add_service_arguments, service_settings
+from .service_args import add_client_security, add_service_arguments, client_security, service_settings
 
 DEFAULT_TRAINER = "127.0.0.1:50052"
 TERMINAL = ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELLED")
@@ -22,6 +22,7 @@ def _trainer(args: argparse.Namespace) -> int:
         TrainerConfig(
             **service_settings(args),
             orchestrator=args.orchestrator,
+            orchestrator_security=client_security(args, "orchestrator-"),
             job_store=args.job_store,
             **({"replica": args.replica} if args.replica else {}),
             lease_seconds=args.lease_seconds,
@@ -65,7 +66,7 @@ def _train(args: argparse.Namespace) -> int:
     request.photos.extend(Path(p).read_bytes() for p in args.photos)
     for assignment in args.set:
         _set_option(request.options, assignment)
-    with grpc.insecure_channel(args.server) as channel:
+    with client_security(args).channel(args.server) as channel:
         stub = trainer_pb2_grpc.TrainerStub(channel)
         try:
             job = stub.CreateTrainingJob(request, timeout=args.timeout)
@@ -112,7 +113,7 @@ def _jobs(args: argparse.Namespace) -> int:
 
     from easyphoto.v1 import trainer_pb2, trainer_pb2_grpc
 
-    with grpc.insecure_channel(args.server) as channel:
+    with client_security(args).channel(args.server) as channel:
         stub = trainer_pb2_grpc.TrainerStub(channel)
         try:
             if args.cancel:
@@ -147,7 +148,7 @@ def _users(args: argparse.Namespace) -> int:
 
     from easyphoto.v1 import users_pb2, users_pb2_grpc
 
-    with grpc.insecure_channel(args.server) as channel:
+    with client_security(args).channel(args.server) as channel:
         stub = users_pb2_grpc.UsersStub(channel)
         try:
             if args.delete:
@@ -168,6 +169,7 @@ def register(commands: Any) -> None:
     trainer = commands.add_parser("trainer", help="run the trainer (Trainer + Users) gRPC server")
     add_service_arguments(trainer, port=50052, metrics_port=9465, data="jobs and user artifacts")
     trainer.add_argument("--orchestrator", default="", help="host:port to tell when a user is published")
+    add_client_security(trainer, "orchestrator-", "the orchestrator (a service key)")
     trainer.add_argument(
         "--job-store",
         default="",
@@ -185,6 +187,7 @@ def register(commands: Any) -> None:
     train.add_argument("--user", required=True)
     train.add_argument("photos", nargs="+")
     train.add_argument("--server", default=DEFAULT_TRAINER)
+    add_client_security(train)
     train.add_argument("--detach", action="store_true", help="print the job id and return at once")
     train.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", help="a training option")
     train.add_argument("--request-id", default="", help="idempotency key")
@@ -193,11 +196,13 @@ def register(commands: Any) -> None:
 
     jobs = commands.add_parser("jobs", help="list training jobs as JSON lines, or --cancel one")
     jobs.add_argument("--server", default=DEFAULT_TRAINER)
+    add_client_security(jobs)
     jobs.add_argument("--user", default="")
     jobs.add_argument("--cancel", default="", metavar="JOB_ID")
     jobs.set_defaults(run=_jobs)
 
     users = commands.add_parser("users", help="list users as JSON lines, or --delete one")
     users.add_argument("--server", default=DEFAULT_TRAINER)
+    add_client_security(users)
     users.add_argument("--delete", default="", metavar="USER_ID")
     users.set_defaults(run=_users)

@@ -50,6 +50,18 @@ _KINDS: dict[tuple[bool, bool], tuple[str, str, Callable[..., grpc.RpcMethodHand
 }
 
 
+def with_behavior(
+    handler: grpc.RpcMethodHandler, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> grpc.RpcMethodHandler:
+    """The handler with its behaviour (the servicer method) replaced by ``wrap(behaviour)``."""
+    _, attribute, factory = _KINDS[(handler.request_streaming, handler.response_streaming)]
+    return factory(
+        wrap(getattr(handler, attribute)),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
 class GrpcMetrics(grpc.ServerInterceptor):
     """Counts calls started and handled (by final code) per method and times them."""
 
@@ -80,18 +92,11 @@ class GrpcMetrics(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        kind, attribute, factory = _KINDS[(handler.request_streaming, handler.response_streaming)]
+        kind = _KINDS[(handler.request_streaming, handler.response_streaming)][0]
         service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
         labels = (service, method, kind)
-        behavior = getattr(handler, attribute)
-        wrapped = (
-            self._streaming(behavior, labels) if handler.response_streaming else self._unary(behavior, labels)
-        )
-        return factory(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        wrap = self._streaming if handler.response_streaming else self._unary
+        return with_behavior(handler, lambda behavior: wrap(behavior, labels))
 
     def _unary(self, behavior: Callable[..., Any], labels: tuple[str, str, str]) -> Callable[..., Any]:
         def call(request: Any, context: grpc.ServicerContext) -> Any:

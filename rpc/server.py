@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
@@ -22,6 +23,7 @@ from grpc_status import rpc_status
 
 from .errors import EasyPhotoError
 from .metrics import GrpcMetrics, Metrics, MetricsEndpoint
+from .tenants import TenantDirectory, TenantInterceptor
 from .wire import ERROR_DOMAIN, MAX_MESSAGE_BYTES
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,37 @@ def present_fields(message: Any, names: Iterable[str]) -> dict[str, Any]:
     return {name: getattr(message, name) for name in names if message.HasField(name)}
 
 
+@dataclass(frozen=True)
+class Security:
+    """Who may call a server, and over what. ``tenants``: a tenants file (``rpc.tenants``); every
+    call but health and reflection then needs an API key. ``tls_cert``/``tls_key``: serve gRPC over
+    TLS only (probes use the plaintext HTTP ``/readyz`` and ``/healthz`` of the metrics port);
+    ``tls_client_ca``: also require client certificates it signed (mTLS). All unset: open and
+    plaintext, the local demo."""
+
+    tenants: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    def directory(self) -> TenantDirectory | None:
+        return TenantDirectory.read(self.tenants) if self.tenants else None
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        if self.tls_cert is None and self.tls_key is None:
+            if self.tls_client_ca is not None:
+                raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+            return None
+        if self.tls_cert is None or self.tls_key is None:
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        ca = self.tls_client_ca.read_bytes() if self.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(self.tls_key.read_bytes(), self.tls_cert.read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
+
+
 @dataclass
 class Service:
     """A servicer, the generated function that registers it, and its full name for health/reflection."""
@@ -95,12 +128,17 @@ class GrpcApp:
         port: int,
         max_workers: int = 64,
         metrics: Metrics | None = None,
+        security: Security | None = None,
     ) -> None:
+        security = security or Security()
+        self.tenants = security.directory()
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
         interceptors: list[grpc.ServerInterceptor] = [GrpcMetrics(metrics.registry)] if metrics else []
+        if self.tenants is not None:
+            interceptors.append(TenantInterceptor(self.tenants, abort))
         # Streams (WatchJob, GenerateStream) hold a worker thread each; beyond max_workers calls
         # are refused with RESOURCE_EXHAUSTED rather than queued behind them with no answer.
         self.server = grpc.server(
@@ -119,7 +157,13 @@ class GrpcApp:
             self.server,
         )
         self.service_names = names
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        credentials = security.credentials()
+        address = f"{host}:{port}"
+        self.tls = credentials is not None
+        if credentials is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            self.port = self.server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot bind {host}:{port}")
         self.serving = False

@@ -6,6 +6,9 @@ server machinery of :mod:`rpc.server`, which packs those details.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -41,3 +44,53 @@ def error_details(error: grpc.RpcError) -> dict[str, Any]:
             detail.Unpack(bad)
             result["fields"] = {v.field: v.description for v in bad.field_violations}
     return result
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a client reaches a secured server: an API key sent with every call (and, for a service
+    key, the tenant it acts for), and the CA that signed the server's TLS certificate."""
+
+    api_key: str = ""
+    tls_ca: Path | None = None
+    tenant: str = ""  # with a service key: act for this tenant
+
+    def metadata(self) -> list[tuple[str, str]]:
+        pairs = [("authorization", f"Bearer {self.api_key}")] if self.api_key else []
+        return pairs + ([("x-easyphoto-tenant", self.tenant)] if self.tenant else [])
+
+    def channel(self, target: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
+        if self.tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=self.tls_ca.read_bytes())
+            channel = grpc.secure_channel(target, credentials, options=list(options))
+        else:
+            channel = grpc.insecure_channel(target, options=list(options))
+        metadata = self.metadata()
+        return grpc.intercept_channel(channel, _WithMetadata(metadata)) if metadata else channel
+
+
+class _WithMetadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds fixed metadata (the API key) to every call of a channel."""
+
+    def __init__(self, metadata: list[tuple[str, str]]) -> None:
+        self._metadata = metadata
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), *self._metadata])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)

@@ -26,8 +26,10 @@ from easyphoto.engines.roles.manifest import MANIFEST_FILE, EngineManifest, Fami
 from easyphoto.rpc.deadline import request_deadline
 from easyphoto.rpc.errors import EasyPhotoError, EngineUnavailable, UserNotReady
 from easyphoto.rpc.metrics import DEFAULT_HOST, Metrics
-from easyphoto.rpc.server import GrpcApp, Service, abort
+from easyphoto.rpc.server import GrpcApp, Security, Service, abort
+from easyphoto.rpc.tenants import current_tenant
 from easyphoto.rpc.termination import TERMINATION
+from easyphoto.users.namespace import Namespace
 from easyphoto.users.store import UserStore, default_data_root
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
@@ -68,6 +70,7 @@ class ServerConfig:
     # Where Triton's models read users' adapters (the orchestrator writes each one there on first
     # use); None: <data>/adapters. The repository must be written with the same folder.
     adapter_dir: Path | None = None
+    security: Security = field(default_factory=Security)
 
 
 class EngineHolder:
@@ -207,17 +210,19 @@ class ServingService(generator_pb2_grpc.ServingServicer):
         self, request: generator_pb2.RefreshUserRequest, context: grpc.ServicerContext
     ) -> generator_pb2.RefreshUserResponse:
         started = time.perf_counter()
+        namespace = Namespace.of(current_tenant())
         try:
+            user_id = namespace.user(request.user_id, "user_id")
             with request_deadline(context.time_remaining()):
-                reference = self._orchestrator().prepare_user(request.user_id, "user_id")
+                reference = self._orchestrator().prepare_user(user_id, "user_id")
             if reference.artifacts.version < request.version:
                 raise UserNotReady(
-                    f"user {request.user_id!r} v{request.version} is not published here"
+                    f"user {user_id!r} v{request.version} is not published here"
                     f" (this server sees v{reference.artifacts.version}; is the data root shared?)",
                     field="version",
                 )
         except EasyPhotoError as error:
-            abort(context, error)
+            abort(context, namespace.outward(error))
         seconds = time.perf_counter() - started
         log.info("user %s v%d ready in %.3fs", request.user_id, reference.artifacts.version, seconds)
         return generator_pb2.RefreshUserResponse(seconds=seconds)
@@ -251,6 +256,7 @@ def build_app(config: ServerConfig) -> tuple[GrpcApp, EngineHolder]:
         host=config.host,
         port=config.port,
         metrics=metrics,
+        security=config.security,
     )
     return app, holder
 

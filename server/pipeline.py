@@ -57,7 +57,7 @@ from easyphoto.imaging.masks import (
     union,
 )
 from easyphoto.rpc.errors import InvalidArgument, ModelMissing
-from easyphoto.users.store import UserArtifacts, UserStore, check_user_id
+from easyphoto.users.store import UserArtifacts, UserStore, check_stored_id
 
 from .options import GenerateOptions
 
@@ -258,7 +258,7 @@ class Orchestrator:
         """The user's published version with its faces and embedding; cached per version (published
         versions never change, so a new version is a new cache entry). Its adapter is made ready
         in the backend's hot cache too (a cold user's first request loads it here)."""
-        check_user_id(user_id, field_name)
+        check_stored_id(user_id, field_name)
         key = (user_id, self.users.current_version(user_id))
         reference = self._references.get(key, lambda: self._load_reference(user_id, field_name))
         self._adapter(reference, field_name)

@@ -22,7 +22,8 @@ from easyphoto.imaging.codec import decode_image, encode_png
 from easyphoto.rpc.deadline import request_deadline
 from easyphoto.rpc.errors import Cancelled, DeadlineExceeded, EasyPhotoError, InvalidArgument, Overloaded
 from easyphoto.rpc.server import abort
-from easyphoto.users.store import check_user_id
+from easyphoto.rpc.tenants import current_tenant
+from easyphoto.users.namespace import Namespace
 from easyphoto.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
 from .metrics import GeneratorMetrics
@@ -98,22 +99,25 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
     def Generate(
         self, request: generator_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> generator_pb2.GenerateResponse:
+        namespace = Namespace.of(current_tenant())
         try:
-            return self._run(request, context, send=None)
+            return self._run(request, context, namespace, send=None)
         except EasyPhotoError as error:
-            abort(context, error)
+            abort(context, namespace.outward(error))
 
     def GenerateStream(
         self, request: generator_pb2.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[generator_pb2.GenerateEvent]:
         events: queue.Queue[generator_pb2.GenerateEvent | BaseException | None] = queue.Queue()
+        namespace = Namespace.of(current_tenant())  # of this thread's call, not the worker's
 
         def progress(message: generator_pb2.Progress) -> None:
             events.put(generator_pb2.GenerateEvent(progress=message))
 
         def work() -> None:
             try:
-                events.put(generator_pb2.GenerateEvent(result=self._run(request, context, progress)))
+                result = self._run(request, context, namespace, progress)
+                events.put(generator_pb2.GenerateEvent(result=result))
             except BaseException as exc:  # handed to the streaming thread, which reports it
                 events.put(exc)
             finally:
@@ -122,7 +126,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         threading.Thread(target=work, name="generate-stream", daemon=True).start()
         while (event := events.get()) is not None:
             if isinstance(event, EasyPhotoError):
-                abort(context, event)
+                abort(context, namespace.outward(event))
             if isinstance(event, BaseException):
                 raise event
             yield event
@@ -133,6 +137,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         self,
         request: generator_pb2.GenerateRequest,
         context: grpc.ServicerContext,
+        namespace: Namespace,
         send: Callable[[generator_pb2.Progress], None] | None,
     ) -> generator_pb2.GenerateResponse:
         started = time.perf_counter()
@@ -140,10 +145,8 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
             raise InvalidArgument("at least one template is required", field="templates")
         if len(request.templates) > MAX_TEMPLATES:
             raise InvalidArgument(f"at most {MAX_TEMPLATES} templates per request", field="templates")
-        user_ids = list(request.user_ids)
-        for index, user_id in enumerate(user_ids):
-            if user_id:
-                check_user_id(user_id, f"user_ids[{index}]")
+        # The store's ids of the caller's users ("" skips a face), checked before any work.
+        user_ids = [namespace.user(u, f"user_ids[{i}]") if u else "" for i, u in enumerate(request.user_ids)]
         options = resolve_options(request)
         templates = [decode_image(data, field=f"templates[{i}]") for i, data in enumerate(request.templates)]
         base_seed = options.seed if options.seed is not None else secrets.randbits(63)
@@ -169,7 +172,7 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
                     )
                     painted = sum(1 for face in generation.faces if face.user_id)
                     self._metrics.image(generation.timings, painted, steps.take_image_steps())
-                    response.images.append(_image_message(index, generation))
+                    response.images.append(_image_message(index, generation, namespace))
                     for stage, seconds in generation.timings.items():
                         timings[stage] = timings.get(stage, 0.0) + seconds
                     skipped.update(generation.skipped)
@@ -236,7 +239,9 @@ class _RequestSteps:
             )
 
 
-def _image_message(template_index: int, generation: Generation) -> generator_pb2.GeneratedImage:
+def _image_message(
+    template_index: int, generation: Generation, namespace: Namespace
+) -> generator_pb2.GeneratedImage:
     message = generator_pb2.GeneratedImage(
         template_index=template_index, seed=generation.seed, png=encode_png(generation.image)
     )
@@ -247,7 +252,7 @@ def _image_message(template_index: int, generation: Generation) -> generator_pb2
             score=outcome.face.score,
             landmarks=[common_pb2.Point(x=float(x), y=float(y)) for x, y in outcome.face.landmarks],
         )
-        result = generator_pb2.FaceResult(user_id=outcome.user_id, face=face)
+        result = generator_pb2.FaceResult(user_id=namespace.shown(outcome.user_id), face=face)
         if outcome.identity_score is not None:
             result.identity_score = outcome.identity_score
         if outcome.user_version is not None:

@@ -71,7 +71,7 @@ def test_a_bad_option_raises_with_code_and_field(client: GeneratorClient, templa
     with pytest.raises(ServiceError) as streamed:
         list(client.generate_stream([template], ["nobody"], **QUICK))
     assert (streamed.value.code, streamed.value.reason) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_USER")
-    assert "user_ids" in streamed.value.fields
+    assert "user_ids[0]" in streamed.value.fields
 
 
 def test_options_are_checked_and_typed_from_the_proto(client: GeneratorClient) -> None:

@@ -12,15 +12,14 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
 from easyphoto.engines.backends.torch_backend import TorchBackend, default_device
 from easyphoto.engines.faces.models import FaceModelPaths, FaceModels
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.models.loading import resolve_family
 from easyphoto.rpc.metrics import DEFAULT_HOST, Metrics
-from easyphoto.rpc.server import GrpcApp, Service
+from easyphoto.rpc.server import GrpcApp, Security, Service
 from easyphoto.rpc.termination import TERMINATION
+from easyphoto.rpc.wire import ClientSecurity
 from easyphoto.users.store import UserStore, default_data_root
 from easyphoto.v1 import (
     generator_pb2,
@@ -60,17 +59,21 @@ class TrainerConfig:
     job_store: str = ""
     replica: str = field(default_factory=socket.gethostname)  # this trainer's name among them
     lease_seconds: float = 30.0
+    security: Security = field(default_factory=Security)
+    # How to reach a secured orchestrator: its service API key (RefreshUser for every tenant's
+    # users) and the CA of its certificate.
+    orchestrator_security: ClientSecurity = field(default_factory=ClientSecurity)
 
     @property
     def job_store_location(self) -> str | Path:
         return self.job_store or self.data / "trainer.sqlite3"
 
 
-def refresh_notifier(address: str) -> Notify:
+def refresh_notifier(address: str, security: ClientSecurity | None = None) -> Notify:
     """Calls the orchestrator's Serving.RefreshUser for each published version."""
 
     def notify(user_id: str, version: int) -> None:
-        with grpc.insecure_channel(address) as channel:
+        with (security or ClientSecurity()).channel(address) as channel:
             stub = generator_pb2_grpc.ServingStub(channel)
             request = generator_pb2.RefreshUserRequest(user_id=user_id, version=version)
             reply = stub.RefreshUser(request, timeout=REFRESH_TIMEOUT_SECONDS)
@@ -124,7 +127,8 @@ def build_trainer(config: TrainerConfig, face_models: FaceModels | None = None) 
             users_pb2.DESCRIPTOR.services_by_name["Users"].full_name,
         ),
     ]
-    return TrainerApp(GrpcApp(services, host=config.host, port=config.port, metrics=metrics), store, runner)
+    app = GrpcApp(services, host=config.host, port=config.port, metrics=metrics, security=config.security)
+    return TrainerApp(app, store, runner)
 
 
 def _runner(
@@ -147,7 +151,9 @@ def _runner(
         load_family=load_family,
         face_models=models,
         analyzer=models.analyzer(backend),
-        notify=refresh_notifier(config.orchestrator) if config.orchestrator else None,
+        notify=refresh_notifier(config.orchestrator, config.orchestrator_security)
+        if config.orchestrator
+        else None,
         metrics=metrics,
         option_defaults=training_defaults(config.models)[1],
         replica=config.replica,

@@ -362,11 +362,22 @@ class JobStore:
             return {row["job_id"] for row in self._db.rows("SELECT job_id FROM jobs")}
 
     def list(
-        self, user_id: str = "", states: tuple[int, ...] = (), limit: int = 50, offset: int = 0
+        self,
+        user_id: str = "",
+        states: tuple[int, ...] = (),
+        limit: int = 50,
+        offset: int = 0,
+        tenant: str | None = None,
     ) -> list[JobRecord]:
+        """Jobs by creation; of ``user_id`` (a stored id) and of ``tenant`` (its users' stored ids,
+        ``users.namespace``; "": users of no named tenant) where given."""
         query, args = "SELECT * FROM jobs WHERE 1 = 1", list[Any]()
         if user_id:
             query, args = query + " AND user_id = ?", [*args, user_id]
+        if tenant:
+            query, args = query + " AND user_id LIKE ?", [*args, f"{tenant}+%"]
+        elif tenant == "":
+            query, args = query + " AND user_id NOT LIKE ?", [*args, "%+%"]
         if states:
             query += f" AND state IN ({', '.join('?' * len(states))})"
             args += list(states)

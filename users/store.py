@@ -33,10 +33,12 @@ import numpy as np
 from easyphoto.imaging.codec import decode_image
 from easyphoto.imaging.geometry import Face
 from easyphoto.rpc.errors import InvalidArgument, UnknownUser, UserNotReady
+from easyphoto.rpc.tenants import TENANT_NAME
 
 from .durable import fsync_tree, sha256_file, write_atomically
 
 USER_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+TENANT_SEPARATOR = "+"  # in no user id and no tenant name
 
 
 VERSION = re.compile(r"^v(\d+)$")
@@ -83,11 +85,20 @@ def default_data_root() -> Path:
 
 
 def check_user_id(user_id: str, field_name: str) -> None:
+    """A user id as a client names it (its tenant's namespace is added by ``users.namespace``)."""
     # A leading dot is reserved for the store's own hidden folders.
     if not USER_ID.match(user_id) or user_id.startswith("."):
         raise InvalidArgument(
             f"user id {user_id!r} must match {USER_ID.pattern} and not start with '.'", field=field_name
         )
+
+
+def check_stored_id(user_id: str, field_name: str) -> None:
+    """A user id as the store keeps it: ``tenant+id`` for a named tenant's user, else the id."""
+    tenant, separator, own = user_id.rpartition(TENANT_SEPARATOR)
+    if separator and not TENANT_NAME.match(tenant):
+        raise InvalidArgument(f"user id {user_id!r} names no tenant", field=field_name)
+    check_user_id(own, field_name)
 
 
 class UserStore:
@@ -122,7 +133,7 @@ class UserStore:
 
     def mark_training(self, user_id: str, job_id: str) -> None:
         """Records that ``job_id`` trains ``user_id`` (queued or running)."""
-        check_user_id(user_id, "user_id")
+        check_stored_id(user_id, "user_id")
         folder = self.root / "training" / user_id
         folder.mkdir(parents=True, exist_ok=True)
         write_atomically(folder / job_id, json.dumps({"job_id": job_id}).encode())
@@ -151,7 +162,7 @@ class UserStore:
         return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
     def load(self, user_id: str, field_name: str = "user_ids") -> UserArtifacts:
-        check_user_id(user_id, field_name)
+        check_stored_id(user_id, field_name)
         directory = self.user_dir(user_id)
         version = self.current_version(user_id)
         if version is None:
@@ -179,7 +190,7 @@ class UserStore:
     def publish(self, user_id: str, write: Callable[[Path], None], meta: dict[str, Any]) -> int:
         """Publishes a new version: ``write`` fills a temporary folder, which is renamed to
         ``v<N>`` and then named by ``CURRENT``. Returns N."""
-        check_user_id(user_id, "user_id")
+        check_stored_id(user_id, "user_id")
         directory = self.user_dir(user_id)
         directory.mkdir(parents=True, exist_ok=True)
         with self._publish_lock:
@@ -221,7 +232,7 @@ class UserStore:
 
     def delete(self, user_id: str) -> int:
         """Removes every version of the user; returns how many there were."""
-        check_user_id(user_id, "user_id")
+        check_stored_id(user_id, "user_id")
         count = len(self.versions(user_id))
         if not self.user_dir(user_id).is_dir():
             raise UnknownUser(f"no user {user_id!r}", field="user_id")
