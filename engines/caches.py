@@ -54,6 +54,15 @@ class HotCache(Generic[K, V]):
         pending.set_result(value)
         return value
 
+    def discard(self, which: Callable[[K], bool]) -> int:
+        """Drops the cached entries whose key ``which`` holds (a load under way is left alone);
+        how many."""
+        with self._lock:
+            keys = [key for key in self._values if which(key)]
+            for key in keys:
+                del self._values[key]
+        return len(keys)
+
     def __contains__(self, key: K) -> bool:
         with self._lock:
             return key in self._values

@@ -69,6 +69,11 @@ class Backend(Protocol):
         from ``load()``'s LoRA (InvalidArgument when it does not fit the model)."""
         ...
 
+    def retire_adapters(self, which: Callable[[str], bool]) -> None:
+        """Drops the adapters ``which`` names from the hot cache (a user's older versions, once a
+        newer one is published); a batch running with one keeps it until it ends."""
+        ...
+
     def close(self) -> None:
         """Releases connections and shared memory (the server calls it when it stops)."""
         ...

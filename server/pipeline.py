@@ -260,7 +260,14 @@ class Orchestrator:
         in the backend's hot cache too (a cold user's first request loads it here)."""
         check_stored_id(user_id, field_name)
         key = (user_id, self.users.current_version(user_id))
+        known = key in self._references
         reference = self._references.get(key, lambda: self._load_reference(user_id, field_name))
+        if not known:  # a newer version retires the older ones: no request will ask for them again
+            current = reference.artifacts.adapter_name
+            self._references.discard(lambda cached: cached[0] == user_id and cached != key)
+            self.engines.backend.retire_adapters(
+                lambda name: name.startswith(f"{user_id}@v") and name != current
+            )
         self._adapter(reference, field_name)
         return reference
 

@@ -260,7 +260,8 @@ def test_a_new_version_is_warmed_and_served_without_a_restart(
     _publish(root, "frank", face, version=2)
     _save_random_lora(tiny, root / "users" / "frank" / "v2" / "lora.safetensors", seed=4)
     orchestrator.prepare_user("frank")
-    assert "frank@v2" in adapters
+    assert "frank@v2" in adapters and "frank@v1" not in adapters  # v1 retired: nobody asks for it
+    assert [key for key in orchestrator._references.keys if key[0] == "frank"] == [("frank", 2)]
     second = orchestrator.generate(astronaut, ["frank"], options, seed=2).image
     assert orchestrator.engines.loras[-1] == ("frank@v2", options.lora_weight)  # type: ignore[attr-defined]
     assert not np.array_equal(first, second)

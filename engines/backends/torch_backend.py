@@ -89,6 +89,9 @@ class TorchBackend:
     def lora_targets(self) -> LoraTargets:
         return self._lora_targets
 
+    def retire_adapters(self, which: Callable[[str], bool]) -> None:
+        self.adapters.discard(which)
+
     def adapter(self, name: str, load: Callable[[], LoraWeights]) -> Adapter:
         """The adapter ``name`` from the hot cache; on a miss ``load()``'s LoRA, checked against the
         targeted layers and put on the device."""

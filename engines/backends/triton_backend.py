@@ -165,6 +165,9 @@ class TritonBackend:
     def lora_targets(self) -> LoraTargets:
         return self._lora_targets
 
+    def retire_adapters(self, which: Callable[[str], bool]) -> None:
+        self.adapters.discard(which)
+
     def adapter(self, name: str, load: Callable[[], LoraWeights]) -> Adapter:
         """The LoRA checked against the manifest's targeted layers (it has to fit before anything is
         sent), its factors written once into the adapter folder the served models read them from."""
