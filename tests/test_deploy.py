@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry
 
 from easyphoto.cli.main import build_parser
 from easyphoto.rpc.metrics import GrpcMetrics
-from easyphoto.rpc.server import LIVENESS
 from easyphoto.server.metrics import GeneratorMetrics
 from easyphoto.trainer.metrics import TrainerMetrics
 
@@ -103,8 +102,13 @@ def test_what_the_deployments_run_parses_and_their_probes_ask_our_health_service
     assert (parsed.port, parsed.metrics_port) == (ports["grpc"], ports["metrics"])
     annotations = _kind("Deployment", name)["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == parsed.metrics_port
-    assert container["readinessProbe"]["grpc"] == {"port": parsed.port}
-    assert container["livenessProbe"]["grpc"] == {"port": parsed.port, "service": LIVENESS}
+    # gRPC is TLS-only with API keys: the probes are the plaintext HTTP ones of the metrics port.
+    assert parsed.tenants and parsed.tls_cert and parsed.tls_key
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    mounted = {m["mountPath"] for m in container["volumeMounts"]}
+    for path in (parsed.tenants, parsed.tls_cert, parsed.tls_key):
+        assert any(path.startswith(f"{folder}/") for folder in mounted), path
     assert _kind("Service", name)["spec"]["clusterIP"] == "None"  # headless: clients balance
 
 
@@ -118,3 +122,9 @@ def test_what_compose_runs_parses_and_prometheus_scrapes_its_metrics_ports() -> 
         parsed = build_parser().parse_args(compose["services"][service]["command"])
         assert f"{service}:{parsed.metrics_port}" in targets
         assert parsed.metrics_host == "0.0.0.0" and parsed.host == "0.0.0.0"
+        secrets = {f"/run/secrets/{name}" for name in compose["services"][service]["secrets"]}
+        assert {parsed.tenants, parsed.tls_cert, parsed.tls_key} <= secrets
+    trainer = compose["services"]["trainer"]
+    parsed = build_parser().parse_args(trainer["command"])
+    assert parsed.orchestrator_tls_ca in {f"/run/secrets/{name}" for name in trainer["secrets"]}
+    assert "EASYPHOTO_ORCHESTRATOR_API_KEY" in trainer["environment"]  # the service key
