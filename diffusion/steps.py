@@ -164,6 +164,12 @@ class StepEngine:
         return job.result
 
     @property
+    def pending(self) -> int:
+        """Jobs in the loop now (passes and prompt batches), running or waiting for their call."""
+        with self._wake:
+            return sum(job.phase != DONE for job in self._jobs)
+
+    @property
     def alive(self) -> bool:
         """Whether the loop runs (readiness: a dead loop serves nothing)."""
         return self._thread.is_alive() and not self._stopping

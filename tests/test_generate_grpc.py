@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -291,3 +293,52 @@ def _pixels(response: generator_pb2.GenerateResponse) -> np.ndarray:
 def _metric(text: str, name: str) -> float:
     line = next(line for line in text.splitlines() if line.startswith(name))
     return float(line.rsplit(" ", 1)[1])
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+def test_a_cancelled_or_late_request_frees_its_slot_and_its_batch_seat(alice_data: Any, how: str) -> None:
+    """One slot: the request that gave up must leave the admission and the step loop at its next
+    step, so the next request runs at once rather than behind a pass nobody waits for."""
+    import urllib.request
+
+    from easyphoto.server.app import ServerConfig, build_app
+
+    app, holder = build_app(
+        ServerConfig(port=0, models="tiny", data=alice_data, metrics_port=0, max_running=1)
+    )
+    app.start()
+    steps = holder.load().steps
+    app.set_serving(True)
+    assert app.http is not None
+
+    def in_flight() -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{app.http.port}/metrics", timeout=10) as reply:
+            found = re.search(r"^easyphoto_generate_in_flight (\S+)$", reply.read().decode(), re.MULTILINE)
+        assert found is not None
+        return float(found.group(1))
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = generator_pb2_grpc.GeneratorStub(channel)
+            long = generator_pb2.GenerateRequest(
+                templates=[encode_png(sample_photo("astronaut"))], user_ids=["alice"]
+            )
+            long.first_pass.steps = 200  # far longer than this test
+            call = stub.GenerateStream(long, timeout=3.0 if how == "deadline" else 120)
+            next(iter(call))  # a step ran: it holds the slot and a seat in the loop
+            assert in_flight() == 1 and steps.pending == 1
+            if how == "cancel":
+                call.cancel()
+            with pytest.raises(grpc.RpcError) as info:
+                list(call)
+            expected = grpc.StatusCode.CANCELLED if how == "cancel" else grpc.StatusCode.DEADLINE_EXCEEDED
+            assert info.value.code() == expected
+            deadline = time.monotonic() + 20
+            while (in_flight(), steps.pending) != (0, 0) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert (in_flight(), steps.pending) == (0, 0)
+            response = stub.Generate(_request(sample_photo("astronaut"), ["alice"]), timeout=60)
+            assert [f.user_id for f in response.images[0].faces] == ["alice"]
+    finally:
+        app.stop(0)
+        holder.close()
