@@ -19,9 +19,9 @@ from easyphoto.engines.models.loading import tiny_family
 from easyphoto.fixtures.photos import person_photos, sample_photo
 from easyphoto.fixtures.users import publish_photo_user
 from easyphoto.imaging.codec import encode_png
-from easyphoto.imaging.compose import paste_aligned
+from easyphoto.imaging.compose import paste_face
 from easyphoto.imaging.controls import Pose, draw_pose
-from easyphoto.imaging.geometry import grow_box, int_box, similarity_transform, transform_points
+from easyphoto.imaging.geometry import grow_box, int_box
 from easyphoto.imaging.masks import FACE_PARTS, REFERENCE_CROP_SIDE, inpaint_mask, only_parts, ring_mask
 from easyphoto.server.options import GenerateOptions
 from easyphoto.server.pipeline import Orchestrator
@@ -123,12 +123,8 @@ def pose() -> np.ndarray:
         x0, y0, x1, y1 = int_box(grow_box(face.box, 3.0, group.shape[1], group.shape[0]))
         crop = np.ascontiguousarray(group[y0:y1, x0:x1])
         crop_face, user_face = analyzer.largest(crop), user.reference_face
-        box = grow_box(user_face.box, 1.5, user.reference.shape[1], user.reference.shape[0])
-        source = paste_aligned(user.reference, box, user_face.landmarks, crop, crop_face.landmarks)
-        fitted = transform_points(
-            similarity_transform(user_face.landmarks, crop_face.landmarks), user_face.landmarks
-        )
-        drawn = draw_pose(crop.shape[:2], [Pose.from_landmarks(fitted)])
+        source = paste_face(user.reference, user_face, crop, crop_face)
+        drawn = draw_pose(crop.shape[:2], [Pose.fitted(user_face.landmarks, crop_face.landmarks)])
         tiles += [(f"face {index}: template", crop), ("pose source", source), ("openpose control", drawn)]
     return contact_sheet(tiles, height=240, banner="pose source (crop_and_paste, L1362-1369) and its control")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .geometry import Box, int_box, similarity_transform
+from .geometry import Box, Face, grow_box, int_box, similarity_transform
 from .masks import bounds, feather
 
 
@@ -62,6 +62,24 @@ def paste_aligned(
     out = target.copy()
     out[covered > 0] = warped[covered > 0]
     return out
+
+
+# The face-id image's face box, grown, is what goes over a template face (multi_user_facecrop_ratio,
+# easyphoto_infer.py L830).
+FACE_ID_CROP_SCALE = 1.5
+
+
+def paste_face(
+    source: np.ndarray,
+    source_face: Face,
+    target: np.ndarray,
+    target_face: Face,
+    grow: float = FACE_ID_CROP_SCALE,
+) -> np.ndarray:
+    """``source``'s face (its box grown ``grow`` times) pasted over ``target``'s by the similarity
+    of their landmarks: the pose source of a face (L1172-1174, L1362-1369)."""
+    box = grow_box(source_face.box, grow, source.shape[1], source.shape[0])
+    return paste_aligned(source, box, source_face.landmarks, target, target_face.landmarks)
 
 
 def shift_color(

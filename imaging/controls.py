@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from .geometry import eye_axes, resize, round_to_multiple
+from .geometry import eye_axes, resize, round_to_multiple, similarity_transform, transform_points
 
 
 def canny_control(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
@@ -79,6 +79,12 @@ class Pose:
         for index, point in body_keypoints(landmarks).items():
             body[index] = point
         return cls(body, face=np.asarray(landmarks, np.float32))
+
+    @classmethod
+    def fitted(cls, landmarks: np.ndarray, onto: np.ndarray) -> Pose:
+        """The pose of a face's 5 ``landmarks`` once moved onto another face's (``onto``) by the
+        similarity of the two: a user's face standing where a template's is."""
+        return cls.from_landmarks(transform_points(similarity_transform(landmarks, onto), landmarks))
 
 
 def body_keypoints(landmarks: np.ndarray) -> dict[int, np.ndarray]:

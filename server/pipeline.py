@@ -34,7 +34,7 @@ from easyphoto.engines.faces.parts import LanczosUpscaler, super_resolve
 from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.engines.lora import load_lora
 from easyphoto.imaging.codec import from_model, to_model
-from easyphoto.imaging.compose import paint_boxes_white, paste_aligned, paste_back, shift_color
+from easyphoto.imaging.compose import paint_boxes_white, paste_back, paste_face, shift_color
 from easyphoto.imaging.controls import CONTROL_IMAGES, ControlSource, Pose, draw_pose
 from easyphoto.imaging.geometry import (
     Face,
@@ -42,8 +42,6 @@ from easyphoto.imaging.geometry import (
     grow_box,
     int_box,
     resize,
-    similarity_transform,
-    transform_points,
 )
 from easyphoto.imaging.masks import (
     FACE_PARTS,
@@ -67,7 +65,6 @@ MAX_FACES = 16
 # The last colour shift leaves the mouth and lips alone (L1777: classes 1-5 and 10).
 LAST_SHIFT_PARTS = ("skin", "brows", "eyes", "nose")
 COLOR_BOX_SCALE = 1.1
-FACE_ID_CROP_SCALE = 1.5  # the face-id image's face box, grown (multi_user_facecrop_ratio, L830)
 USER_CACHE = 32  # users whose faces, embedding and LoRA stay loaded
 MIN_FACE_SIZE = 16.0
 # The progress and timing stage of each pass (named as the request's options name it).
@@ -457,9 +454,7 @@ class Orchestrator:
     def _pose_source(self, crop: np.ndarray, crop_face: Face, reference: _Reference) -> np.ndarray:
         """The crop with the user's face-id image pasted over the face by a similarity fit of its
         landmarks (its face box grown 1.5x, L1172-1174 and L1362-1369): what the pose is read from."""
-        face_id, face = reference.artifacts.face_id, reference.face_id_face
-        box = grow_box(face.box, FACE_ID_CROP_SCALE, face_id.shape[1], face_id.shape[0])
-        return paste_aligned(face_id, box, face.landmarks, crop, crop_face.landmarks)
+        return paste_face(reference.artifacts.face_id, reference.face_id_face, crop, crop_face)
 
     def _pose(self, pose_source: np.ndarray, crop_face: Face, reference: _Reference) -> Pose:
         """The openpose control's person: read from the pose source by the whole-body keypoint
@@ -468,10 +463,7 @@ class Orchestrator:
         if self.face_models.pose is not None:
             height, width = pose_source.shape[:2]
             return self.face_models.pose(pose_source, (0, 0, width, height))
-        landmarks = reference.face_id_face.landmarks
-        return Pose.from_landmarks(
-            transform_points(similarity_transform(landmarks, crop_face.landmarks), landmarks)
-        )
+        return Pose.fitted(reference.face_id_face.landmarks, crop_face.landmarks)
 
     def _diffuse(
         self,
