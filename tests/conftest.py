@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -15,6 +17,14 @@ from easyphoto.engines.models.loading import tiny_family
 from easyphoto.fixtures.photos import sample_photo
 from easyphoto.imaging.codec import encode_png
 from easyphoto.imaging.geometry import grow_box, int_box
+
+if TYPE_CHECKING:
+    from easyphoto.server.app import ServerConfig
+    from easyphoto.trainer.app import TrainerApp, TrainerConfig
+
+# The tritonserver install and the tiny family exported as a Triton repository, shared by the
+# test modules that run a real tritonserver.
+pytest_plugins = ["triton_fixtures"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -55,17 +65,51 @@ def alice_data(faces: FaceAnalyzer, tmp_path_factory: pytest.TempPathFactory) ->
     return data
 
 
-@pytest.fixture(scope="session")
-def generator_address(alice_data: Path) -> Iterator[str]:
-    """host:port of an orchestrator on loopback, loaded with the tiny models, serving "alice"."""
-    from easyphoto.server.app import ServerConfig, build_app
+@contextmanager
+def running_orchestrator(config: ServerConfig) -> Iterator[str]:
+    """host:port of an orchestrator on loopback with its engines loaded, serving."""
+    from easyphoto.server.app import build_app
 
-    app, holder = build_app(ServerConfig(port=0, models="tiny", data=alice_data))
+    app, holder = build_app(config)
     app.start()
     holder.load()
     app.set_serving(True)
-    yield f"127.0.0.1:{app.port}"
-    app.stop(0)
+    try:
+        yield f"127.0.0.1:{app.port}"
+    finally:
+        app.stop(0)
+
+
+@contextmanager
+def running_trainer(config: TrainerConfig) -> Iterator[TrainerApp]:
+    """A trainer on loopback with the default face models."""
+    from easyphoto.trainer.app import build_trainer
+
+    app = build_trainer(config, default_face_models())
+    app.start()
+    try:
+        yield app
+    finally:
+        app.stop(0)
+
+
+@pytest.fixture(scope="session")
+def generator_address(alice_data: Path) -> Iterator[str]:
+    """host:port of an orchestrator on loopback, loaded with the tiny models, serving "alice"."""
+    from easyphoto.server.app import ServerConfig
+
+    with running_orchestrator(ServerConfig(port=0, models="tiny", data=alice_data)) as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainerApp]:
+    """A trainer of the module's own, on loopback (a fresh data root, metrics on a free port)."""
+    from easyphoto.trainer.app import TrainerConfig
+
+    config = TrainerConfig(port=0, data=tmp_path_factory.mktemp("trainer"), device="cpu", metrics_port=0)
+    with running_trainer(config) as app:
+        yield app
 
 
 @pytest.fixture(scope="session")

@@ -121,7 +121,11 @@ class SharedInputs:
             if held is not None:
                 self._drop(key)
             handle = self.regions.create(name, array.nbytes)
-            self.regions.register(name, handle, array.nbytes)
+            try:
+                self.regions.register(name, handle, array.nbytes)
+            except BaseException:  # Triton away: else the next create would reuse this memory's name
+                self.regions.destroy(handle)
+                raise
             self._held[key] = (handle, array.nbytes)
         cached = self._sources.get(key)
         if cached is None or cached[0] is not source or cached[1] != source._version:
@@ -139,9 +143,11 @@ class SharedInputs:
             self.regions.register(self._name(key), handle, size)
 
     def _drop(self, key: str) -> None:
+        # Unregistered first: when Triton cannot be asked, the region stays held (and is dropped
+        # by a later call), rather than forgotten here with its memory still under its name.
+        self._unregister(self._name(key))
         handle, _ = self._held.pop(key)
         self._sources.pop(key, None)
-        self._unregister(self._name(key))
         self.regions.destroy(handle)
 
     def _unregister(self, name: str) -> None:

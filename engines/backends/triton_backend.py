@@ -62,6 +62,11 @@ T = TypeVar("T")
 # Inputs at least this large travel through system shared memory when it is on (co-located server).
 SHARED_MEMORY_MIN_BYTES = 16 * 1024
 
+# The longest wait between attempts to reconnect to a Triton that went away. gRPC's default backoff
+# grows to 120 s, so a restarted Triton would stay unused for long after it is back; a server on this
+# host or in the cluster is cheap to ask once a second.
+RECONNECT_BACKOFF_MAX_MS = 1000
+
 
 class TritonBackend:
     name = "triton"
@@ -80,7 +85,7 @@ class TritonBackend:
     ) -> None:
         import tritonclient.grpc as grpcclient
 
-        self._client = grpcclient.InferenceServerClient(url=url)
+        self._client = grpcclient.InferenceServerClient(url=url, channel_args=_channel_args())
         self._grpc = grpcclient
         # Shared memory needs Triton on this host; one call at a time owns the regions (calls
         # without it run concurrently).
@@ -153,9 +158,13 @@ class TritonBackend:
         return True
 
     def ready(self) -> bool:
-        """Triton's server readiness and every served model's readiness."""
+        """Triton's server readiness, as both connections see it (each reconnects on its own after
+        Triton comes back: ready only once the one inference uses has too), and every served model's
+        readiness."""
         try:
             if not self._client.is_server_ready(client_timeout=5):
+                return False
+            if not self._await(self._aio.is_server_ready(client_timeout=5)):  # type: ignore[attr-defined]
                 return False
             return all(self._client.is_model_ready(role, client_timeout=5) for role in self._served)
         except Exception as exc:  # unreachable server: not ready
@@ -232,18 +241,27 @@ class TritonBackend:
         assert self.shared is not None
         with self._lock:
             try:
-                return self._send([self._request(*call) for call in calls])
+                return self._send(self._shared_control(lambda: [self._request(*call) for call in calls]))
             except EasyPhotoError as error:
                 if "shared memory region" not in error.message:
                     raise
                 log.warning("triton at %s lost our shared memory regions; registering them again", self.url)
-                self.shared.register_again()
-                return self._send([self._request(*call) for call in calls])
+                self._shared_control(self.shared.register_again)
+                return self._send(self._shared_control(lambda: [self._request(*call) for call in calls]))
+
+    def _shared_control(self, work: Callable[[], T]) -> T:
+        """``work``, which may (un)register regions with Triton (a new or larger input, or every
+        region again), its control-plane errors typed as a call's are: a Triton that went away is
+        UNAVAILABLE to the client, not an unknown error."""
+        try:
+            return work()
+        except self._grpc.InferenceServerException as exc:
+            raise _engine_error("shared memory", exc) from exc
 
     async def _connect(self, url: str) -> object:
         import tritonclient.grpc.aio as aioclient
 
-        return aioclient.InferenceServerClient(url=url)
+        return aioclient.InferenceServerClient(url=url, channel_args=_channel_args())
 
     def _await(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
@@ -322,6 +340,24 @@ def _write_whole(path: Path, write: Callable[..., None]) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _channel_args() -> list[tuple[str, int]]:
+    """tritonclient's default channel options (which ``channel_args`` replaces) and a short
+    reconnect backoff (:data:`RECONNECT_BACKOFF_MAX_MS`)."""
+    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
+
+    keepalive = KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
+    ]
 
 
 async def _gather(calls: Iterator[Coroutine[Any, Any, T]]) -> list[T]:

@@ -1,0 +1,109 @@
+"""What the tests against a real CPU tritonserver share (``conftest.py`` registers this module as a
+plugin): the server's install and the tiny family exported and written as a Triton repository, once
+per session (the export takes minutes on 2 cores). A test that needs them is skipped, saying why,
+only when the server is not installed (``make triton-setup``)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from easyphoto.diffusion.passes import reference_stages
+from easyphoto.engines.faces.models import FaceModels, default_face_models
+from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.roles.catalogue import RoleCatalogue
+from easyphoto.engines.roles.description import RoleDescription
+from easyphoto.engines.roles.diffusion import describe_roles, describe_stage
+from easyphoto.export.onnx_export import export_all
+from easyphoto.export.triton_repository import write_repository
+from easyphoto.export.triton_server import TritonInstall, TritonServer, TritonUnavailable, find_install
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# How the python backend names the region a stub shares with its server (an argument of the stub).
+STUB_REGION_PREFIX = "triton_python_backend_shm_region_"
+
+
+@pytest.fixture(scope="session")
+def face_models() -> FaceModels:
+    return default_face_models()
+
+
+@pytest.fixture(scope="session")
+def install(tmp_path_factory: pytest.TempPathFactory) -> TritonInstall:
+    try:
+        return find_install(REPO_ROOT / ".venv-triton", tmp_path_factory.mktemp("tritonserver"))
+    except TritonUnavailable as why:
+        pytest.skip(f"the CPU tritonserver is not installed: {why}")
+
+
+@pytest.fixture(scope="session")
+def export_dir(
+    install: TritonInstall,
+    tiny: ModelFamily,
+    face_models: FaceModels,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """The tiny family exported (with its manifest and graphs with LoRA inputs) and written as a CPU
+    Triton repository beside it (:func:`repository_of`), whose models read users' adapters from
+    :func:`adapter_dir_beside`."""
+    root = tmp_path_factory.mktemp("triton")
+    catalogue = RoleCatalogue(describe_roles(tiny), fused_stages(tiny), face_models.roles)
+    exported = export_all(catalogue, root / "export", tiny)
+    assert all(result.ok for result in exported), [(r.role, r.max_abs_diff) for r in exported if not r.ok]
+    write_repository(
+        root / "export", catalogue.roles, repository_of(root / "export"), adapter_dir=root / "adapters"
+    )
+    return root / "export"
+
+
+def repository_of(export_dir: Path) -> Path:
+    """The Triton model repository written beside the export."""
+    return export_dir.parent / "repository"
+
+
+def adapter_dir_beside(export_dir: Path) -> Path:
+    """Where the repository's models read users' adapters (the orchestrator writes them there)."""
+    return export_dir.parent / "adapters"
+
+
+def fused_stages(tiny: ModelFamily) -> dict[str, RoleDescription]:
+    """The fused steps of the first and second pass (what a whole Generate at the defaults calls)."""
+    return {stage.name: stage for stage in (describe_stage(tiny, kinds) for kinds in reference_stages()[:2])}
+
+
+def kill_server(server: TritonServer) -> None:
+    """SIGKILLs tritonserver, as a crash would, then what it leaves behind, as the end of its
+    container would: its python backend stubs (one was seen still running minutes later) and their
+    shared memory regions in /dev/shm (a MiB or more each, removed only by a server that stops)."""
+    stubs = {pid: _arguments(pid) for pid in _children(server.process.pid)}
+    server.process.kill()
+    server.process.wait(10)
+    for pid, arguments in stubs.items():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        for region in (a for a in arguments if a.startswith(STUB_REGION_PREFIX)):
+            (Path("/dev/shm") / region).unlink(missing_ok=True)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid``."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)": state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _arguments(pid: int) -> list[str]:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
