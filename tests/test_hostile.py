@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -31,7 +30,7 @@ from easyphoto.fixtures.photos import sample_photo
 from easyphoto.imaging.codec import decode_image, encode_png
 from easyphoto.imaging.geometry import grow_box, int_box
 from easyphoto.rpc.wire import error_details
-from easyphoto.trainer.app import TrainerApp, TrainerConfig, build_trainer
+from easyphoto.trainer.app import TrainerApp
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc, users_pb2_grpc
 
 Reply = TypeVar("Reply")
@@ -232,17 +231,6 @@ def test_a_message_over_the_size_limit_is_refused_before_it_is_read(
 
 
 # ---- the trainer ----
-
-
-@pytest.fixture(scope="module")
-def trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainerApp]:
-    data: Path = tmp_path_factory.mktemp("hostile-trainer")
-    app = build_trainer(
-        TrainerConfig(port=0, data=data, device="cpu", metrics_port=None), default_face_models()
-    )
-    app.start()
-    yield app
-    app.stop(0)
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,16 @@ from typing import Any
 
 import grpc
 import pytest
+from conftest import running_orchestrator, running_trainer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from easyphoto.engines.faces.models import default_face_models
 from easyphoto.fixtures.photos import sample_photo
 from easyphoto.imaging.codec import encode_png
 from easyphoto.rpc.server import GrpcApp, Security
 from easyphoto.rpc.tenants import TenantDirectory, key_digest
 from easyphoto.rpc.wire import ClientSecurity, error_details
-from easyphoto.server.app import ServerConfig, build_app
-from easyphoto.trainer.app import TrainerApp, TrainerConfig, build_trainer
+from easyphoto.server.app import ServerConfig
+from easyphoto.trainer.app import TrainerApp, TrainerConfig
 from easyphoto.users.store import UserStore
 from easyphoto.v1 import (
     generator_pb2,
@@ -61,22 +61,18 @@ def tenant_data(alice_data: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="module")
 def orchestrator(tenant_data: Path) -> Iterator[str]:
     security = Security(tenants=_tenants_file(tenant_data))
-    app, holder = build_app(ServerConfig(port=0, models="tiny", data=tenant_data, security=security))
-    app.start()
-    holder.load()
-    app.set_serving(True)
-    yield f"127.0.0.1:{app.port}"
-    app.stop(0)
+    with running_orchestrator(
+        ServerConfig(port=0, models="tiny", data=tenant_data, security=security)
+    ) as address:
+        yield address
 
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainerApp]:
     data = tmp_path_factory.mktemp("tenant-trainer")
     config = TrainerConfig(port=0, data=data, device="cpu", security=Security(tenants=_tenants_file(data)))
-    app = build_trainer(config, default_face_models())
-    app.start()
-    yield app
-    app.stop(0)
+    with running_trainer(config) as app:
+        yield app
 
 
 def _channel(address: str, tenant: str | None, **security: Any) -> grpc.Channel:

@@ -61,17 +61,6 @@ def other_person(faces: FaceAnalyzer) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainerApp]:
-    app = build_trainer(
-        TrainerConfig(port=0, data=tmp_path_factory.mktemp("trainer"), device="cpu", metrics_port=0),
-        default_face_models(),
-    )
-    app.start()
-    yield app
-    app.stop(0)
-
-
-@pytest.fixture(scope="module")
 def channel(trainer: TrainerApp) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(f"127.0.0.1:{trainer.app.port}") as channel:
         yield channel
