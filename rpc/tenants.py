@@ -127,8 +127,10 @@ class TenantDirectory:
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
-            import yaml
-
+            try:
+                import yaml
+            except ImportError:
+                raise InvalidArgument(f"{path} is not JSON (YAML needs PyYAML installed)") from None
             data = yaml.safe_load(text)
         return cls.parse(data, str(path))
 

@@ -255,3 +255,18 @@ def test_tls_serves_grpc_and_leaves_the_probes_plaintext(tmp_path: Path) -> None
                 assert reply.status == 200
     finally:
         app.stop(0)
+
+
+def test_a_yaml_tenants_file_names_tenants_by_key(tmp_path: Path) -> None:
+    from easyphoto.rpc.tenants import Unauthenticated
+
+    path = tmp_path / "tenants.yaml"
+    lines = ["tenants:", "  acme:", f"    keys: ['{key_digest('k1')}']", "    burst: 2"]
+    path.write_text("\n".join([*lines, f"service_keys: ['{key_digest('s1')}']", ""]))
+    directory = TenantDirectory.read(path)
+    acme = directory.identify({"authorization": "Bearer k1"})
+    assert (acme.name, acme.limits.burst if acme.limits else None) == ("acme", 2)
+    assert directory.identify({"x-api-key": "s1"}).service
+    assert directory.identify({"x-api-key": "s1", "x-easyphoto-tenant": "acme"}) == acme  # acting for acme
+    with pytest.raises(Unauthenticated):
+        directory.identify({"authorization": "Basic k1"})
