@@ -93,6 +93,19 @@ class Overloaded(EasyPhotoError):
     reason = "OVERLOADED"
 
 
+class TenantLimited(Overloaded):
+    """The caller's tenant is past its calls in flight or its calls a second (``rpc.tenants``)."""
+
+    reason = "TENANT_LIMIT"
+
+
+class Unauthenticated(EasyPhotoError):
+    """No API key, or one the server does not know, where a tenants file is in force."""
+
+    code = "UNAUTHENTICATED"
+    reason = "UNAUTHENTICATED"
+
+
 class ModelMissing(EasyPhotoError):
     """The request needs a model this deployment was not given (a pass's ControlNet, say)."""
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import grpc
 
-from .errors import EasyPhotoError, InvalidArgument
+from .errors import EasyPhotoError, InvalidArgument, TenantLimited, Unauthenticated
 from .metrics import with_behavior
 
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
@@ -41,16 +41,6 @@ TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.")
 # Which tenant a service key acts for, where it acts for one.
 TENANT_HEADER = "x-easyphoto-tenant"
-
-
-class Unauthenticated(EasyPhotoError):
-    code = "UNAUTHENTICATED"
-    reason = "UNAUTHENTICATED"
-
-
-class TenantLimited(EasyPhotoError):
-    code = "RESOURCE_EXHAUSTED"
-    reason = "TENANT_LIMIT"
 
 
 @dataclass(frozen=True)

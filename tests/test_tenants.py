@@ -195,7 +195,8 @@ def test_a_tenant_past_its_rate_is_resource_exhausted(trainer: TrainerApp) -> No
 
 
 def test_calls_in_flight_are_limited_until_they_end() -> None:
-    from easyphoto.rpc.tenants import Limits, Tenant, TenantLimited
+    from easyphoto.rpc.errors import TenantLimited
+    from easyphoto.rpc.tenants import Limits, Tenant
 
     directory = TenantDirectory({})
     tenant = Tenant("acme", Limits(max_concurrent=2, requests_per_second=1000, burst=1000))
@@ -258,7 +259,7 @@ def test_tls_serves_grpc_and_leaves_the_probes_plaintext(tmp_path: Path) -> None
 
 
 def test_a_yaml_tenants_file_names_tenants_by_key(tmp_path: Path) -> None:
-    from easyphoto.rpc.tenants import Unauthenticated
+    from easyphoto.rpc.errors import Unauthenticated
 
     path = tmp_path / "tenants.yaml"
     lines = ["tenants:", "  acme:", f"    keys: ['{key_digest('k1')}']", "    burst: 2"]
