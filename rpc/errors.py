@@ -133,6 +133,12 @@ class Unimplemented(EasyPhotoError):
     reason = "UNIMPLEMENTED"
 
 
+def check_length(field: str, text: str, limit: int) -> None:
+    """InvalidArgument naming ``field`` when ``text`` has more than ``limit`` characters."""
+    if len(text) > limit:
+        raise InvalidArgument(f"{field} has {len(text)} characters; at most {limit}", field=field)
+
+
 def check_range(field: str, value: float, low: float, high: float, low_open: bool = False) -> None:
     """InvalidArgument naming ``field`` unless ``low <= value <= high`` (``low < value`` if open);
     NaN is never in range (it compares false with every bound)."""

@@ -19,7 +19,7 @@ from easyphoto.diffusion.passes import (
 )
 from easyphoto.diffusion.schedulers import SCHEDULERS
 from easyphoto.engines.models.family import CONTROLNET_KINDS
-from easyphoto.rpc.errors import InvalidArgument, check_range
+from easyphoto.rpc.errors import InvalidArgument, check_length, check_range
 from easyphoto.rpc.server import present_fields
 from easyphoto.v1 import generator_pb2
 
@@ -135,10 +135,7 @@ def resolve_options(request: generator_pb2.GenerateRequest) -> GenerateOptions:
     check_range("super_resolution_ratio", options.super_resolution_ratio, 0.0, 1.0)
     check_range("images_per_template", options.images_per_template, 1, MAX_IMAGES_PER_TEMPLATE)
     for name in PROMPT_FIELDS:
-        if len(getattr(options, name)) > MAX_PROMPT_CHARS:
-            raise InvalidArgument(
-                f"{name} has {len(getattr(options, name))} characters; at most {MAX_PROMPT_CHARS}", field=name
-            )
+        check_length(name, getattr(options, name), MAX_PROMPT_CHARS)
     if options.crop_short_side % 64 or not 256 <= options.crop_short_side <= 1024:
         raise InvalidArgument(
             f"crop_short_side is {options.crop_short_side}; a multiple of 64 in [256, 1024]",

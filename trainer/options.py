@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from easyphoto.rpc.errors import InvalidArgument, check_range
+from easyphoto.rpc.errors import InvalidArgument, check_length, check_range
 from easyphoto.rpc.server import present_fields
 from easyphoto.v1 import trainer_pb2
 
@@ -134,9 +134,5 @@ def resolve_training_options(
         raise InvalidArgument("options.resolution must be a multiple of 8", field="options.resolution")
     if not options.caption.strip():
         raise InvalidArgument("options.caption is empty", field="options.caption")
-    if len(options.caption) > MAX_CAPTION_CHARS:
-        raise InvalidArgument(
-            f"options.caption has {len(options.caption)} characters; at most {MAX_CAPTION_CHARS}",
-            field="options.caption",
-        )
+    check_length("options.caption", options.caption, MAX_CAPTION_CHARS)
     return options
