@@ -131,14 +131,14 @@ class GrpcApp:
         security: Security | None = None,
     ) -> None:
         security = security or Security()
-        self.tenants = security.directory()
+        tenants = security.directory()
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
         interceptors: list[grpc.ServerInterceptor] = [GrpcMetrics(metrics.registry)] if metrics else []
-        if self.tenants is not None:
-            interceptors.append(TenantInterceptor(self.tenants, abort))
+        if tenants is not None:
+            interceptors.append(TenantInterceptor(tenants, abort))
         # Streams (WatchJob, GenerateStream) hold a worker thread each; beyond max_workers calls
         # are refused with RESOURCE_EXHAUSTED rather than queued behind them with no answer.
         self.server = grpc.server(
@@ -159,7 +159,6 @@ class GrpcApp:
         self.service_names = names
         credentials = security.credentials()
         address = f"{host}:{port}"
-        self.tls = credentials is not None
         if credentials is None:
             self.port = self.server.add_insecure_port(address)
         else:

@@ -108,6 +108,7 @@ class TenantDirectory:
 
     def __init__(self, keys: dict[str, Tenant]) -> None:
         self._keys = keys
+        self._named = {t.name: t for t in keys.values() if not t.service}  # what a service key acts for
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
 
@@ -153,10 +154,10 @@ class TenantDirectory:
             raise Unauthenticated("the API key is not one this server knows")
         acting_for = metadata.get(TENANT_HEADER, "")
         if tenant.service and acting_for:
-            named = [t for t in self._keys.values() if t.name == acting_for and not t.service]
-            if not named:
+            named = self._named.get(acting_for)
+            if named is None:
                 raise Unauthenticated(f"{TENANT_HEADER} names no tenant", field=TENANT_HEADER)
-            return named[0]
+            return named
         return tenant
 
     def admit(self, tenant: Tenant) -> None:
@@ -179,7 +180,9 @@ class TenantDirectory:
 def _checked_digest(digest: Any, where: str) -> str:
     text = str(digest)
     if not re.fullmatch(r"sha256:[0-9a-f]{64}", text):
-        raise InvalidArgument(f"{where}: keys are written 'sha256:<64 hex digits>' (easyphoto key-digest)")
+        raise InvalidArgument(
+            f"{where}: keys are written 'sha256:<64 hex digits>' (printf %s KEY | sha256sum)"
+        )
     return text
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from easyphoto.rpc.errors import EasyPhotoError, NotFound
+from easyphoto.users.store import TENANT_SEPARATOR
 from easyphoto.v1 import common_pb2, trainer_pb2
 
 from .job_db import Database, open_database
@@ -375,9 +376,9 @@ class JobStore:
         if user_id:
             query, args = query + " AND user_id = ?", [*args, user_id]
         if tenant:
-            query, args = query + " AND user_id LIKE ?", [*args, f"{tenant}+%"]
+            query, args = query + " AND user_id LIKE ?", [*args, f"{tenant}{TENANT_SEPARATOR}%"]
         elif tenant == "":
-            query, args = query + " AND user_id NOT LIKE ?", [*args, "%+%"]
+            query, args = query + " AND user_id NOT LIKE ?", [*args, f"%{TENANT_SEPARATOR}%"]
         if states:
             query += f" AND state IN ({', '.join('?' * len(states))})"
             args += list(states)

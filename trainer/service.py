@@ -35,10 +35,11 @@ def _page(size: int, token: str) -> tuple[int, int]:
     """(limit, offset) from a page size and an opaque token (the offset, as text)."""
     if size > MAX_PAGE:
         raise InvalidArgument(f"page_size is {size}; at most {MAX_PAGE}", field="page_size")
-    offset = int(token) if token.isascii() and token.isdigit() else -1
-    if token and not 0 <= offset <= MAX_OFFSET:
+    if not token:
+        return size or DEFAULT_PAGE, 0
+    if not (token.isascii() and token.isdigit()) or int(token) > MAX_OFFSET:
         raise InvalidArgument("page_token is not one this server issued", field="page_token")
-    return size or DEFAULT_PAGE, offset if token else 0
+    return size or DEFAULT_PAGE, int(token)
 
 
 def _guard(context: grpc.ServicerContext, call: Callable[[Namespace], Message]) -> Message:
