@@ -31,6 +31,7 @@ from easyphoto.engines.adapters import AdapterRows, concat_rows
 from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.rpc.deadline import deadline_at, request_deadline_at
 from easyphoto.rpc.errors import DeadlineExceeded, EngineInputError, EngineUnavailable
+from easyphoto.rpc.heap import HeapTrimmer
 
 from .inpaint import InpaintPass, InpaintState, StepInputs
 
@@ -134,6 +135,8 @@ class StepEngine:
         self._jobs: list[_Job] = []
         self._wake = threading.Condition()
         self._stopping = False
+        # Batches of every size fragment the heap: its free pages go back after each round.
+        self._trim_heap = HeapTrimmer()
         self._thread = threading.Thread(target=self._loop, name="step-engine", daemon=True)
         self._thread.start()
 
@@ -190,6 +193,7 @@ class StepEngine:
             while (jobs := self._runnable()) is not None:
                 for group in self._groups(jobs):
                     self._run_group(group)
+                self._trim_heap()
                 with self._wake:
                     self._jobs = [job for job in self._jobs if job.phase != DONE]
         except BaseException as error:  # a bug: fail every pass rather than leave them waiting

@@ -33,6 +33,7 @@ from easyphoto.engines.models.family import ModelFamily
 from easyphoto.imaging.codec import decode_image, encode_png
 from easyphoto.imaging.geometry import Face
 from easyphoto.rpc.errors import Cancelled, EasyPhotoError, InvalidArgument
+from easyphoto.rpc.heap import trim_heap
 from easyphoto.users.durable import flush_to_disk, write_atomically
 from easyphoto.users.store import LORA_FILE, UserStore
 from easyphoto.v1 import trainer_pb2
@@ -307,8 +308,10 @@ class JobRunner:
                 self._running = None
                 self._lost.discard(job.job_id)
             # The job's family (gigabytes at full size) is in reference cycles (modules and their
-            # hooks): freed now, not at the interpreter's next full collection.
+            # hooks): freed now, not at the interpreter's next full collection, and its pages
+            # returned to the system.
             gc.collect()
+            trim_heap()
             metrics = self.config.metrics
             metrics.job_seconds.observe(time.time() - started)
         record = self.store.get(job.job_id)
