@@ -47,6 +47,11 @@ def add_service_arguments(parser: argparse.ArgumentParser, port: int, metrics_po
     faces.add_argument(
         "--pose-model", default=None, help="a DWPose/RTMPose-style whole-body keypoint ONNX file"
     )
+    faces.add_argument(
+        "--skin-retoucher",
+        default=None,
+        help="an image-to-image skin retouching ONNX file (else a bilateral smoothing of the skin)",
+    )
 
 
 def service_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -79,6 +84,7 @@ def service_settings(args: argparse.Namespace) -> dict[str, Any]:
             enhancer=path(args.face_enhancer),
             swapper=path(args.face_swapper),
             pose=path(args.pose_model),
+            retoucher=path(args.skin_retoucher),
         ),
     }
 

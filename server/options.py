@@ -54,6 +54,7 @@ class GenerateOptions:
     crop_scale: float = 3.0
     crop_short_side: int = 512
     super_resolution_ratio: float = 0.5
+    skin_retouching: bool = False
     positive_prompt: str = STYLE_PROMPT
     negative_prompt: str = NEGATIVE_PROMPT
     extra_prompt: str = ""
@@ -79,6 +80,7 @@ _REQUEST_FIELDS = (
     "crop_scale",
     "crop_short_side",
     "super_resolution_ratio",
+    "skin_retouching",
     "positive_prompt",
     "negative_prompt",
     "seed",

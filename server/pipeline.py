@@ -30,7 +30,7 @@ from easyphoto.engines.caches import HotCache
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.fusion import AFTER_PARTS, fuse_faces, warp_reference
 from easyphoto.engines.faces.models import FaceModels
-from easyphoto.engines.faces.parts import LanczosUpscaler, super_resolve
+from easyphoto.engines.faces.parts import LanczosUpscaler, retouch_skin, super_resolve
 from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.engines.lora import load_lora
 from easyphoto.imaging.codec import from_model, to_model
@@ -214,6 +214,8 @@ class Orchestrator:
                 result = self._repaint_seam(result, where, run.face(where.index))
         if painted and options.background_restore.enabled:
             result = self._restore_background(result, painted, run.face(0))
+        if painted and options.skin_retouching:
+            result = self._retouch(result, painted, run)
         if painted:
             result = self._enhance(result, run)
         scored = time.perf_counter()
@@ -391,6 +393,16 @@ class Orchestrator:
         while image.shape[1] < width or image.shape[0] < height:
             image = self.face_models.upscaler(image)
         return resize(image, width, height)
+
+    def _retouch(self, image: np.ndarray, painted: list[_Painted], run: _Run) -> np.ndarray:
+        """The skin of each painted face retouched (L2007-2016, where a retouching model runs on
+        the whole output; here the face models' retoucher inside each face's skin mask)."""
+        started = time.perf_counter()
+        for where in painted:
+            image = retouch_skin(image, where.face, self.face_models.parser, self.face_models.retoucher)
+        run.keep("skin_retouching", image)
+        run.timings["skin_retouching"] = time.perf_counter() - started
+        return image
 
     def _enhance(self, image: np.ndarray, run: _Run) -> np.ndarray:
         """The reference's last step (L2019-2040, GPEN there): the whole output through the

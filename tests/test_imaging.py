@@ -247,6 +247,21 @@ def test_an_aligned_paste_puts_the_sources_landmarks_on_the_targets() -> None:
     assert abs(ys.min() - (30 * scale + shift[1])) <= 1 and abs(ys.max() - (110 * scale + shift[1])) <= 2
 
 
+def test_skin_smoothing_removes_speckle_and_keeps_edges() -> None:
+    # A face-sized patch: two flat tones meeting at a sharp edge, with speckle over both.
+    rng = np.random.default_rng(0)
+    flat = np.zeros((200, 200, 3), np.float32)
+    flat[:, :100], flat[:, 100:] = (200, 160, 140), (120, 80, 60)
+    speckled = np.clip(flat + rng.normal(0, 6, flat.shape), 0, 255).astype(np.uint8)
+    smooth = compose.smooth_skin(speckled, face_width=200).astype(np.float32)
+    inside = (slice(20, 180), slice(10, 90))
+    assert (smooth[inside] - flat[inside]).std() < 0.6 * (speckled[inside] - flat[inside]).std()
+    # The edge stays sharp: two pixels either side still differ by nearly the full step (80).
+    step = smooth[:, 102].mean(axis=0) - smooth[:, 97].mean(axis=0)
+    assert np.all(np.abs(step + 80) < 8), step
+    assert abs(float(smooth.mean()) - float(speckled.mean())) < 1  # no tone shift
+
+
 def test_paint_boxes_white() -> None:
     image = np.zeros((50, 50, 3), np.uint8)
     out = compose.paint_boxes_white(image, [(10, 10, 20, 30)])

@@ -14,6 +14,7 @@ from easyphoto.diffusion.passes import BACKGROUND_PASS, SEAM_PASS, PassOptions
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import default_face_models
+from easyphoto.engines.faces.parts import LandmarkParser
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.lora import LoraLayer, LoraWeights, save_lora
 from easyphoto.engines.models.family import ModelFamily
@@ -21,6 +22,7 @@ from easyphoto.fixtures.photos import sample_photo
 from easyphoto.imaging.codec import encode_png
 from easyphoto.imaging.controls import Pose, draw_pose
 from easyphoto.imaging.geometry import grow_box, int_box, similarity_transform, transform_points
+from easyphoto.imaging.masks import only_parts, union
 from easyphoto.rpc.errors import (
     Cancelled,
     FaceTooSmall,
@@ -467,3 +469,39 @@ def test_super_resolution_runs_on_the_whole_output_only_with_an_enhancer(orchest
     zero = enhancing.generate(template, ["alice"], replace(options, super_resolution_ratio=0.0), seed=1)
     assert zero.skipped == {"super_resolution": "super_resolution_ratio is 0"}
     assert np.array_equal(zero.image[:20, :20], template[:20, :20])
+
+
+class RecordingRetoucher:
+    """A retoucher with a known answer (mid grey), recording the face widths it was given."""
+
+    def __init__(self) -> None:
+        self.widths: list[float] = []
+
+    def __call__(self, crop: np.ndarray, face_width: float) -> np.ndarray:
+        self.widths.append(face_width)
+        return np.full_like(crop, 128)
+
+
+def test_skin_retouching_runs_on_each_painted_faces_skin_only_when_asked(orchestrator: Orchestrator) -> None:
+    off = replace(FAST, enabled=False)
+    options = GenerateOptions(first_pass=off, second_pass=off, seam_pass=off, return_intermediates=True)
+    retoucher = RecordingRetoucher()
+    retouching = _with_face_models(orchestrator, retoucher=retoucher)
+    template = sample_photo("group")
+    plain = retouching.generate(template, ["alice", "", "alice"], options, seed=1)
+    assert retoucher.widths == [] and "skin_retouching" not in plain.timings  # off by default
+    asked = retouching.generate(
+        template, ["alice", "", "alice"], replace(options, skin_retouching=True), seed=1
+    )
+    painted = [asked.faces[0].face, asked.faces[2].face]
+    assert retoucher.widths == pytest.approx([face.width for face in painted])
+    assert asked.timings["skin_retouching"] > 0
+    assert "skin_retouching" in dict(asked.intermediates)
+    changed = np.any(asked.image != plain.image, axis=2)
+    grey = np.all(asked.image == 128, axis=2)
+    for outcome in (asked.faces[0], asked.faces[2]):
+        x0, y0, x1, y1 = int_box(outcome.face.box)
+        assert grey[y0:y1, x0:x1].mean() > 0.2  # the skin, fully inside the feathered mask
+    # Nothing changes outside the painted faces' skin (the skipped face 1 included).
+    skin = union([only_parts(LandmarkParser()(plain.image, face), ("skin", "nose")) for face in painted])
+    assert changed.any() and not changed[skin == 0].any()

@@ -430,6 +430,28 @@ def test_portrait_enhancement_upscales_small_crops_for_at_most_half_the_photos(f
     assert scaled.box == pytest.approx(tuple(2 * v for v in face.box))
 
 
+def test_skin_retouching_smooths_the_skin_of_each_training_crop(faces: FaceAnalyzer) -> None:
+    from easyphoto.engines.faces.parts import LandmarkParser
+    from easyphoto.imaging.masks import only_parts
+    from easyphoto.trainer.photos import prepare_photos
+
+    photos = [encode_png(p) for p in person_photos()[:2]]
+    plain = prepare_photos(photos, TrainingOptions(), faces, default_face_models())
+    stages: list[str] = []
+    retouched = prepare_photos(
+        photos, TrainingOptions(skin_retouching=True), faces, default_face_models(), stages.append
+    )
+    assert stages.index("crop") < stages.index("retouch") < stages.index("matte")
+    assert retouched.warnings == plain.warnings
+    for before, after, face in zip(plain.crops, retouched.crops, retouched.crop_faces, strict=True):
+        changed = np.any(before != after, axis=2)
+        skin = only_parts(LandmarkParser()(before, face), ("skin", "nose"))
+        # Outside the skin only the matte may differ (GrabCut sees the retouched colours).
+        matte_edge = np.all(before == 255, axis=2) | np.all(after == 255, axis=2)
+        assert changed.mean() > 0.01 and not (changed & (skin == 0) & ~matte_edge).any()
+    assert not np.array_equal(plain.reference, retouched.reference)  # the "roop" photo too
+
+
 def test_a_photo_whose_matte_is_empty_is_dropped_with_its_reason(faces: FaceAnalyzer) -> None:
     from easyphoto.trainer.photos import prepare_photos
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
-from easyphoto.engines.faces.parts import apply_matte, super_resolve
+from easyphoto.engines.faces.parts import apply_matte, retouch_skin, super_resolve
 from easyphoto.imaging.codec import decode_image
 from easyphoto.imaging.geometry import Face, grow_box, int_box, nearest_face, roll_score, tighten_box
 from easyphoto.rpc.errors import EasyPhotoError, NoUsablePhotos
@@ -95,10 +95,11 @@ def prepare_photos(
     framed = [_frame(candidate, options, analyzer) for candidate in kept]
     if options.portrait_enhancement:
         framed = _enhance_small(framed, options.resolution, face_models)
+    if options.skin_retouching:  # preprocess.py L168-170, L296-298: on the face crops
+        on_stage("retouch")
+        framed = [_retouched(frame, face_models) for frame in framed]
     on_stage("matte")
     matted = _matted(framed, face_models)
-    if options.skin_retouching:
-        warnings.append("skin_retouching was requested but no retouching model is loaded; skipped")
     if not matted:
         return _nothing(reports, warnings)
     # preprocess.py L190-194: the reference photo is the best by identity score × roll score.
@@ -222,6 +223,11 @@ def _frame(candidate: _Candidate, options: TrainingOptions, analyzer: FaceAnalyz
     tx0, ty0, tx1, ty1 = (v / factor for v in tight)
     report.tight_box = _rounded((x0 + tx0, y0 + ty0, x0 + tx1, y0 + ty1))
     return _Framed(candidate, crop, local, tight)
+
+
+def _retouched(frame: _Framed, face_models: FaceModels) -> _Framed:
+    crop = retouch_skin(frame.crop, frame.face, face_models.parser, face_models.retoucher)
+    return _Framed(frame.candidate, crop, frame.face, frame.tight)
 
 
 def _enhance_small(framed: list[_Framed], resolution: int, face_models: FaceModels) -> list[_Framed]:

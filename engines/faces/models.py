@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -37,8 +38,11 @@ from .parts import (
     LandmarkParser,
     Matte,
     OnnxSaliencyMatte,
+    OnnxSkinRetoucher,
     OnnxUpscaler,
     Parser,
+    Retoucher,
+    SkinSmoother,
     Upscaler,
 )
 from .pose import OnnxPoseEstimator, PoseEstimator
@@ -96,6 +100,7 @@ class FaceModels:
     parser: Parser = field(default_factory=LandmarkParser)
     matte: Matte = field(default_factory=GrabCutMatte)
     upscaler: Upscaler = field(default_factory=LanczosUpscaler)
+    retoucher: Retoucher = field(default_factory=SkinSmoother)
     # A learned face swapper replacing the classical warp of the fusion (None: the warp).
     swapper: FaceSwapper | None = None
     # A whole-body keypoint model for the openpose control (None: drawn from the 5 landmarks).
@@ -127,8 +132,9 @@ def default_face_models() -> FaceModels:
 @dataclass(frozen=True)
 class FaceModelPaths:
     """Where a service finds its face models: an insightface pack instead of MTCNN + dlib, and
-    ONNX files that replace the classical face parsing, saliency matte and upscaling. The trainer
-    and the orchestrator should be given the same ones, so that both score identity alike."""
+    ONNX files that replace the classical face parsing, saliency matte, upscaling and skin
+    smoothing. The trainer and the orchestrator should be given the same ones, so that both score
+    identity alike."""
 
     pack: Path | None = None
     parsing: Path | None = None
@@ -136,10 +142,27 @@ class FaceModelPaths:
     enhancer: Path | None = None
     swapper: Path | None = None
     pose: Path | None = None
+    retoucher: Path | None = None
+
+    # The command-line option that sets each field (cli/service_args.py), for the errors.
+    OPTIONS: ClassVar[dict[str, str]] = {
+        "pack": "--face-models",
+        "parsing": "--face-parsing",
+        "saliency": "--face-saliency",
+        "enhancer": "--face-enhancer",
+        "swapper": "--face-swapper",
+        "pose": "--pose-model",
+        "retoucher": "--skin-retoucher",
+    }
 
     def load(self) -> FaceModels:
+        """The models; ModelMissing naming the option and the file when a given path is not there."""
+        for name, option in self.OPTIONS.items():
+            path = getattr(self, name)
+            if path is not None and not path.exists():
+                raise ModelMissing(f"{option}: {path} does not exist", field=option.lstrip("-"))
         return load_face_models(
-            self.pack, self.parsing, self.saliency, self.enhancer, self.swapper, self.pose
+            self.pack, self.parsing, self.saliency, self.enhancer, self.swapper, self.pose, self.retoucher
         )
 
 
@@ -150,11 +173,13 @@ def load_face_models(
     enhancer: Path | None = None,
     swapper: Path | None = None,
     pose: Path | None = None,
+    retoucher: Path | None = None,
 ) -> FaceModels:
     """The default models, or an insightface pack directory when one is given; optional ONNX files
     replace the classical face parsing (BiSeNet), saliency matte, Lanczos upscaling, the fusion's
-    warp (an inswapper-style swapper, which needs the pack's 512-d ArcFace embeddings) and the
-    landmark-drawn pose (a DWPose-style whole-body keypoint model)."""
+    warp (an inswapper-style swapper, which needs the pack's 512-d ArcFace embeddings), the
+    landmark-drawn pose (a DWPose-style whole-body keypoint model) and the bilateral skin smoothing
+    (an image-to-image retoucher)."""
     if pack is None:
         models = default_face_models()
     else:
@@ -182,6 +207,8 @@ def load_face_models(
         models.upscaler = OnnxUpscaler(enhancer)
     if pose is not None:
         models.pose = OnnxPoseEstimator(pose)
+    if retoucher is not None:
+        models.retoucher = OnnxSkinRetoucher(retoucher)
     if swapper is not None:
         models.swapper = OnnxFaceSwapper(swapper)
         if models.embedding_size != models.swapper.embedding_size:

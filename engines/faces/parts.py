@@ -1,9 +1,9 @@
-"""Face-part masks, the saliency matte and the super-resolution hook.
+"""Face-part masks, the saliency matte, the super-resolution hook and skin retouching.
 
 Each has a classical default that needs no model, and an ONNX model that is used instead when the
 operator gives one (BiSeNet face parsing, a U²-Net-style saliency net, a Real-ESRGAN-style x2
-enhancer). The ONNX files run as roles through :class:`OnnxRunner`; their signatures are read
-from the files.
+enhancer, an image-to-image skin retoucher). The ONNX files run as roles through
+:class:`OnnxRunner`; their signatures are read from the files.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import cv2
 import numpy as np
 import torch
 
+from easyphoto.imaging.compose import mix, smooth_skin
 from easyphoto.imaging.geometry import Box, Face, grow_box, int_box
-from easyphoto.imaging.masks import face_part_masks
+from easyphoto.imaging.masks import bounds, face_part_masks, feather, only_parts
 
 from .onnx_runner import OnnxRunner
 
@@ -32,9 +33,10 @@ class Parser(Protocol):
     def __call__(self, image: np.ndarray, face: Face) -> dict[str, np.ndarray]: ...
 
 
-# What a matte and an upscaler look like to callers.
+# What a matte, an upscaler and a skin retoucher (a crop and the face's width in it) look like.
 Matte = Callable[[np.ndarray, Box], np.ndarray]
 Upscaler = Callable[[np.ndarray], np.ndarray]
+Retoucher = Callable[[np.ndarray, float], np.ndarray]
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -200,3 +202,67 @@ def super_resolve(image: np.ndarray, enhancer: Upscaler, ratio: float) -> np.nda
     return (
         (enhanced.astype(np.float32) * ratio + base.astype(np.float32) * (1 - ratio)).round().astype(np.uint8)
     )
+
+
+# ---- skin retouching ------------------------------------------------------------------------
+
+# The skin a retoucher works on: the parser's skin and nose (brows, eyes, mouth and lips cut out).
+RETOUCHED_PARTS = ("skin", "nose")
+
+
+class SkinSmoother:
+    """The classical retoucher (the default): edge-preserving smoothing at the face's scale."""
+
+    def __call__(self, crop: np.ndarray, face_width: float) -> np.ndarray:
+        return smooth_skin(crop, face_width)
+
+
+class OnnxSkinRetoucher:
+    """A learned retoucher ONNX (image to image: 1x3xHxW RGB in [0, 1] in, the same shape out). A
+    file with a fixed input size gets the crop resized to it and back; one with free sides gets it
+    edge-padded to a multiple of 32 and cropped back."""
+
+    multiple = 32
+
+    def __init__(self, path: Path) -> None:
+        self.runner = OnnxRunner(path)
+        height, width = self.runner.session.get_inputs()[0].shape[-2:]
+        self.size = (width, height) if isinstance(height, int) and isinstance(width, int) else None
+
+    def __call__(self, crop: np.ndarray, face_width: float) -> np.ndarray:
+        height, width = crop.shape[:2]
+        if self.size is not None:
+            return cv2.resize(
+                self._run(cv2.resize(crop, self.size, interpolation=cv2.INTER_AREA)), (width, height)
+            )
+        pad_y, pad_x = -height % self.multiple, -width % self.multiple
+        padded = np.pad(crop, ((0, pad_y), (0, pad_x), (0, 0)), mode="edge")
+        return self._run(padded)[:height, :width]
+
+    def _run(self, image: np.ndarray) -> np.ndarray:
+        blob = torch.from_numpy(
+            np.ascontiguousarray(image.astype(np.float32).transpose(2, 0, 1)[None] / 255.0)
+        )
+        out = self.runner(blob)[0][0].clamp(0, 1).numpy().transpose(1, 2, 0)
+        if out.shape != image.shape:
+            raise ValueError(f"{self.runner.path} returned {out.shape[:2]} for an image of {image.shape[:2]}")
+        return (out * 255).round().astype(np.uint8)
+
+
+def retouch_skin(image: np.ndarray, face: Face, parser: Parser, retoucher: Retoucher) -> np.ndarray:
+    """``image`` with the skin of the face at ``face`` retouched: the retoucher runs on the skin's
+    bounding rectangle (with a margin for its filters) and its output is blended in through the
+    parser's skin mask, feathered; every pixel outside that mask is left as it was."""
+    skin = only_parts(parser(image, face), RETOUCHED_PARTS)
+    found = bounds(skin)
+    if found is None:
+        return image
+    height, width = image.shape[:2]
+    margin = max(2, round(face.width / 10))
+    rows = slice(max(found[0].start - margin, 0), min(found[0].stop + margin, height))
+    cols = slice(max(found[1].start - margin, 0), min(found[1].stop + margin, width))
+    crop = image[rows, cols]
+    weight = feather(skin[rows, cols], max(1, round(face.width / 40)))
+    out = image.copy()
+    out[rows, cols] = mix(retoucher(crop, face.width), crop, weight)
+    return out
