@@ -40,7 +40,9 @@ class PassTiming:
         return statistics.median(self.ours) / statistics.median(self.diffusers)
 
 
-def baseline_pipeline(family: ModelFamily, kinds: list[str]) -> StableDiffusionControlNetInpaintPipeline:
+def baseline_pipeline(
+    family: ModelFamily, kinds: list[str], scheduler: str = "dpmpp_2m_sde_karras"
+) -> StableDiffusionControlNetInpaintPipeline:
     """The plain diffusers pipeline on the family's own modules: the reference we are measured
     and tested against."""
     pipe = StableDiffusionControlNetInpaintPipeline(
@@ -49,7 +51,7 @@ def baseline_pipeline(family: ModelFamily, kinds: list[str]) -> StableDiffusionC
         tokenizer=family.tokenizer,
         unet=family.unet,
         controlnet=MultiControlNetModel([family.controlnets[k] for k in kinds]),
-        scheduler=make_scheduler("dpmpp_2m_sde_karras", family.scheduler_config),
+        scheduler=make_scheduler(scheduler, family.scheduler_config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

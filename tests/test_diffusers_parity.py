@@ -32,11 +32,14 @@ def _pipeline(tiny: ModelFamily) -> StableDiffusionControlNetInpaintPipeline:
 
 
 def _run_diffusers(
-    pipe: StableDiffusionControlNetInpaintPipeline, inputs: dict[str, torch.Tensor], steps: int
+    pipe: StableDiffusionControlNetInpaintPipeline,
+    inputs: dict[str, torch.Tensor],
+    steps: int,
+    **options: float,
 ):
     controls = [ControlInput(k, inputs[k], s) for k, s in SCALES.items()]
     return baseline_inpaint(
-        pipe, PROMPT, NEGATIVE, inputs["image"], inputs["mask"], controls, steps=steps, seed=42
+        pipe, PROMPT, NEGATIVE, inputs["image"], inputs["mask"], controls, steps=steps, seed=42, **options
     )
 
 
@@ -94,6 +97,24 @@ def test_whole_pass_equals_diffusers_with_same_seed(
     # The controls matter: dropping the colour net changes the result, so the check can fail.
     request.controls = list(request.controls)[:2]
     request.generator = torch.Generator().manual_seed(42)
+    other = (run_inpaint(engines, request, tiny.scheduler_config) / 2 + 0.5).clamp(0, 1)
+    assert (other - expected).abs().max().item() > 1e-3
+
+
+def test_an_lcm_pass_equals_diffusers_with_its_scheduler(
+    tiny: ModelFamily, engines: Engines, inputs: dict[str, torch.Tensor]
+) -> None:
+    """The LCM fast path's first pass (12 steps, strength 0.5, CFG 2): LCM's own timesteps, and a
+    fresh noise draw after every step from the pass's generator, in diffusers' order."""
+    lcm = {"steps": 12, "strength": 0.5, "guidance_scale": 2.0}
+    pipe = baseline_pipeline(tiny, list(SCALES), scheduler="lcm")
+    expected = _run_diffusers(pipe, inputs, steps=12, strength=0.5, guidance_scale=2.0)
+    controls = [ControlInput(k, inputs[k], s) for k, s in SCALES.items()]
+    request = _inpaint_pass(engines, inputs, controls=controls, scheduler="lcm", **lcm)
+    ours = (run_inpaint(engines, request, tiny.scheduler_config) / 2 + 0.5).clamp(0, 1)
+    assert (ours - expected).abs().max().item() <= 1e-5
+    # Another scheduler on the same settings differs, so the check can fail.
+    request = _inpaint_pass(engines, inputs, controls=controls, scheduler="euler_a", **lcm)
     other = (run_inpaint(engines, request, tiny.scheduler_config) / 2 + 0.5).clamp(0, 1)
     assert (other - expected).abs().max().item() > 1e-3
 
