@@ -122,6 +122,31 @@ def lora_targets(modules: dict[str, nn.Module]) -> LoraTargets:
     return table
 
 
+def every_layer(modules: dict[str, nn.Module]) -> LoraTargets:
+    """Every linear and convolution layer of ``modules`` with its weight's shape, keyed by the
+    names LoRA files use: what a LoRA fused into the weights may touch (an LCM-LoRA also adapts
+    the resnets' convolutions and time projections, which users' LoRAs never do)."""
+    return {
+        target: {
+            file_name(target, root, name): tuple(module.weight.shape)
+            for name, module in root.named_modules()
+            if isinstance(module, nn.Linear | nn.Conv2d)
+        }
+        for target, root in modules.items()
+    }
+
+
+def fuse_lora(root: nn.Module, lora: LoraWeights, target: str, weight: float) -> None:
+    """Adds ``weight`` times each of ``lora``'s updates for ``target`` into ``root``'s weights, in
+    place: for a copy of a model that serves only with this LoRA (never the shared base)."""
+    with torch.no_grad():
+        for layer in lora.layers:
+            if layer.target == target:
+                parameter = submodule(root, layer.module).weight
+                assert isinstance(parameter, torch.Tensor)
+                parameter.add_((layer.delta() * weight).to(parameter.dtype))
+
+
 def check_fits(lora: LoraWeights, targets: LoraTargets) -> None:
     """InvalidArgument (field ``lora``) naming the first layer of ``lora`` that is not a targeted
     layer of the model or whose update is not the shape of that layer's weight."""
