@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import ModelMixin
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
@@ -145,6 +146,17 @@ def fuse_lora(root: nn.Module, lora: LoraWeights, target: str, weight: float) ->
                 parameter = submodule(root, layer.module).weight
                 assert isinstance(parameter, torch.Tensor)
                 parameter.add_((layer.delta() * weight).to(parameter.dtype))
+
+
+def fused_copy(model: ModelMixin, lora: LoraWeights, target: str, weight: float) -> ModelMixin:
+    """A copy of ``model`` with ``lora``'s ``target`` layers fused in at ``weight``, built afresh
+    from its config and weights: it shares no tensor with ``model`` and carries none of its hooks
+    (a deep copy would copy the adapter hooks' per-thread state, which cannot be copied)."""
+    copy = type(model).from_config(model.config)
+    copy.load_state_dict(model.state_dict())
+    copy.to(device=model.device, dtype=model.dtype).eval()
+    fuse_lora(copy, lora, target, weight)
+    return copy
 
 
 def check_fits(lora: LoraWeights, targets: LoraTargets) -> None:

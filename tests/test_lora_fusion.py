@@ -4,7 +4,6 @@ base model plus each layer's low-rank update computes, with the shared base left
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from easyphoto.engines.lora import (
     LoraLayer,
     LoraWeights,
     every_layer,
-    fuse_lora,
+    fused_copy,
     load_lora,
     lora_targets,
     save_lora,
@@ -92,8 +91,7 @@ def test_a_fused_lora_computes_the_base_plus_each_layers_update(
     before = {name: p.clone() for name, p in tiny.unet.named_parameters()}
     base = _unet_output(tiny.unet, tiny)
 
-    fused = copy.deepcopy(tiny.unet)
-    fuse_lora(fused, loaded, "unet", weight=0.8)
+    fused = fused_copy(tiny.unet, loaded, "unet", weight=0.8)
     handles = _with_updates(tiny.unet, lora, weight=0.8)
     try:
         expected = _unet_output(tiny.unet, tiny)
@@ -107,6 +105,18 @@ def test_a_fused_lora_computes_the_base_plus_each_layers_update(
     assert all(torch.equal(p, before[name]) for name, p in tiny.unet.named_parameters())
     assert torch.equal(_unet_output(tiny.unet, tiny), base)
     assert submodule(fused, LAYERS[0]).weight.shape == submodule(tiny.unet, LAYERS[0]).weight.shape
+
+
+def test_a_fused_copy_of_a_hooked_model_carries_no_hooks(tiny: ModelFamily) -> None:
+    """Serving models carry the per-row adapter hooks; the fused copy must be made without them."""
+    from easyphoto.engines.adapters import AdapterHooks
+
+    hooks = AdapterHooks.on({"unet": tiny.unet}, lora_targets({"unet": tiny.unet}))
+    assert hooks.modules["unet"] is tiny.unet
+    fused = fused_copy(tiny.unet, _random_lora(tiny.unet, list(LAYERS)), "unet", weight=1.0)
+    assert not any(module._forward_hooks for module in fused.modules())
+    shared = {p.data_ptr() for p in tiny.unet.parameters()}
+    assert not any(p.data_ptr() in shared for p in fused.parameters())
 
 
 def test_users_lora_targets_stay_the_attention_layers(tiny: ModelFamily, tmp_path: Path) -> None:
