@@ -19,6 +19,7 @@ import torch
 from easyphoto.imaging.compose import mix, smooth_skin
 from easyphoto.imaging.geometry import Box, Face, grow_box, int_box
 from easyphoto.imaging.masks import bounds, face_part_masks, feather, only_parts
+from easyphoto.rpc.errors import EasyPhotoError
 
 from .onnx_runner import OnnxRunner
 
@@ -245,7 +246,9 @@ class OnnxSkinRetoucher:
         )
         out = self.runner(blob)[0][0].clamp(0, 1).numpy().transpose(1, 2, 0)
         if out.shape != image.shape:
-            raise ValueError(f"{self.runner.path} returned {out.shape[:2]} for an image of {image.shape[:2]}")
+            raise EasyPhotoError(  # the deployment's model misbehaves: INTERNAL, saying which
+                f"the skin retoucher {self.runner.path} returned {out.shape[:2]} for {image.shape[:2]}"
+            )
         return (out * 255).round().astype(np.uint8)
 
 
