@@ -187,9 +187,15 @@ class OnnxUpscaler:
         self.runner = OnnxRunner(path)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        blob = torch.from_numpy(image.astype(np.float32).transpose(2, 0, 1)[None] / 255.0)
-        out = self.runner(blob.contiguous())[0][0].clamp(0, 1).numpy().transpose(1, 2, 0)
-        return (out * 255).round().astype(np.uint8)
+        return run_image_model(self.runner, image)
+
+
+def run_image_model(runner: OnnxRunner, image: np.ndarray) -> np.ndarray:
+    """An image-to-image ONNX on one image: RGB uint8 in as 1x3xHxW in [0, 1], its first output
+    (clamped to [0, 1]) back as RGB uint8."""
+    blob = torch.from_numpy(np.ascontiguousarray(image.astype(np.float32).transpose(2, 0, 1)[None] / 255.0))
+    out = runner(blob)[0][0].clamp(0, 1).numpy().transpose(1, 2, 0)
+    return (out * 255).round().astype(np.uint8)
 
 
 def super_resolve(image: np.ndarray, enhancer: Upscaler, ratio: float) -> np.ndarray:
@@ -241,15 +247,12 @@ class OnnxSkinRetoucher:
         return self._run(padded)[:height, :width]
 
     def _run(self, image: np.ndarray) -> np.ndarray:
-        blob = torch.from_numpy(
-            np.ascontiguousarray(image.astype(np.float32).transpose(2, 0, 1)[None] / 255.0)
-        )
-        out = self.runner(blob)[0][0].clamp(0, 1).numpy().transpose(1, 2, 0)
+        out = run_image_model(self.runner, image)
         if out.shape != image.shape:
             raise EasyPhotoError(  # the deployment's model misbehaves: INTERNAL, saying which
                 f"the skin retoucher {self.runner.path} returned {out.shape[:2]} for {image.shape[:2]}"
             )
-        return (out * 255).round().astype(np.uint8)
+        return out
 
 
 def retouch_skin(image: np.ndarray, face: Face, parser: Parser, retoucher: Retoucher) -> np.ndarray:
