@@ -55,7 +55,7 @@ from easyphoto.imaging.masks import (
     union,
 )
 from easyphoto.rpc.errors import InvalidArgument, ModelMissing
-from easyphoto.users.store import UserArtifacts, UserStore, check_stored_id
+from easyphoto.users.store import UserArtifacts, UserStore, adapter_prefix, check_stored_id
 
 from .options import GenerateOptions
 
@@ -265,7 +265,7 @@ class Orchestrator:
             current = reference.artifacts.adapter_name
             self._references.discard(lambda cached: cached[0] == user_id and cached != key)
             self.engines.backend.retire_adapters(
-                lambda name: name.startswith(f"{user_id}@v") and name != current
+                lambda name: name.startswith(adapter_prefix(user_id)) and name != current
             )
         self._adapter(reference, field_name)
         return reference

@@ -47,6 +47,11 @@ VERSION = re.compile(r"^v(\d+)$")
 LORA_FILE = "lora.safetensors"
 
 
+def adapter_prefix(user_id: str) -> str:
+    """How every adapter name of ``user_id``'s versions begins (``user@v``; see adapter_name)."""
+    return f"{user_id}@v"
+
+
 @dataclass
 class UserArtifacts:
     user_id: str
@@ -63,7 +68,7 @@ class UserArtifacts:
     @property
     def adapter_name(self) -> str:
         """What serving calls this version's LoRA (its adapters, their factor files): ``user@vN``."""
-        return f"{self.user_id}@v{self.version}"
+        return f"{adapter_prefix(self.user_id)}{self.version}"
 
     @property
     def lora_sha256(self) -> str:
@@ -240,7 +245,7 @@ class UserStore:
         doomed = self.root / "users" / f".deleting-{user_id}-{os.getpid()}"
         os.rename(self.user_dir(user_id), doomed)
         shutil.rmtree(doomed)
-        for derived in self.adapter_dir.glob(f"{user_id}@v*"):  # the user's LoRA must not outlive them
+        for derived in self.adapter_dir.glob(f"{adapter_prefix(user_id)}*"):  # the LoRA must not outlive them
             derived.unlink(missing_ok=True)
         return count
 
