@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,26 +113,30 @@ def load_lora(path: Path, targets: LoraTargets | None = None) -> LoraWeights:
 def lora_targets(modules: dict[str, nn.Module]) -> LoraTargets:
     """The LoRA-targeted layers of ``modules`` (``{"unet": ..., "text_encoder": ...}``) with their
     weight shapes, keyed by the names LoRA files use."""
-    table: LoraTargets = {}
-    for target, root in modules.items():
-        pattern = re.compile(TARGET_MODULES[target])
-        table[target] = {
-            file_name(target, root, name): tuple(module.weight.shape)
-            for name, module in root.named_modules()
-            if pattern.fullmatch(name) and isinstance(getattr(module, "weight", None), torch.Tensor)
-        }
-    return table
+    patterns = {target: re.compile(TARGET_MODULES[target]) for target in modules}
+    return _layer_table(
+        modules,
+        lambda target, name, module: (
+            bool(patterns[target].fullmatch(name))
+            and isinstance(getattr(module, "weight", None), torch.Tensor)
+        ),
+    )
 
 
 def every_layer(modules: dict[str, nn.Module]) -> LoraTargets:
     """Every linear and convolution layer of ``modules`` with its weight's shape, keyed by the
     names LoRA files use: what a LoRA fused into the weights may touch (an LCM-LoRA also adapts
     the resnets' convolutions and time projections, which users' LoRAs never do)."""
+    return _layer_table(modules, lambda target, name, module: isinstance(module, nn.Linear | nn.Conv2d))
+
+
+def _layer_table(modules: dict[str, nn.Module], keep: Callable[[str, str, nn.Module], bool]) -> LoraTargets:
+    """The layers ``keep`` takes (target, module name, module), by file name, with weight shapes."""
     return {
         target: {
             file_name(target, root, name): tuple(module.weight.shape)
             for name, module in root.named_modules()
-            if isinstance(module, nn.Linear | nn.Conv2d)
+            if keep(target, name, module)
         }
         for target, root in modules.items()
     }
