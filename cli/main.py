@@ -31,6 +31,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_waiting=args.max_waiting,
             adapter_cache_bytes=args.adapter_cache_mb << 20,
             adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
+            **_lcm_settings(args),
         )
     )
     return 0
@@ -235,6 +236,15 @@ def _export(args: argparse.Namespace) -> int:
     from easyphoto.export.onnx_export import export_all
 
     family = resolve_family(args.models)
+    if args.lcm_lora:
+        from easyphoto.engines.models.variants import add_lcm_lora
+        from easyphoto.rpc.errors import ModelMissing
+
+        try:
+            add_lcm_lora(family, **_lcm_settings(args))
+        except ModelMissing as error:
+            print(f"error: {error.message}", file=sys.stderr)
+            return 2
     faces = None if args.no_faces else default_face_models()
     catalogue = role_catalogue(family, faces, fused=args.fused)
     if args.roles:
@@ -263,6 +273,33 @@ def _export(args: argparse.Namespace) -> int:
         models = write_repository(out, roles, Path(args.triton), target=args.target, adapter_dir=adapter_dir)
         print(f"wrote {len(models)} {args.target} models into {args.triton}")
     return 0 if all(r.ok for r in results) else 1
+
+
+def _lcm_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """``lcm_lora`` and ``lcm_lora_weight`` from the command line (the weight's default is
+    :data:`engines.models.variants.LCM_LORA_WEIGHT`, read only when an LCM-LoRA is given)."""
+    if not args.lcm_lora:
+        return {}
+    from easyphoto.engines.models.variants import LCM_LORA_WEIGHT
+
+    weight = LCM_LORA_WEIGHT if args.lcm_lora_weight is None else args.lcm_lora_weight
+    return {"lcm_lora": Path(args.lcm_lora), "lcm_lora_weight": weight}
+
+
+def add_lcm_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--lcm-lora FILE`` and ``--lcm-lora-weight`` (serve and export)."""
+    parser.add_argument(
+        "--lcm-lora",
+        default="",
+        metavar="FILE",
+        help=f"an LCM-LoRA .safetensors (peft or kohya keys) fused into a copy of the UNet: {what}",
+    )
+    parser.add_argument(
+        "--lcm-lora-weight",
+        type=float,
+        default=None,
+        help="its weight in the fused UNet (default: the reference's for SD 1.5, 0.8)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=4096,
         help="users' LoRA adapters kept hot on the serving device, least recently used out first",
     )
+    add_lcm_arguments(serve, "requests with lcm_accelerate paint with it")
     serve.set_defaults(run=_serve, service=True)
 
     generate = commands.add_parser(
@@ -389,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave out the graphs with LoRA inputs (no users on Triton)",
     )
+    add_lcm_arguments(export, "its roles (lcm_unet, lcm_stage_*) are exported beside the base's")
     export.set_defaults(run=_export)
 
     bench = commands.add_parser("bench", help="time our loop against diffusers; writes docs/benchmarks.md")

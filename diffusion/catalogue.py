@@ -15,9 +15,10 @@ def role_catalogue(
     family: ModelFamily, face_models: FaceModels | None = None, fused: bool = True
 ) -> RoleCatalogue:
     """Every role of ``family`` (and of ``face_models``), with the reference passes' fused steps when
-    ``fused``."""
+    ``fused``: with the base UNet, and with each of its variants (an LCM-LoRA fused in)."""
     stages = [
-        describe_stage(family, kinds)
+        describe_stage(family, kinds, variant)
+        for variant in ("", *family.unet_variants)
         for kinds in (reference_stages() if fused else ())
         if set(kinds) <= set(family.controlnets)
     ]

@@ -56,6 +56,8 @@ class InpaintPass:
     raise_if_stopped: Callable[[], None] = field(default=lambda: None)
     # The user's LoRA and its weight, applied to every sample of the pass (None: the base model).
     adapter: SampleAdapter | None = None
+    # The UNet it denoises with: "" the base, "lcm" the copy with the LCM-LoRA fused in.
+    unet_variant: str = ""
 
 
 def binarize_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -83,13 +85,15 @@ def run_inpaint(engines: Engines, inpaint: InpaintPass, scheduler_config: dict[s
 
 class StepInputs(NamedTuple):
     """One step's model evaluation: the scaled model input, a timestep per row, the text
-    embeddings, the controls and each row's adapter (the arguments of ``Engines.predict_noise``)."""
+    embeddings, the controls, each row's adapter and the UNet variant (the arguments of
+    ``Engines.predict_noise``)."""
 
     sample: torch.Tensor
     timesteps: torch.Tensor
     embeds: torch.Tensor
     controls: list[ControlInput]
     adapters: list[SampleAdapter | None] | None
+    variant: str = ""
 
 
 class InpaintState:
@@ -154,7 +158,9 @@ class InpaintState:
         model_input = torch.cat([self.latents] * 2) if self.cfg else self.latents
         model_input = self.scheduler.scale_model_input(model_input, t)
         timesteps = t.reshape(1).expand(self.rows).to(model_input.dtype)
-        return StepInputs(model_input, timesteps, self.embeds, self.controls, self.adapters)
+        return StepInputs(
+            model_input, timesteps, self.embeds, self.controls, self.adapters, self.inpaint.unet_variant
+        )
 
     def advance(self, noise_pred: torch.Tensor) -> None:
         """One scheduler step with the step's noise prediction, then the known latents blended back."""

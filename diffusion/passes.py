@@ -5,7 +5,7 @@ from these, and the fused step graphs worth exporting are derived from them (:fu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from easyphoto.engines.models.family import CONTROLNET_KINDS
 
@@ -47,6 +47,22 @@ REFERENCE_PASSES = {
     "second_pass": SECOND_PASS,
     "seam_pass": SEAM_PASS,
     "background_restore": BACKGROUND_PASS,
+}
+
+
+# The reference's LCM settings (``lcm_accelerate``, easyphoto_ui.py's lcm_change and
+# easyphoto_infer.py): the first pass at 12 steps and strength 0.5, the others at 8 steps, every
+# pass at CFG 2, painted by the UNet with the LCM-LoRA fused in. The reference samples with
+# Euler a; these use the LCM scheduler, which the LCM-LoRA was distilled for.
+LCM_PASSES = {
+    name: replace(
+        settings,
+        steps=12 if name == "first_pass" else 8,
+        strength=0.5 if name == "first_pass" else settings.strength,
+        guidance_scale=2.0,
+        scheduler="lcm",
+    )
+    for name, settings in REFERENCE_PASSES.items()
 }
 
 

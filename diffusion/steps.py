@@ -4,12 +4,13 @@ Requests are data moving through one step loop (as in vLLM). A pass handed to :m
 by any thread becomes a :class:`_Job` holding its own state (an :class:`InpaintState`: latents,
 scheduler, step index, embeddings, controls, adapter, generator) with its deadline and stop hook.
 The loop thread takes the runnable jobs, groups those whose tensors can share a call (the same
-phase and shapes; for a step, the same latent size and ControlNets), makes one batched model call
-per group (up to the roles' batch limit) with each row's timestep, ControlNet weight and adapter,
-and hands each job its rows for its own scheduler step and mask blend. Jobs join and leave between
-steps: a new pass waits at most ``batch_wait`` for others to form a batch. The VAE encode and
-decode calls of the passes batch the same way, and so do the text encoder's calls for prompts not
-yet cached (:meth:`StepEngine.encode_text`, which the orchestrator's engines call).
+phase and shapes; for a step, the same latent size, ControlNets and UNet variant), makes one
+batched model call per group (up to the roles' batch limit) with each row's timestep, ControlNet
+weight and adapter, and hands each job its rows for its own scheduler step and mask blend. Jobs
+join and leave between steps: a new pass waits at most ``batch_wait`` for others to form a batch.
+The VAE encode and decode calls of the passes batch the same way, and so do the text encoder's
+calls for prompts not yet cached (:meth:`StepEngine.encode_text`, which the orchestrator's
+engines call).
 
 Each job checks its stop hook and deadline before each of its steps, in the loop; a job that fails
 (stopped, past its deadline, or its call failed when run alone) fails its own request only: a
@@ -88,7 +89,7 @@ class _PassJob(_Job):
         if self.phase == DECODE:
             return (DECODE, state.latent_shape)
         kinds = tuple(control.kind for control in state.controls)
-        return (DENOISE, state.latent_shape, kinds)
+        return (DENOISE, state.latent_shape, kinds, state.inpaint.unet_variant)
 
     @property
     def rows(self) -> int:
@@ -343,4 +344,5 @@ def _batched_step(group: list[InpaintState]) -> StepInputs:
         torch.cat([i.embeds for i in inputs]),
         controls,
         concat_rows([(i.adapters, len(i.sample)) for i in inputs]),
+        inputs[0].variant,
     )

@@ -31,6 +31,7 @@ from .roles.diffusion import (
     stage_control_inputs,
     stage_role_name,
     sum_residuals,
+    variant_role,
 )
 from .shapes import Dim
 
@@ -136,6 +137,11 @@ class Engines:
         return self.roles["unet"].axes["latent_height"].max * self.vae_scale_factor
 
     @property
+    def unet_variants(self) -> set[str]:
+        """The UNet variants this deployment serves beside the base (``lcm``: an LCM-LoRA fused)."""
+        return {role.variant for role in self.roles.values() if role.variant}
+
+    @property
     def controlnet_kinds(self) -> list[str]:
         return [
             name.removeprefix(CONTROLNET_PREFIX) for name in self.roles if name.startswith(CONTROLNET_PREFIX)
@@ -231,11 +237,19 @@ class Engines:
         encoder_hidden_states: torch.Tensor,
         residuals: Sequence[torch.Tensor],
         adapters: AdapterRows | None = None,
+        variant: str = "",
     ) -> torch.Tensor:
+        role = self._role(variant_role("unet", variant))
         inputs = _step_inputs(sample, timestep, encoder_hidden_states)
-        names = (spec.name for spec in residual_inputs(self.roles["unet"]))
+        names = (spec.name for spec in residual_inputs(self.roles[role]))
         inputs.update(zip(names, residuals, strict=True))
-        return self.backend.infer("unet", inputs, adapters)["noise_pred"]
+        return self.backend.infer(role, inputs, adapters)["noise_pred"]
+
+    def _role(self, name: str) -> str:
+        """``name`` when this deployment serves it, else ModelMissing (a UNet variant it lacks)."""
+        if name not in self.roles:
+            raise ModelMissing(f"this deployment serves no {name} role; it has {sorted(self.roles)}")
+        return name
 
     def predict_noise(
         self,
@@ -244,12 +258,14 @@ class Engines:
         encoder_hidden_states: torch.Tensor,
         controls: Sequence[ControlInput],
         adapters: AdapterRows | None = None,
+        variant: str = "",
     ) -> torch.Tensor:
-        """One model evaluation: every ControlNet, residuals summed in order, then the UNet with each
-        row's adapter (``adapters``, one per row; ControlNets carry no LoRA); one call of the fused
-        stage role when the backend serves one for exactly these ControlNets."""
+        """One model evaluation: every ControlNet, residuals summed in order, then the UNet of
+        ``variant`` (``""``: the base) with each row's adapter (``adapters``, one per row;
+        ControlNets carry no LoRA); one call of the fused stage role when the backend serves one
+        for exactly these ControlNets and this variant."""
         timesteps = timestep.reshape(-1).expand(sample.shape[0]).to(sample.dtype)
-        stage = stage_role_name(tuple(c.kind for c in controls)) if controls else ""
+        stage = variant_role(stage_role_name(tuple(c.kind for c in controls)), variant) if controls else ""
         if stage in self.roles:
             inputs = _step_inputs(sample, timesteps, encoder_hidden_states)
             for control in controls:
@@ -261,7 +277,7 @@ class Engines:
             if controls
             else self.zero_residuals(sample)
         )
-        return self.unet(sample, timesteps, encoder_hidden_states, residuals, adapters)
+        return self.unet(sample, timesteps, encoder_hidden_states, residuals, adapters, variant)
 
 
 def _step_inputs(

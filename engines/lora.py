@@ -159,7 +159,9 @@ def fused_copy(model: ModelMixin, lora: LoraWeights, target: str, weight: float)
     (a deep copy would copy the adapter hooks' per-thread state, which cannot be copied)."""
     copy = type(model).from_config(model.config)
     copy.load_state_dict(model.state_dict())
-    copy.to(device=model.device, dtype=model.dtype).eval()
+    copy.to(device=model.device).eval()
+    if copy.dtype != model.dtype:
+        copy.to(dtype=model.dtype)
     fuse_lora(copy, lora, target, weight)
     return copy
 

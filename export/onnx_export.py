@@ -268,18 +268,18 @@ def export_all(
     ``plans.json`` (the TensorRT build plans of the roles) and the engine manifest (``manifest.json``
     with the tokenizer: what serving needs to call the roles without their weights)."""
     roles = catalogue.roles
-    roots = {"unet": family.unet, "text_encoder": family.text_encoder}
-    results, variants = [], {}
+    results, lora_results = [], {}
     for description in roles.values():
         module = description.build_module()
         if not isinstance(module, nn.Module):
             log.info("skipping %s: not a torch module (served by its own runtime)", description.name)
             continue
+        roots = family.lora_roots(description.variant)
         results.append(export_role(description, out_dir, force, roots))
         if lora_graphs and description.lora_target is not None:
-            variant = describe_with_lora(description, family)
-            variants[description.name] = export_role(variant, out_dir, force)
-            _write_lora_spec(out_dir / variant.name, description.lora_target, lora_targets(roots))
+            with_lora = describe_with_lora(description, family)
+            lora_results[description.name] = export_role(with_lora, out_dir, force)
+            _write_lora_spec(out_dir / with_lora.name, description.lora_target, lora_targets(roots))
     plans = [
         plan_role(
             roles[r.role],
@@ -291,16 +291,17 @@ def export_all(
     ]
     write_plans(plans, out_dir)
     manifest = EngineManifest.of_family(family, catalogue, EXPORTER_VERSION)
+    lora_files = {role: str(r.path.relative_to(out_dir)) for role, r in lora_results.items()}
     manifest.files = {
         r.role: {
             "onnx": str(r.path.relative_to(out_dir)),
             "onnx_fp16": str(r.fp16_path.relative_to(out_dir)) if r.fp16_path else None,
-            "onnx_lora": str(variants[r.role].path.relative_to(out_dir)) if r.role in variants else None,
+            "onnx_lora": lora_files.get(r.role),
         }
         for r in results
     }
     manifest.write(out_dir, family.tokenizer)
-    return [*results, *variants.values()]
+    return [*results, *lora_results.values()]
 
 
 def _write_lora_spec(folder: Path, target: str, targets: LoraTargets) -> None:

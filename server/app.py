@@ -21,10 +21,11 @@ from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.models import FaceModelPaths, FaceModels
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.models.loading import resolve_family
+from easyphoto.engines.models.variants import LCM, LCM_LORA_WEIGHT, add_lcm_lora
 from easyphoto.engines.roles.catalogue import RoleCatalogue
 from easyphoto.engines.roles.manifest import MANIFEST_FILE, EngineManifest, FamilyFacts
 from easyphoto.rpc.deadline import request_deadline
-from easyphoto.rpc.errors import EasyPhotoError, EngineUnavailable, UserNotReady
+from easyphoto.rpc.errors import EasyPhotoError, EngineUnavailable, ModelMissing, UserNotReady
 from easyphoto.rpc.metrics import DEFAULT_HOST, Metrics
 from easyphoto.rpc.server import GrpcApp, Security, Service, abort
 from easyphoto.rpc.tenants import current_tenant
@@ -70,6 +71,10 @@ class ServerConfig:
     # Where Triton's models read users' adapters (the orchestrator writes each one there on first
     # use); None: <data>/adapters. The repository must be written with the same folder.
     adapter_dir: Path | None = None
+    # An LCM-LoRA fused into a copy of the UNet for requests with lcm_accelerate (torch backend;
+    # a Triton deployment gets its LCM roles from `easyphoto export --lcm-lora`).
+    lcm_lora: Path | None = None
+    lcm_lora_weight: float = LCM_LORA_WEIGHT
     security: Security = field(default_factory=Security)
 
 
@@ -113,6 +118,8 @@ class EngineHolder:
     def _torch_engines(self, face_models: FaceModels) -> tuple[Engines, FamilyFacts]:
         """Every role in process, from the family's weights."""
         family = resolve_family(self.config.models)
+        if self.config.lcm_lora is not None:
+            add_lcm_lora(family, self.config.lcm_lora, self.config.lcm_lora_weight)
         backend = TorchBackend(
             family,
             device=self.config.device,
@@ -130,6 +137,14 @@ class EngineHolder:
         from easyphoto.engines.backends.triton_backend import TritonBackend
 
         manifest = EngineManifest.read(self.config.export_dir)
+        if self.config.lcm_lora is not None:
+            exported = LCM in {role.variant for role in manifest.catalogue.roles.values()}
+            raise ModelMissing(
+                "--lcm-lora: a Triton deployment's LCM UNet is fused at export (easyphoto export"
+                f" --lcm-lora FILE); the export in {self.config.export_dir} has"
+                f" {'one: serve without --lcm-lora' if exported else 'none'}",
+                field="lcm-lora",
+            )
         log.info(
             "backend triton: roles, tokenizer and scheduler of %s from %s; no model weights are loaded here",
             manifest.family.name,

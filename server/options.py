@@ -12,6 +12,7 @@ from typing import Any
 from easyphoto.diffusion.passes import (
     BACKGROUND_PASS,
     FIRST_PASS,
+    LCM_PASSES,
     REFERENCE_PASSES,
     SEAM_PASS,
     SECOND_PASS,
@@ -19,6 +20,7 @@ from easyphoto.diffusion.passes import (
 )
 from easyphoto.diffusion.schedulers import SCHEDULERS
 from easyphoto.engines.models.family import CONTROLNET_KINDS
+from easyphoto.engines.models.variants import LCM
 from easyphoto.rpc.errors import InvalidArgument, check_length, check_range
 from easyphoto.rpc.server import present_fields
 from easyphoto.v1 import generator_pb2
@@ -55,6 +57,7 @@ class GenerateOptions:
     crop_short_side: int = 512
     super_resolution_ratio: float = 0.5
     skin_retouching: bool = False
+    lcm_accelerate: bool = False
     positive_prompt: str = STYLE_PROMPT
     negative_prompt: str = NEGATIVE_PROMPT
     extra_prompt: str = ""
@@ -71,6 +74,11 @@ class GenerateOptions:
     def negative(self) -> str:
         return ", ".join(p for p in (self.negative_prompt, self.extra_negative_prompt) if p)
 
+    @property
+    def unet_variant(self) -> str:
+        """The UNet every pass paints with: the LCM-LoRA's copy on the fast path, else the base."""
+        return LCM if self.lcm_accelerate else ""
+
 
 # Request fields that map one to one onto GenerateOptions; the passes and fusion are nested messages.
 _REQUEST_FIELDS = (
@@ -81,6 +89,7 @@ _REQUEST_FIELDS = (
     "crop_short_side",
     "super_resolution_ratio",
     "skin_retouching",
+    "lcm_accelerate",
     "positive_prompt",
     "negative_prompt",
     "seed",
@@ -118,10 +127,10 @@ def _pass(message: Any, defaults: PassOptions, name: str) -> PassOptions:
 
 def resolve_options(request: generator_pb2.GenerateRequest) -> GenerateOptions:
     defaults = GenerateOptions()
+    # The fast path changes the passes' defaults; what the request sets applies on top.
+    passes = LCM_PASSES if request.HasField("lcm_accelerate") and request.lcm_accelerate else REFERENCE_PASSES
     values: dict[str, Any] = {
-        **{
-            name: _pass(getattr(request, name), defaults, name) for name, defaults in REFERENCE_PASSES.items()
-        },
+        **{name: _pass(getattr(request, name), defaults, name) for name, defaults in passes.items()},
         "extra_prompt": request.extra_prompt,
         "extra_negative_prompt": request.extra_negative_prompt,
         "return_intermediates": request.return_intermediates,

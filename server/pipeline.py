@@ -178,6 +178,7 @@ class Orchestrator:
         """One image: each face of ``template`` painted as its user, left to right. Between steps
         ``raise_if_stopped`` is called (it raises to stop: the client went away, a deadline passed)."""
         started = time.perf_counter()
+        self._check_unet_variant(options)
         painted_faces = [index for index, user_id in enumerate(user_ids) if user_id]
         faces = self.analyzer.detect_painted(template, painted_faces, field_name, MAX_FACES, MIN_FACE_SIZE)
         if len(user_ids) > len(faces):
@@ -232,6 +233,16 @@ class Orchestrator:
         run.timings["score"] = time.perf_counter() - scored
         run.timings["total"] = time.perf_counter() - started
         return Generation(result, outcomes, seed, run.timings, run.intermediates, run.skipped)
+
+    def _check_unet_variant(self, options: GenerateOptions) -> None:
+        """ModelMissing when the request asks for the LCM fast path and no LCM-LoRA was given."""
+        variant = options.unet_variant
+        if variant and variant not in self.engines.unet_variants:
+            raise ModelMissing(
+                "lcm_accelerate needs an LCM-LoRA, which this deployment was not given"
+                " (easyphoto serve --lcm-lora FILE; for Triton, easyphoto export --lcm-lora FILE)",
+                field="lcm_accelerate",
+            )
 
     def _check_controlnets(self, options: GenerateOptions, painted: int) -> None:
         """ModelMissing naming the pass and the kind when a pass that will run needs a ControlNet
@@ -512,6 +523,7 @@ class Orchestrator:
             on_step=lambda event: ctx.step(stage, event),
             raise_if_stopped=ctx.run.raise_if_stopped,
             adapter=ctx.adapter,
+            unet_variant=options.unet_variant,
         )
         out = from_model(self.steps.run(inpaint))
         timings = ctx.run.timings

@@ -99,6 +99,12 @@ ASTRONAUT = "astronaut"
             "INVALID_ARGUMENT",
             "lora_weight",
         ),
+        (  # this orchestrator was given no --lcm-lora
+            lambda: _request(sample_photo(ASTRONAUT), ["alice"], lcm_accelerate=True),
+            "FAILED_PRECONDITION",
+            "MODEL_MISSING",
+            "lcm_accelerate",
+        ),
     ],
 )
 def test_bad_requests_get_typed_statuses(stub, make, code: str, reason: str, field: str) -> None:  # type: ignore[no-untyped-def]

@@ -9,13 +9,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from recording_engines import RecordingEngines
 
 from easyphoto.diffusion.passes import BACKGROUND_PASS, SEAM_PASS, PassOptions
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import default_face_models
 from easyphoto.engines.faces.parts import LandmarkParser
-from easyphoto.engines.interface import Engines
 from easyphoto.engines.lora import LoraLayer, LoraWeights, save_lora
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.fixtures.photos import sample_photo
@@ -36,31 +36,6 @@ from easyphoto.server.pipeline import Orchestrator
 from easyphoto.users.store import UserStore
 
 FAST = PassOptions(True, 4, 0.5, 7.0, canny_weight=0.5, color_weight=0.85)
-
-
-class RecordingEngines(Engines):
-    """The real engines, recording every model evaluation (ControlNets with their weights, and the
-    adapter of its rows)."""
-
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(*args, **kwargs)
-        self.calls: list[dict[str, float]] = []
-        self.loras: list[tuple[str, float] | None] = []
-
-    def predict_noise(self, sample, timestep, encoder_hidden_states, controls, adapters=None):  # type: ignore[no-untyped-def]
-        self.calls.append({c.kind: _one_weight(c.scale) for c in controls})
-        keys = {row.key for row in adapters or () if row is not None}
-        assert len(keys) <= 1, keys  # one request: one user's adapter on every row
-        self.loras.append(keys.pop() if keys else None)
-        return super().predict_noise(sample, timestep, encoder_hidden_states, controls, adapters)
-
-
-def _one_weight(scale: float | torch.Tensor) -> float:
-    """A control's weight: the step engine gives one per row, all the same for one request."""
-    if isinstance(scale, float):
-        return scale
-    assert torch.all(scale == scale[0]), scale
-    return round(float(scale[0]), 6)
 
 
 def _publish(root: Path, user_id: str, face: np.ndarray, version: int = 1) -> None:

@@ -63,9 +63,13 @@ class TorchBackend:
             self._roles.update(faces.roles)
         self._runners: dict[str, Runner] = {}
         self._lock = threading.Lock()
-        modules = {"unet": family.unet, "text_encoder": family.text_encoder} if family is not None else {}
+        modules = family.lora_roots() if family is not None else {}
         self._lora_targets = lora_targets(modules)
-        self._hooks = AdapterHooks.on(modules, self._lora_targets)
+        # Users' adapters apply on the base UNet and text encoder, and on each UNet variant (its
+        # layers have the base's names and shapes); a role's calls enter its own variant's hooks.
+        self._hooks = {"": AdapterHooks.on(modules, self._lora_targets)}
+        for variant, unet in family.unet_variants.items() if family is not None else ():
+            self._hooks[variant] = AdapterHooks.on({"unet": unet}, self._lora_targets)
         self.adapters = AdapterCache(adapter_cache_bytes)
 
     @property
@@ -128,7 +132,8 @@ class TorchBackend:
             raise EngineInputError(role, "adapters", "given to a role that takes no LoRA")
         float_dtype = self._dtype if description.fp16 else torch.float32
         args = [self._cast(inputs[spec.name], spec.dtype, float_dtype) for spec in description.inputs]
-        with torch.inference_mode(), self._hooks.rows(adapters, values.get("batch", 0), self._device):
+        hooks = self._hooks[description.variant]
+        with torch.inference_mode(), hooks.rows(adapters, values.get("batch", 0), self._device):
             outputs = self.runner(role)(*args)
         return {spec.name: out for spec, out in zip(description.outputs, outputs, strict=True)}
 

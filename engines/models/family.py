@@ -46,6 +46,9 @@ class ModelFamily:
     image_sizes: tuple[int, int, int] = (256, 512, 1024)
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Copies of the UNet with a LoRA fused in, by variant name (``lcm``: an LCM-LoRA), each
+    # served as its own roles (:func:`engines.roles.diffusion.variant_role`).
+    unet_variants: dict[str, UNet2DConditionModel] = field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -71,7 +74,20 @@ class ModelFamily:
             "text_encoder": self.text_encoder,
         }
         mods.update({f"controlnet_{kind}": net for kind, net in self.controlnets.items()})
+        mods.update({f"{variant}_unet": unet for variant, unet in self.unet_variants.items()})
         return mods
+
+    def unet_of(self, variant: str) -> UNet2DConditionModel:
+        """The UNet a role of ``variant`` computes with (``""``: the base UNet)."""
+        if not variant:
+            return self.unet
+        if variant not in self.unet_variants:
+            raise KeyError(f"no {variant!r} UNet; this family has {sorted(self.unet_variants)}")
+        return self.unet_variants[variant]
+
+    def lora_roots(self, variant: str = "") -> dict[str, torch.nn.Module]:
+        """The models users' LoRAs adapt, by LoRA target, for the roles of ``variant``."""
+        return {"unet": self.unet_of(variant), "text_encoder": self.text_encoder}
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> ModelFamily:
         target = torch.device(device)

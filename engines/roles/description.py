@@ -39,6 +39,9 @@ class RoleDescription:
     # The LoRA target whose layers this role computes ("unet", "text_encoder"): a call may carry
     # a user's adapter per sample. None: the role takes no adapter (ControlNets carry no LoRA).
     lora_target: str | None = None
+    # The UNet variant a denoising role computes with: "" the base UNet, "lcm" the copy with an
+    # LCM-LoRA fused in (:mod:`engines.models.variants`).
+    variant: str = ""
 
     @property
     def batched(self) -> bool:
@@ -126,6 +129,7 @@ class RoleDescription:
             "fp16": self.fp16,
             "sample_ranges": {name: list(bounds) for name, bounds in self.sample_ranges.items()},
             "lora_target": self.lora_target,
+            "variant": self.variant,
         }
 
     @classmethod
@@ -147,6 +151,7 @@ class RoleDescription:
             fp16=bool(entry["fp16"]),
             sample_ranges={name: (low, high) for name, (low, high) in entry.get("sample_ranges", {}).items()},
             lora_target=entry.get("lora_target"),
+            variant=entry.get("variant", ""),
         )
 
     def axis_values(self, point: ProfilePoint = "opt") -> dict[str, int]:

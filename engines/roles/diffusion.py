@@ -10,6 +10,9 @@ Conventions (KServe v2 / Triton names, NCHW):
 * ControlNet residual ``i`` is ``down_block_res_{i}``; the mid residual is ``mid_block_res``.
 * ``conditioning_scale`` is a per-sample input (``[batch]``), so one built engine serves every weight
   and one call serves samples of several requests with their own weights.
+* A UNet variant (a copy with an LCM-LoRA fused in, ``family.unet_variants``) is served as roles
+  of its own, the base's names prefixed (``lcm_unet``, ``lcm_stage_canny_tile``): the same tensors,
+  other weights, users' LoRAs applied on top of it per row as on the base.
 * The VAE encoder returns the raw Gaussian moments (mean, logvar); sampling and the scaling
   factor happen in :mod:`engines.interface`. The VAE decoder takes UNet-space (scaled) latents.
 """
@@ -69,9 +72,9 @@ class VaeDecoderModule(nn.Module):
 
 
 class UNetModule(nn.Module):
-    def __init__(self, family: ModelFamily) -> None:
+    def __init__(self, unet: nn.Module) -> None:
         super().__init__()
-        self.unet = family.unet
+        self.unet = unet
 
     def forward(
         self,
@@ -121,10 +124,10 @@ class StageModule(nn.Module):
     """One denoising step of a pass in one graph: the pass's ControlNets, residuals summed in order
     (as diffusers' MultiControlNetModel does), then the UNet. Four engine calls become one."""
 
-    def __init__(self, family: ModelFamily, kinds: tuple[str, ...]) -> None:
+    def __init__(self, family: ModelFamily, kinds: tuple[str, ...], variant: str = "") -> None:
         super().__init__()
         self.controlnets = nn.ModuleList(ControlNetModule(family, kind) for kind in kinds)
-        self.unet = UNetModule(family)
+        self.unet = UNetModule(family.unet_of(variant))
 
     def forward(
         self,
@@ -163,6 +166,12 @@ def controlnet_role(kind: str) -> str:
 
 def stage_role_name(kinds: tuple[str, ...]) -> str:
     return "stage_" + "_".join(kinds)
+
+
+def variant_role(role: str, variant: str) -> str:
+    """The name of ``role`` computed with the UNet ``variant`` (``unet`` -> ``lcm_unet``; ``""``:
+    the base UNet's role itself)."""
+    return f"{variant}_{role}" if variant else role
 
 
 def stage_control_inputs(kind: str) -> tuple[str, str]:
@@ -259,8 +268,11 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
             axes=latent_axes,
             build_module=lambda: VaeDecoderModule(family),
         ),
-        "unet": RoleDescription(
-            name="unet",
+    }
+    for variant in ("", *family.unet_variants):
+        name = variant_role("unet", variant)
+        roles[name] = RoleDescription(
+            name=name,
             inputs=(*step_inputs, *residual_specs(family)),
             outputs=(
                 TensorSpec(
@@ -268,11 +280,11 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
                 ),
             ),
             axes=latent_axes,
-            build_module=lambda: UNetModule(family),
+            build_module=lambda variant=variant: UNetModule(family.unet_of(variant)),  # type: ignore[misc]
             sample_ranges=timestep_range,
             lora_target="unet",
-        ),
-    }
+            variant=variant,
+        )
     for kind in family.controlnets:
         name = controlnet_role(kind)
         control_channels = int(family.controlnets[kind].config.in_channels)
@@ -292,11 +304,12 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
     return roles
 
 
-def describe_stage(family: ModelFamily, kinds: tuple[str, ...]) -> RoleDescription:
-    """The fused step of a pass with these ControlNets (in this order): the UNet's step inputs, then
-    ``<kind>_cond`` and ``<kind>_scale`` per ControlNet; ``noise_pred`` out."""
+def describe_stage(family: ModelFamily, kinds: tuple[str, ...], variant: str = "") -> RoleDescription:
+    """The fused step of a pass with these ControlNets (in this order) and the UNet ``variant``:
+    the UNet's step inputs, then ``<kind>_cond`` and ``<kind>_scale`` per ControlNet;
+    ``noise_pred`` out."""
     roles = describe_roles(family)
-    unet = roles["unet"]
+    unet = roles[variant_role("unet", variant)]
     sample = STEP_INPUTS[0]
     if not kinds or any(controlnet_role(kind) not in roles for kind in kinds):
         raise ValueError(
@@ -318,11 +331,12 @@ def describe_stage(family: ModelFamily, kinds: tuple[str, ...]) -> RoleDescripti
             scale: control.sample_ranges["conditioning_scale"],
         }
     return RoleDescription(
-        name=stage_role_name(kinds),
+        name=variant_role(stage_role_name(kinds), variant),
         inputs=(*(unet.input(name) for name in STEP_INPUTS), *controls),
         outputs=unet.outputs,
         axes=unet.axes,
-        build_module=lambda: StageModule(family, kinds),
+        build_module=lambda: StageModule(family, kinds, variant),
         sample_ranges={**unet.sample_ranges, **ranges},
         lora_target=unet.lora_target,
+        variant=variant,
     )

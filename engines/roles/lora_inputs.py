@@ -45,7 +45,7 @@ def describe_with_lora(description: RoleDescription, family: ModelFamily) -> Rol
     target = description.lora_target
     if target is None:
         raise ValueError(f"{description.name} takes no LoRA")
-    roots = {"unet": family.unet, "text_encoder": family.text_encoder}
+    roots = family.lora_roots(description.variant)
     targets = lora_targets(roots)
     layers = lora_layers(targets, target)
     factors: list[TensorSpec] = []

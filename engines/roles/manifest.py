@@ -72,7 +72,7 @@ class EngineManifest:
 
     @classmethod
     def of_family(cls, family: ModelFamily, catalogue: RoleCatalogue, exporter: str = "") -> EngineManifest:
-        targets = lora_targets({"unet": family.unet, "text_encoder": family.text_encoder})
+        targets = lora_targets(family.lora_roots())
         return cls(FamilyFacts.of(family), catalogue, targets, exporter)
 
     def to_json(self) -> dict[str, Any]:

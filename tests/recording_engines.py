@@ -1,0 +1,35 @@
+"""The real engines, recording what each model evaluation was given (shared by the pipeline
+tests)."""
+
+from __future__ import annotations
+
+import torch
+
+from easyphoto.engines.interface import Engines
+
+
+class RecordingEngines(Engines):
+    """The real engines, recording every model evaluation (ControlNets with their weights, and the
+    adapter of its rows)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.calls: list[dict[str, float]] = []
+        self.loras: list[tuple[str, float] | None] = []
+        self.variants: list[str] = []
+
+    def predict_noise(self, sample, timestep, encoder_hidden_states, controls, adapters=None, variant=""):  # type: ignore[no-untyped-def]
+        self.calls.append({c.kind: _one_weight(c.scale) for c in controls})
+        keys = {row.key for row in adapters or () if row is not None}
+        assert len(keys) <= 1, keys  # one request: one user's adapter on every row
+        self.loras.append(keys.pop() if keys else None)
+        self.variants.append(variant)
+        return super().predict_noise(sample, timestep, encoder_hidden_states, controls, adapters, variant)
+
+
+def _one_weight(scale: float | torch.Tensor) -> float:
+    """A control's weight: the step engine gives one per row, all the same for one request."""
+    if isinstance(scale, float):
+        return scale
+    assert torch.all(scale == scale[0]), scale
+    return round(float(scale[0]), 6)
