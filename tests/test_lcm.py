@@ -18,6 +18,7 @@ from easyphoto.diffusion.passes import LCM_PASSES, REFERENCE_PASSES, reference_s
 from easyphoto.diffusion.steps import StepEngine
 from easyphoto.engines.adapters import SampleAdapter
 from easyphoto.engines.backends.torch_backend import TorchBackend
+from easyphoto.engines.backends.triton_backend import TritonBackend
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import default_face_models
 from easyphoto.engines.interface import ControlInput, Engines
@@ -25,8 +26,12 @@ from easyphoto.engines.lora import LoraLayer, LoraWeights, fuse_lora, fused_copy
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.models.loading import tiny_family
 from easyphoto.engines.models.variants import LCM, LCM_LORA_WEIGHT, add_lcm_lora
-from easyphoto.engines.roles.diffusion import stage_role_name, variant_role
+from easyphoto.engines.roles.diffusion import describe_stage, stage_role_name, variant_role
 from easyphoto.engines.roles.lora_inputs import describe_with_lora
+from easyphoto.engines.roles.manifest import EngineManifest
+from easyphoto.export.onnx_export import export_all
+from easyphoto.export.triton_repository import write_repository
+from easyphoto.export.triton_server import TritonInstall, free_ports, start_server
 from easyphoto.fixtures.lcm import random_lcm_lora, write_lcm_lora
 from easyphoto.fixtures.photos import sample_photo
 from easyphoto.rpc.errors import ModelMissing
@@ -315,3 +320,81 @@ def test_serve_fuses_its_lcm_lora_at_load_and_a_missing_one_fails_loading(
     absent = EngineHolder(ServerConfig(data=alice_data, lcm_lora=tmp_path / "none.safetensors"))
     with pytest.raises(ModelMissing, match=r"--lcm-lora: .*none\.safetensors does not exist"):
         absent.load()
+
+
+def test_an_lcm_step_is_one_call_of_its_fused_lcm_stage_and_equals_its_nets_and_lcm_unet(
+    lcm_family: ModelFamily, lcm_engines: Engines
+) -> None:
+    kinds = reference_stages()[1]  # canny + tile, the second pass
+    fused_backend = TorchBackend(lcm_family, "cpu")
+    fused_backend.add_role(describe_stage(lcm_family, kinds, LCM))
+    fused_backend.add_role(describe_stage(lcm_family, kinds))
+    called: list[str] = []
+    infer = fused_backend.infer
+    fused_backend.infer = lambda role, inputs, *rest: called.append(role) or infer(role, inputs, *rest)  # type: ignore[method-assign]
+    fused = Engines(fused_backend, lcm_family.tokenizer, 1.0)
+    user, _ = _user(lcm_engines)
+    fused_user = SampleAdapter(fused_backend.adapter(user.adapter.name, lambda: _user(lcm_engines)[1]), 0.9)
+    one = _unet_inputs(lcm_engines, seed=2)
+    height, width = (8 * side for side in one["sample"].shape[2:])
+    generator = torch.Generator().manual_seed(4)
+    controls = [
+        ControlInput(kind, torch.rand(2, 3, height, width, generator=generator), 0.7) for kind in kinds
+    ]
+    sample, timestep, text = (
+        torch.cat([one[name]] * 2) for name in ("sample", "timestep", "encoder_hidden_states")
+    )
+    for variant in (LCM, ""):
+        called.clear()
+        got = fused.predict_noise(sample, timestep, text, controls, [fused_user, None], variant)
+        assert called == [variant_role(stage_role_name(kinds), variant)]  # one call per step
+        separate = lcm_engines.predict_noise(sample, timestep, text, controls, [user, None], variant)
+        torch.testing.assert_close(got, separate, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(
+        fused.predict_noise(sample, timestep, text, controls, None, LCM),
+        fused.predict_noise(sample, timestep, text, controls, None, ""),
+        atol=1e-3,
+    )
+
+
+def test_the_lcm_unet_exports_and_paints_users_through_a_real_tritonserver(
+    install: TritonInstall, lcm_family: ModelFamily, lcm_engines: Engines, lcm_file: Path, tmp_path: Path
+) -> None:
+    """The LCM UNet and its graph with LoRA inputs exported, served by the CPU tritonserver, rows of a
+    user and of no user in one call equal to the torch backend; serve --backend triton refuses its
+    own --lcm-lora (the export fused it)."""
+    catalogue = role_catalogue(lcm_family, fused=False).only(["lcm_unet"])
+    results = export_all(catalogue, tmp_path / "export", lcm_family)
+    assert [(r.role, r.ok) for r in results] == [("lcm_unet", True), ("lcm_unet_lora", True)]
+    manifest = EngineManifest.read(tmp_path / "export")
+    assert manifest.catalogue.family["lcm_unet"].variant == LCM
+    assert manifest.files["lcm_unet"]["onnx_lora"] == "lcm_unet_lora/model.onnx"
+    adapters = tmp_path / "adapters"
+    write_repository(tmp_path / "export", catalogue.roles, tmp_path / "repository", adapter_dir=adapters)
+    server = start_server(tmp_path / "repository", install, free_ports())
+    try:
+        server.wait_ready()
+        triton = TritonBackend(
+            server.grpc_url,
+            manifest.catalogue.roles,
+            lora_targets=manifest.lora_targets,
+            adapter_dir=adapters,
+        )
+        try:
+            user, lora = _user(lcm_engines, seed=5)
+            remote_user = SampleAdapter(triton.adapter(lora.name, lambda: lora), user.weight)
+            inputs = {name: torch.cat([t, t]) for name, t in _unet_inputs(lcm_engines, seed=3).items()}
+            theirs = triton.infer("lcm_unet", inputs, [remote_user, None])["noise_pred"]
+            ours = lcm_engines.backend.infer("lcm_unet", inputs, [user, None])["noise_pred"]
+            assert float((theirs - ours).abs().max()) <= 1e-4 * float(ours.abs().max())
+        finally:
+            triton.close()
+    finally:
+        server.stop()
+    from easyphoto.server.app import EngineHolder, ServerConfig
+
+    holder = EngineHolder(
+        ServerConfig(backend="triton", export_dir=tmp_path / "export", lcm_lora=lcm_file, data=tmp_path)
+    )
+    with pytest.raises(ModelMissing, match=r"fused at export .* has one: serve without --lcm-lora"):
+        holder.load()
