@@ -37,10 +37,9 @@ from tqdm import tqdm
 from easyphoto.engines.interface import ControlInput
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.models.loading import resolve_family
-from easyphoto.fixtures.photos import sample_photo
+from easyphoto.fixtures.photos import astronaut_face, sample_photo
 from easyphoto.fixtures.users import publish_photo_user, random_lora
 from easyphoto.imaging.codec import encode_png
-from easyphoto.imaging.geometry import grow_box, int_box
 from easyphoto.server.bench import PROMPT, _device_name, baseline_inpaint, baseline_pipeline, write_section
 from easyphoto.users.store import UserStore
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
@@ -189,17 +188,11 @@ def run_harness(config: HarnessConfig) -> Results:
 
 
 def publish_users(family: ModelFamily, store: UserStore, config: HarnessConfig) -> None:
-    face = _user_photo()
+    face = astronaut_face()
     for index in range(config.users):
         publish_photo_user(
             store, f"user{index}", face, random_lora(family, f"user{index}", config.lora_rank, index)
         )
-
-
-def _user_photo() -> np.ndarray:
-    astronaut = sample_photo("astronaut")
-    x0, y0, x1, y1 = int_box(grow_box((178.4, 58.9, 267.0, 173.0), 1.8, 512, 512))
-    return np.ascontiguousarray(astronaut[y0:y1, x0:x1])
 
 
 def _planned_requests(config: HarnessConfig) -> int:

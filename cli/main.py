@@ -169,6 +169,12 @@ def _bench(args: argparse.Namespace) -> int:
         section = _triton_bench(args.models)
         write_section(out, section)
         print(section)
+    if args.only in ("all", "lcm"):
+        from easyphoto.server.lcm_bench import lcm_section
+
+        section = lcm_section(args.models)
+        write_section(out, section)
+        print(section)
     if args.only in ("all", "harness"):
         _harness(args, out)
     return 0
@@ -436,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", type=int, default=256)
     bench.add_argument("--steps", type=int, default=50)
     bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--only", choices=["all", "faces", "first-pass", "triton", "harness"], default="all")
+    bench.add_argument(
+        "--only", choices=["all", "faces", "first-pass", "triton", "lcm", "harness"], default="all"
+    )
     bench.add_argument(
         "--quick", action="store_true", help="harness: the tiny family, fewer steps (under 10 min on 2 cores)"
     )

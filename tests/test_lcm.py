@@ -398,3 +398,14 @@ def test_the_lcm_unet_exports_and_paints_users_through_a_real_tritonserver(
     )
     with pytest.raises(ModelMissing, match=r"fused at export .* has one: serve without --lcm-lora"):
         holder.load()
+
+
+def test_the_bench_section_puts_both_paths_side_by_side_with_their_ratio() -> None:
+    from easyphoto.server.lcm_bench import _section
+
+    rows = [("default", 1, 29, 0.1, [10.0]), ("lcm", 1, 8, 0.3, [3.0]), ("default", 4, 29, 0.2, [20.0])]
+    rows.append(("lcm", 4, 8, 0.5, [7.0, 8.0]))
+    section = _section("tiny", 4, rows).splitlines()
+    assert section[0] == "<!-- bench:lcm:tiny:begin -->" and section[-1] == "<!-- bench:lcm:tiny:end -->"
+    assert "| lcm | 8 | 4 | 0.500 | 7.50 |" in section and "| default | 29 | 1 | 0.100 | 10.00 |" in section
+    assert "**3.00x at concurrency 1, 2.50x at concurrency 4**" in section[-2]
