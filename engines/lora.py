@@ -1,9 +1,9 @@
 """LoRA weights: reading peft/diffusers and kohya files, and the layers they may target.
 
 Formats (both read; the trainer writes the first):
-* peft/diffusers: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (and ``text_encoder.``), the
-  scale ``alpha / rank`` from a ``<module>.alpha`` tensor when present, else the file's
-  ``lora_alpha`` metadata, else 1.
+* peft/diffusers: ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` (and ``text_encoder.``), or
+  the older diffusers ``lora.down.weight`` / ``lora.up.weight``; the scale ``alpha / rank`` from a
+  ``<module>.alpha`` tensor when present, else the file's ``lora_alpha`` metadata, else 1.
 * kohya (sd-scripts, A1111): ``lora_unet_<module with _>.lora_down.weight`` / ``lora_up.weight`` /
   ``.alpha``, and ``lora_te_`` for the text encoder; module names are resolved against the model's
   LoRA-targeted layers (:data:`TARGET_MODULES`), which the engine manifest lists with their shapes,
@@ -184,17 +184,25 @@ def check_fits(lora: LoraWeights, targets: LoraTargets) -> None:
             )
 
 
+# The (down, up) key suffixes of peft files, and of the diffusers files saved before diffusers
+# moved to peft (0.23 and earlier, the LCM-LoRAs among them).
+PEFT_SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"))
+
+
 def _peft_layers(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list[LoraLayer]:
     default_alpha = float(metadata["lora_alpha"]) if "lora_alpha" in metadata else None
     layers = []
     for key, down in tensors.items():
-        if not key.endswith(".lora_A.weight"):
+        suffixes = next((pair for pair in PEFT_SUFFIXES if key.endswith(pair[0])), None)
+        if suffixes is None:
             continue
-        stem = key.removesuffix(".lora_A.weight")
+        stem = key.removesuffix(suffixes[0])
         target, _, module = stem.partition(".")
         if target not in TARGETS:
             raise InvalidArgument(f"LoRA key {key!r} has no unet./text_encoder. prefix", field="lora")
-        up = tensors[f"{stem}.lora_B.weight"]
+        up = tensors.get(stem + suffixes[1])
+        if up is None:
+            raise InvalidArgument(f"LoRA key {key!r} has no {stem + suffixes[1]!r} beside it", field="lora")
         alpha_tensor = tensors.get(f"{stem}.alpha")
         alpha = float(alpha_tensor) if alpha_tensor is not None else (default_alpha or float(down.shape[0]))
         layers.append(LoraLayer(target, module, down, up, alpha))

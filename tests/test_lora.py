@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from easyphoto.engines.adapters import Adapter, SampleAdapter
 from easyphoto.engines.interface import Engines
@@ -114,6 +115,27 @@ def test_kohya_keys_round_trip(tiny: ModelFamily, engines: Engines, tmp_path: Pa
         assert torch.equal(other.delta(), layer.delta())
     with pytest.raises(InvalidArgument):
         load_lora(tmp_path / "kohya.safetensors")  # kohya names need the model
+
+
+def test_older_diffusers_keys_read_as_peft_keys(tiny: ModelFamily, engines: Engines, tmp_path: Path) -> None:
+    """``lora.down.weight`` / ``lora.up.weight``: diffusers' files before it moved to peft."""
+    lora = _random_lora(tiny)
+    save_lora(lora, tmp_path / "peft.safetensors")
+    tensors = load_file(tmp_path / "peft.safetensors")
+    older = {
+        key.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight"): value
+        for key, value in tensors.items()
+    }
+    save_file(older, tmp_path / "older.safetensors")
+    loaded = load_lora(tmp_path / "older.safetensors", engines.backend.lora_targets())
+    by_name = {(x.target, x.module): x for x in loaded.layers}
+    assert len(by_name) == len(lora.layers)
+    for layer in lora.layers:
+        assert torch.equal(by_name[(layer.target, layer.module)].delta(), layer.delta())
+    del older[next(key for key in older if key.endswith(".lora.up.weight"))]
+    save_file(older, tmp_path / "half.safetensors")
+    with pytest.raises(InvalidArgument, match=r"has no .*lora\.up\.weight' beside it"):
+        load_lora(tmp_path / "half.safetensors")
 
 
 def test_mismatched_lora_is_refused_and_not_cached(tiny: ModelFamily, engines: Engines) -> None:
