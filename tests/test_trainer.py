@@ -130,6 +130,31 @@ def test_a_job_publishes_a_user_and_reports_every_dropped_photo(
     assert trainer.runner.users.training_jobs("ann") == []
 
 
+def test_a_job_with_the_identity_reward_stage_reports_its_rewards_and_publishes(
+    trainer: TrainerApp, channel: grpc.Channel
+) -> None:
+    request = _request(
+        "rita", person_photos()[:2], identity_reward=True, reward_iterations=2, reward_samples_per_template=2
+    )
+    job = trainer_pb2_grpc.TrainerStub(channel).CreateTrainingJob(request, timeout=30)
+    events = _watch(channel, job.job_id)
+    final = events[-1]
+    assert final.state == trainer_pb2.JOB_STATE_SUCCEEDED, final.error
+    stages = [e.stage for e in events]
+    assert stages.index("merge") < stages.index("identity_reward") < stages.index("publish")
+    during = [e for e in events if e.stage == "identity_reward" and e.identity_reward.mean_rewards]
+    assert [len(e.identity_reward.mean_rewards) for e in during][-1] == 2 and during[0].total_steps == 2
+    reward = final.identity_reward
+    assert reward.kept in ("tuned", "pre_rl") and reward.HasField("after") and len(reward.mean_rewards) == 2
+    assert (reward.kept == "tuned") == (reward.after > reward.before)
+    assert (reward.kept == "pre_rl") == any("identity reward did not rise" in w for w in final.warnings)
+    folder = trainer.runner.users.user_dir("rita") / "v1"
+    report = json.loads((folder / "report.json").read_text())["identity_reward"]
+    assert report["before"] == pytest.approx(reward.before) and report["kept"] == reward.kept
+    assert [r["iteration"] for r in report["iterations"]] == [1, 2] and report["stopped_by"] == "iterations"
+    assert not (trainer.runner.job_dir(job.job_id) / "reward").exists()  # its checkpoints are gone
+
+
 def test_metrics_count_jobs_steps_and_dropped_photos(trainer: TrainerApp, channel: grpc.Channel) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -535,3 +560,43 @@ def test_train_jobs_and_users_commands(
     assert "options.rank" in capsys.readouterr().err
     assert main(["users", "--server", server, "--delete", "gus"]) == 0
     assert json.loads(capsys.readouterr().out) == {"deleted_versions": 1}
+
+
+def test_a_trainer_killed_mid_identity_reward_resumes_the_stage_where_it_was(tmp_path: Path) -> None:
+    port = free_port()
+    first = trainer_process(tmp_path, tmp_path / "trainer-1.log", port=port)
+    options = trainer_pb2.TrainingOptions(
+        **FAST, identity_reward=True, reward_iterations=3, reward_samples_per_template=2
+    )
+    try:
+        first.wait_serving()
+        with grpc.insecure_channel(first.address) as channel:
+            stub = trainer_pb2_grpc.TrainerStub(channel)
+            photos = [encode_png(p) for p in person_photos()[:2]]
+            job = stub.CreateTrainingJob(
+                trainer_pb2.CreateTrainingJobRequest(user_id="rex", photos=photos, options=options),
+                timeout=30,
+            )
+            for state in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=180):
+                if len(state.identity_reward.mean_rewards) >= 1:  # iteration 1 is checkpointed
+                    break
+    finally:
+        first.kill()
+    done_before_kill = list(state.identity_reward.mean_rewards)
+    assert state.stage == "identity_reward" and 1 <= len(done_before_kill) < 3
+    second = trainer_process(tmp_path, tmp_path / "trainer-2.log", port=port)
+    try:
+        second.wait_serving()
+        with grpc.insecure_channel(second.address) as channel:
+            stub = trainer_pb2_grpc.TrainerStub(channel)
+            final = None
+            for final in stub.WatchJob(trainer_pb2.WatchJobRequest(job_id=job.job_id), timeout=300):
+                if final.state not in (trainer_pb2.JOB_STATE_QUEUED, trainer_pb2.JOB_STATE_RUNNING):
+                    break
+    finally:
+        second.kill()
+    assert final is not None and final.state == trainer_pb2.JOB_STATE_SUCCEEDED, final
+    rewards = list(final.identity_reward.mean_rewards)
+    assert len(rewards) == 3 and rewards[: len(done_before_kill)] == done_before_kill  # not redone
+    report = json.loads((tmp_path / "users" / "rex" / "v1" / "report.json").read_text())
+    assert [r["iteration"] for r in report["identity_reward"]["iterations"]] == [1, 2, 3]

@@ -65,7 +65,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     owner TEXT NOT NULL DEFAULT '',
     lease_until DOUBLE PRECISION NOT NULL DEFAULT 0,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    identity_reward TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX IF NOT EXISTS jobs_user ON jobs (user_id, created_at);
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_request ON jobs (request_id) WHERE request_id != '';
@@ -75,13 +76,14 @@ ACTIVE_USER_INDEX = (
     "CREATE UNIQUE INDEX IF NOT EXISTS jobs_active_user ON jobs (user_id)"
     f" WHERE state IN ({QUEUED}, {RUNNING})"
 )
-JSON_COLUMNS = ("error", "photos", "options", "warnings")
+JSON_COLUMNS = ("error", "photos", "options", "warnings", "identity_reward")
 # Columns added after the first release, created on an older database at open.
 ADDED_COLUMNS = {
     "attempts": "INTEGER NOT NULL DEFAULT 0",
     "owner": "TEXT NOT NULL DEFAULT ''",
     "lease_until": "DOUBLE PRECISION NOT NULL DEFAULT 0",
     "cancel_requested": "INTEGER NOT NULL DEFAULT 0",
+    "identity_reward": "TEXT NOT NULL DEFAULT '{}'",
 }
 # How often a watcher looks again for changes another replica made.
 POLL_SECONDS = 0.5
@@ -127,6 +129,8 @@ class JobRecord:
     owner: str = ""  # the replica running it
     lease_until: float = 0.0  # when its owner's hold ends unless renewed (epoch seconds)
     cancel_requested: int = 0  # a client asked to cancel it while it ran
+    # The identity-reward stage's progress (``IdentityRewardProgress``'s fields); empty before it.
+    identity_reward: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -155,6 +159,8 @@ class JobRecord:
         )
         if self.error:
             job.error.CopyFrom(common_pb2.ErrorDetail(**self.error))
+        if self.identity_reward:
+            job.identity_reward.CopyFrom(trainer_pb2.IdentityRewardProgress(**self.identity_reward))
         return job
 
 

@@ -211,27 +211,31 @@ class LoraTrainer:
             if unexpected:
                 raise ValueError(f"checkpoint layers not in the model: {unexpected[:3]}")
 
-    def save_checkpoint(self, folder: Path, step: int) -> Path:
-        """``step-N.safetensors`` (the LoRA) and ``step-N.pt`` (optimizer and scaler), each written
-        under a temporary name and renamed, the LoRA last: a LoRA file means a whole checkpoint."""
+    def save_checkpoint(
+        self, folder: Path, step: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> Path:
+        """``step-N.safetensors`` (the LoRA) and ``step-N.pt`` (``optimizer``'s state, the training
+        one by default, and the scaler's), each written under a temporary name and renamed, the
+        LoRA last: a LoRA file means a whole checkpoint."""
         folder.mkdir(parents=True, exist_ok=True)
         lora_path = checkpoint_path(folder, step)
         state_path = lora_path.with_suffix(".pt")
         temporary = folder / f".step-{step:06d}.pt.tmp"
-        torch.save({"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}, temporary)
+        state = {"optimizer": (optimizer or self.optimizer).state_dict(), "scaler": self.scaler.state_dict()}
+        torch.save(state, temporary)
         replace_durably(temporary, state_path)
         temporary = folder / f".step-{step:06d}.safetensors.tmp"
         save_lora(self.lora(f"step-{step}"), temporary)
         replace_durably(temporary, lora_path)
         return lora_path
 
-    def load_checkpoint(self, lora_path: Path) -> None:
+    def load_checkpoint(self, lora_path: Path, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Both files are read before anything is applied: an unreadable checkpoint raises and
-        leaves the trainer as it was."""
+        leaves the trainer as it was (``optimizer``: the one it was saved with)."""
         lora = load_lora(lora_path)
         state = torch.load(lora_path.with_suffix(".pt"), map_location=self.device, weights_only=True)
         self.load_lora(lora)
-        self.optimizer.load_state_dict(state["optimizer"])
+        (optimizer or self.optimizer).load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
 
 

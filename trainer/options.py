@@ -49,6 +49,12 @@ class TrainingOptions:
     validation_guidance_scale: float = 9.0
     validation_mask_scale: float = 1.3
     merge_top_k: int = 10
+    identity_reward: bool = False
+    reward_iterations: int = 20
+    reward_samples_per_template: int = 4
+    reward_learning_rate: float = 3e-4
+    reward_clip_range: float = 1e-4
+    reward_max_seconds: float = 1800.0
     seed: int | None = None
 
     def train_steps(self, photos: int) -> int:
@@ -92,6 +98,11 @@ RANGES: dict[str, tuple[float, float]] = {
     "validation_guidance_scale": (1.0, 30.0),
     "validation_mask_scale": (1.0, 4.0),
     "merge_top_k": (1, 1000),
+    "reward_iterations": (1, 1000),
+    "reward_samples_per_template": (2, 32),
+    "reward_learning_rate": (0.0, 1.0),
+    "reward_clip_range": (1e-6, 1.0),
+    "reward_max_seconds": (1.0, 86_400.0),
 }
 
 

@@ -1,10 +1,12 @@
 """Runs training jobs one at a time: prepare → train (checkpoint + validate every interval) → merge
-→ publish → tell the serving side. Everything a job needs to resume lives in its folder:
+→ identity reward (when asked) → publish → tell the serving side. Everything a job needs to
+resume lives in its folder:
 
 ``<data>/jobs/<id>/photos/NNN.bin`` the uploads · ``prepared/`` crops, faces, reference and
 embeddings · ``checkpoints/step-N.{safetensors,pt}`` · ``validation/`` images and
-``validation.json`` · each written whole (temporary name, then rename). A trainer killed mid-job
-finds the job RUNNING at start-up and resumes it from its last checkpoint.
+``validation.json`` · ``reward/`` the identity-reward stage's iterations · each written whole
+(temporary name, then rename). A trainer killed mid-job finds the job RUNNING at start-up and
+resumes it from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from prometheus_client import CollectorRegistry
 
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
-from easyphoto.engines.lora import load_lora, save_lora
+from easyphoto.engines.lora import LoraWeights, load_lora, save_lora
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.imaging.codec import decode_image, encode_png
 from easyphoto.imaging.geometry import Face
@@ -38,6 +40,7 @@ from easyphoto.users.durable import flush_to_disk, write_atomically
 from easyphoto.users.store import LORA_FILE, UserStore
 from easyphoto.v1 import trainer_pb2
 
+from .identity_reward import REWARD_DIR, IdentityRewardTuner, RewardReport
 from .jobs import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobStore, error_record, new_job_id
 from .lora_training import LoraTrainer, TrainingImages, checkpoint_path, checkpoint_step, checkpoints
 from .merge import merge_checkpoints
@@ -57,7 +60,7 @@ MAX_ATTEMPTS = 3
 LEFTOVER_SECONDS = 120.0
 CANCEL_POLL_SECONDS = 0.5
 # What a finished job keeps: validation images and scores. Photos, crops and checkpoints go.
-DISCARDED_WHEN_FINISHED = ("photos", "prepared", "checkpoints")
+DISCARDED_WHEN_FINISHED = ("photos", "prepared", "checkpoints", REWARD_DIR)
 
 
 class CrashLoop(EasyPhotoError):
@@ -432,7 +435,7 @@ class _Job:
         if validator.warnings:
             self.update(warnings=[*self.job.warnings, *validator.warnings])
         results = self.train(trainer, validator, total)
-        return self.publish(prepared, results, family, validator)
+        return self.publish(prepared, results, family, validator, trainer)
 
     # ---- stages ----
 
@@ -526,6 +529,7 @@ class _Job:
         results: list[ValidationImage],
         family: ModelFamily,
         validator: Validator,
+        trainer: LoraTrainer,
     ) -> int:
         self.update(stage="merge")
         if not results:
@@ -538,8 +542,11 @@ class _Job:
             name=f"{self.job.user_id}:{self.job.job_id}",
         )
         best = chosen[0]
+        reward = None
+        if self.options.identity_reward:
+            merged, reward = self.tune(trainer, validator, merged)
         self.update(stage="publish")
-        report = self.report(results, chosen, family)
+        report = self.report(results, chosen, family, reward)
 
         def write(staging: Path) -> None:
             save_lora(merged, staging / LORA_FILE)
@@ -555,6 +562,38 @@ class _Job:
         version = self.runner.users.publish(self.job.user_id, write, meta)
         self.finish(version)
         return version
+
+    def tune(
+        self, trainer: LoraTrainer, validator: Validator, merged: LoraWeights
+    ) -> tuple[LoraWeights, RewardReport]:
+        """The identity-reward stage on the merged LoRA (resumed from ``reward/`` after a restart);
+        the LoRA to publish and what the stage did, in the job's progress as it goes."""
+        total = self.options.reward_iterations
+        self.update(stage="identity_reward", step=0, total_steps=total, eta_seconds=0.0)
+        started = time.perf_counter()
+
+        def progress(report: RewardReport) -> None:
+            done = len(report.iterations)
+            left = report.seconds / done * (total - done) if done else 0.0
+            self.update(
+                stage="identity_reward", step=done, identity_reward=report.progress(), eta_seconds=left
+            )
+
+        tuner = IdentityRewardTuner(
+            trainer, validator, self.options, self.job.seed, self.folder,
+            on_iteration=progress, raise_if_stopped=self.raise_if_stopped,
+        )  # fmt: skip
+        lora, report = tuner.run(merged)
+        warnings = self.job.warnings
+        if report.kept == "pre_rl":
+            warnings = [
+                *warnings,
+                f"identity reward did not rise ({report.before:.4f} -> {report.after:.4f}):"
+                " the pre-RL LoRA is published",
+            ]
+        self.update(identity_reward=report.progress(), warnings=warnings)
+        self.timings["identity_reward"] = time.perf_counter() - started
+        return lora, report
 
     def finish(self, version: int) -> None:
         self.update(published_version=version)
@@ -575,7 +614,11 @@ class _Job:
             self.update(warnings=[*self.job.warnings, f"serving side not told of v{version}: {exc}"])
 
     def report(
-        self, results: list[ValidationImage], chosen: list[ValidationImage], family: ModelFamily
+        self,
+        results: list[ValidationImage],
+        chosen: list[ValidationImage],
+        family: ModelFamily,
+        reward: RewardReport | None = None,
     ) -> dict[str, Any]:
         return {
             "job_id": self.job.job_id,
@@ -587,6 +630,7 @@ class _Job:
             "warnings": self.job.warnings,
             "validation": [r.to_json() for r in results],
             "merged_from": [r.to_json() for r in chosen],
+            "identity_reward": reward.to_json() if reward is not None else None,
             "timings": self.timings,
             "base_model": {"name": family.name, "source": family.source, "random_weights": family.is_random},
             "versions": {

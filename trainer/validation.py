@@ -38,7 +38,7 @@ class ValidationImage:
 
 
 @dataclass
-class _Template:
+class Template:
     image: np.ndarray
     face: Face
     mask: np.ndarray
@@ -75,7 +75,7 @@ class Validator:
         """Where the face is in validation image ``index`` (the outputs keep the template's geometry)."""
         return self.templates[index].face
 
-    def _template(self, crop: np.ndarray, face: Face) -> _Template:
+    def _template(self, crop: np.ndarray, face: Face) -> Template:
         low, _, high = self.family.image_sizes
         side = min(max(self.options.resolution, low), high)
         height, width = crop.shape[:2]
@@ -86,7 +86,7 @@ class Validator:
         mask = np.zeros((size[1], size[0]), np.uint8)
         x0, y0, x1, y1 = int_box(grow_box(scaled.box, self.options.validation_mask_scale, size[0], size[1]))
         mask[y0:y1, x0:x1] = 255
-        return _Template(resize(crop, *size), scaled, mask)
+        return Template(resize(crop, *size), scaled, mask)
 
     def run(
         self,
@@ -101,17 +101,12 @@ class Validator:
         (job_folder / "validation").mkdir(parents=True, exist_ok=True)
         results = []
         for index, template in enumerate(self.templates):
-            controls = []
-            if "canny" in self.family.controlnets:
-                controls.append(
-                    ControlInput("canny", to_model(canny_control(template.image), signed=False), 1.0)
-                )
             inpaint = InpaintPass(
                 image=to_model(template.image),
                 mask=to_model(template.mask, signed=False),
                 prompt_embeds=embeds[:1],
                 negative_prompt_embeds=embeds[1:],
-                controls=controls,
+                controls=self.controls(index),
                 steps=self.options.validation_steps,
                 strength=self.options.validation_strength,
                 guidance_scale=self.options.validation_guidance_scale,
@@ -123,9 +118,17 @@ class Validator:
             output = from_model(run_inpaint(engines, inpaint, self.family.scheduler_config))
             name = f"validation/step-{step:06d}-{index}.png"
             (job_folder / name).write_bytes(encode_png(output))
-            results.append(ValidationImage(step, index, self._score(output, template.face), name))
+            results.append(ValidationImage(step, index, self.score(output, index), name))
         return results
 
-    def _score(self, image: np.ndarray, face: Face) -> float:
-        """The output's face against the training faces."""
-        return self.analyzer.identity(image, face, self.target)
+    def controls(self, index: int) -> list[ControlInput]:
+        """Template ``index``'s ControlNet inputs: its canny edges at weight 1 (none without a
+        canny ControlNet)."""
+        if "canny" not in self.family.controlnets:
+            return []
+        image = self.templates[index].image
+        return [ControlInput("canny", to_model(canny_control(image), signed=False), 1.0)]
+
+    def score(self, image: np.ndarray, index: int) -> float:
+        """The face of an output of template ``index`` against the training faces."""
+        return self.analyzer.identity(image, self.templates[index].face, self.target)
