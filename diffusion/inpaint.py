@@ -64,7 +64,8 @@ def binarize_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask >= 0.5).to(mask.dtype)
 
 
-def _step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None) -> dict[str, Any]:
+def step_kwargs(scheduler: SchedulerMixin, generator: torch.Generator | None) -> dict[str, Any]:
+    """The generator for the scheduler's step, where it takes one (the stochastic schedulers)."""
     import inspect
 
     accepted = inspect.signature(scheduler.step).parameters
@@ -126,7 +127,7 @@ class InpaintState:
         self.adapters = active_rows([inpaint.adapter] * self.rows, "unet")
         self.index = 0
         self._mask = binarize_mask(inpaint.mask.to(device=device, dtype=dtype))
-        self._step_kwargs = _step_kwargs(self.scheduler, inpaint.generator)
+        self._step_kwargs = step_kwargs(self.scheduler, inpaint.generator)
 
     def begin(self, moments: torch.Tensor) -> None:
         """The latents to denoise: the image's, noised to the strength's first timestep. Random

@@ -22,8 +22,10 @@ from ..faces.models import FaceModels
 from ..interface import Tensors
 from ..lora import LoraTargets, LoraWeights, lora_targets
 from ..models.family import ModelFamily
+from ..models.sdxl import SdxlFamily
 from ..roles.description import RoleDescription
 from ..roles.diffusion import describe_roles
+from ..roles.sdxl import describe_sdxl_roles
 from ..shapes import DTYPES, DType
 
 Runner = Callable[..., tuple[torch.Tensor, ...]]
@@ -34,7 +36,7 @@ def default_device() -> torch.device:
 
 
 class TorchBackend:
-    """Serves the roles of a model family and/or the face models.
+    """Serves the roles of a model family, the face models and/or an SDXL family's.
 
     Diffusion roles run in ``dtype`` (fp16 on CUDA by default); roles whose description says
     ``fp16=False`` (the small face nets) always run in fp32.
@@ -49,6 +51,7 @@ class TorchBackend:
         dtype: torch.dtype | None = None,
         faces: FaceModels | None = None,
         adapter_cache_bytes: int = DEFAULT_CACHE_BYTES,
+        sdxl: SdxlFamily | None = None,
     ) -> None:
         self._device = torch.device(device) if device is not None else default_device()
         self._dtype = dtype or (torch.float16 if self._device.type == "cuda" else torch.float32)
@@ -57,6 +60,9 @@ class TorchBackend:
         if family is not None:
             family.to(self._device, self._dtype).eval()
             self._roles.update(describe_roles(family))
+        if sdxl is not None:  # the text-to-template roles
+            sdxl.to(self._device, self._dtype).eval()
+            self._roles.update(describe_sdxl_roles(sdxl))
         if faces is not None:
             for module in faces.torch_modules:
                 module.to(self._device)

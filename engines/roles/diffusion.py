@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from fractions import Fraction
 
 import torch
+from diffusers import AutoencoderKL
 from torch import nn
 
 from ..models.family import ModelFamily
@@ -62,10 +63,10 @@ class VaeEncoderModule(nn.Module):
 
 
 class VaeDecoderModule(nn.Module):
-    def __init__(self, family: ModelFamily) -> None:
+    def __init__(self, vae: AutoencoderKL) -> None:
         super().__init__()
-        self.vae = family.vae
-        self.scaling_factor = float(family.vae.config.scaling_factor)
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
 
     def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor]:
         return (self.vae.decode(latents / self.scaling_factor, return_dict=False)[0],)
@@ -266,7 +267,7 @@ def describe_roles(family: ModelFamily) -> dict[str, RoleDescription]:
             inputs=(TensorSpec("latents", "float32", latent_shape),),
             outputs=(TensorSpec("images", "float32", (BATCH, 3, image_h, image_w)),),
             axes=latent_axes,
-            build_module=lambda: VaeDecoderModule(family),
+            build_module=lambda: VaeDecoderModule(family.vae),
         ),
     }
     for variant in ("", *family.unet_variants):

@@ -1,0 +1,222 @@
+"""The SDXL family that paints templates from text (EasyPhoto's text-to-template): its two text
+encoders, UNet (with the added text-and-time embedding), VAE and scheduler.
+
+Loaded from a local diffusers folder (``StableDiffusionXLPipeline``'s layout: ``unet/``, ``vae/``,
+``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``, ``scheduler/``), or built:
+``tiny-sdxl`` (the SDXL architecture at a few hundred thousand parameters, seeded, for tests and
+the demo) and ``sdxl-random`` (full SDXL base shapes, for benchmarks). Random families paint
+noise (``is_random``), never a template worth showing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .builders import cache_root
+from .built_once import build_once
+from .tokenizer import sd15_tokenizer
+
+SDXL_FILE = "easyphoto_sdxl.json"
+TINY_SDXL_SEED = 4321
+TINY_SDXL_VERSION = 1
+TINY_SDXL_UNET: dict[str, Any] = {
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "attention_head_dim": [2, 4],
+    "transformer_layers_per_block": [1, 2],
+    "cross_attention_dim": 64,  # the two text encoders' hidden sizes, 32 + 32
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 80,  # 6 time ids x 8, and the pooled 32
+    "norm_num_groups": 8,
+    "sample_size": 16,
+}
+TINY_SDXL_VAE: dict[str, Any] = {
+    "block_out_channels": [8, 16, 16, 16],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 128,
+}
+TINY_SDXL_TEXT: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "projection_dim": 32,
+}
+TINY_SDXL_IMAGE_SIZES = (64, 128, 256)
+SDXL_IMAGE_SIZES = (512, 1024, 1536)
+# OpenCLIP bigG's tokenizer (SDXL's second) pads with "!", the first with the end token.
+SECOND_TOKENIZER_PAD = "!"
+
+
+@dataclass
+class SdxlFamily:
+    name: str
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    scheduler_config: dict[str, Any]
+    is_random: bool
+    image_sizes: tuple[int, int, int] = SDXL_IMAGE_SIZES
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return int(2 ** (len(self.vae.config.block_out_channels) - 1))
+
+    @property
+    def image_multiple(self) -> int:
+        """Image sides must be multiples of this (VAE factor x the UNet's down factor)."""
+        return self.vae_scale_factor * int(2 ** (len(self.unet.config.block_out_channels) - 1))
+
+    @property
+    def text_length(self) -> int:
+        return int(self.tokenizer.model_max_length)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {
+            "unet": self.unet,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "text_encoder_2": self.text_encoder_2,
+        }
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> SdxlFamily:
+        """Every module on ``device`` in ``dtype``, the VAE in fp32 where it asks to be
+        (``force_upcast``: SDXL's overflows in fp16)."""
+        for name, module in self.modules().items():
+            upcast = name == "vae" and bool(self.vae.config.get("force_upcast", False))
+            module.to(device=torch.device(device), dtype=torch.float32 if upcast else dtype)
+        return self
+
+    def eval(self) -> SdxlFamily:
+        for module in self.modules().values():
+            module.eval().requires_grad_(False)
+        return self
+
+    def save_pretrained(self, directory: Path) -> None:
+        """The diffusers ``StableDiffusionXLPipeline`` folder layout."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(directory / "unet")
+        self.vae.save_pretrained(directory / "vae")
+        self.text_encoder.save_pretrained(directory / "text_encoder")
+        self.text_encoder_2.save_pretrained(directory / "text_encoder_2")
+        self.tokenizer.save_pretrained(directory / "tokenizer")
+        self.tokenizer_2.save_pretrained(directory / "tokenizer_2")
+        (directory / "scheduler").mkdir(exist_ok=True)
+        (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config))
+        meta = {"name": self.name, "is_random": self.is_random, "image_sizes": list(self.image_sizes)}
+        (directory / SDXL_FILE).write_text(json.dumps(meta))
+
+
+class SdxlLoadError(RuntimeError):
+    """A path that is not a loadable SDXL folder (the message says what is missing)."""
+
+
+def sdxl_config(component: str) -> dict[str, Any]:
+    """A shipped SDXL base config (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, ``scheduler``)."""
+    name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    text = resources.files(__package__).joinpath("configs", "sdxl", component, name).read_text()
+    return dict(json.loads(text))
+
+
+def build_sdxl_family(
+    name: str, overrides: dict[str, dict[str, Any]], seed: int, image_sizes: tuple[int, int, int]
+) -> SdxlFamily:
+    """Every module from the SDXL configs with ``overrides``, weights seeded."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config({**sdxl_config("unet"), **overrides.get("unet", {})})
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL.from_config({**sdxl_config("vae"), **overrides.get("vae", {})})
+    encoders = []
+    for index, (component, cls) in enumerate(
+        (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection))
+    ):
+        torch.manual_seed(seed + 2 + index)
+        config = CLIPTextConfig(**{**sdxl_config(component), **overrides.get(component, {})})
+        encoders.append(cls(config))
+    tokenizer = sd15_tokenizer(cache_root())
+    second = CLIPTokenizer.from_pretrained(
+        cache_root() / "tokenizer", local_files_only=True, pad_token=SECOND_TOKENIZER_PAD
+    )
+    family = SdxlFamily(
+        name=name,
+        unet=unet,
+        vae=vae,
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
+        tokenizer=tokenizer,
+        tokenizer_2=second,
+        scheduler_config=sdxl_config("scheduler"),
+        is_random=True,
+        image_sizes=image_sizes,
+        source=f"random:{name}:seed={seed}",
+    )
+    return family.eval()
+
+
+def build_tiny_sdxl_family(seed: int = TINY_SDXL_SEED) -> SdxlFamily:
+    overrides = {
+        "unet": TINY_SDXL_UNET,
+        "vae": TINY_SDXL_VAE,
+        "text_encoder": TINY_SDXL_TEXT,
+        "text_encoder_2": TINY_SDXL_TEXT,
+    }
+    return build_sdxl_family("tiny-sdxl", overrides, seed, TINY_SDXL_IMAGE_SIZES)
+
+
+def tiny_sdxl_family(cache_dir: Path | None = None) -> SdxlFamily:
+    """The tiny seeded SDXL family, built once into ``<cache>/models/tiny-sdxl-v<N>`` and loaded back."""
+    folder = (cache_dir or cache_root()) / "models" / f"tiny-sdxl-v{TINY_SDXL_VERSION}"
+    build_once(folder, SDXL_FILE, lambda staging: build_tiny_sdxl_family().save_pretrained(staging))
+    return load_sdxl_family(folder)
+
+
+def load_sdxl_family(folder: Path) -> SdxlFamily:
+    """An SDXL diffusers folder; SdxlLoadError saying what is missing or unreadable."""
+    if not folder.is_dir():
+        raise SdxlLoadError(f"{folder} is not a folder (an SDXL diffusers folder is needed)")
+    meta = json.loads((folder / SDXL_FILE).read_text()) if (folder / SDXL_FILE).is_file() else {}
+    try:
+        family = SdxlFamily(
+            name=meta.get("name") or folder.name,
+            unet=UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True),
+            vae=AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True),
+            text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True),
+            text_encoder_2=CLIPTextModelWithProjection.from_pretrained(
+                folder / "text_encoder_2", local_files_only=True
+            ),
+            tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True),
+            tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True),
+            scheduler_config=json.loads((folder / "scheduler" / "scheduler_config.json").read_text()),
+            is_random=bool(meta.get("is_random", False)),
+            image_sizes=tuple(meta.get("image_sizes", SDXL_IMAGE_SIZES)),
+            source=str(folder),
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise SdxlLoadError(f"{folder} is not a complete SDXL diffusers folder: {exc}") from exc
+    if family.unet.config.addition_embed_type != "text_time":
+        raise SdxlLoadError(f"{folder}/unet is not an SDXL UNet (no text-and-time embedding)")
+    return family.eval()
+
+
+def resolve_sdxl_family(models: str, cache_dir: Path | None = None) -> SdxlFamily:
+    """``tiny-sdxl``, ``sdxl-random`` (full shapes, random weights) or an SDXL diffusers folder."""
+    if models == "tiny-sdxl":
+        return tiny_sdxl_family(cache_dir)
+    if models == "sdxl-random":
+        return build_sdxl_family("sdxl-random", {}, TINY_SDXL_SEED, SDXL_IMAGE_SIZES)
+    return load_sdxl_family(Path(models).expanduser())
