@@ -32,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
             adapter_cache_bytes=args.adapter_cache_mb << 20,
             adapter_dir=Path(args.adapter_dir) if args.adapter_dir else None,
             **_lcm_settings(args),
+            sdxl=args.sdxl,
         )
     )
     return 0
@@ -360,6 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="users' LoRA adapters kept hot on the serving device, least recently used out first",
     )
     add_lcm_arguments(serve, "requests with lcm_accelerate paint with it")
+    serve.add_argument(
+        "--sdxl",
+        default=None,
+        metavar="FOLDER",
+        help="an SDXL diffusers folder (or tiny-sdxl) that paints templates from text (template_from_text)",
+    )
     serve.set_defaults(run=_serve, service=True)
 
     generate = commands.add_parser(

@@ -16,11 +16,13 @@ from pathlib import Path
 import grpc
 
 from easyphoto.diffusion.steps import StepEngine
+from easyphoto.diffusion.text_to_image import SdxlFacts
 from easyphoto.engines.adapters import DEFAULT_CACHE_BYTES
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.models import FaceModelPaths, FaceModels
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.models.loading import resolve_family
+from easyphoto.engines.models.sdxl import SdxlLoadError, resolve_sdxl_family
 from easyphoto.engines.models.variants import LCM, LCM_LORA_WEIGHT, add_lcm_lora
 from easyphoto.engines.roles.catalogue import RoleCatalogue
 from easyphoto.engines.roles.manifest import MANIFEST_FILE, EngineManifest, FamilyFacts
@@ -37,6 +39,7 @@ from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 from .metrics import GeneratorMetrics
 from .pipeline import Orchestrator
 from .service import MAX_WAITING, GeneratorService
+from .templates import TemplatePainter
 
 log = logging.getLogger(__name__)
 # How long a stopping orchestrator lets requests in flight finish before cancelling them.
@@ -75,6 +78,9 @@ class ServerConfig:
     # a Triton deployment gets its LCM roles from `easyphoto export --lcm-lora`).
     lcm_lora: Path | None = None
     lcm_lora_weight: float = LCM_LORA_WEIGHT
+    # The SDXL model that paints templates from text (template_from_text): a diffusers folder,
+    # "tiny-sdxl" or "sdxl-random"; None: such requests get FAILED_PRECONDITION.
+    sdxl: str | None = None
     security: Security = field(default_factory=Security)
 
 
@@ -102,7 +108,7 @@ class EngineHolder:
         on_call = self.metrics.engine_call if self.metrics is not None else None
         steps = StepEngine(engines, facts.scheduler_config, on_call=on_call)
         self._orchestrator = Orchestrator(
-            engines, facts.scheduler_config, face_models, analyzer, users, steps
+            engines, facts.scheduler_config, face_models, analyzer, users, steps, self._templates(engines)
         )
         self.model_family = facts.label
         backend = engines.backend
@@ -114,6 +120,23 @@ class EngineHolder:
             self.config.data,
         )
         return self._orchestrator
+
+    def _templates(self, engines: Engines) -> TemplatePainter | None:
+        """The SDXL model of ``--sdxl``, in process (on the torch backend's device), or None."""
+        if self.config.sdxl is None:
+            return None
+        try:
+            sdxl = resolve_sdxl_family(self.config.sdxl)
+        except SdxlLoadError as error:
+            raise ModelMissing(f"--sdxl: {error}", field="sdxl") from error
+        backend = engines.backend
+        device = backend.device if isinstance(backend, TorchBackend) else self.config.device
+        painter_backend = TorchBackend(None, device=device, sdxl=sdxl)
+        facts = SdxlFacts(
+            sdxl.tokenizer, sdxl.tokenizer_2, sdxl.scheduler_config, float(sdxl.vae.config.scaling_factor)
+        )
+        log.info("templates from text: SDXL %s on %s", sdxl.source, painter_backend.device)
+        return TemplatePainter(painter_backend, facts, sdxl.is_random)
 
     def _torch_engines(self, face_models: FaceModels) -> tuple[Engines, FamilyFacts]:
         """Every role in process, from the family's weights."""

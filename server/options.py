@@ -153,3 +153,41 @@ def resolve_options(request: generator_pb2.GenerateRequest) -> GenerateOptions:
             field="crop_short_side",
         )
     return options
+
+
+@dataclass(frozen=True)
+class TemplateOptions:
+    """``template_from_text``: the text and the SDXL pass's settings (the size's default is the
+    deployment's model's, so None here)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int = 30
+    guidance_scale: float = 7.0
+    scheduler: str = "dpmpp_2m_sde_karras"
+
+
+def resolve_template_options(request: generator_pb2.GenerateRequest) -> TemplateOptions | None:
+    """The request's ``template_from_text`` range-checked, or None when it paints template photos."""
+    if not request.HasField("template_from_text"):
+        return None
+    message = request.template_from_text
+    name = "template_from_text"
+    if request.templates:
+        raise InvalidArgument(f"give templates or {name}, not both", field=name)
+    values = present_fields(message, ("width", "height", "steps", "guidance_scale", "scheduler"))
+    options = TemplateOptions(message.prompt, message.negative_prompt, **values)
+    if not options.prompt.strip():
+        raise InvalidArgument(f"{name}.prompt is empty", field=f"{name}.prompt")
+    for field_name in ("prompt", "negative_prompt"):
+        check_length(f"{name}.{field_name}", getattr(options, field_name), MAX_PROMPT_CHARS)
+    check_range(f"{name}.steps", options.steps, 1, 200)
+    check_range(f"{name}.guidance_scale", options.guidance_scale, 1.0, 30.0)
+    if options.scheduler not in SCHEDULERS:
+        raise InvalidArgument(
+            f"{name}.scheduler {options.scheduler!r} is unknown; known: {sorted(SCHEDULERS)}",
+            field=f"{name}.scheduler",
+        )
+    return options

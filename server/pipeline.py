@@ -57,7 +57,9 @@ from easyphoto.imaging.masks import (
 from easyphoto.rpc.errors import InvalidArgument, ModelMissing
 from easyphoto.users.store import UserArtifacts, UserStore, adapter_prefix, check_stored_id
 
-from .options import GenerateOptions
+from .options import GenerateOptions, TemplateOptions
+from .templates import STAGE as TEMPLATE_STAGE
+from .templates import TemplatePainter
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +145,10 @@ class Orchestrator:
         analyzer: FaceAnalyzer,
         users: UserStore,
         steps: StepEngine | None = None,
+        templates: TemplatePainter | None = None,
     ) -> None:
         self.engines = engines
+        self.templates = templates  # paints templates from text (an SDXL model), if deployed
         # Every pass of every request runs through one loop that batches their steps, and the
         # prompts they have not yet embedded.
         self.steps = steps or StepEngine(engines, scheduler_config)
@@ -164,6 +168,30 @@ class Orchestrator:
         return stopped
 
     # ---- the request ----
+
+    def paint_template(
+        self,
+        options: TemplateOptions,
+        seed: int,
+        on_progress: Callable[[Progress], None] | None = None,
+        raise_if_stopped: Callable[[], None] = lambda: None,
+    ) -> np.ndarray:
+        """A template painted from text (``template_from_text``) by the SDXL model; ModelMissing
+        when this deployment has none."""
+        if self.templates is None:
+            raise ModelMissing(
+                "template_from_text needs an SDXL model, which this deployment was not given"
+                " (easyphoto serve --sdxl FOLDER)",
+                field="template_from_text",
+            )
+        started = time.perf_counter()
+
+        def step(event: StepEvent) -> None:
+            if on_progress is not None:
+                elapsed = time.perf_counter() - started
+                on_progress(Progress(TEMPLATE_STAGE, 0, event.step, event.total_steps, elapsed))
+
+        return self.templates.paint(options, seed, step, raise_if_stopped)
 
     def generate(
         self,

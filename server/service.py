@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import grpc
+import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 
@@ -27,7 +28,7 @@ from easyphoto.users.namespace import Namespace
 from easyphoto.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
 from .metrics import GeneratorMetrics
-from .options import resolve_options
+from .options import resolve_options, resolve_template_options
 from .pipeline import Generation, Orchestrator, Progress, planned_steps
 
 log = logging.getLogger(__name__)
@@ -141,26 +142,42 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
         send: Callable[[generator_pb2.Progress], None] | None,
     ) -> generator_pb2.GenerateResponse:
         started = time.perf_counter()
-        if not request.templates:
-            raise InvalidArgument("at least one template is required", field="templates")
+        from_text = resolve_template_options(request)
+        if not request.templates and from_text is None:
+            raise InvalidArgument(
+                "at least one template (or template_from_text) is required", field="templates"
+            )
         if len(request.templates) > MAX_TEMPLATES:
             raise InvalidArgument(f"at most {MAX_TEMPLATES} templates per request", field="templates")
         # The store's ids of the caller's users ("" skips a face), checked before any work.
         user_ids = [namespace.user(u, f"user_ids[{i}]") if u else "" for i, u in enumerate(request.user_ids)]
         options = resolve_options(request)
-        templates = [decode_image(data, field=f"templates[{i}]") for i, data in enumerate(request.templates)]
+        templates: list[np.ndarray | None] = [
+            decode_image(data, field=f"templates[{i}]") for i, data in enumerate(request.templates)
+        ] or [None]  # None: painted from text, one per image
         base_seed = options.seed if options.seed is not None else secrets.randbits(63)
         images = len(templates) * options.images_per_template
-        steps = _RequestSteps(images * planned_steps(options, sum(map(bool, user_ids))), self._metrics, send)
+        per_image = planned_steps(options, sum(map(bool, user_ids))) + (from_text.steps if from_text else 0)
+        steps = _RequestSteps(images * per_image, self._metrics, send)
         raise_if_stopped = _stopper(context)
         response = generator_pb2.GenerateResponse(model_family=self._model_family())
         timings: dict[str, float] = {}
         skipped: dict[str, str] = {}
         with self._admission.slot(raise_if_stopped), request_deadline(context.time_remaining()):
             orchestrator = self._orchestrator()
-            for index, template in enumerate(templates):
+            for index, given in enumerate(templates):
                 for k in range(options.images_per_template):
                     seed = (base_seed + k) % 2**64  # a uint64 on the wire: the last seed wraps
+                    template = given
+                    if template is None:
+                        assert from_text is not None
+                        painted_at = time.perf_counter()
+                        template = orchestrator.paint_template(
+                            from_text, seed, steps.for_template(index), raise_if_stopped
+                        )
+                        timings["template_from_text"] = (
+                            timings.get("template_from_text", 0.0) + time.perf_counter() - painted_at
+                        )
                     generation = orchestrator.generate(
                         template,
                         user_ids,
@@ -168,11 +185,14 @@ class GeneratorService(generator_pb2_grpc.GeneratorServicer):
                         seed,
                         steps.for_template(index),
                         raise_if_stopped,
-                        field_name=f"templates[{index}]",
+                        field_name=f"templates[{index}]" if given is not None else "template_from_text",
                     )
                     painted = sum(1 for face in generation.faces if face.user_id)
                     self._metrics.image(generation.timings, painted, steps.take_image_steps())
-                    response.images.append(_image_message(index, generation, namespace))
+                    message = _image_message(index, generation, namespace)
+                    if given is None:
+                        message.template_png = encode_png(template)
+                    response.images.append(message)
                     for stage, seconds in generation.timings.items():
                         timings[stage] = timings.get(stage, 0.0) + seconds
                     skipped.update(generation.skipped)

@@ -3,8 +3,11 @@ equals diffusers' StableDiffusionXLPipeline at the same seed."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -15,6 +18,13 @@ from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.models.sdxl import SdxlFamily, SdxlLoadError, load_sdxl_family, tiny_sdxl_family
 from easyphoto.engines.roles.sdxl import TEXT_ENCODER_2, UNET, VAE_DECODER
+from easyphoto.fixtures.photos import sample_photo
+from easyphoto.imaging.codec import decode_image, from_model
+from easyphoto.rpc.errors import ModelMissing
+from easyphoto.rpc.wire import error_details
+from easyphoto.server.app import EngineHolder, ServerConfig, build_app
+from easyphoto.server.options import TemplateOptions
+from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +91,130 @@ def test_a_folder_that_is_not_sdxl_is_refused_saying_why(tmp_path: Path, tiny: M
         load_sdxl_family(tmp_path / "half")
     with pytest.raises(SdxlLoadError, match="text_encoder_2"):  # an SD 1.5 folder
         load_sdxl_family(Path(tiny.source))
+
+
+@pytest.fixture(scope="module")
+def sdxl_server(alice_data: Path) -> Iterator[tuple[generator_pb2_grpc.GeneratorStub, EngineHolder]]:
+    """An orchestrator with the tiny SDXL model for templates from text, serving "alice"."""
+    app, holder = build_app(ServerConfig(port=0, data=alice_data, sdxl="tiny-sdxl"))
+    app.start()
+    holder.load()
+    app.set_serving(True)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            yield generator_pb2_grpc.GeneratorStub(channel), holder
+    finally:
+        app.stop(0)
+
+
+def _from_text(**fields: object) -> generator_pb2.GenerateRequest:
+    request = generator_pb2.GenerateRequest(seed=11, **fields)  # type: ignore[arg-type]
+    request.template_from_text.prompt = "a photo of a woman in a garden"
+    request.template_from_text.width, request.template_from_text.height = 64, 128
+    request.template_from_text.steps = 3
+    for name in ("first_pass", "second_pass"):
+        getattr(request, name).steps, getattr(request, name).strength = 4, 0.5
+    return request
+
+
+def test_a_template_painted_from_text_is_what_the_sdxl_pass_paints(
+    sdxl_server: tuple[generator_pb2_grpc.GeneratorStub, EngineHolder], sdxl: SdxlFamily
+) -> None:
+    orchestrator = sdxl_server[1].get()
+    options = TemplateOptions("a photo of a woman in a garden", width=64, height=128, steps=3)
+    seen: list[tuple[str, int, int]] = []
+    template = orchestrator.paint_template(
+        options, 11, lambda p: seen.append((p.stage, p.step, p.total_steps))
+    )
+    assert seen == [("template_from_text", step, 3) for step in (1, 2, 3)]
+    request = TextToImage(
+        options.prompt, width=64, height=128, steps=3, generator=torch.Generator().manual_seed(11)
+    )
+    expected = from_model(run_text_to_image(TorchBackend(None, "cpu", sdxl=sdxl), _facts(sdxl), request))
+    assert template.shape == (128, 64, 3) and np.abs(template.astype(int) - expected.astype(int)).max() <= 1
+    width, height = orchestrator.templates.sizes[1], orchestrator.templates.sizes[1]  # type: ignore[union-attr]
+    default = orchestrator.paint_template(TemplateOptions("a garden", steps=1), 1)
+    assert default.shape == (height, width, 3) == (128, 128, 3)  # the tiny model's usual size
+
+
+def test_a_template_from_text_without_a_face_streams_its_steps_then_says_so(
+    sdxl_server: tuple[generator_pb2_grpc.GeneratorStub, EngineHolder],
+) -> None:
+    stub, _ = sdxl_server
+    progress = []
+    with pytest.raises(grpc.RpcError) as info:
+        for event in stub.GenerateStream(_from_text(), timeout=120):
+            progress.append(event.progress)
+    assert [(p.stage, p.step) for p in progress] == [("template_from_text", s) for s in (1, 2, 3)]
+    details = error_details(info.value)  # random SDXL weights paint no face
+    assert (details["code"], details["reason"]) == ("FAILED_PRECONDITION", "NO_FACE")
+    assert "template_from_text" in details["fields"]
+
+
+class _PhotoPainter:
+    """Stands in for the SDXL model (whose random weights paint no face): paints the astronaut."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, int]] = []
+
+    def paint(self, options, seed, on_step=None, raise_if_stopped=lambda: None):  # type: ignore[no-untyped-def]
+        self.asked.append((options.prompt, seed))
+        return sample_photo("astronaut")
+
+
+def test_each_image_gets_its_own_template_which_goes_through_the_face_loop(
+    sdxl_server: tuple[generator_pb2_grpc.GeneratorStub, EngineHolder],
+) -> None:
+    stub, holder = sdxl_server
+    orchestrator = holder.get()
+    real, painter = orchestrator.templates, _PhotoPainter()
+    orchestrator.templates = painter  # type: ignore[assignment]
+    try:
+        response = stub.Generate(_from_text(user_ids=["alice"], images_per_template=2), timeout=120)
+    finally:
+        orchestrator.templates = real
+    assert painter.asked == [("a photo of a woman in a garden", 11), ("a photo of a woman in a garden", 12)]
+    for image in response.images:
+        assert image.faces[0].user_id == "alice" and image.faces[0].HasField("identity_score")
+        assert np.array_equal(decode_image(image.template_png), sample_photo("astronaut"))
+        assert image.png != image.template_png  # the face was painted into it
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda r: r.templates.append(b"x"), "template_from_text"),
+        (lambda r: setattr(r.template_from_text, "width", 72), "template_from_text.width"),
+        (lambda r: setattr(r.template_from_text, "height", 4096), "template_from_text.height"),
+        (lambda r: setattr(r.template_from_text, "prompt", " "), "template_from_text.prompt"),
+        (lambda r: setattr(r.template_from_text, "steps", 0), "template_from_text.steps"),
+        (lambda r: setattr(r.template_from_text, "scheduler", "plms"), "template_from_text.scheduler"),
+    ],
+)
+def test_bad_template_from_text_options_are_invalid_arguments_naming_the_field(
+    sdxl_server: tuple[generator_pb2_grpc.GeneratorStub, EngineHolder],
+    change,
+    field: str,  # type: ignore[no-untyped-def]
+) -> None:
+    request = _from_text()
+    change(request)
+    with pytest.raises(grpc.RpcError) as info:
+        sdxl_server[0].Generate(request, timeout=60)
+    details = error_details(info.value)
+    assert details["code"] == "INVALID_ARGUMENT" and field in details["fields"]
+
+
+def test_without_an_sdxl_model_a_template_from_text_is_a_failed_precondition(generator_address: str) -> None:
+    with grpc.insecure_channel(generator_address) as channel, pytest.raises(grpc.RpcError) as info:
+        generator_pb2_grpc.GeneratorStub(channel).Generate(_from_text(), timeout=60)
+    details = error_details(info.value)
+    assert (details["code"], details["reason"]) == ("FAILED_PRECONDITION", "MODEL_MISSING")
+    assert "template_from_text" in details["fields"] and "--sdxl" in details["message"]
+
+
+def test_an_sdxl_path_that_is_not_there_fails_loading_naming_the_option(
+    alice_data: Path, tmp_path: Path
+) -> None:
+    holder = EngineHolder(ServerConfig(data=alice_data, sdxl=str(tmp_path / "nowhere")))
+    with pytest.raises(ModelMissing, match=r"--sdxl: .*nowhere is not a folder"):
+        holder.load()

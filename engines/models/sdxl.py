@@ -99,7 +99,10 @@ class SdxlFamily:
         (``force_upcast``: SDXL's overflows in fp16)."""
         for name, module in self.modules().items():
             upcast = name == "vae" and bool(self.vae.config.get("force_upcast", False))
-            module.to(device=torch.device(device), dtype=torch.float32 if upcast else dtype)
+            wanted = torch.float32 if upcast else dtype
+            module.to(device=torch.device(device))
+            if next(module.parameters()).dtype != wanted:  # diffusers warns on every dtype cast
+                module.to(dtype=wanted)
         return self
 
     def eval(self) -> SdxlFamily:

@@ -1,0 +1,73 @@
+"""Templates from text: a Generate's ``template_from_text`` painted by the deployment's SDXL roles
+(``diffusion/text_to_image.py``), then painted with the users' faces like a template photo.
+
+Its sizes come from the SDXL UNet's description (its latent profile times the VAE's factor), so
+the same code serves the torch backend and a Triton one. The pass runs in the request's thread,
+its deadline and cancellation checked between steps, each step reported as progress.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from easyphoto.diffusion.inpaint import StepEvent
+from easyphoto.diffusion.text_to_image import SdxlFacts, TextToImage, run_text_to_image
+from easyphoto.engines.interface import Backend
+from easyphoto.engines.roles.sdxl import UNET, VAE_DECODER
+from easyphoto.imaging.codec import from_model
+from easyphoto.rpc.errors import InvalidArgument
+
+from .options import TemplateOptions
+
+STAGE = "template_from_text"
+
+
+class TemplatePainter:
+    def __init__(self, backend: Backend, facts: SdxlFacts, is_random: bool) -> None:
+        self.backend = backend
+        self.facts = facts
+        self.is_random = is_random
+        unet, decoder = backend.roles[UNET], backend.roles[VAE_DECODER]
+        self.factor = int(decoder.output("images").shape[2].scale)  # type: ignore[union-attr]
+        self.axis = unet.axes["latent_height"]
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """The smallest, usual and largest image side (pixels)."""
+        return (self.axis.min * self.factor, self.axis.opt * self.factor, self.axis.max * self.factor)
+
+    @property
+    def multiple(self) -> int:
+        return self.axis.multiple * self.factor
+
+    def paint(
+        self,
+        options: TemplateOptions,
+        seed: int,
+        on_step: Callable[[StepEvent], None] | None = None,
+        raise_if_stopped: Callable[[], None] = lambda: None,
+    ) -> np.ndarray:
+        """The template (RGB uint8) ``options`` describe, drawn from ``seed``."""
+        width, height = (self._side(options, name) for name in ("width", "height"))
+        request = TextToImage(
+            options.prompt, options.negative_prompt, width=width, height=height, steps=options.steps,
+            guidance_scale=options.guidance_scale, scheduler=options.scheduler,
+            generator=torch.Generator().manual_seed(seed), on_step=on_step, raise_if_stopped=raise_if_stopped,
+        )  # fmt: skip
+        return from_model(run_text_to_image(self.backend, self.facts, request).float().cpu())
+
+    def _side(self, options: TemplateOptions, name: str) -> int:
+        value = getattr(options, name)
+        low, usual, high = self.sizes
+        if value is None:
+            return usual
+        if value % self.multiple or not low <= value <= high:
+            raise InvalidArgument(
+                f"template_from_text.{name} is {value}; a multiple of {self.multiple} in [{low}, {high}]"
+                " for this deployment's SDXL model",
+                field=f"template_from_text.{name}",
+            )
+        return int(value)
