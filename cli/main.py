@@ -253,12 +253,26 @@ def _export(args: argparse.Namespace) -> int:
             print(f"error: {error.message}", file=sys.stderr)
             return 2
     faces = None if args.no_faces else default_face_models()
-    catalogue = role_catalogue(family, faces, fused=args.fused)
+    sdxl = None
+    if args.sdxl:
+        from easyphoto.engines.models.sdxl import SdxlLoadError, resolve_sdxl_family
+
+        try:
+            sdxl = resolve_sdxl_family(args.sdxl)
+        except SdxlLoadError as error:
+            print(f"error: --sdxl: {error}", file=sys.stderr)
+            return 2
+    catalogue = role_catalogue(family, faces, fused=args.fused, sdxl=sdxl)
     if args.roles:
         catalogue = catalogue.only(args.roles.split(","))
     roles = catalogue.roles
     out = Path(args.out)
-    results = export_all(catalogue, out, family, force=args.force, lora_graphs=not args.no_lora_graphs)
+    from easyphoto.engines.models.sdxl import SdxlFacts
+
+    facts = SdxlFacts.of(sdxl) if sdxl is not None else None
+    results = export_all(
+        catalogue, out, family, force=args.force, lora_graphs=not args.no_lora_graphs, sdxl=facts
+    )
     for result in results:
         state = "unchanged" if result.skipped else f"{result.seconds:.1f}s"
         verdict = "ok" if result.ok else "MISMATCH"
@@ -441,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out the graphs with LoRA inputs (no users on Triton)",
     )
     add_lcm_arguments(export, "its roles (lcm_unet, lcm_stage_*) are exported beside the base's")
+    export.add_argument(
+        "--sdxl",
+        default="",
+        metavar="FOLDER",
+        help="also export an SDXL folder's roles (templates from text)",
+    )
     export.set_defaults(run=_export)
 
     bench = commands.add_parser("bench", help="time our loop against diffusers; writes docs/benchmarks.md")

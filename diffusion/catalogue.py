@@ -5,17 +5,23 @@ from __future__ import annotations
 
 from easyphoto.engines.faces.models import FaceModels
 from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.models.sdxl import SdxlFamily
 from easyphoto.engines.roles.catalogue import RoleCatalogue
 from easyphoto.engines.roles.diffusion import describe_roles, describe_stage
+from easyphoto.engines.roles.sdxl import describe_sdxl_roles
 
 from .passes import reference_stages
 
 
 def role_catalogue(
-    family: ModelFamily, face_models: FaceModels | None = None, fused: bool = True
+    family: ModelFamily,
+    face_models: FaceModels | None = None,
+    fused: bool = True,
+    sdxl: SdxlFamily | None = None,
 ) -> RoleCatalogue:
     """Every role of ``family`` (and of ``face_models``), with the reference passes' fused steps when
-    ``fused``: with the base UNet, and with each of its variants (an LCM-LoRA fused in)."""
+    ``fused``: with the base UNet, and with each of its variants (an LCM-LoRA fused in); and the
+    SDXL roles that paint templates from text when given ``sdxl``."""
     stages = [
         describe_stage(family, kinds, variant)
         for variant in ("", *family.unet_variants)
@@ -26,4 +32,5 @@ def role_catalogue(
         family=describe_roles(family),
         stages={stage.name: stage for stage in stages},
         faces=dict(face_models.roles) if face_models is not None else {},
+        templates=describe_sdxl_roles(sdxl) if sdxl is not None else {},
     )

@@ -10,28 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import CLIPTokenizer
 
 from easyphoto.engines.interface import Backend
+from easyphoto.engines.models.sdxl import SdxlFacts
 from easyphoto.engines.roles.sdxl import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER
 
 from .inpaint import StepEvent, step_kwargs
 from .schedulers import make_scheduler
-
-
-@dataclass(frozen=True)
-class SdxlFacts:
-    """What the pass needs besides the roles: the tokenizers, the scheduler config and the VAE's
-    scaling factor (a Triton deployment reads them from its export, like the SD 1.5 family's)."""
-
-    tokenizer: CLIPTokenizer
-    tokenizer_2: CLIPTokenizer
-    scheduler_config: dict[str, Any]
-    vae_scaling_factor: float
 
 
 @dataclass

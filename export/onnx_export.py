@@ -30,6 +30,7 @@ from torch import nn
 
 from easyphoto.engines.lora import LoraTargets, lora_targets
 from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.models.sdxl import SdxlFacts
 from easyphoto.engines.roles.catalogue import RoleCatalogue
 from easyphoto.engines.roles.description import RoleDescription
 from easyphoto.engines.roles.lora_inputs import describe_with_lora, lora_layers
@@ -262,11 +263,13 @@ def export_all(
     family: ModelFamily,
     force: bool = False,
     lora_graphs: bool = True,
+    sdxl: SdxlFacts | None = None,
 ) -> list[ExportResult]:
     """Every role of the catalogue that is a torch module, and with ``lora_graphs`` the variant with
     LoRA inputs (``<role>_lora``, and its ``lora.json``) of each role that takes a LoRA; writes
     ``plans.json`` (the TensorRT build plans of the roles) and the engine manifest (``manifest.json``
-    with the tokenizer: what serving needs to call the roles without their weights)."""
+    with the tokenizer, and ``sdxl``'s facts and tokenizers when the catalogue has the SDXL roles:
+    what serving needs to call the roles without their weights)."""
     roles = catalogue.roles
     results, lora_results = [], {}
     for description in roles.values():
@@ -290,7 +293,9 @@ def export_all(
         for r in results
     ]
     write_plans(plans, out_dir)
-    manifest = EngineManifest.of_family(family, catalogue, EXPORTER_VERSION)
+    manifest = EngineManifest.of_family(
+        family, catalogue, EXPORTER_VERSION, sdxl=sdxl if catalogue.templates else None
+    )
     lora_files = {role: str(r.path.relative_to(out_dir)) for role, r in lora_results.items()}
     manifest.files = {
         r.role: {

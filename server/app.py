@@ -16,13 +16,12 @@ from pathlib import Path
 import grpc
 
 from easyphoto.diffusion.steps import StepEngine
-from easyphoto.diffusion.text_to_image import SdxlFacts
 from easyphoto.engines.adapters import DEFAULT_CACHE_BYTES
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.models import FaceModelPaths, FaceModels
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.models.loading import resolve_family
-from easyphoto.engines.models.sdxl import SdxlLoadError, resolve_sdxl_family
+from easyphoto.engines.models.sdxl import SdxlFacts, SdxlLoadError, resolve_sdxl_family
 from easyphoto.engines.models.variants import LCM, LCM_LORA_WEIGHT, add_lcm_lora
 from easyphoto.engines.roles.catalogue import RoleCatalogue
 from easyphoto.engines.roles.manifest import MANIFEST_FILE, EngineManifest, FamilyFacts
@@ -99,8 +98,9 @@ class EngineHolder:
         face_models = self.config.faces.load()
         if self.config.backend == "torch":
             engines, facts = self._torch_engines(face_models)
+            templates = self._templates(engines)
         elif self.config.backend == "triton":
-            engines, facts = self._triton_engines(face_models)
+            engines, facts, templates = self._triton_engines(face_models)
         else:
             raise ValueError(f"backend {self.config.backend!r} is unknown; use 'torch' or 'triton'")
         analyzer = face_models.analyzer(engines.backend)
@@ -108,7 +108,7 @@ class EngineHolder:
         on_call = self.metrics.engine_call if self.metrics is not None else None
         steps = StepEngine(engines, facts.scheduler_config, on_call=on_call)
         self._orchestrator = Orchestrator(
-            engines, facts.scheduler_config, face_models, analyzer, users, steps, self._templates(engines)
+            engines, facts.scheduler_config, face_models, analyzer, users, steps, templates
         )
         self.model_family = facts.label
         backend = engines.backend
@@ -122,21 +122,16 @@ class EngineHolder:
         return self._orchestrator
 
     def _templates(self, engines: Engines) -> TemplatePainter | None:
-        """The SDXL model of ``--sdxl``, in process (on the torch backend's device), or None."""
+        """The SDXL model of ``--sdxl`` in process, on the torch backend's device; None without."""
         if self.config.sdxl is None:
             return None
         try:
             sdxl = resolve_sdxl_family(self.config.sdxl)
         except SdxlLoadError as error:
             raise ModelMissing(f"--sdxl: {error}", field="sdxl") from error
-        backend = engines.backend
-        device = backend.device if isinstance(backend, TorchBackend) else self.config.device
-        painter_backend = TorchBackend(None, device=device, sdxl=sdxl)
-        facts = SdxlFacts(
-            sdxl.tokenizer, sdxl.tokenizer_2, sdxl.scheduler_config, float(sdxl.vae.config.scaling_factor)
-        )
+        painter_backend = TorchBackend(None, device=engines.backend.device, sdxl=sdxl)
         log.info("templates from text: SDXL %s on %s", sdxl.source, painter_backend.device)
-        return TemplatePainter(painter_backend, facts, sdxl.is_random)
+        return TemplatePainter(painter_backend, SdxlFacts.of(sdxl))
 
     def _torch_engines(self, face_models: FaceModels) -> tuple[Engines, FamilyFacts]:
         """Every role in process, from the family's weights."""
@@ -153,10 +148,11 @@ class EngineHolder:
             family
         )
 
-    def _triton_engines(self, face_models: FaceModels) -> tuple[Engines, FamilyFacts]:
+    def _triton_engines(self, face_models: FaceModels) -> tuple[Engines, FamilyFacts, TemplatePainter | None]:
         """Triton serving every exported role, described by the export's manifest: no model weights
         load here. The fused stages and the face roles are used when the repository has them (else
-        the face models run in process, and each step calls its ControlNets and the UNet)."""
+        the face models run in process, and each step calls its ControlNets and the UNet); the
+        SDXL roles too (else no template is painted from text)."""
         from easyphoto.engines.backends.triton_backend import TritonBackend
 
         manifest = EngineManifest.read(self.config.export_dir)
@@ -168,12 +164,20 @@ class EngineHolder:
                 f" {'one: serve without --lcm-lora' if exported else 'none'}",
                 field="lcm-lora",
             )
+        if self.config.sdxl is not None:
+            raise ModelMissing(
+                "--sdxl: a Triton deployment's SDXL roles come from its export (easyphoto export --sdxl"
+                f" FOLDER); the export in {self.config.export_dir} has"
+                f" {'them: serve without --sdxl' if manifest.sdxl else 'none'}",
+                field="sdxl",
+            )
         log.info(
             "backend triton: roles, tokenizer and scheduler of %s from %s; no model weights are loaded here",
             manifest.family.name,
             self.config.export_dir / MANIFEST_FILE,
         )
-        catalogue = RoleCatalogue(manifest.catalogue.family, manifest.catalogue.stages, face_models.roles)
+        written = manifest.catalogue
+        catalogue = RoleCatalogue(written.family, written.stages, face_models.roles, written.templates)
         served = dict(catalogue.family)
         probe = TritonBackend(self.config.triton_url, {})
         try:
@@ -197,8 +201,13 @@ class EngineHolder:
             raise EngineUnavailable(
                 f"Triton at {self.config.triton_url} is not ready (is `make triton` running?)"
             )
+        templates = None
+        if manifest.sdxl is not None and set(written.templates) <= set(served):
+            templates = TemplatePainter(backend, manifest.sdxl)
+        elif written.templates:
+            log.warning("the export's SDXL roles are not all in Triton's repository: no template from text")
         facts = manifest.family
-        return Engines(backend, manifest.tokenizer(), facts.vae_scaling_factor), facts
+        return Engines(backend, manifest.tokenizer(), facts.vae_scaling_factor), facts, templates
 
     def load_in_background(self, on_ready: Callable[[], None]) -> None:
         def run() -> None:

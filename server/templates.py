@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from easyphoto.diffusion.inpaint import StepEvent
-from easyphoto.diffusion.text_to_image import SdxlFacts, TextToImage, run_text_to_image
+from easyphoto.diffusion.text_to_image import TextToImage, run_text_to_image
 from easyphoto.engines.interface import Backend
+from easyphoto.engines.models.sdxl import SdxlFacts
 from easyphoto.engines.roles.sdxl import UNET, VAE_DECODER
 from easyphoto.imaging.codec import from_model
 from easyphoto.rpc.errors import InvalidArgument
@@ -26,10 +27,9 @@ STAGE = "template_from_text"
 
 
 class TemplatePainter:
-    def __init__(self, backend: Backend, facts: SdxlFacts, is_random: bool) -> None:
+    def __init__(self, backend: Backend, facts: SdxlFacts) -> None:
         self.backend = backend
         self.facts = facts
-        self.is_random = is_random
         unet, decoder = backend.roles[UNET], backend.roles[VAE_DECODER]
         self.factor = int(decoder.output("images").shape[2].scale)  # type: ignore[union-attr]
         self.axis = unet.axes["latent_height"]

@@ -12,18 +12,31 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
+from easyphoto.diffusion.catalogue import role_catalogue
 from easyphoto.diffusion.schedulers import make_scheduler
-from easyphoto.diffusion.text_to_image import SdxlFacts, TextToImage, run_text_to_image
+from easyphoto.diffusion.text_to_image import TextToImage, run_text_to_image
 from easyphoto.engines.backends.torch_backend import TorchBackend
+from easyphoto.engines.backends.triton_backend import TritonBackend
 from easyphoto.engines.models.family import ModelFamily
-from easyphoto.engines.models.sdxl import SdxlFamily, SdxlLoadError, load_sdxl_family, tiny_sdxl_family
-from easyphoto.engines.roles.sdxl import TEXT_ENCODER_2, UNET, VAE_DECODER
+from easyphoto.engines.models.sdxl import (
+    SdxlFacts,
+    SdxlFamily,
+    SdxlLoadError,
+    load_sdxl_family,
+    tiny_sdxl_family,
+)
+from easyphoto.engines.roles.manifest import EngineManifest
+from easyphoto.engines.roles.sdxl import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER
+from easyphoto.export.onnx_export import export_all
+from easyphoto.export.triton_repository import write_repository
+from easyphoto.export.triton_server import TritonInstall, free_ports, start_server
 from easyphoto.fixtures.photos import sample_photo
 from easyphoto.imaging.codec import decode_image, from_model
 from easyphoto.rpc.errors import ModelMissing
 from easyphoto.rpc.wire import error_details
 from easyphoto.server.app import EngineHolder, ServerConfig, build_app
 from easyphoto.server.options import TemplateOptions
+from easyphoto.server.templates import TemplatePainter
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
 
@@ -38,9 +51,7 @@ def backend(sdxl: SdxlFamily) -> TorchBackend:
 
 
 def _facts(sdxl: SdxlFamily) -> SdxlFacts:
-    return SdxlFacts(
-        sdxl.tokenizer, sdxl.tokenizer_2, sdxl.scheduler_config, float(sdxl.vae.config.scaling_factor)
-    )
+    return SdxlFacts.of(sdxl)
 
 
 def _pipeline(sdxl: SdxlFamily, scheduler: str) -> StableDiffusionXLPipeline:
@@ -218,3 +229,32 @@ def test_an_sdxl_path_that_is_not_there_fails_loading_naming_the_option(
     holder = EngineHolder(ServerConfig(data=alice_data, sdxl=str(tmp_path / "nowhere")))
     with pytest.raises(ModelMissing, match=r"--sdxl: .*nowhere is not a folder"):
         holder.load()
+
+
+def test_the_sdxl_roles_export_and_paint_the_same_template_through_a_real_tritonserver(
+    install: TritonInstall, tiny: ModelFamily, sdxl: SdxlFamily, tmp_path: Path
+) -> None:
+    catalogue = role_catalogue(tiny, fused=False, sdxl=sdxl)
+    catalogue = catalogue.only(catalogue.templates)
+    results = export_all(catalogue, tmp_path / "export", tiny, sdxl=SdxlFacts.of(sdxl))
+    assert sorted((r.role, r.ok) for r in results) == [(name, True) for name in sorted(catalogue.templates)]
+    manifest = EngineManifest.read(tmp_path / "export")
+    assert manifest.sdxl is not None and manifest.sdxl.tokenizer_2.pad_token == sdxl.tokenizer_2.pad_token
+    assert set(manifest.catalogue.templates) == {TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER}
+    write_repository(tmp_path / "export", catalogue.roles, tmp_path / "repository")
+    server = start_server(tmp_path / "repository", install, free_ports())
+    options = TemplateOptions(
+        "a portrait in a garden", "blurry", width=64, height=128, steps=4, scheduler="ddim"
+    )
+    try:
+        server.wait_ready()
+        triton = TritonBackend(server.grpc_url, manifest.catalogue.templates)
+        try:
+            theirs = TemplatePainter(triton, manifest.sdxl).paint(options, 5)
+        finally:
+            triton.close()
+    finally:
+        server.stop()
+    ours = TemplatePainter(TorchBackend(None, "cpu", sdxl=sdxl), SdxlFacts.of(sdxl)).paint(options, 5)
+    assert theirs.shape == ours.shape == (128, 64, 3)
+    assert np.abs(theirs.astype(int) - ours.astype(int)).max() <= 2  # uint8 levels

@@ -125,6 +125,30 @@ class SdxlFamily:
         (directory / SDXL_FILE).write_text(json.dumps(meta))
 
 
+@dataclass(frozen=True)
+class SdxlFacts:
+    """What the text-to-image pass needs besides the roles: the tokenizers, the scheduler config
+    and the VAE's scaling factor (a Triton deployment reads them from its export's manifest)."""
+
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    scheduler_config: dict[str, Any]
+    vae_scaling_factor: float
+    is_random: bool = False
+    source: str = ""
+
+    @classmethod
+    def of(cls, family: SdxlFamily) -> SdxlFacts:
+        return cls(
+            family.tokenizer,
+            family.tokenizer_2,
+            dict(family.scheduler_config),
+            float(family.vae.config.scaling_factor),
+            family.is_random,
+            family.source,
+        )
+
+
 class SdxlLoadError(RuntimeError):
     """A path that is not a loadable SDXL folder (the message says what is missing)."""
 

@@ -6,6 +6,7 @@
 * ``stages``: the fused step of each reference pass whose ControlNets are all loaded (one call per
   step where a backend serves it, else the step calls its nets and the UNet).
 * ``faces``: the face models' roles (in Triton where its repository has them, else in process).
+* ``templates``: the SDXL roles that paint templates from text, when the deployment has SDXL.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field, fields
 
 from .description import RoleDescription
 
-GROUPS = ("family", "stages", "faces")
+GROUPS = ("family", "stages", "faces", "templates")
 
 
 @dataclass(frozen=True)
@@ -23,15 +24,16 @@ class RoleCatalogue:
     family: dict[str, RoleDescription]
     stages: dict[str, RoleDescription] = field(default_factory=dict)
     faces: dict[str, RoleDescription] = field(default_factory=dict)
+    templates: dict[str, RoleDescription] = field(default_factory=dict)
 
     @property
     def roles(self) -> dict[str, RoleDescription]:
-        return {**self.family, **self.stages, **self.faces}
+        return {**self.family, **self.stages, **self.faces, **self.templates}
 
     @property
     def optional(self) -> dict[str, RoleDescription]:
-        """The roles a backend may lack: the stages and the face roles."""
-        return {**self.stages, **self.faces}
+        """The roles a backend may lack: the stages, the face roles and the SDXL roles."""
+        return {**self.stages, **self.faces, **self.templates}
 
     def group_of(self, role: str) -> str:
         return next(group.name for group in fields(self) if role in getattr(self, group.name))

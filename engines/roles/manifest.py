@@ -24,11 +24,13 @@ from easyphoto.rpc.errors import EngineUnavailable
 
 from ..lora import LoraTargets, lora_targets
 from ..models.family import ModelFamily
+from ..models.sdxl import SdxlFacts
 from .catalogue import GROUPS, RoleCatalogue
 from .description import RoleDescription
 
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
+SDXL_TOKENIZER_DIRS = ("sdxl_tokenizer", "sdxl_tokenizer_2")
 # "onnx", "onnx_fp16", "onnx_lora" (the graph with LoRA inputs): paths relative to the manifest's folder
 GraphFiles = dict[str, str | None]
 
@@ -69,11 +71,16 @@ class EngineManifest:
     exporter: str = ""
     files: dict[str, GraphFiles] = field(default_factory=dict)
     directory: Path | None = None  # the folder it was read from or written to
+    # The SDXL family's facts when the export has its roles (templates from text); its tokenizers
+    # are written beside the manifest.
+    sdxl: SdxlFacts | None = None
 
     @classmethod
-    def of_family(cls, family: ModelFamily, catalogue: RoleCatalogue, exporter: str = "") -> EngineManifest:
+    def of_family(
+        cls, family: ModelFamily, catalogue: RoleCatalogue, exporter: str = "", sdxl: SdxlFacts | None = None
+    ) -> EngineManifest:
         targets = lora_targets(family.lora_roots())
-        return cls(FamilyFacts.of(family), catalogue, targets, exporter)
+        return cls(FamilyFacts.of(family), catalogue, targets, exporter, sdxl=sdxl)
 
     def to_json(self) -> dict[str, Any]:
         facts = self.family
@@ -96,12 +103,18 @@ class EngineManifest:
                 t: {m: list(s) for m, s in layers.items()} for t, layers in self.lora_targets.items()
             },
             "roles": roles,
+            "sdxl": _sdxl_json(self.sdxl),
         }
 
     def write(self, directory: Path, tokenizer: CLIPTokenizer) -> Path:
         """``manifest.json`` and ``tokenizer/`` into ``directory``; the manifest's path."""
         directory.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+        if self.sdxl is not None:
+            for name, sdxl_tokenizer in zip(
+                SDXL_TOKENIZER_DIRS, (self.sdxl.tokenizer, self.sdxl.tokenizer_2), strict=True
+            ):
+                sdxl_tokenizer.save_pretrained(str(directory / name))
         path = directory / MANIFEST_FILE
         path.write_text(json.dumps(self.to_json(), indent=2))
         self.directory = directory
@@ -132,7 +145,8 @@ class EngineManifest:
             scheduler_config=dict(data["scheduler_config"]),
         )
         targets = {t: {m: tuple(s) for m, s in layers.items()} for t, layers in data["lora_targets"].items()}
-        return cls(facts, RoleCatalogue(**groups), targets, data.get("exporter", ""), files, directory)
+        sdxl = _sdxl_facts(data["sdxl"], directory) if data.get("sdxl") else None
+        return cls(facts, RoleCatalogue(**groups), targets, data.get("exporter", ""), files, directory, sdxl)
 
     def tokenizer(self) -> CLIPTokenizer:
         if self.directory is None:
@@ -149,3 +163,27 @@ def _served_elsewhere(role: str, manifest: Path) -> Callable[[], Callable[..., t
         )
 
     return build
+
+
+def _sdxl_json(sdxl: SdxlFacts | None) -> dict[str, Any] | None:
+    if sdxl is None:
+        return None
+    return {
+        "source": sdxl.source,
+        "is_random": sdxl.is_random,
+        "scheduler_config": sdxl.scheduler_config,
+        "vae_scaling_factor": sdxl.vae_scaling_factor,
+        "tokenizers": list(SDXL_TOKENIZER_DIRS),
+    }
+
+
+def _sdxl_facts(entry: dict[str, Any], directory: Path) -> SdxlFacts:
+    first, second = (CLIPTokenizer.from_pretrained(str(directory / name)) for name in entry["tokenizers"])
+    return SdxlFacts(
+        first,
+        second,
+        dict(entry["scheduler_config"]),
+        float(entry["vae_scaling_factor"]),
+        bool(entry["is_random"]),
+        str(entry["source"]),
+    )
