@@ -37,6 +37,8 @@ MAX_IMAGES_PER_TEMPLATE = 8
 # Characters of each prompt field. CLIP reads 77 tokens (a few hundred characters) and drops the
 # rest; a megabyte of prompt is a mistake or an attack, refused before it is tokenised.
 MAX_PROMPT_CHARS = 4000
+# Sides of a template painted from text, before the deployment's model narrows them.
+MIN_TEMPLATE_SIDE, MAX_TEMPLATE_SIDE = 64, 8192
 PROMPT_FIELDS = ("positive_prompt", "negative_prompt", "extra_prompt", "extra_negative_prompt")
 
 
@@ -175,14 +177,11 @@ def resolve_template_options(request: generator_pb2.GenerateRequest) -> Template
         return None
     message = request.template_from_text
     name = "template_from_text"
-    if request.templates:
-        raise InvalidArgument(f"give templates or {name}, not both", field=name)
     values = present_fields(message, ("width", "height", "steps", "guidance_scale", "scheduler"))
     options = TemplateOptions(message.prompt, message.negative_prompt, **values)
-    if not options.prompt.strip():
-        raise InvalidArgument(f"{name}.prompt is empty", field=f"{name}.prompt")
-    for field_name in ("prompt", "negative_prompt"):
-        check_length(f"{name}.{field_name}", getattr(options, field_name), MAX_PROMPT_CHARS)
+    for side in ("width", "height"):  # the deployment's model narrows these (TemplatePainter)
+        if getattr(options, side) is not None:
+            check_range(f"{name}.{side}", getattr(options, side), MIN_TEMPLATE_SIDE, MAX_TEMPLATE_SIDE)
     check_range(f"{name}.steps", options.steps, 1, 200)
     check_range(f"{name}.guidance_scale", options.guidance_scale, 1.0, 30.0)
     if options.scheduler not in SCHEDULERS:
@@ -190,4 +189,10 @@ def resolve_template_options(request: generator_pb2.GenerateRequest) -> Template
             f"{name}.scheduler {options.scheduler!r} is unknown; known: {sorted(SCHEDULERS)}",
             field=f"{name}.scheduler",
         )
+    for field_name in ("prompt", "negative_prompt"):
+        check_length(f"{name}.{field_name}", getattr(options, field_name), MAX_PROMPT_CHARS)
+    if not options.prompt.strip():
+        raise InvalidArgument(f"{name}.prompt is empty", field=f"{name}.prompt")
+    if request.templates:
+        raise InvalidArgument(f"give templates or {name}, not both", field=name)
     return options

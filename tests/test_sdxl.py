@@ -3,6 +3,7 @@ equals diffusers' StableDiffusionXLPipeline at the same seed."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from transformers import CLIPTokenizer
 
 from easyphoto.diffusion.catalogue import role_catalogue
 from easyphoto.diffusion.schedulers import make_scheduler
@@ -23,6 +25,9 @@ from easyphoto.engines.models.sdxl import (
     SdxlFamily,
     SdxlLoadError,
     load_sdxl_family,
+    load_sdxl_single_file,
+    resolve_sdxl_family,
+    single_file_config_dir,
     tiny_sdxl_family,
 )
 from easyphoto.engines.roles.manifest import EngineManifest
@@ -30,6 +35,7 @@ from easyphoto.engines.roles.sdxl import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE
 from easyphoto.export.onnx_export import export_all
 from easyphoto.export.triton_repository import write_repository
 from easyphoto.export.triton_server import TritonInstall, free_ports, start_server
+from easyphoto.fixtures.checkpoints import save_sdxl_single_file
 from easyphoto.fixtures.photos import sample_photo
 from easyphoto.imaging.codec import decode_image, from_model
 from easyphoto.rpc.errors import ModelMissing
@@ -258,3 +264,23 @@ def test_the_sdxl_roles_export_and_paint_the_same_template_through_a_real_triton
     ours = TemplatePainter(TorchBackend(None, "cpu", sdxl=sdxl), SdxlFacts.of(sdxl)).paint(options, 5)
     assert theirs.shape == ours.shape == (128, 64, 3)
     assert np.abs(theirs.astype(int) - ours.astype(int)).max() <= 2  # uint8 levels
+
+
+def test_an_sdxl_checkpoint_in_the_original_layout_loads_offline_to_the_same_weights(
+    sdxl: SdxlFamily, tmp_path: Path, cache_dir: Path
+) -> None:
+    path = tmp_path / "tiny-sdxl.safetensors"
+    save_sdxl_single_file(sdxl, path)
+    loaded = load_sdxl_single_file(path, config_dir=Path(sdxl.source))  # the tiny family's shapes
+    for name, module in sdxl.modules().items():
+        theirs = loaded.modules()[name].state_dict()
+        ours = module.state_dict()
+        assert set(theirs) == set(ours), name
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours), name
+    assert loaded.tokenizer_2.pad_token == "!" and loaded.source == str(path) and not loaded.is_random
+    # Without a config folder, a checkpoint is read with SDXL base's shipped configs and tokenizers.
+    folder = single_file_config_dir(cache_dir)
+    assert json.loads((folder / "unet" / "config.json").read_text())["cross_attention_dim"] == 2048
+    assert CLIPTokenizer.from_pretrained(folder / "tokenizer_2").pad_token == "!"
+    with pytest.raises(SdxlLoadError, match="cannot load SDXL checkpoint"):  # tiny weights, full shapes
+        resolve_sdxl_family(str(path))

@@ -2,7 +2,8 @@
 encoders, UNet (with the added text-and-time embedding), VAE and scheduler.
 
 Loaded from a local diffusers folder (``StableDiffusionXLPipeline``'s layout: ``unet/``, ``vae/``,
-``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``, ``scheduler/``), or built:
+``text_encoder/``, ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``, ``scheduler/``), from an
+SDXL checkpoint file in the original layout (converted offline with the shipped configs), or built:
 ``tiny-sdxl`` (the SDXL architecture at a few hundred thousand parameters, seeded, for tests and
 the demo) and ``sdxl-random`` (full SDXL base shapes, for benchmarks). Random families paint
 noise (``is_random``), never a template worth showing.
@@ -11,13 +12,14 @@ noise (``is_random``), never a template worth showing.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .builders import cache_root
@@ -26,16 +28,17 @@ from .tokenizer import sd15_tokenizer
 
 SDXL_FILE = "easyphoto_sdxl.json"
 TINY_SDXL_SEED = 4321
-TINY_SDXL_VERSION = 1
+TINY_SDXL_VERSION = 3  # 3: a wider second text encoder; the folder is a StableDiffusionXLPipeline's
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 TINY_SDXL_UNET: dict[str, Any] = {
     "block_out_channels": [32, 64],
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
     "attention_head_dim": [2, 4],
     "transformer_layers_per_block": [1, 2],
-    "cross_attention_dim": 64,  # the two text encoders' hidden sizes, 32 + 32
+    "cross_attention_dim": 80,  # the two text encoders' hidden sizes, 32 + 48
     "addition_time_embed_dim": 8,
-    "projection_class_embeddings_input_dim": 80,  # 6 time ids x 8, and the pooled 32
+    "projection_class_embeddings_input_dim": 96,  # 6 time ids x 8, and the pooled 48
     "norm_num_groups": 8,
     "sample_size": 16,
 }
@@ -52,6 +55,9 @@ TINY_SDXL_TEXT: dict[str, Any] = {
     "num_attention_heads": 4,
     "projection_dim": 32,
 }
+# The second encoder is wider than the first, as in SDXL (1280 against 768): diffusers' single-file
+# loader tells the two apart by their widths.
+TINY_SDXL_TEXT_2: dict[str, Any] = {**TINY_SDXL_TEXT, "hidden_size": 48, "projection_dim": 48}
 TINY_SDXL_IMAGE_SIZES = (64, 128, 256)
 SDXL_IMAGE_SIZES = (512, 1024, 1536)
 # OpenCLIP bigG's tokenizer (SDXL's second) pads with "!", the first with the end token.
@@ -121,6 +127,7 @@ class SdxlFamily:
         self.tokenizer_2.save_pretrained(directory / "tokenizer_2")
         (directory / "scheduler").mkdir(exist_ok=True)
         (directory / "scheduler" / "scheduler_config.json").write_text(json.dumps(self.scheduler_config))
+        (directory / "model_index.json").write_text(_config_text("model_index.json"))
         meta = {"name": self.name, "is_random": self.is_random, "image_sizes": list(self.image_sizes)}
         (directory / SDXL_FILE).write_text(json.dumps(meta))
 
@@ -156,8 +163,55 @@ class SdxlLoadError(RuntimeError):
 def sdxl_config(component: str) -> dict[str, Any]:
     """A shipped SDXL base config (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, ``scheduler``)."""
     name = "scheduler_config.json" if component == "scheduler" else "config.json"
-    text = resources.files(__package__).joinpath("configs", "sdxl", component, name).read_text()
-    return dict(json.loads(text))
+    return dict(json.loads(_config_text(component, name)))
+
+
+def _config_text(*parts: str) -> str:
+    return resources.files(__package__).joinpath("configs", "sdxl", *parts).read_text()
+
+
+def single_file_config_dir(cache_dir: Path | None = None) -> Path:
+    """SDXL base's diffusers config folder (configs, pipeline index, both tokenizers): what an
+    SDXL checkpoint in the original layout is converted with, offline."""
+    target = (cache_dir or cache_root()) / f"sdxl-config-v{TINY_SDXL_VERSION}"
+
+    def write(staging: Path) -> None:
+        shutil.copytree(Path(str(resources.files(__package__).joinpath("configs", "sdxl"))), staging)
+        tokenizer = sd15_tokenizer(cache_root())
+        tokenizer.save_pretrained(staging / "tokenizer")
+        second = CLIPTokenizer.from_pretrained(
+            cache_root() / "tokenizer", local_files_only=True, pad_token=SECOND_TOKENIZER_PAD
+        )
+        second.save_pretrained(staging / "tokenizer_2")
+
+    build_once(target, "model_index.json", write)
+    return target
+
+
+def load_sdxl_single_file(path: Path, config_dir: Path | None = None) -> SdxlFamily:
+    """An SDXL checkpoint in the original (SGM) layout, converted by diffusers offline with the
+    shipped SDXL base configs (or ``config_dir``'s: a family of other shapes)."""
+    config = config_dir or single_file_config_dir()
+    try:
+        with torch.no_grad():
+            pipe = StableDiffusionXLPipeline.from_single_file(
+                str(path), config=str(config), local_files_only=True
+            )
+    except Exception as exc:
+        raise SdxlLoadError(f"cannot load SDXL checkpoint {path}: {exc}") from exc
+    family = SdxlFamily(
+        name=path.stem,
+        unet=pipe.unet,
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        text_encoder_2=pipe.text_encoder_2,
+        tokenizer=pipe.tokenizer,
+        tokenizer_2=pipe.tokenizer_2,
+        scheduler_config=dict(pipe.scheduler.config),
+        is_random=False,
+        source=str(path),
+    )
+    return family.eval()
 
 
 def build_sdxl_family(
@@ -200,7 +254,7 @@ def build_tiny_sdxl_family(seed: int = TINY_SDXL_SEED) -> SdxlFamily:
         "unet": TINY_SDXL_UNET,
         "vae": TINY_SDXL_VAE,
         "text_encoder": TINY_SDXL_TEXT,
-        "text_encoder_2": TINY_SDXL_TEXT,
+        "text_encoder_2": TINY_SDXL_TEXT_2,
     }
     return build_sdxl_family("tiny-sdxl", overrides, seed, TINY_SDXL_IMAGE_SIZES)
 
@@ -241,9 +295,13 @@ def load_sdxl_family(folder: Path) -> SdxlFamily:
 
 
 def resolve_sdxl_family(models: str, cache_dir: Path | None = None) -> SdxlFamily:
-    """``tiny-sdxl``, ``sdxl-random`` (full shapes, random weights) or an SDXL diffusers folder."""
+    """``tiny-sdxl``, ``sdxl-random`` (full shapes, random weights), an SDXL diffusers folder or
+    an SDXL checkpoint file (``.safetensors``, ``.ckpt``)."""
     if models == "tiny-sdxl":
         return tiny_sdxl_family(cache_dir)
     if models == "sdxl-random":
         return build_sdxl_family("sdxl-random", {}, TINY_SDXL_SEED, SDXL_IMAGE_SIZES)
-    return load_sdxl_family(Path(models).expanduser())
+    path = Path(models).expanduser()
+    if path.is_file() and path.suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return load_sdxl_single_file(path)
+    return load_sdxl_family(path)
