@@ -566,7 +566,7 @@ def test_a_trainer_killed_mid_identity_reward_resumes_the_stage_where_it_was(tmp
     port = free_port()
     first = trainer_process(tmp_path, tmp_path / "trainer-1.log", port=port)
     options = trainer_pb2.TrainingOptions(
-        **FAST, identity_reward=True, reward_iterations=3, reward_samples_per_template=2
+        **FAST, identity_reward=True, reward_iterations=2, reward_samples_per_template=2
     )
     try:
         first.wait_serving()
@@ -583,7 +583,7 @@ def test_a_trainer_killed_mid_identity_reward_resumes_the_stage_where_it_was(tmp
     finally:
         first.kill()
     done_before_kill = list(state.identity_reward.mean_rewards)
-    assert state.stage == "identity_reward" and 1 <= len(done_before_kill) < 3
+    assert state.stage == "identity_reward" and len(done_before_kill) == 1
     second = trainer_process(tmp_path, tmp_path / "trainer-2.log", port=port)
     try:
         second.wait_serving()
@@ -597,6 +597,6 @@ def test_a_trainer_killed_mid_identity_reward_resumes_the_stage_where_it_was(tmp
         second.kill()
     assert final is not None and final.state == trainer_pb2.JOB_STATE_SUCCEEDED, final
     rewards = list(final.identity_reward.mean_rewards)
-    assert len(rewards) == 3 and rewards[: len(done_before_kill)] == done_before_kill  # not redone
+    assert len(rewards) == 2 and rewards[:1] == done_before_kill  # not redone
     report = json.loads((tmp_path / "users" / "rex" / "v1" / "report.json").read_text())
-    assert [r["iteration"] for r in report["identity_reward"]["iterations"]] == [1, 2, 3]
+    assert [r["iteration"] for r in report["identity_reward"]["iterations"]] == [1, 2]

@@ -8,6 +8,7 @@ noise, never a face: callers must say so wherever they show an output (``family.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,8 +99,7 @@ class ModelFamily:
         return self
 
     def eval(self) -> ModelFamily:
-        for module in self.modules().values():
-            module.eval().requires_grad_(False)
+        freeze(self.modules().values())
         return self
 
     def save_pretrained(self, directory: Path) -> None:
@@ -122,3 +122,9 @@ class ModelFamily:
             "controlnets": sorted(self.controlnets),
         }
         (directory / FAMILY_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def freeze(modules: Iterable[torch.nn.Module]) -> None:
+    """Inference weights: eval mode, no gradients."""
+    for module in modules:
+        module.eval().requires_grad_(False)

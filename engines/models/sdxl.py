@@ -24,6 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from .builders import cache_root
 from .built_once import build_once
+from .family import freeze
 from .tokenizer import sd15_tokenizer
 
 SDXL_FILE = "easyphoto_sdxl.json"
@@ -112,8 +113,7 @@ class SdxlFamily:
         return self
 
     def eval(self) -> SdxlFamily:
-        for module in self.modules().values():
-            module.eval().requires_grad_(False)
+        freeze(self.modules().values())
         return self
 
     def save_pretrained(self, directory: Path) -> None:
