@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from easyphoto.engines.interface import Backend
 from easyphoto.engines.models.sdxl import SdxlFacts
+from easyphoto.engines.roles.diffusion import pixels_per_latent
 from easyphoto.engines.roles.sdxl import TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER
 
 from .inpaint import StepEvent, step_kwargs
@@ -54,7 +55,7 @@ def run_text_to_image(backend: Backend, facts: SdxlFacts, request: TextToImage) 
     time_ids = torch.tensor([[*size, 0, 0, *size]], dtype=dtype, device=device).expand(rows, -1)
     scheduler = make_scheduler(request.scheduler, facts.scheduler_config)
     scheduler.set_timesteps(request.steps, device=device)
-    factor = _vae_factor(backend)
+    factor = pixels_per_latent(backend.roles[VAE_DECODER])
     shape = (request.images, _latent_channels(backend), request.height // factor, request.width // factor)
     latents = randn_tensor(shape, generator=request.generator, device=device, dtype=dtype)
     latents = latents * scheduler.init_noise_sigma
@@ -95,12 +96,6 @@ def _encode(backend: Backend, facts: SdxlFacts, prompts: list[str]) -> tuple[tor
         pooled = out.get("text_embeds", pooled)
     assert pooled is not None
     return torch.cat(states, dim=-1), pooled
-
-
-def _vae_factor(backend: Backend) -> int:
-    decoder = backend.roles[VAE_DECODER]
-    latent, image = decoder.input("latents").shape[2], decoder.output("images").shape[2]
-    return int(getattr(image, "scale", 1) / getattr(latent, "scale", 1))
 
 
 def _latent_channels(backend: Backend) -> int:

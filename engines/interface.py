@@ -27,13 +27,13 @@ from .roles.diffusion import (
     CONTROLNET_PREFIX,
     STEP_INPUTS,
     controlnet_role,
+    pixels_per_latent,
     residual_inputs,
     stage_control_inputs,
     stage_role_name,
     sum_residuals,
     variant_role,
 )
-from .shapes import Dim
 
 Tensors = dict[str, torch.Tensor]
 
@@ -124,8 +124,7 @@ class Engines:
     @property
     def vae_scale_factor(self) -> int:
         """Image pixels per latent pixel, read off the VAE decoder's description."""
-        height = self.roles["vae_decoder"].output("images").shape[2]
-        return int(height.scale) if isinstance(height, Dim) else 1
+        return pixels_per_latent(self.roles["vae_decoder"])
 
     @property
     def image_multiple(self) -> int:

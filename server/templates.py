@@ -17,6 +17,7 @@ from easyphoto.diffusion.inpaint import StepEvent
 from easyphoto.diffusion.text_to_image import TextToImage, run_text_to_image
 from easyphoto.engines.interface import Backend
 from easyphoto.engines.models.sdxl import SdxlFacts
+from easyphoto.engines.roles.diffusion import pixels_per_latent
 from easyphoto.engines.roles.sdxl import UNET, VAE_DECODER
 from easyphoto.imaging.codec import from_model
 from easyphoto.rpc.errors import InvalidArgument
@@ -30,9 +31,8 @@ class TemplatePainter:
     def __init__(self, backend: Backend, facts: SdxlFacts) -> None:
         self.backend = backend
         self.facts = facts
-        unet, decoder = backend.roles[UNET], backend.roles[VAE_DECODER]
-        self.factor = int(decoder.output("images").shape[2].scale)  # type: ignore[union-attr]
-        self.axis = unet.axes["latent_height"]
+        self.factor = pixels_per_latent(backend.roles[VAE_DECODER])
+        self.axis = backend.roles[UNET].axes["latent_height"]
 
     @property
     def sizes(self) -> tuple[int, int, int]:

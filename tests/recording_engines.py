@@ -1,11 +1,12 @@
-"""The real engines, recording what each model evaluation was given (shared by the pipeline
-tests)."""
+"""What the engine tests share: the real engines recording what each model evaluation was given,
+and a user's LoRA of random factors on every targeted layer."""
 
 from __future__ import annotations
 
 import torch
 
 from easyphoto.engines.interface import Engines
+from easyphoto.engines.lora import LoraLayer, LoraTargets, LoraWeights
 
 
 class RecordingEngines(Engines):
@@ -33,3 +34,18 @@ def _one_weight(scale: float | torch.Tensor) -> float:
         return scale
     assert torch.all(scale == scale[0]), scale
     return round(float(scale[0]), 6)
+
+
+def random_user_lora(targets: LoraTargets, name: str, seed: int) -> LoraWeights:
+    """Rank-4 factors of 0.1 x normal noise on every targeted layer: an adapter that changes
+    outputs visibly (trained ones do), unlike the fixtures' near-zero one."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = [
+        LoraLayer(
+            target, module, torch.randn(4, *shape[1:], generator=generator) * 0.1,
+            torch.randn(shape[0], 4, *[1] * (len(shape) - 2), generator=generator) * 0.1, 4.0,
+        )
+        for target, modules in targets.items()
+        for module, shape in modules.items()
+    ]  # fmt: skip
+    return LoraWeights(name, layers)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from recording_engines import RecordingEngines
+from recording_engines import RecordingEngines, random_user_lora
 
 from easyphoto.diffusion.catalogue import role_catalogue
 from easyphoto.diffusion.inpaint import InpaintPass, run_inpaint
@@ -62,16 +62,7 @@ def lcm_engines(lcm_family: ModelFamily) -> Engines:
 
 def _user(engines: Engines, seed: int = 3) -> tuple[SampleAdapter, LoraWeights]:
     """A user's LoRA on every layer a trained one targets, as an adapter at weight 0.9."""
-    generator = torch.Generator().manual_seed(seed)
-    layers = [
-        LoraLayer(
-            target, module, torch.randn(4, *shape[1:], generator=generator) * 0.1,
-            torch.randn(shape[0], 4, *[1] * (len(shape) - 2), generator=generator) * 0.1, 4.0,
-        )
-        for target, modules in engines.backend.lora_targets().items()
-        for module, shape in modules.items()
-    ]  # fmt: skip
-    lora = LoraWeights(f"user{seed}@v1", layers)
+    lora = random_user_lora(engines.backend.lora_targets(), f"user{seed}@v1", seed)
     return SampleAdapter(engines.backend.adapter(lora.name, lambda: lora), 0.9), lora
 
 

@@ -8,13 +8,13 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from recording_engines import random_user_lora
 
 from easyphoto.diffusion.inpaint import InpaintPass, run_inpaint
 from easyphoto.diffusion.steps import StepEngine
 from easyphoto.engines.adapters import SampleAdapter
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.interface import ControlInput, Engines
-from easyphoto.engines.lora import LoraLayer, LoraWeights
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.rpc.deadline import request_deadline
 from easyphoto.rpc.errors import Cancelled, DeadlineExceeded, EngineUnavailable
@@ -26,16 +26,8 @@ def engines(tiny: ModelFamily) -> Engines:
 
 
 def _adapter(engines: Engines, name: str, seed: int) -> SampleAdapter:
-    generator = torch.Generator().manual_seed(seed)
-    layers = [
-        LoraLayer(
-            target, module, torch.randn(4, *shape[1:], generator=generator) * 0.1,
-            torch.randn(shape[0], 4, *[1] * (len(shape) - 2), generator=generator) * 0.1, 4.0,
-        )
-        for target, modules in engines.backend.lora_targets().items()
-        for module, shape in modules.items()
-    ]  # fmt: skip
-    return SampleAdapter(engines.backend.adapter(name, lambda: LoraWeights(name, layers)), 0.8)
+    lora = random_user_lora(engines.backend.lora_targets(), name, seed)
+    return SampleAdapter(engines.backend.adapter(name, lambda: lora), 0.8)
 
 
 def _pass(engines: Engines, seed: int, size: int = 64, **options: object) -> Callable[[], InpaintPass]:

@@ -180,6 +180,12 @@ def stage_control_inputs(kind: str) -> tuple[str, str]:
     return f"{kind}_cond", f"{kind}_scale"
 
 
+def pixels_per_latent(decoder: RoleDescription) -> int:
+    """Image pixels per latent pixel of a VAE decoder role, read off its description."""
+    height = decoder.output("images").shape[2]
+    return int(height.scale) if isinstance(height, Dim) else 1
+
+
 def residual_inputs(unet: RoleDescription) -> tuple[TensorSpec, ...]:
     """The UNet's ControlNet residual inputs, in order: every input after the step inputs."""
     return tuple(spec for spec in unet.inputs if spec.name not in STEP_INPUTS)
