@@ -19,6 +19,8 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
+from .inpaint import put_known_back
+
 LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
 ETA = 1.0  # DDPO's: every DDIM step a Gaussian draw, so every step has a log-probability
 # The policy: the (guided) noise prediction for latents at a timestep, by the weights being tuned.
@@ -62,10 +64,7 @@ def sample_inpainting(
             trajectory.inputs.append(latents)
             trajectory.draws.append(draw)
             trajectory.log_probs.append(log_prob)
-            behind = known
-            if step < len(timesteps) - 1:
-                behind = scheduler.add_noise(known, noise, timesteps[step + 1 : step + 2].repeat(rows))
-            latents = (1 - mask) * behind + mask * draw
+            latents = put_known_back(scheduler, draw, known, noise, timesteps, step, mask)
     trajectory.final = latents
     return trajectory
 

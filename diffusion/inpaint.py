@@ -170,14 +170,35 @@ class InpaintState:
             uncond, text = noise_pred.chunk(2)
             noise_pred = uncond + self.inpaint.guidance_scale * (text - uncond)
         latents = self.scheduler.step(noise_pred, t, self.latents, **self._step_kwargs, return_dict=False)[0]
-        known = self.image_latents
-        if self.index < len(self.timesteps) - 1:
-            next_t = torch.tensor([self.timesteps[self.index + 1]])
-            known = self.scheduler.add_noise(self.image_latents, self.noise, next_t)
-        self.latents = (1 - self.latent_mask) * known + self.latent_mask * latents
+        self.latents = put_known_back(
+            self.scheduler,
+            latents,
+            self.image_latents,
+            self.noise,
+            self.timesteps,
+            self.index,
+            self.latent_mask,
+        )
         self.index += 1
         if self.inpaint.on_step is not None:
             self.inpaint.on_step(StepEvent(self.index, len(self.timesteps), float(t)))
+
+
+def put_known_back(
+    scheduler: SchedulerMixin,
+    latents: torch.Tensor,
+    known: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    step: int,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """``latents`` after step ``step`` with the known (unmasked) latents put back: the image's,
+    noised with ``noise`` to the next timestep (clean after the last step), as diffusers'
+    inpainting pipeline does with a 4-channel UNet."""
+    if step < len(timesteps) - 1:
+        known = scheduler.add_noise(known, noise, torch.tensor([timesteps[step + 1]]))
+    return (1 - mask) * known + mask * latents
 
 
 def _prepare_control(
