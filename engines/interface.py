@@ -271,12 +271,20 @@ class Engines:
                 image, scale = stage_control_inputs(control.kind)
                 inputs.update({image: control.image, scale: control.scale_tensor(sample)})
             return self.backend.infer(stage, inputs, adapters)["noise_pred"]
-        residuals = (
-            sum_residuals(self.controlnets(controls, sample, timesteps, encoder_hidden_states))
-            if controls
-            else self.zero_residuals(sample)
-        )
+        residuals = self.residuals(controls, sample, timesteps, encoder_hidden_states)
         return self.unet(sample, timesteps, encoder_hidden_states, residuals, adapters, variant)
+
+    def residuals(
+        self,
+        controls: Sequence[ControlInput],
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+    ) -> list[torch.Tensor]:
+        """The residuals the UNet takes: every ControlNet's summed in order, zeros without any."""
+        if not controls:
+            return self.zero_residuals(sample)
+        return sum_residuals(self.controlnets(controls, sample, timestep, encoder_hidden_states))
 
 
 def _step_inputs(

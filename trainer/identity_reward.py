@@ -33,9 +33,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from easyphoto.diffusion.ddpo import NoiseFn, Trajectory, group_advantages, policy_gradient, sample_inpainting
 from easyphoto.diffusion.inpaint import binarize_mask
 from easyphoto.diffusion.schedulers import strength_timesteps
-from easyphoto.engines.interface import ControlInput
+from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.engines.lora import LoraWeights
-from easyphoto.engines.roles.diffusion import sum_residuals
+from easyphoto.engines.roles.diffusion import UNetModule
 from easyphoto.imaging.codec import from_model, to_model
 from easyphoto.users.durable import write_atomically
 
@@ -116,19 +116,15 @@ class IdentityRewardTuner:
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=options.reward_learning_rate, weight_decay=options.weight_decay
         )
-        self.scaling = float(family.vae.config.scaling_factor)
-        self.positive = self.negative = torch.empty(0)
+        self.unet = UNetModule(family.unet)  # the role's module, called with gradients
+        self.engines = self._engines()
 
-    def _embed_prompts(self) -> None:
-        """The caption's and the empty prompt's embeddings by the text encoder with its LoRA as it
-        is now (merged: the stage leaves it be)."""
-        tokenizer = self.family.tokenizer
-        ids = tokenizer(
-            [self.options.caption, ""], padding="max_length", max_length=tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids.to(self.device)  # fmt: skip
-        with torch.no_grad():
-            self.positive, self.negative = self.family.text_encoder(ids)[0].chunk(2)
+    def _engines(self) -> Engines:
+        """The validator's engines (fp32, over the job's weights) with a fresh prompt cache: what
+        runs everything that needs no gradient (the VAE, the text encoder, the ControlNets)."""
+        return Engines(
+            self.validator.backend, self.family.tokenizer, float(self.family.vae.config.scaling_factor)
+        )
 
     # ---- the stage ----
 
@@ -139,7 +135,7 @@ class IdentityRewardTuner:
         if not done:
             self.trainer.load_lora(merged)
         self.trainer.eval()
-        self._embed_prompts()
+        self.engines = self._engines()  # the text encoder's LoRA is now the merged one's
         if state["before"] is None:
             state["before"] = self.evaluate()
             self._write_state(state)
@@ -209,16 +205,15 @@ class IdentityRewardTuner:
         timesteps = strength_timesteps(
             scheduler, self.options.validation_steps, self.options.validation_strength
         )
-        with torch.no_grad():
-            known = self.family.vae.encode(image).latent_dist.sample(generator=generator) * self.scaling
-            known = known.expand(count, -1, -1, -1)
-            noise = randn_tensor(
-                tuple(known.shape), generator=generator, device=self.device, dtype=known.dtype
-            )
-            latent_mask = F.interpolate(mask, size=tuple(known.shape[-2:]))
-            policy = self._policy(index)
-            trajectory = sample_inpainting(scheduler, timesteps, policy, known, noise, latent_mask, generator)
-            decoded = self.family.vae.decode(trajectory.final / self.scaling).sample
+        # Out of inference mode (clone): the trajectory's latents are the update's inputs.
+        moments = self.engines.vae_moments(image).clone()
+        known = self.engines.latents_from_moments(moments, generator).expand(count, -1, -1, -1)
+        noise = randn_tensor(tuple(known.shape), generator=generator, device=self.device, dtype=known.dtype)
+        latent_mask = F.interpolate(mask, size=tuple(known.shape[-2:]))
+        trajectory = sample_inpainting(
+            scheduler, timesteps, self._policy(index), known, noise, latent_mask, generator
+        )
+        decoded = self.engines.vae_decode(trajectory.final)
         images = [from_model(row[None]) for row in decoded.float().cpu()]
         return _Batch(index, trajectory, torch.tensor([self.reward(output, index) for output in images]))
 
@@ -232,45 +227,22 @@ class IdentityRewardTuner:
 
     def _policy(self, index: int) -> NoiseFn:
         """The classifier-free-guided noise prediction of the UNet with the LoRA for template
-        ``index`` (its ControlNets, which carry no LoRA, never need gradients)."""
+        ``index`` (its ControlNets, which carry no LoRA, run without gradients in the engines)."""
         controls = self.validator.controls(index)
+        negative, positive = self.engines.encode_prompts(["", self.options.caption]).clone()  # see sample
 
         def guided_noise(latents: torch.Tensor, timestep: int) -> torch.Tensor:
             rows = latents.shape[0]
             model_input = torch.cat([latents, latents])
             timesteps = torch.full((2 * rows,), float(timestep), device=self.device)
-            hidden = torch.cat([self.negative.expand(rows, -1, -1), self.positive.expand(rows, -1, -1)])
-            residuals = self._residuals(controls, model_input, timesteps, hidden)
-            output = self.family.unet(
-                model_input, timesteps, encoder_hidden_states=hidden, **residuals
-            ).sample
+            hidden = torch.cat([negative.expand(rows, -1, -1), positive.expand(rows, -1, -1)])
+            doubled = [ControlInput(c.kind, c.image.expand(2 * rows, -1, -1, -1), c.scale) for c in controls]
+            residuals = self.engines.residuals(doubled, model_input, timesteps, hidden)
+            (output,) = self.unet(model_input, timesteps, hidden, *(r.clone() for r in residuals))
             uncond, text = output.chunk(2)
             return uncond + self.options.validation_guidance_scale * (text - uncond)
 
         return guided_noise
-
-    def _residuals(
-        self,
-        controls: list[ControlInput],
-        sample: torch.Tensor,
-        timesteps: torch.Tensor,
-        hidden: torch.Tensor,
-    ) -> dict[str, Any]:
-        """The ControlNets' residuals summed, as the UNet's keyword arguments (none without)."""
-        if not controls:
-            return {}
-        rows = sample.shape[0]
-        with torch.no_grad():
-            per_net = [
-                self.family.controlnets[control.kind](
-                    sample, timesteps, encoder_hidden_states=hidden,
-                    controlnet_cond=control.image.to(self.device).expand(rows, -1, -1, -1),
-                    conditioning_scale=float(control.scale), return_dict=False,
-                )
-                for control in controls
-            ]  # fmt: skip
-            summed = sum_residuals([(*down, mid) for down, mid in per_net])
-        return {"down_block_additional_residuals": summed[:-1], "mid_block_additional_residual": summed[-1]}
 
     # ---- resuming ----
 
