@@ -40,7 +40,14 @@ from easyphoto.engines.models.loading import resolve_family
 from easyphoto.fixtures.photos import astronaut_face, sample_photo
 from easyphoto.fixtures.users import publish_photo_user, random_lora
 from easyphoto.imaging.codec import encode_png
-from easyphoto.server.bench import PROMPT, _device_name, baseline_inpaint, baseline_pipeline, write_section
+from easyphoto.server.bench import (
+    PROMPT,
+    _device_name,
+    baseline_inpaint,
+    baseline_pipeline,
+    run_concurrently,
+    write_section,
+)
 from easyphoto.users.store import UserStore
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
@@ -322,30 +329,18 @@ def _run_level(
 ) -> tuple[list[Request], float, float]:
     """``requests_at(concurrency)`` requests from ``concurrency`` clients sending back to back,
     user by user in turn; their records, the wall time and the server's largest RSS."""
-    todo = list(range(config.requests_at(concurrency)))
-    done: list[Request] = []
-    lock = threading.Lock()
     rss = [server.rss_mb()]
+    lock = threading.Lock()
 
-    def client() -> None:
-        while True:
-            with lock:
-                if not todo:
-                    return
-                index = todo.pop(0)
-            request = _generate(stub, template, users[index % len(users)], config)
-            with lock:
-                done.append(request)
-                rss.append(server.rss_mb())
-                progress.update(1)
+    def one(index: int) -> Request:
+        request = _generate(stub, template, users[index % len(users)], config)
+        with lock:
+            rss.append(server.rss_mb())
+            progress.update(1)
+        return request
 
-    started = time.perf_counter()
-    clients = [threading.Thread(target=client) for _ in range(concurrency)]
-    for thread in clients:
-        thread.start()
-    for thread in clients:
-        thread.join()
-    return done, time.perf_counter() - started, max(rss)
+    wall, done = run_concurrently(config.requests_at(concurrency), concurrency, one)
+    return done, wall, max(rss)
 
 
 def _generate(

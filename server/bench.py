@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from diffusers import MultiControlNetModel, StableDiffusionControlNetInpaintPipeline
@@ -26,6 +28,7 @@ from easyphoto.engines.models.loading import resolve_family
 
 PROMPT = "easyphoto_face, easyphoto, 1person"
 CONTROL_SCALES = {"canny": 0.5, "openpose": 0.5, "color": 0.85}
+T = TypeVar("T")
 MARK_BEGIN = "<!-- bench:first-pass:begin -->"
 MARK_END = "<!-- bench:first-pass:end -->"
 
@@ -89,6 +92,33 @@ def baseline_inpaint(
         generator=torch.Generator().manual_seed(seed),
         output_type="pt",
     ).images
+
+
+def run_concurrently(requests: int, concurrency: int, call: Callable[[int], T]) -> tuple[float, list[T]]:
+    """``call(0)`` ... ``call(requests - 1)`` from ``concurrency`` threads, each taking the next
+    index as it is free (clients sending back to back); the wall time and the results as they
+    finished."""
+    todo = list(range(requests))
+    done: list[T] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not todo:
+                    return
+                index = todo.pop(0)
+            result = call(index)
+            with lock:
+                done.append(result)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started, done
 
 
 def _timed(fn: Callable[[], object], repeats: int) -> list[float]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from easyphoto.users.store import UserStore
 from easyphoto.v1 import generator_pb2
 
 from .app import EngineHolder, ServerConfig
-from .bench import _device_name
+from .bench import _device_name, run_concurrently
 from .options import GenerateOptions, resolve_options
 from .pipeline import Orchestrator, planned_steps
 
@@ -74,27 +73,7 @@ def _level(
     orchestrator: Orchestrator, options: GenerateOptions, concurrency: int, requests: int
 ) -> tuple[float, list[float]]:
     """``requests`` Generates from ``concurrency`` threads: the wall time and each one's seconds."""
-    todo = list(range(requests))
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def client() -> None:
-        while True:
-            with lock:
-                if not todo:
-                    return
-                todo.pop()
-            seconds = _generate(orchestrator, options)
-            with lock:
-                latencies.append(seconds)
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return time.perf_counter() - started, latencies
+    return run_concurrently(requests, concurrency, lambda _: _generate(orchestrator, options))
 
 
 def _section(models: str, requests: int, rows: list[tuple[str, int, int, float, list[float]]]) -> str:
