@@ -1,10 +1,16 @@
 """What the engine tests share: the real engines recording what each model evaluation was given,
-and a user's LoRA of random factors on every targeted layer."""
+a user's LoRA of random factors on every targeted layer, and passes run together through a step
+engine as concurrent requests."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import torch
 
+from easyphoto.diffusion.inpaint import InpaintPass
+from easyphoto.diffusion.steps import StepEngine
 from easyphoto.engines.interface import Engines
 from easyphoto.engines.lora import LoraLayer, LoraTargets, LoraWeights
 
@@ -49,3 +55,26 @@ def random_user_lora(targets: LoraTargets, name: str, seed: int) -> LoraWeights:
         for module, shape in modules.items()
     ]  # fmt: skip
     return LoraWeights(name, layers)
+
+
+def run_together(
+    engine: StepEngine, makers: list[Callable[[], InpaintPass]]
+) -> list[torch.Tensor | BaseException]:
+    """Every pass started at once, each from its own thread (as concurrent requests)."""
+    results: list[torch.Tensor | BaseException] = [torch.empty(0)] * len(makers)
+    start = threading.Barrier(len(makers))
+
+    def run(index: int) -> None:
+        inpaint = makers[index]()
+        start.wait()
+        try:
+            results[index] = engine.run(inpaint)
+        except BaseException as error:
+            results[index] = error
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(makers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results

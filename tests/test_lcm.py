@@ -4,13 +4,13 @@ from the base's, and the request option that selects the reference's LCM setting
 
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from recording_engines import RecordingEngines, random_user_lora
+from recording_engines import RecordingEngines, random_user_lora, run_together
 
 from easyphoto.diffusion.catalogue import role_catalogue
 from easyphoto.diffusion.inpaint import InpaintPass, run_inpaint
@@ -187,26 +187,15 @@ def test_lcm_passes_batch_with_each_other_apart_from_the_base_and_end_as_alone(
     variants = ["lcm", "lcm", "", ""]
     calls: list[tuple[str, int, int]] = []
     engine = StepEngine(lcm_engines, lcm_family.scheduler_config, on_call=lambda *call: calls.append(call))
-    results: list[torch.Tensor | None] = [None] * len(variants)
-    start = threading.Barrier(len(variants))
-
-    def run(index: int) -> None:
-        inpaint = _pass(lcm_engines, index, variants[index])
-        start.wait()
-        results[index] = engine.run(inpaint)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(variants))]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(120)
+        makers = [partial(_pass, lcm_engines, index, variant) for index, variant in enumerate(variants)]
+        results = run_together(engine, makers)
     finally:
         engine.close()
     for index, variant in enumerate(variants):
         alone = run_inpaint(lcm_engines, _pass(lcm_engines, index, variant), lcm_family.scheduler_config)
         got = results[index]
-        assert got is not None
+        assert isinstance(got, torch.Tensor), got
         # Batched rows round differently in fp32 (test_steps measures 53 dB and up): no drift.
         mse = float(((got - alone) / 2).pow(2).mean())
         assert mse == 0 or -10 * torch.log10(torch.tensor(mse)) > 45, (index, mse)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from recording_engines import random_user_lora
+from recording_engines import random_user_lora, run_together
 
 from easyphoto.diffusion.inpaint import InpaintPass, run_inpaint
 from easyphoto.diffusion.steps import StepEngine
@@ -52,29 +52,6 @@ def _pass(engines: Engines, seed: int, size: int = 64, **options: object) -> Cal
     return make
 
 
-def _together(
-    engine: StepEngine, makers: list[Callable[[], InpaintPass]]
-) -> list[torch.Tensor | BaseException]:
-    """Every pass started at once, each from its own thread (as concurrent requests)."""
-    results: list[torch.Tensor | BaseException] = [torch.empty(0)] * len(makers)
-    start = threading.Barrier(len(makers))
-
-    def run(index: int) -> None:
-        inpaint = makers[index]()
-        start.wait()
-        try:
-            results[index] = engine.run(inpaint)
-        except BaseException as error:
-            results[index] = error
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(makers))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    return results
-
-
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = float(((a - b) / 2).pow(2).mean())  # images in [-1, 1]: a range of 2
     return float("inf") if mse == 0 else -10 * torch.log10(torch.tensor(mse)).item()
@@ -89,7 +66,7 @@ def test_concurrent_passes_of_different_users_share_calls_and_end_as_alone(
     calls: list[tuple[str, int, int]] = []
     engine = StepEngine(engines, tiny.scheduler_config, on_call=lambda *call: calls.append(call))
     try:
-        together = _together(engine, makers)
+        together = run_together(engine, makers)
     finally:
         engine.close()
     alone = [run_inpaint(engines, make(), tiny.scheduler_config) for make in makers]
@@ -108,7 +85,7 @@ def test_passes_that_cannot_share_a_call_still_all_run(engines: Engines, tiny: M
     calls: list[tuple[str, int, int]] = []
     engine = StepEngine(engines, tiny.scheduler_config, on_call=lambda *call: calls.append(call))
     try:
-        results = _together(engine, makers)
+        results = run_together(engine, makers)
     finally:
         engine.close()
     assert all(isinstance(result, torch.Tensor) for result in results), results
@@ -128,7 +105,7 @@ def test_a_stopped_or_late_pass_fails_alone(engines: Engines, tiny: ModelFamily)
     )
     engine = StepEngine(engines, tiny.scheduler_config)
     try:
-        results = _together(engine, [stopped, _pass(engines, 1)])
+        results = run_together(engine, [stopped, _pass(engines, 1)])
         with request_deadline(0.0), pytest.raises(DeadlineExceeded):
             engine.run(_pass(engines, 2)())  # its deadline, seen by the loop thread
         assert isinstance(engine.run(_pass(engines, 3)()), torch.Tensor)  # the loop goes on
@@ -148,7 +125,7 @@ def test_a_pass_whose_batched_call_fails_fails_alone(engines: Engines, tiny: Mod
     calls: list[tuple[str, int, int]] = []
     engine = StepEngine(engines, tiny.scheduler_config, on_call=lambda *call: calls.append(call))
     try:
-        results = _together(engine, [misshapen, _pass(engines, 1), _pass(engines, 2)])
+        results = run_together(engine, [misshapen, _pass(engines, 1), _pass(engines, 2)])
     finally:
         engine.close()
     assert isinstance(results[0], Exception) and not isinstance(results[0], torch.Tensor)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from recording_engines import random_user_lora
 from triton_fixtures import adapter_dir_beside, fused_stages, repository_of
 
 from easyphoto.diffusion.passes import reference_stages
@@ -24,7 +25,7 @@ from easyphoto.engines.backends.triton_backend import TritonBackend
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
 from easyphoto.engines.interface import Engines
-from easyphoto.engines.lora import LoraLayer, LoraWeights, lora_targets, save_lora
+from easyphoto.engines.lora import LoraWeights, lora_targets, save_lora
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.roles.diffusion import describe_roles, describe_stage
 from easyphoto.export.onnx_export import tolerance_for
@@ -93,17 +94,7 @@ def test_every_role_through_triton_equals_the_torch_backend(
 
 def _random_lora(tiny: ModelFamily, seed: int) -> LoraWeights:
     """A rank-4 LoRA on every targeted layer, its updates about a tenth of the weights."""
-    generator = torch.Generator().manual_seed(seed)
-    targets = lora_targets({"unet": tiny.unet, "text_encoder": tiny.text_encoder})
-    layers = [
-        LoraLayer(
-            target, module, torch.randn(4, *shape[1:], generator=generator) * 0.1,
-            torch.randn(shape[0], 4, *[1] * (len(shape) - 2), generator=generator) * 0.1, 4.0,
-        )
-        for target, modules in targets.items()
-        for module, shape in modules.items()
-    ]  # fmt: skip
-    return LoraWeights(f"random-{seed}", layers)
+    return random_user_lora(lora_targets(tiny.lora_roots()), f"random-{seed}", seed)
 
 
 def _publish_user(root: Path, faces: FaceAnalyzer, tiny: ModelFamily, user_id: str = "amy") -> None:
