@@ -27,6 +27,7 @@ def _serve(args: argparse.Namespace) -> int:
             export_dir=Path(args.export_dir),
             triton_shared_memory=args.triton_shared_memory,
             triton_cuda_device=args.triton_cuda_device,
+            triton_wait_seconds=args.triton_wait,
             max_running=args.max_running,
             max_waiting=args.max_waiting,
             adapter_cache_bytes=args.adapter_cache_mb << 20,
@@ -350,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
         " flag) or cuda (a GPU host; the gpu extra)",
     )
     serve.add_argument("--triton-cuda-device", type=int, default=0, help="Triton's GPU (cuda shared memory)")
+    serve.add_argument(
+        "--triton-wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long loading waits for Triton, unready meanwhile (default: as long as it takes)",
+    )
     serve.add_argument(
         "--max-running",
         type=int,

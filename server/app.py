@@ -7,6 +7,7 @@ while loading, SERVING when the engines are ready (the readiness probe of a depl
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from easyphoto.diffusion.steps import StepEngine
 from easyphoto.engines.adapters import DEFAULT_CACHE_BYTES
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.models import FaceModelPaths, FaceModels
-from easyphoto.engines.interface import Engines
+from easyphoto.engines.interface import Backend, Engines
 from easyphoto.engines.models.loading import resolve_family
 from easyphoto.engines.models.sdxl import SdxlFacts, SdxlLoadError, resolve_sdxl_family
 from easyphoto.engines.models.variants import LCM, LCM_LORA_WEIGHT, add_lcm_lora
@@ -43,6 +44,9 @@ from .templates import TemplatePainter
 log = logging.getLogger(__name__)
 # How long a stopping orchestrator lets requests in flight finish before cancelling them.
 DRAIN_SECONDS = 30.0
+# While loading waits for Triton: how often it asks, and how often it says it still waits.
+TRITON_POLL_SECONDS = 1.0
+TRITON_WAIT_LOG_SECONDS = 30.0
 
 
 @dataclass
@@ -58,6 +62,8 @@ class ServerConfig:
     # "system" or "cuda" (on triton_cuda_device; engines.backends.shared_memory.CudaRegions).
     triton_shared_memory: str = "none"
     triton_cuda_device: int = 0
+    # How long loading waits for Triton to be ready; None: as long as it takes.
+    triton_wait_seconds: float | None = None
     device: str | None = None
     data: Path = field(default_factory=default_data_root)
     faces: FaceModelPaths = field(default_factory=FaceModelPaths)
@@ -92,6 +98,8 @@ class EngineHolder:
         self._orchestrator: Orchestrator | None = None
         self.model_family = ""
         self._error: Exception | None = None
+        self._waiting_for = ""  # what the load waits for now, if anything
+        self._closing = threading.Event()
         self.loaded = threading.Event()
 
     def load(self) -> Orchestrator:
@@ -150,9 +158,10 @@ class EngineHolder:
 
     def _triton_engines(self, face_models: FaceModels) -> tuple[Engines, FamilyFacts, TemplatePainter | None]:
         """Triton serving every exported role, described by the export's manifest: no model weights
-        load here. The fused stages and the face roles are used when the repository has them (else
-        the face models run in process, and each step calls its ControlNets and the UNet); the
-        SDXL roles too (else no template is painted from text)."""
+        load here. Loading waits for Triton (:meth:`_wait_for`). The fused stages and the face roles
+        are used while the repository has them (else the face models run in process, and each step
+        calls its ControlNets and the UNet); the SDXL roles too (else no template is painted from
+        text)."""
         from easyphoto.engines.backends.triton_backend import TritonBackend
 
         manifest = EngineManifest.read(self.config.export_dir)
@@ -178,36 +187,52 @@ class EngineHolder:
         )
         written = manifest.catalogue
         catalogue = RoleCatalogue(written.family, written.stages, face_models.roles, written.templates)
-        served = dict(catalogue.family)
-        probe = TritonBackend(self.config.triton_url, {})
-        try:
-            served.update({name: role for name, role in catalogue.optional.items() if probe.serves(role)})
-        finally:
-            probe.close()
-        local_faces = sorted(set(face_models.roles) - set(served))
-        if local_faces:
-            log.info("face roles %s are not in Triton's repository: they run in process", local_faces)
         backend = TritonBackend(
             self.config.triton_url,
-            served,
+            written.family,
             fallback=TorchBackend(None, device="cpu", faces=face_models),
             shared_memory=self.config.triton_shared_memory,
             cuda_device=self.config.triton_cuda_device,
             lora_targets=manifest.lora_targets,
             adapter_dir=self.config.adapter_dir or UserStore(self.config.data).adapter_dir,
+            optional=catalogue.optional,
         )
-        if not backend.ready():
+        try:
+            self._wait_for(backend)
+        except BaseException:
             backend.close()
-            raise EngineUnavailable(
-                f"Triton at {self.config.triton_url} is not ready (is `make triton` running?)"
-            )
+            raise
+        local_faces = sorted(set(face_models.roles) - backend.remote_roles)
+        if local_faces:
+            log.info("face roles %s are not in Triton's repository now: they run in process", local_faces)
+        if written.templates and not set(written.templates) <= backend.remote_roles:
+            log.warning("the SDXL roles are not all in Triton's repository now: no templates from text")
         templates = None
-        if manifest.sdxl is not None and set(written.templates) <= set(served):
-            templates = TemplatePainter(backend, manifest.sdxl)
-        elif written.templates:
-            log.warning("the export's SDXL roles are not all in Triton's repository: no template from text")
+        if manifest.sdxl is not None and written.templates:
+            templates = TemplatePainter(backend, manifest.sdxl, written.templates)
         facts = manifest.family
         return Engines(backend, manifest.tokenizer(), facts.vae_scaling_factor), facts, templates
+
+    def _wait_for(self, backend: Backend) -> None:
+        """Until Triton is ready (``triton_wait_seconds``; None: as long as it takes, the process
+        staying unready meanwhile, as when Triton starts after the orchestrator in a cluster)."""
+        started = time.monotonic()
+        said = -math.inf
+        while not backend.ready():
+            waited = time.monotonic() - started
+            limit = self.config.triton_wait_seconds
+            if limit is not None and waited >= limit:
+                raise EngineUnavailable(
+                    f"Triton at {self.config.triton_url} is not ready after {waited:.0f}s"
+                    " (is `make triton` running?)"
+                )
+            if waited - said >= TRITON_WAIT_LOG_SECONDS:
+                said = waited
+                log.warning("waiting for Triton at %s (%.0fs so far)", self.config.triton_url, waited)
+            self._waiting_for = f"waiting for Triton at {self.config.triton_url}"
+            if self._closing.wait(TRITON_POLL_SECONDS):
+                raise EngineUnavailable("stopped while waiting for Triton")
+        self._waiting_for = ""
 
     def load_in_background(self, on_ready: Callable[[], None]) -> None:
         def run() -> None:
@@ -215,7 +240,10 @@ class EngineHolder:
                 self.load()
                 on_ready()
             except Exception as exc:  # reported by every request and by health staying NOT_SERVING
-                log.exception("loading engines failed")
+                if self._closing.is_set():
+                    log.info("loading stopped: %s", exc)
+                else:
+                    log.exception("loading engines failed")
                 self._error = exc
             finally:
                 self.loaded.set()
@@ -230,7 +258,8 @@ class EngineHolder:
 
     def close(self) -> None:
         """Stops the step engine, then releases the backend's connections (and Triton shared-memory
-        regions)."""
+        regions); a load still waiting for Triton stops waiting."""
+        self._closing.set()
         if self._orchestrator is None:
             return
         if self._orchestrator.close():
@@ -240,7 +269,9 @@ class EngineHolder:
 
     def get(self) -> Orchestrator:
         if self._orchestrator is None:
-            why = f"loading failed: {self._error}" if self._error else "models are still loading"
+            why = self._waiting_for or "models are still loading"
+            if self._error is not None:
+                why = f"loading failed: {self._error}"
             raise EngineUnavailable(f"engines not ready ({why})")
         return self._orchestrator
 

@@ -17,10 +17,11 @@ from easyphoto.diffusion.inpaint import StepEvent
 from easyphoto.diffusion.text_to_image import TextToImage, run_text_to_image
 from easyphoto.engines.interface import Backend
 from easyphoto.engines.models.sdxl import SdxlFacts
+from easyphoto.engines.roles.description import RoleDescription
 from easyphoto.engines.roles.diffusion import pixels_per_latent
-from easyphoto.engines.roles.sdxl import UNET, VAE_DECODER
+from easyphoto.engines.roles.sdxl import SDXL_ROLES, UNET, VAE_DECODER
 from easyphoto.imaging.codec import from_model
-from easyphoto.rpc.errors import InvalidArgument
+from easyphoto.rpc.errors import EngineUnavailable, InvalidArgument
 
 from .options import TemplateOptions
 
@@ -28,11 +29,16 @@ STAGE = "template_from_text"
 
 
 class TemplatePainter:
-    def __init__(self, backend: Backend, facts: SdxlFacts) -> None:
+    def __init__(
+        self, backend: Backend, facts: SdxlFacts, roles: dict[str, RoleDescription] | None = None
+    ) -> None:
+        """``roles``: the SDXL roles as the deployment describes them (default: the backend's),
+        which a Triton backend serves only while its server has their models."""
         self.backend = backend
         self.facts = facts
-        self.factor = pixels_per_latent(backend.roles[VAE_DECODER])
-        self.axis = backend.roles[UNET].axes["latent_height"]
+        self.roles = roles if roles is not None else {name: backend.roles[name] for name in SDXL_ROLES}
+        self.factor = pixels_per_latent(self.roles[VAE_DECODER])
+        self.axis = self.roles[UNET].axes["latent_height"]
 
     @property
     def sizes(self) -> tuple[int, int, int]:
@@ -52,6 +58,9 @@ class TemplatePainter:
     ) -> np.ndarray:
         """The template (RGB uint8) ``options`` describe, drawn from ``seed``."""
         width, height = (self._side(options, name) for name in ("width", "height"))
+        missing = sorted(set(self.roles) - set(self.backend.roles))
+        if missing:
+            raise EngineUnavailable(f"the SDXL roles {missing} are not served now; no template from text")
         request = TextToImage(
             options.prompt, options.negative_prompt, width=width, height=height, steps=options.steps,
             guidance_scale=options.guidance_scale, scheduler=options.scheduler,

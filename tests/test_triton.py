@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from recording_engines import random_user_lora
-from triton_fixtures import adapter_dir_beside, fused_stages, repository_of
+from triton_fixtures import adapter_dir_beside, fused_stages, publish_trained_user, repository_of
 
 from easyphoto.diffusion.passes import reference_stages
 from easyphoto.engines.backends.torch_backend import TorchBackend
@@ -25,7 +25,7 @@ from easyphoto.engines.backends.triton_backend import TritonBackend
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
 from easyphoto.engines.interface import Engines
-from easyphoto.engines.lora import LoraWeights, lora_targets, save_lora
+from easyphoto.engines.lora import LoraWeights, lora_targets
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.roles.diffusion import describe_roles, describe_stage
 from easyphoto.export.onnx_export import tolerance_for
@@ -39,7 +39,6 @@ from easyphoto.export.triton_server import (
 )
 from easyphoto.fixtures.photos import sample_photo
 from easyphoto.imaging.codec import encode_png
-from easyphoto.imaging.geometry import grow_box, int_box
 from easyphoto.rpc.deadline import request_deadline
 from easyphoto.rpc.errors import DeadlineExceeded, EngineUnavailable
 from easyphoto.server.options import GenerateOptions
@@ -97,18 +96,6 @@ def _random_lora(tiny: ModelFamily, seed: int) -> LoraWeights:
     return random_user_lora(lora_targets(tiny.lora_roots()), f"random-{seed}", seed)
 
 
-def _publish_user(root: Path, faces: FaceAnalyzer, tiny: ModelFamily, user_id: str = "amy") -> None:
-    """A trained user: face-id and reference images, and a LoRA."""
-    group = sample_photo("group")
-    x0, y0, x1, y1 = int_box(grow_box(faces.detect(group)[1].box, 1.8, group.shape[1], group.shape[0]))
-    folder = root / "users" / user_id / "v1"
-    folder.mkdir(parents=True)
-    for name in ("face_id.png", "reference.png"):
-        (folder / name).write_bytes(encode_png(group[y0:y1, x0:x1]))
-    save_lora(_random_lora(tiny, sum(map(ord, user_id))), folder / "lora.safetensors")
-    (root / "users" / user_id / "CURRENT").write_text("1")
-
-
 def _inference_count(server: TritonServer, model: str, metric: str = "nv_inference_count") -> float:
     """Triton's count of inferences (rows) of a model, or with ``nv_inference_exec_count`` of its
     executions (model runs)."""
@@ -127,7 +114,7 @@ def test_a_whole_generate_through_triton_equals_torch(
     faces: FaceAnalyzer,
     tmp_path: Path,
 ) -> None:
-    _publish_user(tmp_path, faces, tiny)
+    publish_trained_user(tmp_path, faces, tiny)
     options = GenerateOptions()
     options = replace(
         options,
@@ -278,7 +265,7 @@ def test_the_server_serves_generate_through_triton_without_model_weights(
     try:
         holder.load()
         app.set_serving(True)
-        _publish_user(tmp_path, faces, tiny)
+        publish_trained_user(tmp_path, faces, tiny)
         request = generator_pb2.GenerateRequest(
             templates=[encode_png(sample_photo("astronaut"))], user_ids=["amy"], seed=1
         )
@@ -293,7 +280,7 @@ def test_the_server_serves_generate_through_triton_without_model_weights(
         app.stop(0)
     assert "no model weights are loaded here" in caplog.text
     with pytest.raises(EngineUnavailable, match="not ready"):  # nothing listens there
-        EngineHolder(replace(config, triton_url="127.0.0.1:1")).load()
+        EngineHolder(replace(config, triton_url="127.0.0.1:1", triton_wait_seconds=0)).load()
     with pytest.raises(EngineUnavailable, match="no engine manifest"):
         EngineHolder(replace(config, export_dir=tmp_path / "nothing")).load()
 

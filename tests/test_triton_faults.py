@@ -5,8 +5,10 @@ Triton is back on the same ports. Skipped, saying why, only when the server is n
 
 from __future__ import annotations
 
+import json
 import os
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +17,13 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from triton_fixtures import adapter_dir_beside, kill_server, repository_of
+from triton_fixtures import adapter_dir_beside, kill_server, publish_trained_user, repository_of
 
+from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.backends.triton_backend import TritonBackend
+from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
+from easyphoto.engines.models.family import ModelFamily
 from easyphoto.export.triton_repository import write_repository
 from easyphoto.export.triton_server import TritonInstall, TritonServer, free_ports, start_server
 from easyphoto.fixtures.photos import sample_photo
@@ -26,7 +31,7 @@ from easyphoto.imaging.codec import encode_png
 from easyphoto.rpc.errors import EngineUnavailable
 from easyphoto.rpc.server import LIVENESS, GrpcApp
 from easyphoto.rpc.wire import error_details
-from easyphoto.server.app import EngineHolder, ServerConfig, build_app
+from easyphoto.server.app import TRITON_POLL_SECONDS, EngineHolder, ServerConfig, build_app
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -111,9 +116,9 @@ def deployment(
                 setup.triton.stop()
 
 
-def _request(steps: int) -> generator_pb2.GenerateRequest:
+def _request(steps: int, user: str = "alice") -> generator_pb2.GenerateRequest:
     request = generator_pb2.GenerateRequest(
-        templates=[encode_png(sample_photo("astronaut"))], user_ids=["alice"], seed=3
+        templates=[encode_png(sample_photo("astronaut"))], user_ids=[user], seed=3
     )
     for name in ("first_pass", "second_pass"):
         getattr(request, name).steps = steps
@@ -209,3 +214,95 @@ def test_a_shared_memory_region_that_grows_while_triton_is_away_is_registered_on
         shared.close()
         triton.stop()
     assert prefix and not [name for name in os.listdir("/dev/shm") if name.startswith(prefix)]
+
+
+def test_an_orchestrator_started_before_triton_waits_for_it_then_paints_a_trained_user(
+    install: TritonInstall, export_dir: Path, faces: FaceAnalyzer, tiny: ModelFamily, tmp_path: Path
+) -> None:
+    """As in a cluster, where nothing orders the two: the orchestrator stays unready (and alive),
+    saying what it waits for, until Triton is up; then it learns which models take users' adapters
+    (none answered while Triton was away) and paints a trained user through them."""
+    publish_trained_user(tmp_path, faces, tiny)
+    ports = free_ports()
+    config = ServerConfig(
+        port=0,
+        data=tmp_path,
+        backend="triton",
+        triton_url=f"127.0.0.1:{ports['grpc']}",
+        export_dir=export_dir,
+        adapter_dir=adapter_dir_beside(export_dir),
+    )
+    app, holder = build_app(config)
+    channel = grpc.insecure_channel(f"127.0.0.1:{app.port}")
+    setup = Deployment(install, repository_of(export_dir), ports, tmp_path, app, holder, channel)
+    app.start()
+
+    def on_ready() -> None:  # what `easyphoto serve` does, polling more often
+        app.set_serving(True)
+        app.follow_readiness(holder.backend_ready, interval=READINESS_INTERVAL)
+
+    try:
+        holder.load_in_background(on_ready)
+        time.sleep(2 * TRITON_POLL_SECONDS)  # asked twice, and still waiting
+        assert not holder.loaded.is_set()
+        assert setup.health() == NOT_SERVING and setup.health(LIVENESS) == SERVING
+        details, _ = _unavailable(lambda: setup.generator.Generate(_request(steps=4, user="amy"), timeout=30))
+        _assert_engine_unavailable(details)
+        assert "waiting for Triton at" in str(details["message"]), details
+
+        setup.start_triton()
+        setup.wait_health(SERVING, within=15)
+        response = setup.generator.Generate(_request(steps=4, user="amy"), timeout=60)
+        face = response.images[0].faces[0]
+        assert face.user_id == "amy" and face.HasField("identity_score")
+    finally:
+        channel.close()
+        app.stop(0)
+        holder.close()
+        if setup.triton is not None:
+            setup.triton.stop()
+
+
+def test_a_triton_restarted_with_another_repository_is_used_as_it_is_now(
+    install: TritonInstall, export_dir: Path, face_models: FaceModels, tmp_path: Path
+) -> None:
+    """Which optional roles go to Triton is asked again when it comes back: a role its new
+    repository lacks runs in process, one it has now runs in Triton (its inference count rises)."""
+    pnet, rnet = (face_models.roles[name] for name in ("face_pnet", "face_rnet"))
+    repositories = {name: tmp_path / name for name in ("pnet", "rnet")}
+    for name, repository in repositories.items():
+        write_repository(export_dir, face_models.roles, repository, only={f"face_{name}"})
+    ports = free_ports()
+    triton = start_server(repositories["pnet"], install, ports, tmp_path / "tritonserver-1.log")
+    triton.wait_ready()
+    local = TorchBackend(None, "cpu", faces=face_models)
+    backend = TritonBackend(
+        f"127.0.0.1:{ports['grpc']}", {}, fallback=local, optional={"face_pnet": pnet, "face_rnet": rnet}
+    )
+    inputs = {role.name: role.sample_inputs("opt", seed=1) for role in (pnet, rnet)}
+    try:
+        assert backend.ready() and backend.remote_roles == {"face_pnet"}
+        kill_server(triton)
+        assert not backend.ready()
+        triton = start_server(repositories["rnet"], install, ports, tmp_path / "tritonserver-2.log")
+        triton.wait_ready()
+        started = time.monotonic()
+        while not backend.ready():
+            assert time.monotonic() - started < 10, "the backend did not reconnect"
+            time.sleep(0.05)
+        assert backend.remote_roles == {"face_rnet"}
+        assert set(backend.roles) >= {"face_pnet", "face_rnet"}
+        for role, sample in inputs.items():  # each where it is served now, both as the local one
+            theirs, ours = backend.infer(role, sample), local.infer(role, sample)
+            assert all(torch.allclose(theirs[k], ours[k], atol=1e-4) for k in ours), role
+        assert _executions(triton, "face_rnet") == 1
+    finally:
+        backend.close()
+        triton.stop()
+
+
+def _executions(server: TritonServer, model: str) -> int:
+    """How many times Triton ran ``model`` (its inference statistics)."""
+    with urllib.request.urlopen(f"{server.http_url}/v2/models/{model}/stats", timeout=5) as reply:
+        stats = json.load(reply)["model_stats"][0]
+    return int(stats["execution_count"])

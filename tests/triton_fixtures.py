@@ -11,9 +11,12 @@ import signal
 from pathlib import Path
 
 import pytest
+from recording_engines import random_user_lora
 
 from easyphoto.diffusion.passes import reference_stages
+from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels, default_face_models
+from easyphoto.engines.lora import lora_targets, save_lora
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.roles.catalogue import RoleCatalogue
 from easyphoto.engines.roles.description import RoleDescription
@@ -21,6 +24,9 @@ from easyphoto.engines.roles.diffusion import describe_roles, describe_stage
 from easyphoto.export.onnx_export import export_all
 from easyphoto.export.triton_repository import write_repository
 from easyphoto.export.triton_server import TritonInstall, TritonServer, TritonUnavailable, find_install
+from easyphoto.fixtures.photos import sample_photo
+from easyphoto.imaging.codec import encode_png
+from easyphoto.imaging.geometry import grow_box, int_box
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # How the python backend names the region a stub shares with its server (an argument of the stub).
@@ -73,6 +79,20 @@ def adapter_dir_beside(export_dir: Path) -> Path:
 def fused_stages(tiny: ModelFamily) -> dict[str, RoleDescription]:
     """The fused steps of the first and second pass (what a whole Generate at the defaults calls)."""
     return {stage.name: stage for stage in (describe_stage(tiny, kinds) for kinds in reference_stages()[:2])}
+
+
+def publish_trained_user(root: Path, faces: FaceAnalyzer, tiny: ModelFamily, user_id: str = "amy") -> None:
+    """A trained user in the data root ``root``: face-id and reference images (a face of the group
+    photo), and a random rank-4 LoRA on every targeted layer."""
+    group = sample_photo("group")
+    x0, y0, x1, y1 = int_box(grow_box(faces.detect(group)[1].box, 1.8, group.shape[1], group.shape[0]))
+    folder = root / "users" / user_id / "v1"
+    folder.mkdir(parents=True)
+    for name in ("face_id.png", "reference.png"):
+        (folder / name).write_bytes(encode_png(group[y0:y1, x0:x1]))
+    lora = random_user_lora(lora_targets(tiny.lora_roots()), user_id, sum(map(ord, user_id)))
+    save_lora(lora, folder / "lora.safetensors")
+    (root / "users" / user_id / "CURRENT").write_text("1")
 
 
 def kill_server(server: TritonServer) -> None:

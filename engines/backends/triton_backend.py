@@ -6,8 +6,12 @@ stage is served); control-plane calls (readiness, shared memory registration) us
 
 Inputs are built from the role descriptions (names, dtypes, shapes checked against the profile
 before anything is sent), outputs come back as CPU tensors. Roles the repository does not serve
-(dlib's embedder) go to a local ``fallback`` backend. Readiness mirrors Triton's server and model
-readiness; each call's timeout is the backend's ``timeout`` or, nearer, the request's deadline
+(dlib's embedder) go to a local ``fallback`` backend, and so do ``optional`` roles (a fused stage,
+a face model) while Triton has no model of theirs. Which optional roles Triton serves, and which of
+its models take users' adapters, is asked again whenever Triton comes back and every
+:data:`ROLE_PROBE_SECONDS` while it is up: a Triton restarted with another repository (or one that
+loads models later) is used as it is now. Readiness mirrors Triton's server and the required
+models' readiness; each call's timeout is the backend's ``timeout`` or, nearer, the request's deadline
 (:mod:`rpc.deadline`); Triton's UNAVAILABLE and deadline errors become :class:`EngineUnavailable`
 and :class:`DeadlineExceeded`. Users' LoRAs: each row of a call names its adapter and weight; the
 served model (its graph with LoRA inputs) reads the factors, which :meth:`TritonBackend.adapter`
@@ -19,10 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -67,6 +74,19 @@ SHARED_MEMORY_MIN_BYTES = 16 * 1024
 # host or in the cluster is cheap to ask once a second.
 RECONNECT_BACKOFF_MAX_MS = 1000
 
+# How often a ready Triton is asked again which optional roles and adapters its models serve (also
+# at once whenever it comes back after being away).
+ROLE_PROBE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class ServedRoles:
+    """What a Triton serves, as last asked: replaced whole, so a call sees one answer."""
+
+    remote: frozenset[str]  # roles sent to Triton; the others of ``roles`` run in the fallback
+    adapters: frozenset[str]  # Triton's models that take users' adapters
+    roles: dict[str, RoleDescription]
+
 
 class TritonBackend:
     name = "triton"
@@ -82,7 +102,11 @@ class TritonBackend:
         cuda_device: int = 0,
         lora_targets: LoraTargets | None = None,
         adapter_dir: Path | None = None,
+        optional: dict[str, RoleDescription] | None = None,
     ) -> None:
+        """``roles`` must be served by Triton; each of ``optional`` is sent there while Triton has a
+        model of it (:meth:`serves`), else to the fallback (a fused stage: to nobody, and a step
+        calls its nets instead)."""
         import tritonclient.grpc as grpcclient
 
         self._client = grpcclient.InferenceServerClient(url=url, channel_args=_channel_args())
@@ -106,13 +130,12 @@ class TritonBackend:
         # Where the served models read users' adapters (the orchestrator writes them there).
         self.adapter_dir = adapter_dir
         self.adapters = AdapterCache()
-        self._roles = dict(roles)
-        self._served = set(roles)  # by Triton; the rest of the fallback's roles run locally
-        if fallback is not None:
-            self._roles.update({k: v for k, v in fallback.roles.items() if k not in roles})
-        self._adapter_roles = {
-            name for name, role in roles.items() if role.lora_target and self._takes_adapters(name)
-        }
+        self._required = dict(roles)
+        self._optional = {k: v for k, v in (optional or {}).items() if k not in roles}
+        self._probe_lock = threading.Lock()
+        self._probed_at = -math.inf
+        self._was_ready = False
+        self._served = self._ask_what_is_served()
 
     def _shared_inputs(self, kind: str, cuda_device: int) -> SharedInputs | None:
         prefix = f"easyphoto-{os.getpid()}-{id(self):x}"
@@ -126,7 +149,38 @@ class TritonBackend:
 
     @property
     def roles(self) -> dict[str, RoleDescription]:
-        return self._roles
+        return self._served.roles
+
+    @property
+    def remote_roles(self) -> frozenset[str]:
+        """The roles sent to Triton now."""
+        return self._served.remote
+
+    def _ask_what_is_served(self) -> ServedRoles:
+        """Which optional roles Triton has models of now, and which of its models take adapters
+        (a Triton that does not answer: the required roles, none taking adapters)."""
+        remote = set(self._required) | {name for name, role in self._optional.items() if self.serves(role)}
+        described = {**self._required, **self._optional}
+        adapters = {name for name in remote if described[name].lora_target and self._takes_adapters(name)}
+        roles = {name: described[name] for name in sorted(remote)}
+        if self.fallback is not None:
+            roles.update({k: v for k, v in self.fallback.roles.items() if k not in roles})
+        return ServedRoles(frozenset(remote), frozenset(adapters), roles)
+
+    def _probe_again(self) -> None:
+        """Asks Triton again what it serves, and says what changed."""
+        with self._probe_lock:
+            before, now = self._served, self._ask_what_is_served()
+            self._served, self._probed_at = now, time.monotonic()
+        for change, names in (
+            ("now serves", now.remote - before.remote),
+            ("no longer serves", before.remote - now.remote),
+            ("now takes users' adapters in", now.adapters - before.adapters),
+            ("no longer takes users' adapters in", before.adapters - now.adapters),
+        ):
+            if names:
+                level = logging.WARNING if "no longer" in change else logging.INFO
+                log.log(level, "triton at %s %s %s", self.url, change, sorted(names))
 
     @property
     def device(self) -> torch.device:
@@ -159,17 +213,22 @@ class TritonBackend:
 
     def ready(self) -> bool:
         """Triton's server readiness, as both connections see it (each reconnects on its own after
-        Triton comes back: ready only once the one inference uses has too), and every served model's
-        readiness."""
+        Triton comes back: ready only once the one inference uses has too), and every required
+        model's readiness. A Triton ready again after being away (or not asked for a while) is
+        asked which optional roles and adapters it serves."""
         try:
-            if not self._client.is_server_ready(client_timeout=5):
-                return False
-            if not self._await(self._aio.is_server_ready(client_timeout=5)):  # type: ignore[attr-defined]
-                return False
-            return all(self._client.is_model_ready(role, client_timeout=5) for role in self._served)
+            ready = self._client.is_server_ready(client_timeout=5) and self._await(
+                self._aio.is_server_ready(client_timeout=5)  # type: ignore[attr-defined]
+            )
+            ready = all(self._client.is_model_ready(role, client_timeout=5) for role in self._required)
         except Exception as exc:  # unreachable server: not ready
-            log.warning("triton at %s not ready: %s", self.url, exc)
-            return False
+            if self._was_ready:
+                log.warning("triton at %s not ready: %s", self.url, exc)
+            ready = False
+        came_back, self._was_ready = ready and not self._was_ready, ready
+        if came_back or (ready and time.monotonic() - self._probed_at > ROLE_PROBE_SECONDS):
+            self._probe_again()
+        return ready
 
     def lora_targets(self) -> LoraTargets:
         return self._lora_targets
@@ -206,9 +265,10 @@ class TritonBackend:
 
     def infer(self, role: str, inputs: Tensors, adapters: AdapterRows | None = None) -> Tensors:
         rows = active_rows(adapters)
-        if rows is not None and role in self._roles and self._roles[role].lora_target is None:
+        served = self._served
+        if rows is not None and role in served.roles and served.roles[role].lora_target is None:
             raise EngineInputError(role, "adapters", "given to a role that takes no LoRA")
-        if rows is not None and role not in self._adapter_roles:
+        if rows is not None and role not in served.adapters:
             raise Unimplemented(
                 f"triton's {role} model serves no users' adapters: export it with its LoRA graph and write"
                 " the repository with an adapter folder (easyphoto export --triton DIR --adapter-dir ...)"
@@ -221,11 +281,12 @@ class TritonBackend:
 
     def infer_many(self, calls: list[tuple[str, Tensors]]) -> list[Tensors]:
         """Several calls at once (concurrently on the server); results in the order of ``calls``."""
-        local = [i for i, (role, _) in enumerate(calls) if role not in self._served]
+        served = self._served
+        local = [i for i, (role, _) in enumerate(calls) if role not in served.remote]
         for index in local:
             role = calls[index][0]
             if self.fallback is None or role not in self.fallback.roles:
-                raise EngineInputError(role, "role", f"unknown; this backend serves {sorted(self._roles)}")
+                raise EngineInputError(role, "role", f"unknown; this backend serves {sorted(served.roles)}")
         results: dict[int, Tensors] = {i: self.fallback.infer(*calls[i]) for i in local}  # type: ignore[union-attr]
         remote = [i for i in range(len(calls)) if i not in results]
         if self.shared is None:
@@ -269,7 +330,7 @@ class TritonBackend:
     def _request(
         self, role: str, inputs: Tensors, adapters: AdapterRows | None = None
     ) -> tuple[str, list[object], list[object]]:
-        description = self._roles[role]
+        description = self.roles[role]
         description.bind({name: tuple(t.shape) for name, t in inputs.items()})
         request = [self._input(role, description, spec, inputs[spec.name]) for spec in description.inputs]
         if adapters is not None:
@@ -299,7 +360,7 @@ class TritonBackend:
             raise _engine_error(role, exc) from exc
         return {
             spec.name: torch.from_numpy(result.as_numpy(spec.name).copy())
-            for spec in self._roles[role].outputs
+            for spec in self.roles[role].outputs
         }
 
     def _input(

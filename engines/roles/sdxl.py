@@ -28,6 +28,7 @@ TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER = (
     "sdxl_unet",
     "sdxl_vae_decoder",
 )
+SDXL_ROLES = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER)
 TIME_IDS = 6  # original height, width; crop top, left; target height, width
 LATENT_H, LATENT_W = sym("latent_height"), sym("latent_width")
 
