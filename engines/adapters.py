@@ -4,8 +4,8 @@ An :class:`Adapter` is one LoRA's low-rank factors on the serving device, named 
 version it belongs to (``ann@v3``). A model call carries one :class:`SampleAdapter` (adapter and
 weight) or None per row of its batch, so one call can serve samples of several users: on each
 LoRA-targeted layer, the rows of each adapter get ``weight * up @ down @ x`` added to the layer's
-output, one pair of small matmuls per adapter in the batch (the grouped low-rank matmul of
-Punica/S-LoRA). Rows without an adapter see the base weights, bit for bit.
+output in place, one pair of small matmuls per run of an adapter's neighbouring rows (the grouped
+low-rank matmul of Punica/S-LoRA). Rows without an adapter see the base weights, bit for bit.
 
 :class:`AdapterCache` keeps the adapters hot on the device, least recently used first out, bounded
 by bytes; :class:`AdapterHooks` installs the per-row update on a model's targeted layers.
@@ -110,10 +110,11 @@ class AdapterCache(HotCache[str, Adapter]):
 
 @dataclass(frozen=True)
 class _Group:
-    """The rows of one (adapter, weight) in a call."""
+    """The rows of one (adapter, weight) in a call, as runs of neighbouring rows: a request's rows
+    are neighbours in a batched step, so each run is a view of the batch, never a copy."""
 
     sample: SampleAdapter
-    rows: torch.Tensor | None  # None: every row of the batch
+    spans: tuple[tuple[int, int], ...]  # [start, stop) row ranges
 
 
 _HOOKS_ATTRIBUTE = "_easyphoto_adapter_hooks"
@@ -151,7 +152,7 @@ class AdapterHooks:
                 self._handles.append(layer.register_forward_hook(self._hook((target, name), layer)))
 
     @contextlib.contextmanager
-    def rows(self, adapters: AdapterRows | None, batch: int, device: torch.device) -> Iterator[None]:
+    def rows(self, adapters: AdapterRows | None, batch: int) -> Iterator[None]:
         """Calls made inside compute each row with its adapter (``adapters``: one per row)."""
         rows = active_rows(adapters)
         if rows is None:
@@ -159,7 +160,7 @@ class AdapterHooks:
             return
         if len(rows) != batch:
             raise ValueError(f"{len(rows)} adapters for a batch of {batch} rows")  # a caller's bug
-        token = self._rows.set(_groups(rows, device))
+        token = self._rows.set(_groups(rows))
         try:
             yield
         finally:
@@ -171,14 +172,12 @@ class AdapterHooks:
         def add_updates(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             for group in self._rows.get():
                 factors = group.sample.adapter.layers.get(key)
-                if factors is None or group.sample.weight == 0:
+                if factors is None:
                     continue
-                x = args[0] if group.rows is None else args[0].index_select(0, group.rows)
-                update = low_rank_update(x, factors.down, factors.up, conv) * group.sample.weight
-                if group.rows is None:
-                    output.add_(update)
-                else:
-                    output.index_add_(0, group.rows, update)
+                for start, stop in group.spans:
+                    add_low_rank_update_(
+                        output[start:stop], args[0][start:stop], factors, conv, group.sample.weight
+                    )
 
         return add_updates
 
@@ -210,20 +209,37 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to("cpu", torch.float32).numpy()
 
 
-def _groups(adapters: AdapterRows, device: torch.device) -> tuple[_Group, ...]:
-    rows: dict[tuple[int, float], list[int]] = {}
+def _groups(adapters: AdapterRows) -> tuple[_Group, ...]:
+    spans: dict[tuple[int, float], list[tuple[int, int]]] = {}
     samples: dict[tuple[int, float], SampleAdapter] = {}
     for index, sample in enumerate(adapters):
         if sample is None:
             continue
         key = (id(sample.adapter), sample.weight)
-        rows.setdefault(key, []).append(index)
+        runs = spans.setdefault(key, [])
+        if runs and runs[-1][1] == index:  # the row after the last run's: that run grows
+            runs[-1] = (runs[-1][0], index + 1)
+        else:
+            runs.append((index, index + 1))
         samples[key] = sample
-    every = len(adapters)
-    return tuple(
-        _Group(samples[key], None if len(indices) == every else torch.tensor(indices, device=device))
-        for key, indices in rows.items()
-    )
+    return tuple(_Group(samples[key], tuple(runs)) for key, runs in spans.items())
+
+
+def add_low_rank_update_(
+    output: torch.Tensor, x: torch.Tensor, factors: AdapterLayer, conv: bool, weight: float
+) -> None:
+    """``output += weight * up @ down @ x`` in place, with the second matmul and the sum one
+    kernel (measured 1.5-2.5x faster than adding :func:`low_rank_update`'s result on a Linear's
+    rows, 2-11x on a 1x1 conv's, 2 CPU cores)."""
+    down, up = factors.down, factors.up
+    if not output.is_contiguous():  # no view to write through (a channels-last conv's output)
+        output.add_(low_rank_update(x, down, up, conv), alpha=weight)
+    elif conv:
+        hidden = torch.matmul(down, x.flatten(2))  # (rows, rank, H*W)
+        output.flatten(2).baddbmm_(up.expand(len(x), -1, -1), hidden, alpha=weight)
+    else:
+        flat = output.view(-1, output.shape[-1])
+        flat.addmm_(x.reshape(-1, x.shape[-1]) @ down.T, up.T, alpha=weight)
 
 
 def low_rank_update(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, conv: bool) -> torch.Tensor:

@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from easyphoto.engines.adapters import Adapter, AdapterCache, SampleAdapter
+from easyphoto.engines.adapters import (
+    Adapter,
+    AdapterCache,
+    AdapterLayer,
+    SampleAdapter,
+    add_low_rank_update_,
+)
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.lora import LoraLayer, LoraWeights
 from easyphoto.engines.models.family import ModelFamily
@@ -60,6 +66,38 @@ def test_each_row_of_a_mixed_batch_equals_its_users_run_alone(backend: TorchBack
     base = backend.infer(role, one)[output]
     assert torch.equal(alone[2], base)  # no adapter: the base model, bit for bit
     assert not _close(alone[0], base) and not _close(alone[1], alone[0])  # the adapters do change rows
+
+
+def test_rows_of_one_user_apart_in_a_batch_each_equal_the_users_run_alone(backend: TorchBackend) -> None:
+    """Each run of neighbouring rows gets the update: ann's first rows and her last ones."""
+    ann = SampleAdapter(backend.adapter("ann@v1", lambda: _lora(backend, 1)), 0.9)
+    bob = SampleAdapter(backend.adapter("bob@v4", lambda: _lora(backend, 2)), 0.6)
+    one = backend.roles["unet"].sample_inputs("opt", seed=3)
+    mixed = {name: torch.cat([value] * 3) for name, value in one.items()}
+    rows = _rows([ann, bob, ann], 2)
+    outputs = backend.infer("unet", mixed, rows)["noise_pred"]
+    alone = {id(user): backend.infer("unet", one, _rows([user], 2))["noise_pred"] for user in (ann, bob)}
+    for index, user in enumerate([ann, bob, ann]):
+        assert _close(outputs[2 * index : 2 * index + 2], alone[id(user)]), index
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv", "conv channels-last"])
+def test_the_in_place_low_rank_update_adds_weight_times_up_down_x(layout: str) -> None:
+    generator = torch.Generator().manual_seed(5)
+    down, up = torch.randn(3, 8, generator=generator), torch.randn(6, 3, generator=generator)
+    if layout == "linear":
+        x, output = torch.randn(4, 5, 8, generator=generator), torch.randn(4, 5, 6, generator=generator)
+        expected = output + 0.7 * (x @ down.T @ up.T)
+    else:
+        x, output = torch.randn(4, 8, 3, 2, generator=generator), torch.randn(4, 6, 3, 2, generator=generator)
+        expected = output + 0.7 * torch.einsum("or,ri,bihw->bohw", up, down, x)
+        if layout == "conv channels-last":
+            output = output.to(memory_format=torch.channels_last)
+            assert not output.is_contiguous()
+    start = output.clone()
+    add_low_rank_update_(output[1:3], x[1:3], AdapterLayer(down, up), layout != "linear", 0.7)
+    assert torch.allclose(output[1:3], expected[1:3], atol=1e-5)
+    assert torch.equal(output[[0, 3]], start[[0, 3]])  # the other rows untouched
 
 
 def test_the_hot_cache_drops_the_least_recently_used_past_its_bytes(backend: TorchBackend) -> None:

@@ -139,7 +139,7 @@ class TorchBackend:
         float_dtype = self._dtype if description.fp16 else torch.float32
         args = [self._cast(inputs[spec.name], spec.dtype, float_dtype) for spec in description.inputs]
         hooks = self._hooks[description.variant]
-        with torch.inference_mode(), hooks.rows(adapters, values.get("batch", 0), self._device):
+        with torch.inference_mode(), hooks.rows(adapters, values.get("batch", 0)):
             outputs = self.runner(role)(*args)
         return {spec.name: out for spec, out in zip(description.outputs, outputs, strict=True)}
 
