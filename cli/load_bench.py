@@ -455,16 +455,18 @@ def _plots(results: Results, stages: dict[tuple[str, str], float]) -> None:
     import matplotlib.pyplot as plt
 
     figure, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4))
-    for backend, users in sorted({(x.backend, x.users) for x in results.levels}):
+    for index, (backend, users) in enumerate(sorted({(x.backend, x.users) for x in results.levels})):
+        color = f"C{index}"  # one colour for a series in both panels
         levels = sorted(
             (x for x in results.levels if (x.backend, x.users) == (backend, users)),
             key=lambda x: x.concurrency,
         )
         xs = [x.concurrency for x in levels]
         label = f"{backend}, {users}"
-        latency.plot(xs, [x.row()["p50_s"] for x in levels], marker="o", label=f"{label} p50")
-        latency.plot(xs, [x.row()["p95_s"] for x in levels], marker="x", linestyle="--", label=f"{label} p95")
-        throughput.plot(xs, [x.row()["faces_per_s"] for x in levels], marker="o", label=label)
+        p50, p95 = ([x.row()[name] for x in levels] for name in ("p50_s", "p95_s"))
+        latency.plot(xs, p50, marker="o", color=color, label=f"{label} p50")
+        latency.plot(xs, p95, marker="x", linestyle="--", color=color, label=f"{label} p95")
+        throughput.plot(xs, [x.row()["faces_per_s"] for x in levels], marker="o", color=color, label=label)
     sequential = len(results.baseline_seconds) and 1 / statistics.median(results.baseline_seconds)
     throughput.axhline(sequential, color="grey", linestyle=":", label="diffusers, both passes only, in turn")
     for axis, title, unit in ((latency, "latency", "seconds"), (throughput, "throughput", "faces / s")):
