@@ -123,7 +123,8 @@ def test_a_whole_generate_through_triton_equals_torch(
     )
     images, scores = [], []
     fused = describe_stage(tiny, reference_stages()[0]).name
-    before = {model: _inference_count(server, model) for model in (fused, "face_embedder")}
+    # The second pass's stage is not in the repository: its steps call the tile ControlNet there.
+    before = {model: _inference_count(server, model) for model in (fused, "controlnet_tile", "face_embedder")}
     for backend in (triton_backend, TorchBackend(tiny, "cpu", faces=face_models)):
         engines = Engines(backend, tiny.tokenizer, float(tiny.vae.config.scaling_factor))
         analyzer = face_models.analyzer(backend)
@@ -133,7 +134,7 @@ def test_a_whole_generate_through_triton_equals_torch(
         generation = orchestrator.generate(sample_photo("astronaut"), ["amy"], options, seed=11)
         images.append(generation.image)
         scores.append(generation.faces[0].identity_score)
-    # Triton ran the first pass as one fused call per step, and dlib's embedder for the scores.
+    # Triton ran the first pass as one fused call per step, the second's nets, and dlib's embedder.
     assert all(_inference_count(server, model) > count for model, count in before.items())
     # The images differ by rounding (below); the score moves with them through MTCNN's landmarks and
     # dlib's chip: measured 0.006 alone and 0.034 once within the whole suite (same code).
@@ -158,7 +159,10 @@ def test_an_optional_role_is_served_only_by_a_model_with_its_signature(
     triton_backend: TritonBackend, face_models: FaceModels, tiny: ModelFamily
 ) -> None:
     embedder = face_models.roles["face_embedder"]
-    assert triton_backend.serves(embedder) and triton_backend.serves(fused_stages(tiny)["stage_canny_tile"])
+    (stage,) = fused_stages(tiny).values()
+    assert triton_backend.serves(embedder) and triton_backend.serves(stage)
+    second = describe_stage(tiny, reference_stages()[1])  # not in this repository
+    assert not triton_backend.serves(second)
     # Another embedder under the same role name (an insightface pack's ArcFace takes "input.1").
     arcface = replace(embedder, inputs=(replace(embedder.inputs[0], name="input.1"),))
     assert not triton_backend.serves(arcface)
