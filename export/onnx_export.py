@@ -207,8 +207,8 @@ def _check(description: RoleDescription, module: nn.Module, path: Path, fp16: bo
     if not fp16:
         ((opt, low),) = check_graphs(description, module, [fp32], samples)
         return {"opt": opt, "min": low}
-    fp16 = GraphTolerance(write_fp16(path), (FP16_TOLERANCE,), relative=True)
-    (opt, low), (half,) = check_graphs(description, module, [fp32, fp16], samples)
+    halves = GraphTolerance(write_fp16(path), (FP16_TOLERANCE,), relative=True)
+    (opt, low), (half,) = check_graphs(description, module, [fp32, halves], samples)
     return {"opt": opt, "min": low, "fp16": half}
 
 
