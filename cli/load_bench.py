@@ -42,9 +42,9 @@ from easyphoto.fixtures.users import publish_photo_user, random_lora
 from easyphoto.imaging.codec import encode_png
 from easyphoto.server.bench import (
     PROMPT,
-    _device_name,
     baseline_inpaint,
     baseline_pipeline,
+    device_name,
     run_concurrently,
     write_section,
 )
@@ -176,7 +176,7 @@ def run_harness(config: HarnessConfig) -> Results:
     """The whole run: baseline first (in this process), then our server and its sweep, then the
     Triton backend's; writes every output."""
     config.out.mkdir(parents=True, exist_ok=True)
-    results = Results(config, _device_name())
+    results = Results(config, device_name())
     with tempfile.TemporaryDirectory(prefix="easyphoto-bench-") as folder:
         data = Path(folder) / "data"
         family = resolve_family(config.models)

@@ -56,14 +56,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import torch
 
 from easyphoto.cli.client import ServiceError
 from easyphoto.cli.load_bench import QUICK, free_port, publish_users, quantile, wait_ready
 from easyphoto.engines.models.loading import resolve_family
 from easyphoto.fixtures.photos import person_photos, sample_photo
 from easyphoto.imaging.codec import encode_png
-from easyphoto.server.bench import write_section
+from easyphoto.server.bench import device_name, write_section
 from easyphoto.users.store import UserStore
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 
@@ -577,18 +576,6 @@ def _progress(sample: Sample, total: float) -> str:
 
 def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}:{int(seconds % 60):02d}"
-
-
-def device_name() -> str:
-    """The CPU model (/proc/cpuinfo) and core count, and the GPU the orchestrator would take."""
-    cpuinfo = Path("/proc/cpuinfo")
-    found = (
-        re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), flags=re.MULTILINE)
-        if cpuinfo.is_file()
-        else None
-    )
-    name = f"{found.group(1).strip() if found else 'unknown CPU'} ({os.cpu_count()} cores)"
-    return f"{name}, {torch.cuda.get_device_name()}" if torch.cuda.is_available() else name
 
 
 # ---- outputs ----

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import statistics
 import threading
 import time
@@ -181,7 +182,7 @@ def time_first_pass(family: ModelFamily, size: int, steps: int, repeats: int) ->
 def run_bench(out: Path, models: str = "tiny", size: int = 256, steps: int = 50, repeats: int = 3) -> str:
     family = resolve_family(models)
     timing = time_first_pass(family, size, steps, repeats)
-    device = _device_name()
+    device = device_name()
     lines = [
         MARK_BEGIN,
         f"### First diffusion pass: ours vs diffusers ({models}, {size}², {steps} steps × strength 0.45,"
@@ -203,10 +204,15 @@ def run_bench(out: Path, models: str = "tiny", size: int = 256, steps: int = 50,
     return section
 
 
-def _device_name() -> str:
+def device_name() -> str:
+    """What benchmarks name the device by: the GPU torch would take, else the CPU's model (from
+    /proc/cpuinfo, else its architecture) and its core count."""
     if torch.cuda.is_available():
         return "cuda: " + torch.cuda.get_device_name()
-    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.is_file() else ""
+    found = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    return f"cpu ({found.group(1).strip() if found else platform.machine()}, {os.cpu_count()} cores)"
 
 
 def _row(name: str, times: list[float]) -> str:

@@ -25,7 +25,7 @@ from easyphoto.users.store import UserStore
 from easyphoto.v1 import generator_pb2
 
 from .app import EngineHolder, ServerConfig
-from .bench import _device_name, run_concurrently
+from .bench import device_name, run_concurrently
 from .options import GenerateOptions, resolve_options
 from .pipeline import Orchestrator, planned_steps
 
@@ -84,7 +84,7 @@ def _section(models: str, requests: int, rows: list[tuple[str, int, int, float, 
     )
     lines = [
         f"<!-- bench:lcm:{models}:begin -->",
-        f"### LCM fast path against the default passes ({models}, {_device_name()})",
+        f"### LCM fast path against the default passes ({models}, {device_name()})",
         "",
         f"`easyphoto bench --only lcm --models {models}`: one face of the astronaut per Generate, as a"
         f" user with a random rank-{USER_RANK} LoRA, on the torch backend in process (torch"
