@@ -10,6 +10,7 @@ import os
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,32 +80,27 @@ class Deployment:
         return generator_pb2_grpc.GeneratorStub(self.channel)
 
 
-@pytest.fixture(params=["none", "system"], ids=["inline", "shared-memory"])
-def deployment(
-    request: pytest.FixtureRequest, install: TritonInstall, export_dir: Path, alice_data: Path, tmp_path: Path
+@contextmanager
+def orchestrator_on_triton(
+    install: TritonInstall, export_dir: Path, data: Path, logs: Path, shared_memory: str = "none"
 ) -> Iterator[Deployment]:
-    """Inputs inline, or through system shared memory (whose regions a restarted Triton has lost)."""
+    """An orchestrator on the triton backend, listening (its engines not loaded), in front of Triton's
+    free ports (no Triton started); everything stopped at the end."""
     ports = free_ports()
-    triton = start_server(repository_of(export_dir), install, ports, tmp_path / "tritonserver-1.log")
     config = ServerConfig(
         port=0,
-        data=alice_data,
+        data=data,
         backend="triton",
         triton_url=f"127.0.0.1:{ports['grpc']}",
         export_dir=export_dir,
         adapter_dir=adapter_dir_beside(export_dir),
-        triton_shared_memory=request.param,
+        triton_shared_memory=shared_memory,
     )
     app, holder = build_app(config)
     channel = grpc.insecure_channel(f"127.0.0.1:{app.port}")
-    setup = Deployment(install, repository_of(export_dir), ports, tmp_path, app, holder, channel, triton, 1)
+    setup = Deployment(install, repository_of(export_dir), ports, logs, app, holder, channel)
     try:
-        triton.wait_ready()
         app.start()
-        holder.load()
-        # What `easyphoto serve` does once the engines are loaded, polling more often.
-        app.set_serving(True)
-        app.follow_readiness(holder.backend_ready, interval=READINESS_INTERVAL)
         yield setup
     finally:
         try:
@@ -114,6 +110,24 @@ def deployment(
         finally:
             if setup.triton is not None:
                 setup.triton.stop()
+
+
+def serve_once_loaded(setup: Deployment) -> None:
+    """What `easyphoto serve` does once the engines are loaded, polling more often."""
+    setup.app.set_serving(True)
+    setup.app.follow_readiness(setup.holder.backend_ready, interval=READINESS_INTERVAL)
+
+
+@pytest.fixture(params=["none", "system"], ids=["inline", "shared-memory"])
+def deployment(
+    request: pytest.FixtureRequest, install: TritonInstall, export_dir: Path, alice_data: Path, tmp_path: Path
+) -> Iterator[Deployment]:
+    """Inputs inline, or through system shared memory (whose regions a restarted Triton has lost)."""
+    with orchestrator_on_triton(install, export_dir, alice_data, tmp_path, request.param) as setup:
+        setup.start_triton()
+        setup.holder.load()
+        serve_once_loaded(setup)
+        yield setup
 
 
 def _request(steps: int, user: str = "alice") -> generator_pb2.GenerateRequest:
@@ -223,28 +237,10 @@ def test_an_orchestrator_started_before_triton_waits_for_it_then_paints_a_traine
     saying what it waits for, until Triton is up; then it learns which models take users' adapters
     (none answered while Triton was away) and paints a trained user through them."""
     publish_trained_user(tmp_path, faces, tiny)
-    ports = free_ports()
-    config = ServerConfig(
-        port=0,
-        data=tmp_path,
-        backend="triton",
-        triton_url=f"127.0.0.1:{ports['grpc']}",
-        export_dir=export_dir,
-        adapter_dir=adapter_dir_beside(export_dir),
-    )
-    app, holder = build_app(config)
-    channel = grpc.insecure_channel(f"127.0.0.1:{app.port}")
-    setup = Deployment(install, repository_of(export_dir), ports, tmp_path, app, holder, channel)
-    app.start()
-
-    def on_ready() -> None:  # what `easyphoto serve` does, polling more often
-        app.set_serving(True)
-        app.follow_readiness(holder.backend_ready, interval=READINESS_INTERVAL)
-
-    try:
-        holder.load_in_background(on_ready)
+    with orchestrator_on_triton(install, export_dir, tmp_path, tmp_path) as setup:
+        setup.holder.load_in_background(lambda: serve_once_loaded(setup))
         time.sleep(2 * TRITON_POLL_SECONDS)  # asked twice, and still waiting
-        assert not holder.loaded.is_set()
+        assert not setup.holder.loaded.is_set()
         assert setup.health() == NOT_SERVING and setup.health(LIVENESS) == SERVING
         details, _ = _unavailable(lambda: setup.generator.Generate(_request(steps=4, user="amy"), timeout=30))
         _assert_engine_unavailable(details)
@@ -255,12 +251,6 @@ def test_an_orchestrator_started_before_triton_waits_for_it_then_paints_a_traine
         response = setup.generator.Generate(_request(steps=4, user="amy"), timeout=60)
         face = response.images[0].faces[0]
         assert face.user_id == "amy" and face.HasField("identity_score")
-    finally:
-        channel.close()
-        app.stop(0)
-        holder.close()
-        if setup.triton is not None:
-            setup.triton.stop()
 
 
 def test_a_triton_restarted_with_another_repository_is_used_as_it_is_now(
