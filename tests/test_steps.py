@@ -72,8 +72,9 @@ def test_concurrent_passes_of_different_users_share_calls_and_end_as_alone(
     alone = [run_inpaint(engines, make(), tiny.scheduler_config) for make in makers]
     for index, (got, expected) in enumerate(zip(together, alone, strict=True)):
         assert isinstance(got, torch.Tensor), got
-        # The issue asks 35 dB of the sequential twin; measured 53 dB and up: fp32 rounding, no drift.
-        assert _psnr(got, expected) > 45, (index, _psnr(got, expected))
+        # The issue asks 35 dB of the sequential twin. fp32 rounding, no drift: measured 53 dB and up
+        # alone, and 42 dB once within the whole suite (the batch's rows are whoever joined a step).
+        assert _psnr(got, expected) > 38, (index, _psnr(got, expected))
     steps = [call for call in calls if call[0] == "denoise"]
     assert max(jobs for _, jobs, _ in steps) == 5 and max(rows for *_, rows in steps) == 10
     assert len(steps) < 5 * 5  # 5 passes of 5 steps in fewer calls than one each
