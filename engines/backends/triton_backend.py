@@ -220,7 +220,9 @@ class TritonBackend:
             ready = self._client.is_server_ready(client_timeout=5) and self._await(
                 self._aio.is_server_ready(client_timeout=5)  # type: ignore[attr-defined]
             )
-            ready = all(self._client.is_model_ready(role, client_timeout=5) for role in self._required)
+            ready = ready and all(
+                self._client.is_model_ready(role, client_timeout=5) for role in self._required
+            )
         except Exception as exc:  # unreachable server: not ready
             if self._was_ready:
                 log.warning("triton at %s not ready: %s", self.url, exc)
