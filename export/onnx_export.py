@@ -38,6 +38,7 @@ from easyphoto.engines.roles.manifest import EngineManifest
 from easyphoto.engines.shapes import ProfilePoint
 
 from .onnx_check import GraphCheck, GraphTolerance, check_graphs
+from .onnx_files import gather_external_data
 from .refit import lora_weight_names
 from .tensorrt_plan import plan_role, write_plans
 
@@ -146,6 +147,7 @@ def export_role(
             do_constant_folding=False,
             dynamo=False,
         )
+    gather_external_data(path)  # a graph past 2 GB: its weights in one file beside it
     onnx.checker.check_model(str(path))
     checks = _check(description, module, path, fp16_graph and description.fp16)
     seconds = time.perf_counter() - started
@@ -257,12 +259,14 @@ def export_all(
     force: bool = False,
     lora_graphs: bool = True,
     sdxl: SdxlFacts | None = None,
+    fp16_graphs: bool = True,
 ) -> list[ExportResult]:
     """Every role of the catalogue that is a torch module, and with ``lora_graphs`` the variant with
     LoRA inputs (``<role>_lora``, and its ``lora.json``) of each role that takes a LoRA; writes
     ``plans.json`` (the TensorRT build plans of the roles) and the engine manifest (``manifest.json``
     with the tokenizer, and ``sdxl``'s facts and tokenizers when the catalogue has the SDXL roles:
-    what serving needs to call the roles without their weights)."""
+    what serving needs to call the roles without their weights). ``fp16_graphs=False`` leaves out
+    the fp16 copies (onnxruntime on a CPU never reads them)."""
     roles = catalogue.roles
     results, lora_results = [], {}
     for description in roles.values():
@@ -271,7 +275,7 @@ def export_all(
             log.info("skipping %s: not a torch module (served by its own runtime)", description.name)
             continue
         roots = family.lora_roots(description.variant)
-        results.append(export_role(description, out_dir, force, roots))
+        results.append(export_role(description, out_dir, force, roots, fp16_graph=fp16_graphs))
         if lora_graphs and description.lora_target is not None:
             with_lora = describe_with_lora(description, family)
             # No fp16 copy: serving reads the fp32 graph with LoRA inputs (TensorRT builds its

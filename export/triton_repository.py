@@ -33,6 +33,7 @@ from easyphoto.engines.roles.lora_inputs import lora_role_name
 from easyphoto.engines.shapes import DTYPES, TensorSpec
 
 from .onnx_export import LORA_SPEC
+from .onnx_files import copy_graph
 from .tensorrt_plan import read_plans
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def write_repository(
         )
         (repository / plan.role / "config.pbtxt").write_text(config)
         if serves_adapters:
-            shutil.copyfile(lora / "model.onnx", version_dir / "model.lora.onnx")
+            copy_graph(lora / "model.onnx", version_dir / "model.lora.onnx")
             shutil.copyfile(lora / LORA_SPEC, version_dir / LORA_SPEC)
             feed = resources.files("easyphoto.engines.roles").joinpath("lora_feed.py")
             (version_dir / "lora_feed.py").write_text(feed.read_text())
@@ -170,7 +171,7 @@ def write_repository(
                 )
             shutil.copyfile(engine, version_dir / "model.plan")
         else:
-            shutil.copyfile(export_dir / plan.onnx, version_dir / "model.onnx")
+            copy_graph(export_dir / plan.onnx, version_dir / "model.onnx")
             (version_dir / "model.py").write_text(python_model_source())
         written.append(plan.role)
     for description in (
