@@ -255,19 +255,23 @@ def _kohya_layers(tensors: dict[str, torch.Tensor], targets: LoraTargets) -> lis
     return layers
 
 
-def save_lora(weights: LoraWeights, path: Path, kohya: bool = False) -> None:
-    """Writes peft/diffusers keys (with ``.alpha`` tensors), or kohya keys."""
+def save_lora(weights: LoraWeights, path: Path, kohya: bool = False, alpha_tensors: bool = True) -> None:
+    """Writes peft/diffusers keys (with ``.alpha`` tensors), or kohya keys. ``alpha_tensors=False``:
+    alpha / rank folded into each up factor instead, the plain layout diffusers'
+    ``load_lora_weights`` reads at scale 1 (it takes no alpha from peft keys)."""
     tensors: dict[str, torch.Tensor] = {}
     for layer in weights.layers:
+        up = layer.up if alpha_tensors else layer.up * (layer.alpha / layer.rank)
         if kohya:
             stem = TARGETS[layer.target] + layer.module.replace(".", "_")
             tensors[f"{stem}.lora_down.weight"] = layer.down
-            tensors[f"{stem}.lora_up.weight"] = layer.up
+            tensors[f"{stem}.lora_up.weight"] = up
         else:
             stem = f"{layer.target}.{layer.module}"
             tensors[f"{stem}.lora_A.weight"] = layer.down
-            tensors[f"{stem}.lora_B.weight"] = layer.up
-        tensors[f"{stem}.alpha"] = torch.tensor(layer.alpha)
+            tensors[f"{stem}.lora_B.weight"] = up
+        if alpha_tensors:
+            tensors[f"{stem}.alpha"] = torch.tensor(layer.alpha)
     path.parent.mkdir(parents=True, exist_ok=True)
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     save_file(

@@ -70,9 +70,12 @@ def run_perf_analyzer(
     description: RoleDescription,
     concurrency: tuple[int, ...] = CONCURRENCY,
     string_data: str | None = None,
+    window_ms: int = 3000,
 ) -> list[dict[str, float]]:
     """perf_analyzer's rows at each concurrency; ``string_data`` fills every string input (a
-    model serving users' adapters takes the adapter's name there: give one the repository has)."""
+    model serving users' adapters takes the adapter's name there: give one the repository has).
+    ``window_ms``: each measurement window, long enough for several inferences (perf_analyzer
+    takes up to ten windows to find three that agree)."""
     binary, env = perf_analyzer(install)
     strings = ["--string-data", string_data] if string_data is not None else []
     rows = []
@@ -81,10 +84,11 @@ def run_perf_analyzer(
             report = Path(folder) / f"c{level}.csv"
             command = [
                 str(binary), "-m", description.name, "-u", grpc_url, "-i", "grpc", "-b", "1",
-                "--concurrency-range", str(level), "--measurement-interval", "3000",
+                "--concurrency-range", str(level), "--measurement-interval", str(window_ms),
                 "-f", str(report), *_shape_flags(description), *strings,
             ]  # fmt: skip
-            subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
+            timeout = max(300, window_ms * 12 / 1000)  # ten windows and the warm-up
+            subprocess.run(command, env=env, check=True, capture_output=True, timeout=timeout)
             with open(report) as handle:
                 row = next(csv.DictReader(handle))
             rows.append(

@@ -10,9 +10,11 @@ import os
 import platform
 import re
 import statistics
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -24,6 +26,7 @@ from easyphoto.diffusion.inpaint import InpaintPass, run_inpaint
 from easyphoto.diffusion.schedulers import make_scheduler
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.interface import ControlInput, Engines
+from easyphoto.engines.lora import LoraWeights, save_lora
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.models.loading import resolve_family
 
@@ -62,6 +65,20 @@ def baseline_pipeline(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextmanager
+def lora_loaded(pipe: StableDiffusionControlNetInpaintPipeline, lora: LoraWeights) -> Iterator[None]:
+    """``lora`` in the pipeline's UNet and text encoder (and so in every pipeline sharing them) as
+    diffusers serves a user's LoRA: peft layers beside the weights, not fused; removed after."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "lora.safetensors"
+        save_lora(lora, path, alpha_tensors=False)
+        pipe.load_lora_weights(str(path), adapter_name=lora.name)
+    try:
+        yield
+    finally:
+        pipe.unload_lora_weights()
 
 
 def baseline_inpaint(

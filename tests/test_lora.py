@@ -70,25 +70,15 @@ def test_an_adapter_changes_its_rows_and_never_the_weights(
     assert torch.equal(engines.encode_prompts(["easyphoto_face"]), base_text)
 
 
-def _save_peft_without_alpha(lora: LoraWeights, path: Path) -> None:
-    """The plain peft layout diffusers reads (scale = alpha / rank = 1 when alpha equals rank)."""
-    from safetensors.torch import save_file
-
-    tensors = {
-        f"{x.target}.{x.module}.lora_{ab}.weight": t.contiguous()
-        for x in lora.layers
-        for ab, t in (("A", x.down), ("B", x.up))
-    }
-    save_file(tensors, str(path))
-
-
 def test_an_adapter_equals_diffusers_fused_lora(tiny: ModelFamily, engines: Engines, tmp_path: Path) -> None:
     from easyphoto.server.bench import baseline_pipeline
 
-    lora = _random_lora(tiny, rank=4, alpha=4.0)
+    lora = _random_lora(tiny, rank=4, alpha=8.0)
     path = tmp_path / "peft.safetensors"
-    _save_peft_without_alpha(lora, path)
-    adapter = _adapter(engines, "peft@v1", load_lora(path))
+    save_lora(lora, path, alpha_tensors=False)  # the plain layout: alpha / rank folded into up
+    read_back = {(x.target, x.module): x.delta() for x in load_lora(path).layers}
+    assert all(torch.allclose(read_back[(x.target, x.module)], x.delta()) for x in lora.layers)
+    adapter = _adapter(engines, "peft@v1", lora)
     ours = _unet_out(engines, SampleAdapter(adapter, 0.7))
     base = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
     pipe = baseline_pipeline(tiny, ["canny"])
@@ -103,6 +93,21 @@ def test_an_adapter_equals_diffusers_fused_lora(tiny: ModelFamily, engines: Engi
         tiny.unet.load_state_dict(base)
     scale = float(theirs.abs().max())
     assert float((ours - theirs).abs().max()) <= 1e-4 * scale
+
+
+def test_the_bench_baseline_paints_with_the_users_lora_while_it_is_loaded(
+    tiny: ModelFamily, engines: Engines
+) -> None:
+    from easyphoto.server.bench import baseline_pipeline, lora_loaded
+
+    lora = _random_lora(tiny, rank=4, alpha=8.0)
+    ours = _unet_out(engines, SampleAdapter(_adapter(engines, "bench@v1", lora), 1.0))
+    base = _unet_out(engines)
+    with lora_loaded(baseline_pipeline(tiny, ["canny"]), lora):
+        theirs = _unet_out(engines)  # the UNet the pipeline shares, through diffusers' peft layers
+    assert float((ours - base).abs().max()) > 1e-3
+    assert float((ours - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max())
+    assert torch.equal(_unet_out(engines), base)  # unloaded after: the base model again
 
 
 def test_kohya_keys_round_trip(tiny: ModelFamily, engines: Engines, tmp_path: Path) -> None:
