@@ -8,6 +8,7 @@ the UNet step. It is the same code over the torch and the triton backend.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from transformers import CLIPTokenizer
 
-from easyphoto.rpc.errors import ModelMissing
+from easyphoto.rpc.errors import ModelMissing, RoleNotServed
 
 from .adapters import Adapter, AdapterRows, SampleAdapter, active_rows
 from .lora import LoraTargets, LoraWeights
@@ -270,7 +271,8 @@ class Engines:
             for control in controls:
                 image, scale = stage_control_inputs(control.kind)
                 inputs.update({image: control.image, scale: control.scale_tensor(sample)})
-            return self.backend.infer(stage, inputs, adapters)["noise_pred"]
+            with contextlib.suppress(RoleNotServed):  # dropped by the engines since: its nets instead
+                return self.backend.infer(stage, inputs, adapters)["noise_pred"]
         residuals = self.residuals(controls, sample, timesteps, encoder_hidden_states)
         return self.unet(sample, timesteps, encoder_hidden_states, residuals, adapters, variant)
 

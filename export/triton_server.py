@@ -19,6 +19,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,8 +156,10 @@ def start_server(
     install: TritonInstall,
     ports: dict[str, int] | None = None,
     log_path: Path | None = None,
+    options: Sequence[str] = (),
 ) -> TritonServer:
-    """Starts tritonserver on ``repository``, listening on loopback only."""
+    """Starts tritonserver on ``repository``, listening on loopback only; ``options``: more of
+    tritonserver's flags (``--model-control-mode=explicit``, say)."""
     ports = {**PORTS, **(ports or {})}
     log_path = log_path or repository.parent / "tritonserver.log"
     command = [
@@ -172,6 +175,7 @@ def start_server(
         "--metrics-address=127.0.0.1",
         "--allow-metrics=true",
         "--log-verbose=0",
+        *options,
     ]
     with open(log_path, "wb") as handle:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(

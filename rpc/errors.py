@@ -118,6 +118,15 @@ class EngineUnavailable(EasyPhotoError):
     reason = "ENGINE_UNAVAILABLE"
 
 
+class RoleNotServed(EngineUnavailable):
+    """An optional role (a fused stage) the engines no longer serve: the caller computes it another
+    way (the stage's nets one by one)."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__(f"{role} is no longer served", metadata={"role": role})
+        self.role = role
+
+
 class EngineInputError(InvalidArgument):
     """A tensor handed to an engine does not fit the role's description (a bug upstream or a bad size)."""
 

@@ -18,13 +18,19 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from triton_fixtures import adapter_dir_beside, kill_server, publish_trained_user, repository_of
+from recording_engines import random_user_lora
+from triton_fixtures import adapter_dir_beside, fused_stages, kill_server, publish_trained_user, repository_of
 
+from easyphoto.diffusion.passes import reference_stages
+from easyphoto.engines.adapters import SampleAdapter
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.backends.triton_backend import TritonBackend
 from easyphoto.engines.faces.detect import FaceAnalyzer
 from easyphoto.engines.faces.models import FaceModels
+from easyphoto.engines.interface import ControlInput, Engines
+from easyphoto.engines.lora import lora_targets
 from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.roles.diffusion import controlnet_role, describe_roles
 from easyphoto.export.triton_repository import write_repository
 from easyphoto.export.triton_server import TritonInstall, TritonServer, free_ports, start_server
 from easyphoto.fixtures.photos import sample_photo
@@ -289,6 +295,79 @@ def test_a_triton_restarted_with_another_repository_is_used_as_it_is_now(
     finally:
         backend.close()
         triton.stop()
+
+
+def test_a_model_triton_drops_between_probes_runs_without_it_from_the_next_call(
+    install: TritonInstall, export_dir: Path, tiny: ModelFamily, face_models: FaceModels, tmp_path: Path
+) -> None:
+    """Triton unloads the fused stage and a face model while it serves (a model whose instance died
+    is unready the same way): the next call of each, long before the next probe, asks Triton again
+    and runs without it, the step as its ControlNets and UNet and the face model in process, each
+    equal to what Triton's model gave (the step with a trained user's row)."""
+    (stage,) = fused_stages(tiny).values()
+    kinds, pnet = reference_stages()[0], face_models.roles["face_pnet"]
+    nets = {
+        name: role
+        for name, role in describe_roles(tiny).items()
+        if name in {"unet", *map(controlnet_role, kinds)}
+    }
+    repository = tmp_path / "repository"
+    write_repository(
+        export_dir,
+        {**nets, stage.name: stage, **face_models.roles},
+        repository,
+        adapter_dir=tmp_path / "adapters",
+        only={*nets, stage.name, "face_pnet"},
+    )
+    explicit = ("--model-control-mode=explicit", "--load-model=*")  # so models can be unloaded
+    triton = start_server(repository, install, free_ports(), tmp_path / "tritonserver.log", explicit)
+    triton.wait_ready()
+    local = TorchBackend(None, "cpu", faces=face_models)  # as the orchestrator's: face models only
+    targets = lora_targets(tiny.lora_roots())
+    backend = TritonBackend(
+        triton.grpc_url, nets, fallback=local, optional={stage.name: stage, "face_pnet": pnet},
+        lora_targets=targets, adapter_dir=tmp_path / "adapters",
+    )  # fmt: skip
+    engines = Engines(backend, tiny.tokenizer, 1.0)
+    amy = backend.adapter("amy@v1", lambda: random_user_lora(targets, "amy", 5))
+    sample = nets["unet"].sample_inputs("opt", seed=8)
+    height, width = (8 * side for side in sample["sample"].shape[2:])
+    generator = torch.Generator().manual_seed(9)
+    controls = [ControlInput(k, torch.rand(2, 3, height, width, generator=generator), 0.7) for k in kinds]
+    step = (sample["sample"], sample["timestep"], sample["encoder_hidden_states"], controls)
+    rows = [SampleAdapter(amy, 0.8), None]  # a trained user's row beside a row of no user
+    face = pnet.sample_inputs("opt", seed=1)
+    try:
+        assert backend.ready() and backend.remote_roles == {*nets, stage.name, "face_pnet"}
+        fused, detected = engines.predict_noise(*step, rows), backend.infer("face_pnet", face)
+        assert _executions(triton, stage.name) == 1 and _executions(triton, "face_pnet") == 1
+        for model in (stage.name, "face_pnet"):
+            _unload(triton, model)
+        assert torch.allclose(engines.predict_noise(*step, rows), fused, atol=1e-4)
+        again = backend.infer("face_pnet", face)
+        assert all(torch.allclose(again[name], value, atol=1e-4) for name, value in detected.items())
+        assert backend.remote_roles == set(nets)
+        assert _executions(triton, controlnet_role(kinds[0])) == 1  # the step ran as its nets
+    finally:
+        backend.close()
+        triton.stop()
+
+
+def _unload(server: TritonServer, model: str) -> None:
+    """Triton's repository API (explicit model control): ``model`` unloaded."""
+    url = f"{server.http_url}/v2/repository/models/{model}/unload"
+    with urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="POST"), timeout=30):
+        pass
+    while _model_ready(server, model):
+        time.sleep(0.05)
+
+
+def _model_ready(server: TritonServer, model: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{server.http_url}/v2/models/{model}/ready", timeout=5) as reply:
+            return reply.status == 200
+    except OSError:  # 400: not ready, or unknown
+        return False
 
 
 def _executions(server: TritonServer, model: str) -> int:

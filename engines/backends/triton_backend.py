@@ -10,13 +10,14 @@ before anything is sent), outputs come back as CPU tensors. Roles the repository
 a face model) while Triton has no model of theirs. Which optional roles Triton serves, and which of
 its models take users' adapters, is asked again whenever Triton comes back and every
 :data:`ROLE_PROBE_SECONDS` while it is up: a Triton restarted with another repository (or one that
-loads models later) is used as it is now. Readiness mirrors Triton's server and the required
-models' readiness; each call's timeout is the backend's ``timeout`` or, nearer, the request's deadline
-(:mod:`rpc.deadline`); Triton's UNAVAILABLE and deadline errors become :class:`EngineUnavailable`
-and :class:`DeadlineExceeded`. Users' LoRAs: each row of a call names its adapter and weight; the
-served model (its graph with LoRA inputs) reads the factors, which :meth:`TritonBackend.adapter`
-writes once into the adapter folder; a model without that graph refuses an adapter with
-UNIMPLEMENTED rather than silently painting with the base model.
+loads models later) is used as it is now. A call of an optional role that fails while Triton is up
+asks at once, and runs again without the role if Triton dropped it. Readiness mirrors Triton's
+server and the required models' readiness; each call's timeout is the backend's ``timeout`` or,
+nearer, the request's deadline (:mod:`rpc.deadline`); Triton's UNAVAILABLE and deadline errors
+become :class:`EngineUnavailable` and :class:`DeadlineExceeded`. Users' LoRAs: each row of a call
+names its adapter and weight; the served model (its graph with LoRA inputs) reads the factors,
+which :meth:`TritonBackend.adapter` writes once into the adapter folder; a model without that graph
+refuses an adapter with UNIMPLEMENTED rather than silently painting with the base model.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from easyphoto.rpc.errors import (
     EasyPhotoError,
     EngineInputError,
     EngineUnavailable,
+    RoleNotServed,
     Unimplemented,
 )
 
@@ -77,6 +79,8 @@ RECONNECT_BACKOFF_MAX_MS = 1000
 # How often a ready Triton is asked again which optional roles and adapters its models serve (also
 # at once whenever it comes back after being away).
 ROLE_PROBE_SECONDS = 30.0
+# A call that fails on an optional role asks again at once, unless another did within this long.
+WITHDRAWN_PROBE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -172,14 +176,13 @@ class TritonBackend:
         with self._probe_lock:
             before, now = self._served, self._ask_what_is_served()
             self._served, self._probed_at = now, time.monotonic()
-        for change, names in (
-            ("now serves", now.remote - before.remote),
-            ("no longer serves", before.remote - now.remote),
-            ("now takes users' adapters in", now.adapters - before.adapters),
-            ("no longer takes users' adapters in", before.adapters - now.adapters),
+        for level, change, names in (
+            (logging.INFO, "now serves", now.remote - before.remote),
+            (logging.WARNING, "no longer serves", before.remote - now.remote),
+            (logging.INFO, "now takes users' adapters in", now.adapters - before.adapters),
+            (logging.WARNING, "no longer takes users' adapters in", before.adapters - now.adapters),
         ):
             if names:
-                level = logging.WARNING if "no longer" in change else logging.INFO
                 log.log(level, "triton at %s %s %s", self.url, change, sorted(names))
 
     @property
@@ -266,8 +269,12 @@ class TritonBackend:
         return any(t["name"] == ADAPTER_INPUTS[0] for t in metadata.get("inputs", []))
 
     def infer(self, role: str, inputs: Tensors, adapters: AdapterRows | None = None) -> Tensors:
+        return self._as_served_now({role}, lambda: self._infer_once(role, inputs, adapters))
+
+    def _infer_once(self, role: str, inputs: Tensors, adapters: AdapterRows | None) -> Tensors:
         rows = active_rows(adapters)
         served = self._served
+        self._check_served(role, served)
         if rows is not None and role in served.roles and served.roles[role].lora_target is None:
             raise EngineInputError(role, "adapters", "given to a role that takes no LoRA")
         if rows is not None and role not in served.adapters:
@@ -276,19 +283,20 @@ class TritonBackend:
                 " the repository with an adapter folder (easyphoto export --triton DIR --adapter-dir ...)"
             )
         if rows is None:
-            return self.infer_many([(role, inputs)])[0]
+            return self._infer_many_once([(role, inputs)])[0]
         if self.shared is None:
             return self._send([self._request(role, inputs, rows)])[0]
         return self._infer_shared([(role, inputs, rows)])[0]
 
     def infer_many(self, calls: list[tuple[str, Tensors]]) -> list[Tensors]:
         """Several calls at once (concurrently on the server); results in the order of ``calls``."""
+        return self._as_served_now({role for role, _ in calls}, lambda: self._infer_many_once(calls))
+
+    def _infer_many_once(self, calls: list[tuple[str, Tensors]]) -> list[Tensors]:
         served = self._served
         local = [i for i, (role, _) in enumerate(calls) if role not in served.remote]
         for index in local:
-            role = calls[index][0]
-            if self.fallback is None or role not in self.fallback.roles:
-                raise EngineInputError(role, "role", f"unknown; this backend serves {sorted(served.roles)}")
+            self._check_served(calls[index][0], served)
         results: dict[int, Tensors] = {i: self.fallback.infer(*calls[i]) for i in local}  # type: ignore[union-attr]
         remote = [i for i in range(len(calls)) if i not in results]
         if self.shared is None:
@@ -297,6 +305,43 @@ class TritonBackend:
             answers = self._infer_shared([(*calls[i], None) for i in remote])
         results.update(zip(remote, answers, strict=True))
         return [results[i] for i in range(len(calls))]
+
+    def _check_served(self, role: str, served: ServedRoles) -> None:
+        """Nothing when Triton or the fallback serves ``role``; RoleNotServed for an optional one
+        neither does now (a fused stage Triton dropped), EngineInputError for any other."""
+        if role in served.remote or (self.fallback is not None and role in self.fallback.roles):
+            return
+        if role in self._optional:
+            raise RoleNotServed(role)
+        raise EngineInputError(role, "role", f"unknown; this backend serves {sorted(served.roles)}")
+
+    def _as_served_now(self, roles: set[str], call: Callable[[], T]) -> T:
+        """``call``; when it fails UNAVAILABLE (or NOT_FOUND) while Triton itself is up, Triton is
+        asked at once what it serves. A call that sent an optional role Triton no longer serves (its
+        model unloaded, or not ready since its instance died) then runs once more as the roles are
+        served now: in the fallback, or for a fused stage as RoleNotServed, which the caller
+        computes another way. Without this such a role failed until the next probe."""
+        sent = roles & self._served.remote & self._optional.keys()
+        try:
+            return call()
+        except RoleNotServed:
+            raise
+        except EngineUnavailable:
+            if not sent or not self._withdrawn(sent):
+                raise
+        return call()
+
+    def _withdrawn(self, sent: set[str]) -> bool:
+        """Whether Triton is up and serves some of ``sent`` no longer (asked again, unless it was
+        asked within the last second: calls failing together ask once)."""
+        try:
+            if not self._client.is_server_ready(client_timeout=5):
+                return False
+        except Exception:  # unreachable: a Triton that went away, not a withdrawn role
+            return False
+        if time.monotonic() - self._probed_at > WITHDRAWN_PROBE_SECONDS:
+            self._probe_again()
+        return bool(sent - self._served.remote)
 
     def _infer_shared(self, calls: list[tuple[str, Tensors, AdapterRows | None]]) -> list[Tensors]:
         """One call at a time owns the shared regions; a server that lost them (restarted) gets
