@@ -11,8 +11,8 @@ a face model) while Triton has no model of theirs. Which optional roles Triton s
 its models take users' adapters, is asked again whenever Triton comes back and every
 :data:`ROLE_PROBE_SECONDS` while it is up: a Triton restarted with another repository (or one that
 loads models later) is used as it is now. A call of an optional role that fails while Triton is up
-asks at once, and runs again without the role if Triton dropped it. Readiness mirrors Triton's
-server and the required models' readiness; each call's timeout is the backend's ``timeout`` or,
+asks at once, and runs again without the role if Triton dropped it. Readiness is Triton's
+liveness and the required models' readiness; each call's timeout is the backend's ``timeout`` or,
 nearer, the request's deadline (:mod:`rpc.deadline`); Triton's UNAVAILABLE and deadline errors
 become :class:`EngineUnavailable` and :class:`DeadlineExceeded`. Users' LoRAs: each row of a call
 names its adapter and weight; the served model (its graph with LoRA inputs) reads the factors,
@@ -79,8 +79,6 @@ RECONNECT_BACKOFF_MAX_MS = 1000
 # How often a ready Triton is asked again which optional roles and adapters its models serve (also
 # at once whenever it comes back after being away).
 ROLE_PROBE_SECONDS = 30.0
-# A call that fails on an optional role asks again at once, unless another did within this long.
-WITHDRAWN_PROBE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -215,13 +213,15 @@ class TritonBackend:
         return True
 
     def ready(self) -> bool:
-        """Triton's server readiness, as both connections see it (each reconnects on its own after
-        Triton comes back: ready only once the one inference uses has too), and every required
-        model's readiness. A Triton ready again after being away (or not asked for a while) is
-        asked which optional roles and adapters it serves."""
+        """Triton's liveness, as both connections see it (each reconnects on its own after Triton
+        comes back: ready only once the one inference uses has too), and every required model's
+        readiness. Not Triton's own readiness, which counts every model of its repository: an
+        optional one it lost (a fused stage, a face model) is computed without it. A Triton ready
+        again after being away (or not asked for a while) is asked which optional roles and
+        adapters it serves."""
         try:
-            ready = self._client.is_server_ready(client_timeout=5) and self._await(
-                self._aio.is_server_ready(client_timeout=5)  # type: ignore[attr-defined]
+            ready = self._client.is_server_live(client_timeout=5) and self._await(
+                self._aio.is_server_live(client_timeout=5)  # type: ignore[attr-defined]
             )
             ready = ready and all(
                 self._client.is_model_ready(role, client_timeout=5) for role in self._required
@@ -322,24 +322,27 @@ class TritonBackend:
         served now: in the fallback, or for a fused stage as RoleNotServed, which the caller
         computes another way. Without this such a role failed until the next probe."""
         sent = roles & self._served.remote & self._optional.keys()
+        started = time.monotonic()
         try:
             return call()
         except RoleNotServed:
             raise
         except EngineUnavailable:
-            if not sent or not self._withdrawn(sent):
+            if not sent or not self._withdrawn(sent, started):
                 raise
         return call()
 
-    def _withdrawn(self, sent: set[str]) -> bool:
-        """Whether Triton is up and serves some of ``sent`` no longer (asked again, unless it was
-        asked within the last second: calls failing together ask once)."""
-        try:
-            if not self._client.is_server_ready(client_timeout=5):
+    def _withdrawn(self, sent: set[str], since: float) -> bool:
+        """Whether Triton is up and serves some of ``sent`` no longer: asked again, unless it was
+        asked after ``since`` (the failed call's start), so calls failing together ask once."""
+        try:  # live, not ready: Triton's own readiness counts every model, the dropped one too
+            if not self._client.is_server_live(client_timeout=5):
                 return False
         except Exception:  # unreachable: a Triton that went away, not a withdrawn role
             return False
-        if time.monotonic() - self._probed_at > WITHDRAWN_PROBE_SECONDS:
+        with self._probe_lock:
+            fresh = self._probed_at >= since
+        if not fresh:
             self._probe_again()
         return bool(sent - self._served.remote)
 
