@@ -344,7 +344,7 @@ def test_the_lcm_unet_exports_and_paints_users_through_a_real_tritonserver(
     user and of no user in one call equal to the torch backend; serve --backend triton refuses its
     own --lcm-lora (the export fused it)."""
     catalogue = role_catalogue(lcm_family, fused=False).only(["lcm_unet"])
-    results = export_all(catalogue, tmp_path / "export", lcm_family)
+    results = export_all(catalogue, tmp_path / "export", lcm_family, fp16_graphs=False)
     assert [(r.role, r.ok) for r in results] == [("lcm_unet", True), ("lcm_unet_lora", True)]
     manifest = EngineManifest.read(tmp_path / "export")
     assert manifest.catalogue.family["lcm_unet"].variant == LCM
