@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -50,6 +51,21 @@ def _submit(data: Path) -> list[str]:
         process.kill()
 
 
+def _wait_for_a_job(process: ServiceProcess, job_ids: list[str]) -> None:
+    """Until this life starts a job, or has none left to start."""
+    process.wait_serving()
+    stub = trainer_pb2_grpc.TrainerStub(process.channel)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if re.search(r"job \S+ started for user", process.output()):
+            return
+        jobs = [stub.GetJob(trainer_pb2.GetJobRequest(job_id=j), timeout=30) for j in job_ids]
+        if all(job.state in FINISHED for job in jobs):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"no job started:\n{process.output()[-3000:]}")
+
+
 def _assert_whole(users: UserStore, user_id: str) -> list[str]:
     """Every visible version of the user is whole; the jobs that published them."""
     folder = users.user_dir(user_id)
@@ -74,12 +90,12 @@ def test_a_trainer_killed_twenty_times_loses_nothing(tmp_path: Path) -> None:
     for run in range(1, KILLS + 1):
         process = _start(data, run)
         # Every fourth life ends in its imports or start-up, the others in any stage of a job: timed
-        # from its readiness, so a slow machine's longer start-up does not eat the job's time.
+        # from the job's start, so a slow machine's longer start-up does not eat the job's time.
         if run % 4 == 0:
             time.sleep(pick.uniform(0.3, 3.0))
         else:
-            process.wait_serving()
-            time.sleep(pick.uniform(0.5, 4.5))
+            _wait_for_a_job(process, job_ids)
+            time.sleep(pick.uniform(0.3, 4.5))
         process.kill()
         for user_id in USERS:  # what a reader sees between two lives is whole
             _assert_whole(users, user_id)

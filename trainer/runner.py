@@ -326,6 +326,7 @@ class JobRunner:
 
     def _run(self, job: JobRecord) -> JobRecord:
         started = time.time()
+        log.info("job %s started for user %s (attempt %d)", job.job_id, job.user_id, job.attempts)
         try:
             version = _Job(self, job).run()
         except Cancelled:
