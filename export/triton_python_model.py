@@ -4,11 +4,13 @@ Copied by ``easyphoto export --triton`` into ``<repository>/<role>/<version>/mod
 what its version folder holds:
 
 * ``model.onnx``: the role's exported graph, run in onnxruntime;
-* ``model.lora.onnx`` with ``lora.json`` and ``lora_feed.py``: the role's graph with LoRA inputs
-  (``engines/roles/lora_inputs.py``), used for the rows that name a user's adapter (the optional
-  ``adapter`` and ``adapter_weight`` inputs). The adapters' factors are kept here, next to the
-  session, loaded from ``<adapter_dir>/<name>.<target>.npz`` (written by the orchestrator) on
-  first use: a call carries names, never factors;
+* or, for a role that takes a LoRA, ``model.lora.onnx`` with ``lora.json`` and ``lora_feed.py``:
+  the role's graph with LoRA inputs (``engines/roles/lora_inputs.py``), which serves every row: a
+  row names a user's adapter or none (the optional ``adapter`` and ``adapter_weight`` inputs; a
+  base row is weight 0). One graph, so one copy of the weights (a full-size UNet's are 3.4 GB).
+  The adapters' factors are kept here, next to the session, loaded from
+  ``<adapter_dir>/<name>.<target>.npz`` (written by the orchestrator) on first use: a call
+  carries names, never factors;
 * ``dlib_descriptor.py`` and dlib's ResNet weights: the ``face_embedder`` role (dlib has no graph;
   the same module computes the role in process, :mod:`engines.faces.dlib_descriptor`).
 
@@ -101,15 +103,19 @@ class TritonPythonModel:
         self.inputs = [spec["name"] for spec in config["input"] if spec["name"] not in ADAPTER_INPUTS]
         self.outputs = [spec["name"] for spec in config["output"]]
         self.batched = int(config.get("max_batch_size", 0)) > 0
-        if os.path.isfile(os.path.join(folder, "model.onnx")):
-            self.run = _onnx_runner(folder, self.outputs)
-        else:
-            self.run = _dlib_runner(folder, self.inputs)
         self.lora = None
         if os.path.isfile(os.path.join(folder, "model.lora.onnx")):
             parameters = config.get("parameters", {})
             adapter_dir = os.environ.get("EASYPHOTO_ADAPTER_DIR") or parameters["adapter_dir"]["string_value"]
             self.lora = _LoraRunner(folder, self.outputs, adapter_dir)
+            self.run = self.lora.run
+        else:
+            runner = (
+                _onnx_runner(folder, self.outputs)
+                if os.path.isfile(os.path.join(folder, "model.onnx"))
+                else _dlib_runner(folder, self.inputs)
+            )
+            self.run = lambda feed, rows: runner(feed)
 
     def execute(self, requests):
         responses = [None] * len(requests)
@@ -121,18 +127,17 @@ class TritonPythonModel:
                 }
                 rows = self._rows(request, len(next(iter(feed.values()))) if self.batched else 1)
                 named = [name for name, weight in rows if name and weight != 0]
-                lora = self.lora if named else None
-                if lora is not None:
+                if named and self.lora is not None:
                     for name in named:
-                        lora.factors(name)  # a missing adapter fails this request only
+                        self.lora.factors(name)  # a missing adapter fails this request only
                 shapes = tuple((name, value.shape[1:], value.dtype.str) for name, value in feed.items())
                 # Batched models share calls by shapes; unbatched ones run each request alone.
-                key = (lora is not None, shapes, None if self.batched else position)
+                key = (shapes, None if self.batched else position)
                 groups.setdefault(key, []).append((position, feed, rows))
             except Exception as error:  # reported to the client as this request's error
                 responses[position] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error)))
-        for (uses_lora, _, _), members in groups.items():
-            self._run_group(members, self.lora if uses_lora else None, responses)
+        for members in groups.values():
+            self._run_group(members, responses)
         return responses
 
     def _rows(self, request, count):
@@ -145,7 +150,7 @@ class TritonPythonModel:
         values = weights.as_numpy().reshape(-1) if weights is not None else np.ones(len(decoded), np.float32)
         return list(zip(decoded, (float(w) for w in values), strict=True))
 
-    def _run_group(self, members, lora, responses):
+    def _run_group(self, members, responses):
         """One session run for every member (their rows concatenated), then each its own rows."""
         try:
             if self.batched:
@@ -153,7 +158,7 @@ class TritonPythonModel:
             else:
                 feed = members[0][1]
             rows = [row for m in members for row in m[2]]
-            outputs = lora.run(feed, rows) if lora is not None else self.run(feed)
+            outputs = self.run(feed, rows)
             start = 0
             for position, _, member_rows in members:
                 count = len(member_rows) if self.batched else None

@@ -170,8 +170,9 @@ def write_repository(
                     f"{engine} is not built; run the TensorRT build on the GPU host first"
                 )
             shutil.copyfile(engine, version_dir / "model.plan")
-        else:
-            copy_graph(export_dir / plan.onnx, version_dir / "model.onnx")
+        else:  # the graph with LoRA inputs serves base rows too: one copy of the weights
+            if not serves_adapters:
+                copy_graph(export_dir / plan.onnx, version_dir / "model.onnx")
             (version_dir / "model.py").write_text(python_model_source())
         written.append(plan.role)
     for description in (

@@ -486,8 +486,9 @@ def test_a_region_triton_still_holds_is_let_go_once_it_lets_go(monkeypatch: pyte
 def test_two_users_requests_arriving_together_are_one_model_run(
     install: TritonInstall, export_dir: Path, tiny: ModelFamily, tmp_path: Path
 ) -> None:
-    """Triton's dynamic batcher merges two orchestrators' calls (here with a generous queue delay, so
-    that they surely meet); the served model runs them, both users' rows, as one session run."""
+    """Triton's dynamic batcher merges two orchestrators' calls and a call of base rows (here with a
+    generous queue delay, so that they surely meet); the served model runs them, both users' rows
+    and the base rows, as one session run of its one graph."""
     import threading
 
     from easyphoto.engines.adapters import SampleAdapter
@@ -500,6 +501,9 @@ def test_two_users_requests_arriving_together_are_one_model_run(
     write_repository(
         export_dir, {"unet": unet}, repository, settings=settings, adapter_dir=adapters, only={"unet"}
     )
+    # The graph with LoRA inputs serves base rows too, in place of the base graph: weights once.
+    served = {p.name for p in (repository / "unet" / "1").iterdir()}
+    assert "model.lora.onnx" in served and not any(name.startswith("model.onnx") for name in served)
     server = start_server(repository, install, free_ports())
     targets = lora_targets({"unet": tiny.unet, "text_encoder": tiny.text_encoder})
     try:
@@ -513,28 +517,29 @@ def test_two_users_requests_arriving_together_are_one_model_run(
             [SampleAdapter(client.adapter(name, partial(_random_lora, tiny, seed)), 0.8)] * 2
             for client, name, seed in zip(clients, ("cy@v1", "dee@v1"), (5, 6), strict=True)
         ]
-        alone = [
-            client.infer("unet", sample, row)["noise_pred"] for client, row in zip(clients, rows, strict=True)
-        ]
+        calls = [(clients[0], rows[0]), (clients[1], rows[1]), (clients[0], None)]
+        alone = [client.infer("unet", sample, row)["noise_pred"] for client, row in calls]
         runs = _inference_count(server, "unet", "nv_inference_exec_count")
-        results: list[torch.Tensor] = [torch.empty(0), torch.empty(0)]
-        start = threading.Barrier(2)
+        results: list[torch.Tensor] = [torch.empty(0)] * len(calls)
+        start = threading.Barrier(len(calls))
 
         def call(index: int) -> None:
             start.wait()
-            results[index] = clients[index].infer("unet", sample, rows[index])["noise_pred"]
+            client, row = calls[index]
+            results[index] = client.infer("unet", sample, row)["noise_pred"]
 
-        threads = [threading.Thread(target=call, args=(index,)) for index in range(2)]
+        threads = [threading.Thread(target=call, args=(index,)) for index in range(len(calls))]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(60)
         assert (
             _inference_count(server, "unet", "nv_inference_exec_count") == runs + 1
-        )  # two requests, one run
+        )  # three requests, one run
         for together, by_itself in zip(results, alone, strict=True):
             assert torch.allclose(together, by_itself, atol=1e-5)
         assert not torch.allclose(results[0], results[1], atol=1e-3)  # each kept its own user's rows
+        assert not torch.allclose(results[0], results[2], atol=1e-3)  # and the base rows none
         for client in clients:
             client.close()
     finally:

@@ -383,6 +383,9 @@ class TritonBackend:
         description = self.roles[role]
         description.bind({name: tuple(t.shape) for name, t in inputs.items()})
         request = [self._input(role, description, spec, inputs[spec.name]) for spec in description.inputs]
+        if adapters is None and role in self._served.adapters:
+            # Base rows named as such: Triton's batcher merges only requests with the same inputs.
+            adapters = [None] * len(next(iter(inputs.values())))
         if adapters is not None:
             request += self._adapter_inputs(adapters)
         return role, request, [self._grpc.InferRequestedOutput(spec.name) for spec in description.outputs]
