@@ -75,6 +75,8 @@ class HarnessConfig:
     baseline_repeats: int = 3
     triton_concurrency: tuple[int, ...] = (1, 4)  # () skips the Triton backend and perf_analyzer
     fused: bool = True  # the Triton repository with the passes' fused stage graphs
+    # Triton runs one model of at least this many MB of weights at a time (ServingSettings).
+    rate_limit_mb: float | None = None
     perf_window_ms: int = 3000  # perf_analyzer's measurement window
     out: Path = Path("bench-out")
     doc: Path = Path("docs/benchmarks.md")
@@ -87,11 +89,13 @@ class HarnessConfig:
 
 QUICK = HarnessConfig(first_steps=10, second_steps=10, baseline_repeats=3)
 # Full SD 1.5 shapes on a CPU: one face at the reference's steps takes about 11 minutes here. Its
-# Triton repository has no fused stages: their fp32 graphs with and without LoRA inputs (each UNet
-# and ControlNet weight held again per stage) do not fit this machine's 24 GiB.
+# Triton repository has no fused stages (their fp32 graphs hold each UNet and ControlNet weight
+# again per stage), and runs one UNet, ControlNet, VAE or text encoder at a time: a step's
+# ControlNets at once ran out of this machine's 24 GiB (and two cores gain nothing from them).
 FULL_CPU = HarnessConfig(
     models="sd15-random", concurrency=(1, 2), users=2, lora_rank=128, first_steps=10, second_steps=10,
     requests_per_level=2, baseline_repeats=1, triton_concurrency=(1,), fused=False, perf_window_ms=40000,
+    rate_limit_mb=100,
 )  # fmt: skip
 FULL_GPU = HarnessConfig(models="sd15-random", users=16, lora_rank=128, triton_concurrency=(1, 4, 8))
 
@@ -387,7 +391,7 @@ def _export_for_triton(
     from easyphoto.engines.faces.models import default_face_models
     from easyphoto.engines.roles.manifest import EngineManifest
     from easyphoto.export.onnx_export import export_all
-    from easyphoto.export.triton_repository import write_repository
+    from easyphoto.export.triton_repository import ServingSettings, write_repository
     from easyphoto.export.triton_server import TritonUnavailable, find_install
 
     try:
@@ -399,7 +403,10 @@ def _export_for_triton(
     catalogue = role_catalogue(family, default_face_models(), fused=config.fused)
     export_dir = config.export_cache / f"{config.models}{'-fused' if config.fused else ''}"
     export_all(catalogue, export_dir, family, fp16_graphs=False)
-    write_repository(export_dir, catalogue.roles, folder / "repository", adapter_dir=data / "adapters")
+    settings = ServingSettings(rate_limit_mb=config.rate_limit_mb)
+    write_repository(
+        export_dir, catalogue.roles, folder / "repository", settings=settings, adapter_dir=data / "adapters"
+    )
     # The roles as the manifest describes them: the catalogue's build the family's modules, which
     # would stay in this process's memory beside the server's (22 of 24 GiB at full size).
     roles = EngineManifest.read(export_dir).catalogue.roles

@@ -288,11 +288,14 @@ def _export(args: argparse.Namespace) -> int:
         for engine in build_all(out):
             print(f"built {engine}")
     if args.triton:
-        from easyphoto.export.triton_repository import write_repository
+        from easyphoto.export.triton_repository import ServingSettings, write_repository
         from easyphoto.users.store import default_data_root
 
         adapter_dir = Path(args.adapter_dir) if args.adapter_dir else default_data_root() / "adapters"
-        models = write_repository(out, roles, Path(args.triton), target=args.target, adapter_dir=adapter_dir)
+        settings = ServingSettings(rate_limit_mb=args.rate_limit_mb)
+        models = write_repository(
+            out, roles, Path(args.triton), target=args.target, settings=settings, adapter_dir=adapter_dir
+        )
         print(f"wrote {len(models)} {args.target} models into {args.triton}")
     return 0 if all(r.ok for r in results) else 1
 
@@ -456,6 +459,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="where the repository's models read users' adapters, which serve --backend triton writes"
         " (default: $EASYPHOTO_DATA/adapters, serve's default)",
+    )
+    export.add_argument(
+        "--rate-limit-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="models with at least this many MB of weights run one at a time under tritonserver"
+        " --rate-limit=execution_count (--rate-limit-resource=memory:N for N); for a small CPU host",
     )
     export.add_argument(
         "--no-lora-graphs",

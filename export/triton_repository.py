@@ -33,8 +33,9 @@ from easyphoto.engines.roles.lora_inputs import lora_role_name
 from easyphoto.engines.shapes import DTYPES, TensorSpec
 
 from .onnx_export import LORA_SPEC
-from .onnx_files import copy_graph
+from .onnx_files import copy_graph, data_files
 from .tensorrt_plan import read_plans
+from .triton_server import MEMORY_RESOURCE
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,13 @@ class ServingSettings:
     instances: int = 1
     max_queue_delay_microseconds: int = 500
     version: int = 1
+    # Models whose weights take at least this many MB need one unit of the MEMORY_RESOURCE to run:
+    # under `tritonserver --rate-limit=execution_count` (start_server adds it when a model needs
+    # it) at most as many of them run at once as the server has units
+    # (`--rate-limit-resource=memory:N`; 1 by default). onnxruntime allocates a
+    # run's activations as it goes (a full-size ControlNet's are about 2 GB at 512 px), and a step's
+    # ControlNets all at once do not fit a 24 GiB CPU host beside the weights. None: no limit.
+    rate_limit_mb: float | None = None
 
 
 def _tensor(description: RoleDescription, spec: TensorSpec) -> str:
@@ -69,16 +77,20 @@ def config_pbtxt(
     settings: ServingSettings,
     python: bool = False,
     adapter_dir: Path | None = None,
+    rate_limited: bool = False,
 ) -> str:
     """The model configuration of one role, in Triton's protobuf text format (``python``: a
     python-backend model on CPU instances whatever the target; ``adapter_dir``: it serves users'
-    adapters too, from that folder, through the optional ``adapter`` and ``adapter_weight`` inputs)."""
+    adapters too, from that folder, through the optional ``adapter`` and ``adapter_weight`` inputs;
+    ``rate_limited``: its instances need a unit of :data:`MEMORY_RESOURCE` to run)."""
     batched = description.batched
     max_batch = description.axes["batch"].max if batched else 0
     engine = target == "gpu" and not python
     runtime = 'platform: "tensorrt_plan"' if engine else 'backend: "python"'
     kind = "KIND_GPU" if engine else "KIND_CPU"
     inputs = [_tensor(description, s) for s in description.inputs]
+    resource = f'{{ name: "{MEMORY_RESOURCE}" count: 1 }}'
+    limiter = f" rate_limiter {{ resources [ {resource} ] }}" if rate_limited else ""
     if adapter_dir is not None:
         inputs += [ADAPTER_INPUT, ADAPTER_WEIGHT_INPUT]
     lines = [
@@ -87,7 +99,7 @@ def config_pbtxt(
         f"max_batch_size: {max_batch}",
         "input [\n" + ",\n".join(inputs) + "\n]",
         "output [\n" + ",\n".join(_tensor(description, s) for s in description.outputs) + "\n]",
-        f"instance_group [ {{ count: {settings.instances} kind: {kind} }} ]",
+        f"instance_group [ {{ count: {settings.instances} kind: {kind}{limiter} }} ]",
         "version_policy: { latest: { num_versions: 1 } }",
     ]
     if batched:
@@ -131,6 +143,14 @@ def write_dlib_embedder(
     return description.name
 
 
+def _weighs_enough(graph: Path, rate_limit_mb: float | None) -> bool:
+    """Whether the graph's weights take at least ``rate_limit_mb`` MB (None: never)."""
+    if rate_limit_mb is None:
+        return False
+    files = [graph, *data_files(graph)]
+    return sum(path.stat().st_size for path in files) >= rate_limit_mb * 1e6
+
+
 def write_repository(
     export_dir: Path,
     roles: dict[str, RoleDescription],
@@ -155,7 +175,11 @@ def write_repository(
         lora = export_dir / lora_role_name(plan.role)
         serves_adapters = target == "cpu" and adapter_dir is not None and (lora / "model.onnx").is_file()
         config = config_pbtxt(
-            description, target, settings, adapter_dir=adapter_dir if serves_adapters else None
+            description,
+            target,
+            settings,
+            adapter_dir=adapter_dir if serves_adapters else None,
+            rate_limited=_weighs_enough(export_dir / plan.onnx, settings.rate_limit_mb),
         )
         (repository / plan.role / "config.pbtxt").write_text(config)
         if serves_adapters:

@@ -25,6 +25,11 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# The rate limiter's resource that the models of a repository with a memory limit need a unit of
+# (triton_repository.ServingSettings.rate_limit_mb), and the flag that turns the limiter on.
+MEMORY_RESOURCE = "memory"
+RATE_LIMIT_FLAG = "--rate-limit=execution_count"
+
 DEFAULT_VENV = Path(".venv-triton")
 PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
@@ -151,6 +156,11 @@ class TritonServer:
             self.process.wait()
 
 
+def rate_limited(repository: Path) -> bool:
+    """Whether a model of the repository needs the rate limiter (:data:`RATE_LIMIT_FLAG`)."""
+    return any("rate_limiter" in path.read_text() for path in repository.glob("*/config.pbtxt"))
+
+
 def start_server(
     repository: Path,
     install: TritonInstall,
@@ -177,6 +187,8 @@ def start_server(
         "--log-verbose=0",
         *options,
     ]
+    if rate_limited(repository) and not any(option.startswith("--rate-limit=") for option in options):
+        command.append(RATE_LIMIT_FLAG)
     with open(log_path, "wb") as handle:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(
             command, stdout=handle, stderr=subprocess.STDOUT, env=install.environment()

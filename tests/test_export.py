@@ -159,6 +159,15 @@ def test_triton_repository_configs_come_from_the_descriptions(
     assert 'name: "sample"\n    data_type: TYPE_FP32\n    dims: [ 4, -1, -1 ]' in unet
     assert 'name: "timestep"\n    data_type: TYPE_FP32\n    dims: [ 1 ]\n    reshape: { shape: [ ] }' in unet
     assert (tmp_path / "cpu" / "unet" / "1" / "model.onnx").is_file()
+    assert "rate_limiter" not in unet  # only under a weights threshold, which the default has not
+    weights_mb = (out / "unet" / "model.onnx").stat().st_size / 1e6  # the tiny graph holds its weights
+    limited = tmp_path / "limited"
+    write_repository(out, roles, limited, settings=ServingSettings(rate_limit_mb=weights_mb * 0.99))
+    assert (
+        'rate_limiter { resources [ { name: "memory" count: 1 } ] }'
+        in (limited / "unet/config.pbtxt").read_text()
+    )
+    assert "rate_limiter" not in (limited / "face_pnet" / "config.pbtxt").read_text()  # a light model
     assert "TritonPythonModel" in (tmp_path / "cpu" / "unet" / "1" / "model.py").read_text()
     with pytest.raises(FileNotFoundError, match="GPU host"):
         write_repository(out, roles, tmp_path / "gpu", target="gpu")

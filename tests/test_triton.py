@@ -493,10 +493,12 @@ def test_two_users_requests_arriving_together_are_one_model_run(
 
     from easyphoto.engines.adapters import SampleAdapter
     from easyphoto.export.triton_repository import ServingSettings
+    from easyphoto.export.triton_server import RATE_LIMIT_FLAG
 
     unet = describe_roles(tiny)["unet"]
     repository = tmp_path / "repository"
-    settings = ServingSettings(max_queue_delay_microseconds=300_000)
+    # Rate limited too (every model, as a small CPU host runs the big ones): batching still merges.
+    settings = ServingSettings(max_queue_delay_microseconds=300_000, rate_limit_mb=0)
     adapters = adapter_dir_beside(export_dir)
     write_repository(
         export_dir, {"unet": unet}, repository, settings=settings, adapter_dir=adapters, only={"unet"}
@@ -504,7 +506,12 @@ def test_two_users_requests_arriving_together_are_one_model_run(
     # The graph with LoRA inputs serves base rows too, in place of the base graph: weights once.
     served = {p.name for p in (repository / "unet" / "1").iterdir()}
     assert "model.lora.onnx" in served and not any(name.startswith("model.onnx") for name in served)
+    assert (
+        'rate_limiter { resources [ { name: "memory" count: 1 } ] }'
+        in (repository / "unet" / "config.pbtxt").read_text()
+    )
     server = start_server(repository, install, free_ports())
+    assert RATE_LIMIT_FLAG in server.process.args  # the repository asks for it
     targets = lora_targets({"unet": tiny.unet, "text_encoder": tiny.text_encoder})
     try:
         server.wait_ready()
