@@ -20,6 +20,8 @@ TRITON_HTTP_PORT ?= 8000
 TRITON_GRPC_PORT ?= 8001
 TRITON_METRICS_PORT ?= 8002
 SOAK_MINUTES ?= 10
+# pytest-xdist workers of `make test` (tests/conftest.py orders the files for them); 0: in process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup proto demo test lint bench bench-quick soak serve trainer export triton-setup triton clean
 
@@ -60,7 +62,7 @@ demo: setup
 	$(BIN)/easyphoto demo --out demo-out
 
 test: setup triton-setup
-	@set +e; $(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	@set +e; $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "no tests collected: failing on purpose"; exit 1; fi; exit $$rc
 
 lint: setup

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import torch
 
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.faces.detect import FaceAnalyzer
@@ -25,6 +26,22 @@ if TYPE_CHECKING:
 # The tritonserver install and the tiny family exported as a Triton repository, shared by the
 # test modules that run a real tritonserver.
 pytest_plugins = ["triton_fixtures"]
+
+# `make test` runs two pytest-xdist workers, a file at a time each (`--dist loadfile`), which take
+# the files in the order collected: the files that take minutes go first, so that the workers end
+# together instead of one running the twenty-kill test alone at the end.
+LONGEST_FIRST = (
+    "test_trainer_faults.py", "test_triton.py", "test_trainer.py", "test_triton_faults.py",
+    "test_lcm.py", "test_load_bench.py", "test_trainer_replicas.py", "test_identity_reward.py",
+)  # fmt: skip
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one intra-op thread each, not two pools of two contending.
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected
 
 
 @pytest.fixture(scope="session", autouse=True)
