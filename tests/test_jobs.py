@@ -158,12 +158,16 @@ def test_a_job_that_keeps_killing_the_trainer_fails_instead_of_resuming(
     assert final.state == FAILED and final.error["reason"] == "JOB_CRASH_LOOP"
 
 
+@pytest.mark.parametrize("named", [True, False], ids=["after-current", "before-current"])
 def test_a_job_that_published_before_the_trainer_died_does_not_publish_again(
-    store: JobStore, tmp_path: Path, faces: FaceAnalyzer
+    store: JobStore, tmp_path: Path, faces: FaceAnalyzer, named: bool
 ) -> None:
     users = UserStore(tmp_path)
     job = store.create("ann", OPTIONS, seed=1, photo_count=1)
     version = users.publish("ann", lambda folder: None, {"job_id": job.job_id})
+    if not named:  # killed between renaming the version into place and naming it CURRENT
+        (users.user_dir("ann") / "CURRENT").unlink()
+        assert users.current_version("ann") is None
     store.update(job.job_id, state=RUNNING, attempts=1)  # killed before it recorded the version
     runner = _runner(store, tmp_path, faces)
     runner.start()
@@ -173,6 +177,14 @@ def test_a_job_that_published_before_the_trainer_died_does_not_publish_again(
         runner.stop()
     assert final.state == SUCCEEDED and final.published_version == version
     assert users.versions("ann") == [version]
+    assert users.current_version("ann") == version
+
+
+def test_naming_an_older_version_current_keeps_the_newer_one(tmp_path: Path) -> None:
+    users = UserStore(tmp_path)
+    assert [users.publish("ann", lambda folder: None, {}) for _ in range(2)] == [1, 2]
+    users.name_current("ann", 1)  # a resumed job of the first version, done after the second
+    assert users.current_version("ann") == 2
 
 
 def test_folders_of_jobs_that_were_never_recorded_are_removed_at_start(

@@ -408,6 +408,7 @@ class _Job:
         published = self.runner.users.version_of_job(self.job.user_id, self.job.job_id)
         if published is not None:  # the trainer stopped between publishing and recording it
             log.info("job %s already published %s v%d", self.job.job_id, self.job.user_id, published)
+            self.runner.users.name_current(self.job.user_id, published)
             self.finish(published)
             return published
         prepared = self.prepare()

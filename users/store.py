@@ -215,10 +215,21 @@ class UserStore:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            write_atomically(directory / "CURRENT", str(version).encode())
-            self._counter(user_id).parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(self._counter(user_id), str(version).encode())
+            self._name_current(user_id, version)
         return version
+
+    def name_current(self, user_id: str, version: int) -> None:
+        """Names ``version`` by ``CURRENT`` unless a newer one is named: a publish's last step,
+        redone by a resumed job whose trainer stopped between the rename and the pointer."""
+        with self._publish_lock:
+            current = self.current_version(user_id)
+            if current is None or current < version:
+                self._name_current(user_id, version)
+
+    def _name_current(self, user_id: str, version: int) -> None:
+        write_atomically(self.user_dir(user_id) / "CURRENT", str(version).encode())
+        self._counter(user_id).parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(self._counter(user_id), str(version).encode())
 
     def _counter(self, user_id: str) -> Path:
         return self.root / "version-counters" / user_id
