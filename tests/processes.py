@@ -51,6 +51,17 @@ class ServiceProcess:
             time.sleep(0.05)
         raise TimeoutError(f"no line matching {pattern!r}:\n{self.output()[-3000:]}")
 
+    def wait_catching(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 60) -> None:
+        """Until the process has a handler for ``sig`` (its ``SigCgt`` mask in /proc says so): a
+        signal sent before that meets Python's default action, which no service can catch."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"exited {self.process.returncode}:\n{self.output()[-3000:]}"
+            if caught_signals(self.process.pid) >> (sig - 1) & 1:
+                return
+            time.sleep(0.01)
+        raise TimeoutError(f"never caught {sig.name}:\n{self.output()[-3000:]}")
+
     def health(self, service: str = "") -> int | None:
         """The health status of ``service`` now (None: no answer)."""
         try:
@@ -84,6 +95,16 @@ class ServiceProcess:
         finally:
             self._log.close()
         return status
+
+
+def caught_signals(pid: int) -> int:
+    """The mask of signals ``pid`` has handlers for (bit n-1 for signal n), 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return 0
+    match = re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.MULTILINE)
+    return int(match.group(1), 16) if match else 0
 
 
 def trainer_process(data: Path, log_path: Path, *args: str, port: int | None = None) -> ServiceProcess:

@@ -4,7 +4,6 @@ while its models load, and under load, where the request in flight is drained to
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -31,7 +30,7 @@ def _assert_clean(process: ServiceProcess, status: int) -> str:
 
 def test_sigterm_while_importing_exits_zero(alice_data: Path, tmp_path: Path) -> None:
     process = _serve(alice_data, tmp_path / "serve.log")
-    time.sleep(0.5)  # inside the imports of torch and the server
+    process.wait_catching()  # the handler is the first thing: torch and the server still import
     assert STARTING in _assert_clean(process, process.terminate())
 
 
@@ -70,7 +69,7 @@ def test_sigterm_under_load_drains_the_request_in_flight(alice_data: Path, tmp_p
 
 def test_the_trainer_exits_zero_on_sigterm_starting_or_serving(tmp_path: Path) -> None:
     starting = trainer_process(tmp_path, tmp_path / "starting.log", "--no-metrics")
-    time.sleep(0.5)
+    starting.wait_catching()
     assert STARTING in _assert_clean(starting, starting.terminate())
     serving = trainer_process(tmp_path, tmp_path / "serving.log", "--no-metrics")
     serving.wait_serving()
