@@ -16,6 +16,7 @@ from easyphoto.trainer.jobs import QUEUED, RUNNING, JobStore, UserBusy
 from easyphoto.trainer.options import TrainingOptions
 
 OPTIONS = TrainingOptions(rank=4, resolution=64, max_train_steps=4)
+LEASE_S = 2.0  # long enough that a loaded runner renews and asks again well inside it
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -79,11 +80,11 @@ def test_each_job_is_claimed_by_exactly_one_replica(location: str) -> None:
 def test_a_job_whose_owner_stops_renewing_moves_to_another_replica(location: str) -> None:
     first, second = _replicas(location, 2)
     job = first.create("ann", OPTIONS, seed=1, photo_count=1)
-    claimed = first.claim("a", lease_seconds=0.5)
+    claimed = first.claim("a", lease_seconds=LEASE_S)
     assert claimed is not None and claimed[1] == QUEUED
-    assert first.renew(job.job_id, "a", lease_seconds=0.5)
+    assert first.renew(job.job_id, "a", lease_seconds=LEASE_S)
     assert second.claim("b", lease_seconds=60) is None  # a holds it
-    time.sleep(0.7)  # a stopped renewing: it died
+    time.sleep(LEASE_S + 0.3)  # a stopped renewing: it died
     taken = second.claim("b", lease_seconds=60)
     assert taken is not None and taken[1] == RUNNING  # claimed from RUNNING: it resumes
     assert (taken[0].owner, taken[0].attempts) == ("b", 2)
