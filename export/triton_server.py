@@ -12,6 +12,7 @@ On a GPU host, use NVIDIA's Triton container instead (``deploy/README.md``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -20,8 +21,9 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,51 @@ def _installed(server: Path) -> bool:
     return (server / "bin" / "tritonserver").is_file()
 
 
+@dataclass(frozen=True)
+class ModelStatistics:
+    """A model's counters in Triton's statistics extension (``GET /v2/models/stats``), summed
+    over its versions; times in seconds."""
+
+    inferences: int  # rows
+    executions: int  # model runs: rows of requests the dynamic batcher merged run once
+    queue_s: float
+    compute_input_s: float
+    compute_infer_s: float
+    compute_output_s: float
+
+    @classmethod
+    def of(cls, entry: dict[str, Any]) -> ModelStatistics:
+        stats = entry.get("inference_stats", {})
+
+        def seconds(name: str) -> float:
+            return int(stats.get(name, {}).get("ns", 0)) / 1e9
+
+        return cls(
+            int(entry.get("inference_count", 0)),
+            int(entry.get("execution_count", 0)),
+            seconds("queue"),
+            seconds("compute_input"),
+            seconds("compute_infer"),
+            seconds("compute_output"),
+        )
+
+    def __add__(self, other: ModelStatistics) -> ModelStatistics:
+        return ModelStatistics(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def __sub__(self, other: ModelStatistics) -> ModelStatistics:
+        return ModelStatistics(*(a - b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+
+def statistics_since(
+    now: dict[str, ModelStatistics], then: dict[str, ModelStatistics]
+) -> dict[str, ModelStatistics]:
+    """What each model did between two :meth:`TritonServer.statistics`; models that did nothing
+    are left out."""
+    zero = ModelStatistics(0, 0, 0.0, 0.0, 0.0, 0.0)
+    changes = {name: counts - then.get(name, zero) for name, counts in now.items()}
+    return {name: change for name, change in changes.items() if change.executions}
+
+
 @dataclass
 class TritonServer:
     process: subprocess.Popen[bytes]
@@ -146,6 +193,16 @@ class TritonServer:
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"tritonserver not ready after {timeout}s; see {self.log_path}")
+
+    def statistics(self) -> dict[str, ModelStatistics]:
+        """Every model's counters now, by model name."""
+        with urllib.request.urlopen(f"{self.http_url}/v2/models/stats", timeout=10) as reply:
+            entries = json.load(reply)["model_stats"]
+        counts: dict[str, ModelStatistics] = {}
+        for entry in entries:
+            model = ModelStatistics.of(entry)
+            counts[entry["name"]] = counts[entry["name"]] + model if entry["name"] in counts else model
+        return counts
 
     def stop(self) -> None:
         self.process.terminate()

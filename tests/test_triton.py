@@ -36,6 +36,7 @@ from easyphoto.export.triton_server import (
     find_install,
     free_ports,
     start_server,
+    statistics_since,
 )
 from easyphoto.fixtures.photos import sample_photo
 from easyphoto.imaging.codec import encode_png
@@ -153,6 +154,18 @@ def test_triton_health_and_metrics_answer(server: TritonServer, triton_backend: 
     with urllib.request.urlopen(metrics, timeout=5) as reply:
         text = reply.read().decode()
     assert 'nv_inference_count{model="text_encoder",version="1"}' in text
+
+
+def test_triton_statistics_count_what_a_call_ran(server: TritonServer, triton_backend: TritonBackend) -> None:
+    before = server.statistics()
+    inputs = triton_backend.roles["text_encoder"].sample_inputs("opt")
+    rows = len(next(iter(inputs.values())))
+    triton_backend.infer("text_encoder", inputs)
+    ran = statistics_since(server.statistics(), before)
+    assert list(ran) == ["text_encoder"], ran  # nothing else ran, the rest left out
+    counts = ran["text_encoder"]
+    assert (counts.executions, counts.inferences) == (1, rows)
+    assert 0 < counts.compute_infer_s < 60 and counts.compute_input_s >= 0
 
 
 def test_an_optional_role_is_served_only_by_a_model_with_its_signature(

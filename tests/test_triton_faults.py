@@ -5,7 +5,6 @@ Triton is back on the same ports. Skipped, saying why, only when the server is n
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import urllib.request
@@ -373,6 +372,4 @@ def _model_ready(server: TritonServer, model: str) -> bool:
 
 def _executions(server: TritonServer, model: str) -> int:
     """How many times Triton ran ``model`` (its inference statistics)."""
-    with urllib.request.urlopen(f"{server.http_url}/v2/models/{model}/stats", timeout=5) as reply:
-        stats = json.load(reply)["model_stats"][0]
-    return int(stats["execution_count"])
+    return server.statistics()[model].executions
