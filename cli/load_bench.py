@@ -26,7 +26,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from easyphoto.engines.interface import ControlInput
 from easyphoto.engines.lora import LoraWeights
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.models.loading import resolve_family
+from easyphoto.export.triton_server import ModelStatistics, TritonServer, statistics_since
 from easyphoto.fixtures.photos import astronaut_face, sample_photo
 from easyphoto.fixtures.users import publish_photo_user, random_lora
 from easyphoto.imaging.codec import encode_png
@@ -71,6 +72,9 @@ class HarnessConfig:
     lora_rank: int = 8
     first_steps: int = 50  # the passes' steps (strengths 0.45 and 0.35 as the defaults)
     second_steps: int = 20
+    # Steps of the requests that load each user's adapter before the sweep (one step of each pass
+    # at the default strengths): a full-size face on a CPU Triton takes 13 minutes at 10 + 10.
+    warmup_steps: int = 3
     requests_per_level: int = 0  # 0: twice the concurrency, at least 4
     baseline_repeats: int = 3
     triton_concurrency: tuple[int, ...] = (1, 4)  # () skips the Triton backend and perf_analyzer
@@ -156,6 +160,7 @@ class Results:
     baseline_seconds: list[float] = field(default_factory=list)
     perf_analyzer: list[dict[str, float]] = field(default_factory=list)
     perf_analyzer_error: str = ""
+    triton_models: dict[str, ModelStatistics] = field(default_factory=dict)  # Triton's, of its sweep
 
     def level(self, backend: str, users: str, concurrency: int) -> Level | None:
         found = [
@@ -320,6 +325,7 @@ def _sweep(
     levels: tuple[int, ...],
     config: HarnessConfig,
     progress: tqdm,
+    triton: TritonServer | None = None,  # its statistics of the measured requests are kept
 ) -> None:
     template = encode_png(sample_photo("astronaut"))
     with grpc.insecure_channel(
@@ -327,13 +333,16 @@ def _sweep(
     ) as channel:
         stub = generator_pb2_grpc.GeneratorStub(channel)
         for index in range(config.users):  # every user's adapter loaded once, as in steady serving
-            _generate(stub, template, f"user{index}", config)
+            _generate(stub, template, f"user{index}", config, warming=True)
+        before = triton.statistics() if triton is not None else {}
         modes = ("one user", "N users") if backend == "torch" else ("N users",)
         for mode in modes:
             for concurrency in levels:
                 users = ["user0"] if mode == "one user" else [f"user{i}" for i in range(config.users)]
                 level = _run_level(stub, template, users, concurrency, config, server, progress)
                 results.levels.append(Level(backend, mode, concurrency, *level))
+        if triton is not None:
+            results.triton_models = statistics_since(triton.statistics(), before)
 
 
 def _run_level(
@@ -362,10 +371,15 @@ def _run_level(
 
 
 def _generate(
-    stub: generator_pb2_grpc.GeneratorStub, template: bytes, user: str, config: HarnessConfig
+    stub: generator_pb2_grpc.GeneratorStub,
+    template: bytes,
+    user: str,
+    config: HarnessConfig,
+    warming: bool = False,
 ) -> Request:
     request = generator_pb2.GenerateRequest(templates=[template], user_ids=[user], seed=1)
-    request.first_pass.steps, request.second_pass.steps = config.first_steps, config.second_steps
+    steps = (config.warmup_steps,) * 2 if warming else (config.first_steps, config.second_steps)
+    request.first_pass.steps, request.second_pass.steps = steps
     started = time.perf_counter()
     response = stub.Generate(request, timeout=7200)
     seconds = time.perf_counter() - started
@@ -429,7 +443,7 @@ def _triton_sweep(
             "--adapter-dir", str(data / "adapters"),
         ]  # fmt: skip
         with _orchestrator(config, data, backend) as orchestrator:
-            _sweep(results, orchestrator, "triton", config.triton_concurrency, config, progress)
+            _sweep(results, orchestrator, "triton", config.triton_concurrency, config, progress, server)
         try:  # with a user's adapter on every request (the sweep wrote user0's factors)
             results.perf_analyzer = run_perf_analyzer(
                 triton.install,
@@ -461,6 +475,11 @@ def write_outputs(results: Results) -> None:
         lines = csv.writer(handle)
         lines.writerow(["backend", "stage", "mean_s"])
         lines.writerows([backend, stage, seconds] for (backend, stage), seconds in stages.items())
+    if results.triton_models:
+        with (out / "triton_models.csv").open("w", newline="") as handle:
+            lines = csv.writer(handle)
+            lines.writerow(["model", *(column.name for column in fields(ModelStatistics))])
+            lines.writerows([model, *astuple(counts)] for model, counts in results.triton_models.items())
     summary = results.summary()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _plots(results, stages)
@@ -577,6 +596,7 @@ def markdown(results: Results, rows: list[dict[str, Any]], summary: dict[str, An
             f"| {r['concurrency']:.0f} | {r['throughput']:.1f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} |"
             for r in results.perf_analyzer
         ]
+    lines += triton_account(results)
     lines += [""] + [f"![{name}](images/harness_{config.models}_{name})" for name in PLOTS]
     lines += ["", "| summary.json | value | target (docs/design.md) |", "| --- | --- | --- |"]
     targets = read_targets()
@@ -585,6 +605,33 @@ def markdown(results: Results, rows: list[dict[str, Any]], summary: dict[str, An
             lines.append(f"| {name} | {_format(value)} | {targets[name]} |")
     lines.append(MARK.format(models=config.models, end="end"))
     return "\n".join(lines)
+
+
+def triton_account(results: Results) -> list[str]:
+    """Triton's statistics of its sweep's requests: where the Triton backend's time went."""
+    if not results.triton_models:
+        return []
+    wall = sum(x.wall_seconds for x in results.levels if x.backend == "triton")
+    models = sorted(results.triton_models.items(), key=lambda item: -item[1].compute_infer_s)
+    infer = sum(counts.compute_infer_s for _, counts in models)
+    lines = [
+        "",
+        f"Triton's statistics of those requests (`/v2/models/stats`): its models computed for"
+        f" {infer:.1f} s of the sweep's {wall:.1f} s ({100 * infer / wall:.0f} %).",
+        "",
+        "| model | executions | rows | rows / execution | infer ms / execution | queue ms / execution"
+        " | input + output ms / execution | infer s in all |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for model, counts in models:
+        runs = counts.executions
+        lines.append(
+            f"| {model} | {runs} | {counts.inferences} | {counts.inferences / runs:.2f}"
+            f" | {1e3 * counts.compute_infer_s / runs:.1f} | {1e3 * counts.queue_s / runs:.1f}"
+            f" | {1e3 * (counts.compute_input_s + counts.compute_output_s) / runs:.1f}"
+            f" | {counts.compute_infer_s:.1f} |"
+        )
+    return lines
 
 
 def read_targets(path: Path = TARGETS_FILE) -> dict[str, str]:

@@ -7,7 +7,17 @@ import csv
 import json
 from pathlib import Path
 
-from easyphoto.cli.load_bench import HarnessConfig, meets, read_targets, run_harness
+from easyphoto.cli.load_bench import (
+    HarnessConfig,
+    Level,
+    Request,
+    Results,
+    meets,
+    read_targets,
+    run_harness,
+    triton_account,
+)
+from easyphoto.export.triton_server import ModelStatistics
 
 REQUIRED = ("ratio_vs_diffusers_single", "throughput_ratio_c8", "orchestrator_ms_per_face", "lora_switch_ms")
 
@@ -47,3 +57,19 @@ def test_a_miniature_run_writes_csv_plots_summary_and_the_doc_section(tmp_path: 
     text = doc.read_text()
     assert "kept" in text and "| torch | N users | 2 | 2 |" in text and "lora_switch_ms" in text
     assert "<!-- bench:harness:tiny:begin -->" in text
+
+
+def test_the_section_accounts_for_the_triton_sweep_by_model() -> None:
+    results = Results(HarnessConfig(), "cpu")
+    results.levels = [Level("triton", "N users", 1, [Request(50.0, 1, {})], wall_seconds=100.0, rss_mb=1.0)]
+    results.triton_models = {  # 20 steps of 2 rows, and one VAE decode
+        "vae_decoder": ModelStatistics(1, 1, 0.0, 0.1, 5.0, 0.1),
+        "unet": ModelStatistics(40, 20, 0.2, 0.3, 60.0, 0.1),
+    }
+    text = "\n".join(triton_account(results))
+    assert "computed for 65.0 s of the sweep's 100.0 s (65 %)" in text
+    lines = [line for line in text.splitlines() if line.startswith("| unet") or line.startswith("| vae")]
+    assert lines == [  # the most time first; per execution: 3000 ms, 10 ms queued, 20 ms in and out
+        "| unet | 20 | 40 | 2.00 | 3000.0 | 10.0 | 20.0 | 60.0 |",
+        "| vae_decoder | 1 | 1 | 1.00 | 5000.0 | 0.0 | 200.0 | 5.0 |",
+    ]
