@@ -616,8 +616,9 @@ def triton_account(results: Results) -> list[str]:
     infer = sum(counts.compute_infer_s for _, counts in models)
     lines = [
         "",
-        f"Triton's statistics of those requests (`/v2/models/stats`): its models computed for"
-        f" {infer:.1f} s of the sweep's {wall:.1f} s ({100 * infer / wall:.0f} %).",
+        f"Triton's statistics of those requests (`/v2/models/stats`): its models' executions"
+        f" computed for {infer:.1f} s in all, over {wall:.1f} s of the sweep's wall time"
+        " (executions overlap at concurrency above 1).",
         "",
         "| model | executions | rows | rows / execution | infer ms / execution | queue ms / execution"
         " | input + output ms / execution | infer s in all |",
