@@ -158,17 +158,19 @@ def test_a_job_that_keeps_killing_the_trainer_fails_instead_of_resuming(
     assert final.state == FAILED and final.error["reason"] == "JOB_CRASH_LOOP"
 
 
+@pytest.mark.parametrize("deaths", [1, MAX_ATTEMPTS], ids=["once", "crash-loop"])
 @pytest.mark.parametrize("named", [True, False], ids=["after-current", "before-current"])
 def test_a_job_that_published_before_the_trainer_died_does_not_publish_again(
-    store: JobStore, tmp_path: Path, faces: FaceAnalyzer, named: bool
+    store: JobStore, tmp_path: Path, faces: FaceAnalyzer, named: bool, deaths: int
 ) -> None:
+    """Also after as many deaths as fail a job: its version is out, so it succeeds with it."""
     users = UserStore(tmp_path)
     job = store.create("ann", OPTIONS, seed=1, photo_count=1)
     version = users.publish("ann", lambda folder: None, {"job_id": job.job_id})
     if not named:  # killed between renaming the version into place and naming it CURRENT
         (users.user_dir("ann") / "CURRENT").unlink()
         assert users.current_version("ann") is None
-    store.update(job.job_id, state=RUNNING, attempts=1)  # killed before it recorded the version
+    store.update(job.job_id, state=RUNNING, attempts=deaths)  # killed before it recorded the version
     runner = _runner(store, tmp_path, faces)
     runner.start()
     try:

@@ -126,8 +126,15 @@ class JobRunner:
         """Jobs whose owners died while running them too often: failed, never claimed again."""
         now = time.time()
         for job in self.store.list(states=(RUNNING,), limit=10_000):
-            if job.lease_until < now and job.attempts >= MAX_ATTEMPTS:
+            if job.lease_until < now and self._crash_looping(job, job.attempts):
                 self._fail_crash_loop(job)
+
+    def _crash_looping(self, job: JobRecord, deaths: int) -> bool:
+        """Whether ``job`` killed its trainers too often to run again. A job that published its
+        version before the last death is not: resuming it only records that version."""
+        if deaths < MAX_ATTEMPTS:
+            return False
+        return self.users.version_of_job(job.user_id, job.job_id) is None
 
     def _fail_crash_loop(self, job: JobRecord) -> None:
         log.error("job %s stopped a trainer %d times; failing it", job.job_id, job.attempts)
@@ -287,7 +294,7 @@ class JobRunner:
         """Runs a job this replica claimed; one claimed from RUNNING was its dead owner's, and
         resumes (or fails, when it keeps killing trainers)."""
         if claimed_from == RUNNING:
-            if job.attempts - 1 >= MAX_ATTEMPTS:
+            if self._crash_looping(job, job.attempts - 1):
                 self._fail_crash_loop(job)
                 return self.store.get(job.job_id)
             log.warning(
