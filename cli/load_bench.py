@@ -276,9 +276,7 @@ class _Server:
     address: str
 
     def rss_mb(self) -> float:
-        status = Path(f"/proc/{self.process.pid}/status")
-        found = re.search(r"VmRSS:\s+(\d+) kB", status.read_text()) if status.is_file() else None
-        return int(found.group(1)) / 1024 if found else 0.0
+        return rss_mb(self.process.pid)
 
 
 @contextmanager
@@ -676,6 +674,13 @@ def _format(value: Any) -> str:
 
 def quantile(values: list[float], q: float) -> float:
     return float(np.quantile(np.array(values), q))
+
+
+def rss_mb(pid: int) -> float:
+    """A live process's resident set (``VmRSS`` of ``/proc/PID/status``) in MiB; 0 once it is gone."""
+    status = Path(f"/proc/{pid}/status")
+    found = re.search(r"^VmRSS:\s+(\d+) kB", status.read_text(), re.MULTILINE) if status.is_file() else None
+    return int(found.group(1)) / 1024 if found else 0.0
 
 
 def free_port() -> int:

@@ -38,7 +38,6 @@ import itertools
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -58,7 +57,7 @@ from typing import Any, TypeVar
 import grpc
 
 from easyphoto.cli.client import ServiceError
-from easyphoto.cli.load_bench import QUICK, free_port, publish_users, quantile, wait_ready
+from easyphoto.cli.load_bench import QUICK, free_port, publish_users, quantile, rss_mb, wait_ready
 from easyphoto.engines.models.loading import resolve_family
 from easyphoto.fixtures.photos import person_photos, sample_photo
 from easyphoto.imaging.codec import encode_png
@@ -134,9 +133,7 @@ class ProcessStats:
 def process_stats(pid: int) -> ProcessStats:
     """RSS, open files and threads of a live process, from ``/proc``."""
     proc = Path(f"/proc/{pid}")
-    found = re.search(r"^VmRSS:\s+(\d+) kB", (proc / "status").read_text(), flags=re.MULTILINE)
-    rss_mb = int(found.group(1)) / 1024 if found else 0.0
-    return ProcessStats(rss_mb, len(os.listdir(proc / "fd")), len(os.listdir(proc / "task")))
+    return ProcessStats(rss_mb(pid), len(os.listdir(proc / "fd")), len(os.listdir(proc / "task")))
 
 
 @dataclass(frozen=True)
