@@ -303,6 +303,23 @@ def test_version_numbers_are_never_reused_after_a_delete(tmp_path: Path) -> None
     assert meta["lora_sha256"] == sha256_file(users.user_dir("ann") / "v2" / LORA_FILE)
 
 
+def test_a_version_killed_before_current_keeps_its_number_after_a_delete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    users = UserStore(tmp_path)
+
+    def killed(user_id: str, version: int) -> None:
+        raise KeyboardInterrupt  # the publisher dies after renaming v1 into place
+
+    monkeypatch.setattr(users, "_name_current", killed)
+    with pytest.raises(KeyboardInterrupt):
+        users.publish("ann", lambda folder: (folder / LORA_FILE).write_bytes(b"old"), {})
+    monkeypatch.undo()
+    assert users.versions("ann") == [1] and users.current_version("ann") is None
+    users.delete("ann")
+    assert users.publish("ann", lambda folder: (folder / LORA_FILE).write_bytes(b"new"), {}) == 2
+
+
 def test_user_ids_cannot_name_the_stores_hidden_folders() -> None:
     for bad in (".deleting-ann-1", ".", "..", "a/b", "x" * 65, ""):
         with pytest.raises(InvalidArgument):

@@ -199,7 +199,11 @@ class UserStore:
         directory = self.user_dir(user_id)
         directory.mkdir(parents=True, exist_ok=True)
         with self._publish_lock:
-            version = max(self.versions(user_id), default=self._last_version(user_id)) + 1
+            version = max([*self.versions(user_id), self._last_version(user_id)]) + 1
+            # Counted before anything is written: a publisher killed after its rename and before
+            # CURRENT, then a delete, must not let the next publish take the same number.
+            self._counter(user_id).parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(self._counter(user_id), str(version).encode())
             staging = directory / f".staging-v{version}-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir()
@@ -228,8 +232,6 @@ class UserStore:
 
     def _name_current(self, user_id: str, version: int) -> None:
         write_atomically(self.user_dir(user_id) / "CURRENT", str(version).encode())
-        self._counter(user_id).parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(self._counter(user_id), str(version).encode())
 
     def _counter(self, user_id: str) -> Path:
         return self.root / "version-counters" / user_id
