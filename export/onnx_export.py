@@ -38,7 +38,7 @@ from easyphoto.engines.roles.manifest import EngineManifest
 from easyphoto.engines.shapes import ProfilePoint
 
 from .onnx_check import GraphCheck, GraphTolerance, check_graphs
-from .onnx_files import gather_external_data
+from .onnx_files import DATA_SUFFIX, gather_external_data
 from .refit import lora_weight_names
 from .tensorrt_plan import plan_role, write_plans
 
@@ -241,7 +241,7 @@ def write_fp16(path: Path) -> Path:
         converted.model,
         str(out),
         save_as_external_data=external,
-        location=f"{FP16_FILE}.data" if external else None,
+        location=FP16_FILE + DATA_SUFFIX if external else None,
     )
     onnx.checker.check_model(str(out))
     return out
