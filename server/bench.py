@@ -71,11 +71,11 @@ def baseline_pipeline(
 def lora_loaded(pipe: StableDiffusionControlNetInpaintPipeline, lora: LoraWeights) -> Iterator[None]:
     """``lora`` in the pipeline's UNet and text encoder (and so in every pipeline sharing them) as
     diffusers serves a user's LoRA: peft layers beside the weights, not fused; removed after."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "lora.safetensors"
-        save_lora(lora, path, alpha_tensors=False)
-        pipe.load_lora_weights(str(path), adapter_name=lora.name)
-    try:
+    try:  # a load that fails part way leaves peft layers behind: unloaded too
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "lora.safetensors"
+            save_lora(lora, path, alpha_tensors=False)
+            pipe.load_lora_weights(str(path), adapter_name=lora.name)
         yield
     finally:
         pipe.unload_lora_weights()
@@ -115,27 +115,37 @@ def baseline_inpaint(
 def run_concurrently(requests: int, concurrency: int, call: Callable[[int], T]) -> tuple[float, list[T]]:
     """``call(0)`` ... ``call(requests - 1)`` from ``concurrency`` threads, each taking the next
     index as it is free (clients sending back to back); the wall time and the results as they
-    finished."""
+    finished. The first call that raises ends the run: no call starts after it, and it is raised
+    once those in flight are done."""
     todo = list(range(requests))
     done: list[T] = []
+    failed: list[BaseException] = []
     lock = threading.Lock()
 
     def client() -> None:
         while True:
             with lock:
-                if not todo:
+                if not todo or failed:
                     return
                 index = todo.pop(0)
-            result = call(index)
+            try:
+                result = call(index)
+            except BaseException as error:
+                with lock:
+                    failed.append(error)
+                return
             with lock:
                 done.append(result)
 
     started = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    # Daemons: a Ctrl-C in the joins below ends the process without waiting for the calls in flight.
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    if failed:
+        raise failed[0]
     return time.perf_counter() - started, done
 
 

@@ -7,6 +7,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from easyphoto.cli.load_bench import (
     HarnessConfig,
     Level,
@@ -18,6 +20,7 @@ from easyphoto.cli.load_bench import (
     triton_account,
 )
 from easyphoto.export.triton_server import ModelStatistics
+from easyphoto.server.bench import run_concurrently
 
 REQUIRED = ("ratio_vs_diffusers_single", "throughput_ratio_c8", "orchestrator_ms_per_face", "lora_switch_ms")
 
@@ -29,6 +32,22 @@ def test_targets_are_read_from_the_design_doc_and_judged_per_device() -> None:
     both = "≥ 1.0 on a CPU, ≥ 2.0 on a GPU"
     assert meets(1.5, both) and not meets(1.5, both, on_gpu=True) and meets(2.5, both, on_gpu=True)
     assert not meets(None, "≤ 20")
+
+
+def test_concurrent_clients_stop_at_the_first_failed_call_and_raise_it() -> None:
+    started: list[int] = []
+
+    def call(index: int) -> int:
+        started.append(index)
+        if index == 2:
+            raise ConnectionError("call 2 failed")
+        return index
+
+    wall, done = run_concurrently(6, 2, lambda i: i * 10)
+    assert sorted(done) == [0, 10, 20, 30, 40, 50] and wall >= 0
+    with pytest.raises(ConnectionError, match="call 2 failed"):
+        run_concurrently(20, 1, call)
+    assert started == [0, 1, 2]  # nothing sent after it
 
 
 def test_a_miniature_run_writes_csv_plots_summary_and_the_doc_section(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,26 @@ def test_the_bench_baseline_paints_with_the_users_lora_while_it_is_loaded(
     assert float((ours - base).abs().max()) > 1e-3
     assert float((ours - theirs).abs().max()) <= 1e-4 * float(theirs.abs().max())
     assert torch.equal(_unet_out(engines), base)  # unloaded after: the base model again
+
+
+def test_a_bench_baseline_lora_that_fails_to_load_leaves_no_layers_behind(
+    tiny: ModelFamily, engines: Engines
+) -> None:
+    """diffusers injects peft layers into the shared UNet before it reads their weights: a LoRA
+    that does not fit fails there and, unless unloaded, leaves those layers in every later call."""
+    from easyphoto.server.bench import baseline_pipeline, lora_loaded
+
+    lora = _random_lora(tiny)
+    first = lora.layers[0]  # a UNet layer that does not fit the model
+    lora.layers[0] = replace(first, down=torch.zeros(first.rank, first.down.shape[1] + 1))
+    base = _unet_out(engines)
+    with (
+        pytest.raises(RuntimeError, match="size mismatch"),
+        lora_loaded(baseline_pipeline(tiny, ["canny"]), lora),
+    ):
+        pass
+    assert not [name for name, _ in tiny.unet.named_modules() if "lora_" in name]
+    assert torch.equal(_unet_out(engines), base)
 
 
 def test_kohya_keys_round_trip(tiny: ModelFamily, engines: Engines, tmp_path: Path) -> None:
