@@ -156,6 +156,14 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _work(args: argparse.Namespace) -> int:
+    from easyphoto.cli.work import face_work, work_table
+
+    work = face_work(args.models, args.faces, args.side)
+    print("\n".join(work_table(work, args.models, args.peak_tflops)))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from easyphoto.server.bench import run_bench, write_section
     from easyphoto.server.face_bench import face_section
@@ -430,6 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="load a model family and print its engine manifest")
     models.add_argument("--models", default="tiny")
     models.set_defaults(run=_models)
+    work = commands.add_parser(
+        "work", help="rows and FLOPs a face costs at the reference's passes (counted, not measured)"
+    )
+    work.add_argument("--models", default="sd15-random", choices=("tiny", "sd15-random"))
+    work.add_argument("--faces", type=int, default=1, help="painted faces a template")
+    work.add_argument("--side", type=int, default=512, help="the crop's side in pixels")
+    work.add_argument(
+        "--peak-tflops", type=float, default=None, help="a device's peak: faces/s at shares of it"
+    )
+    work.set_defaults(run=_work)
     faces = commands.add_parser("faces", help="print the faces of photos as JSON lines, or --compare two")
     faces.add_argument("photos", nargs="+")
     faces.add_argument(

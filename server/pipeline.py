@@ -126,14 +126,45 @@ class _Painted:
     region: np.ndarray  # uint8 mask, the size of the box
 
 
+def planned_passes(options: GenerateOptions, painted: int) -> list[tuple[PassOptions, int]]:
+    """The passes :meth:`Orchestrator.generate` runs for one image with ``painted`` faces (its
+    non-empty user ids), each with how many times: both passes per face, the seam pass per face
+    when several are painted, the background restore once."""
+    passes = [
+        (options.first_pass, painted),
+        (options.second_pass, painted),
+        (options.seam_pass, painted if painted > 1 else 0),
+        (options.background_restore, 1 if painted else 0),
+    ]
+    return [(settings, count) for settings, count in passes if settings.enabled and count]
+
+
 def planned_steps(options: GenerateOptions, painted: int) -> int:
-    """Denoising steps :meth:`Orchestrator.generate` runs for one image with ``painted`` faces
-    (its non-empty user ids): both passes per face, the seam pass per face when several are
-    painted, the background restore once. Lets progress report the whole request's steps."""
-    per_face = options.first_pass.denoising_steps + options.second_pass.denoising_steps
-    seam = options.seam_pass.denoising_steps if painted > 1 else 0
-    background = options.background_restore.denoising_steps if painted else 0
-    return painted * (per_face + seam) + background
+    """Denoising steps of :func:`planned_passes`: lets progress report the whole request's steps."""
+    return sum(settings.denoising_steps * count for settings, count in planned_passes(options, painted))
+
+
+@dataclass(frozen=True)
+class ModelRows:
+    """Model rows (samples) a request evaluates: what its arithmetic scales with."""
+
+    unet: int
+    controlnet: int
+    vae_encode: int
+    vae_decode: int
+
+
+def planned_rows(options: GenerateOptions, painted: int) -> ModelRows:
+    """The rows of :func:`planned_passes`: each step evaluates the UNet and each of the pass's
+    ControlNets on two rows under classifier-free guidance (one without), and each pass encodes
+    its image and decodes its result once. The text encoder's few rows per pass are left out."""
+    unet = controlnet = encodes = 0
+    for settings, count in planned_passes(options, painted):
+        rows = count * settings.denoising_steps * (2 if settings.guidance_scale > 1.0 else 1)
+        unet += rows
+        controlnet += rows * len(settings.control_weights())
+        encodes += count
+    return ModelRows(unet, controlnet, encodes, encodes)
 
 
 class Orchestrator:

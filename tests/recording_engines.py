@@ -5,6 +5,7 @@ engine as concurrent requests."""
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -17,15 +18,26 @@ from easyphoto.engines.lora import LoraLayer, LoraTargets, LoraWeights
 
 class RecordingEngines(Engines):
     """The real engines, recording every model evaluation (ControlNets with their weights, and the
-    adapter of its rows)."""
+    adapter of its rows) and counting each model's rows."""
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
         self.calls: list[dict[str, float]] = []
         self.loras: list[tuple[str, float] | None] = []
         self.variants: list[str] = []
+        self.rows: Counter[str] = Counter()
+
+    def vae_moments(self, images: torch.Tensor) -> torch.Tensor:
+        self.rows["vae_encode"] += len(images)
+        return super().vae_moments(images)
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        self.rows["vae_decode"] += len(latents)
+        return super().vae_decode(latents)
 
     def predict_noise(self, sample, timestep, encoder_hidden_states, controls, adapters=None, variant=""):  # type: ignore[no-untyped-def]
+        self.rows["unet"] += len(sample)
+        self.rows["controlnet"] += len(sample) * len(controls)
         self.calls.append({c.kind: _one_weight(c.scale) for c in controls})
         keys = {row.key for row in adapters or () if row is not None}
         assert len(keys) <= 1, keys  # one request: one user's adapter on every row

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import cv2
@@ -32,7 +32,7 @@ from easyphoto.rpc.errors import (
     UserNotReady,
 )
 from easyphoto.server.options import GenerateOptions
-from easyphoto.server.pipeline import Orchestrator
+from easyphoto.server.pipeline import Orchestrator, planned_rows
 from easyphoto.users.store import UserStore
 
 FAST = PassOptions(True, 4, 0.5, 7.0, canny_weight=0.5, color_weight=0.85)
@@ -291,9 +291,11 @@ def test_two_people_get_a_seam_pass_without_lora_and_the_background_restore(
     )  # fmt: skip
     engines.calls.clear()
     engines.loras.clear()
+    engines.rows.clear()
     result = orchestrator.generate(group, ["alice", "dave"], options, seed=4)
     per_face = 2 * 2  # FAST: 4 steps at strength 0.5, two passes
     assert len(engines.calls) == 2 * per_face + 2 * 3 + 2
+    assert engines.rows == asdict(planned_rows(options, 2))  # what the capacity arithmetic counts
     users, seams, restore = (
         engines.loras[: 2 * per_face], engines.calls[2 * per_face : -2], engines.calls[-2:]
     )  # fmt: skip
@@ -310,10 +312,11 @@ def test_two_people_get_a_seam_pass_without_lora_and_the_background_restore(
 def test_one_person_gets_no_seam_pass(orchestrator: Orchestrator) -> None:
     engines: RecordingEngines = orchestrator.engines  # type: ignore[assignment]
     engines.calls.clear()
-    orchestrator.generate(
-        sample_photo("astronaut"), ["alice"], GenerateOptions(first_pass=FAST, second_pass=FAST), seed=4
-    )
+    engines.rows.clear()
+    options = GenerateOptions(first_pass=FAST, second_pass=FAST)
+    orchestrator.generate(sample_photo("astronaut"), ["alice"], options, seed=4)
     assert len(engines.calls) == 4
+    assert engines.rows == asdict(planned_rows(options, 1))
 
 
 def test_the_whole_second_pass_ring_reaches_the_template(orchestrator: Orchestrator) -> None:

@@ -49,6 +49,11 @@ TINY_TEXT: dict[str, Any] = {
     "projection_dim": 32,
 }
 TINY_IMAGE_SIZES = (64, 128, 256)
+# Each built family's changes to the SD 1.5 configs, by component.
+OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {"unet": TINY_UNET, "vae": TINY_VAE, "controlnet": TINY_CONTROLNET, "text_encoder": TINY_TEXT},
+    "sd15-random": {},
+}
 
 
 def cache_root() -> Path:
@@ -67,6 +72,23 @@ def sd15_config_dir() -> Path:
     return Path(str(resources.files(__package__).joinpath("configs", "sd15")))
 
 
+def _config(component: str, overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {**sd15_config(component), **overrides.get(component, {})}
+
+
+def _controlnet(unet: UNet2DConditionModel, overrides: dict[str, dict[str, Any]]) -> ControlNetModel:
+    return ControlNetModel.from_unet(unet, load_weights_from_unet=True, **overrides.get("controlnet", {}))
+
+
+def shape_modules(name: str) -> tuple[UNet2DConditionModel, ControlNetModel, AutoencoderKL]:
+    """A built family's UNet, one of its ControlNets and its VAE on the meta device: their shapes
+    and no weights, built in a moment at any size (to count their work, ``engines/models/work.py``)."""
+    overrides = OVERRIDES[name]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(_config("unet", overrides))
+        return unet, _controlnet(unet, overrides), AutoencoderKL.from_config(_config("vae", overrides))
+
+
 def _seeded(seed: int) -> None:
     torch.manual_seed(seed)
 
@@ -81,18 +103,15 @@ def build_family(
     """Builds every module from the SD 1.5 configs with ``overrides`` applied, weights seeded."""
     cache_dir = cache_dir or cache_root()
     _seeded(seed)
-    unet = UNet2DConditionModel.from_config({**sd15_config("unet"), **overrides.get("unet", {})})
+    unet = UNet2DConditionModel.from_config(_config("unet", overrides))
     _seeded(seed + 1)
-    vae = AutoencoderKL.from_config({**sd15_config("vae"), **overrides.get("vae", {})})
+    vae = AutoencoderKL.from_config(_config("vae", overrides))
     _seeded(seed + 2)
-    text_config = CLIPTextConfig(**{**sd15_config("text_encoder"), **overrides.get("text_encoder", {})})
-    text_encoder = CLIPTextModel(text_config)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_config("text_encoder", overrides)))
     controlnets: dict[str, ControlNetModel] = {}
     for index, kind in enumerate(CONTROLNET_KINDS):
         _seeded(seed + 10 + index)
-        controlnets[kind] = ControlNetModel.from_unet(
-            unet, load_weights_from_unet=True, **overrides.get("controlnet", {})
-        )
+        controlnets[kind] = _controlnet(unet, overrides)
         # from_unet copies the UNet and zero-initialises the ControlNet's output convolutions,
         # which would make every residual zero; random output layers make the nets matter in tests.
         _randomize_zero_convs(controlnets[kind], seed + 20 + index)
@@ -125,14 +144,8 @@ def _randomize_zero_convs(net: ControlNetModel, seed: int) -> None:
 
 
 def build_tiny_family(seed: int = TINY_SEED, cache_dir: Path | None = None) -> ModelFamily:
-    overrides: dict[str, dict[str, Any]] = {
-        "unet": TINY_UNET,
-        "vae": TINY_VAE,
-        "controlnet": TINY_CONTROLNET,
-        "text_encoder": TINY_TEXT,
-    }
-    return build_family("tiny", overrides, seed, TINY_IMAGE_SIZES, cache_dir)
+    return build_family("tiny", OVERRIDES["tiny"], seed, TINY_IMAGE_SIZES, cache_dir)
 
 
 def build_sd15_random_family(seed: int = TINY_SEED, cache_dir: Path | None = None) -> ModelFamily:
-    return build_family("sd15-random", {}, seed, (256, 512, 1024), cache_dir)
+    return build_family("sd15-random", OVERRIDES["sd15-random"], seed, (256, 512, 1024), cache_dir)
