@@ -566,8 +566,8 @@ class Orchestrator:
             control = CONTROL_IMAGES[kind](source)
             ctx.keep(f"{stage}_{kind}", control)
             controls.append(ControlInput(kind, to_model(control, signed=False), weight))
+        started = time.perf_counter()  # the text encoder's call is the pass's model time too
         embeds = self.engines.encode_prompts([options.prompt, options.negative], ctx.adapter)
-        started = time.perf_counter()
         inpaint = InpaintPass(
             image=to_model(image),
             mask=to_model(mask, signed=False),
