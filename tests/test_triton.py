@@ -19,7 +19,7 @@ import torch
 from recording_engines import random_user_lora
 from triton_fixtures import adapter_dir_beside, fused_stages, publish_trained_user, repository_of
 
-from easyphoto.diffusion.passes import reference_stages
+from easyphoto.diffusion.passes import FIRST_PASS, SECOND_PASS, reference_stages
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.backends.triton_backend import TritonBackend
 from easyphoto.engines.faces.detect import FaceAnalyzer
@@ -43,7 +43,7 @@ from easyphoto.imaging.codec import encode_png
 from easyphoto.rpc.deadline import request_deadline
 from easyphoto.rpc.errors import DeadlineExceeded, EngineUnavailable
 from easyphoto.server.options import GenerateOptions
-from easyphoto.server.pipeline import Orchestrator
+from easyphoto.server.pipeline import Orchestrator, planned_rows
 from easyphoto.users.store import UserStore
 
 
@@ -564,3 +564,44 @@ def test_two_users_requests_arriving_together_are_one_model_run(
             client.close()
     finally:
         server.stop()
+
+
+def test_the_bench_harness_sweeps_triton_and_writes_its_account(export_dir: Path, tmp_path: Path) -> None:
+    """The harness's Triton half end to end at a miniature size, on this suite's export (copied in as
+    the harness's export cache, so no role is exported again): its level, perf_analyzer's rows on
+    the repository's UNet and Triton's account of the sweep by model, in the CSV and the doc."""
+    import csv
+
+    from easyphoto.cli.load_bench import HarnessConfig, run_harness
+
+    cache = tmp_path / "export-cache"
+    shutil.copytree(export_dir, cache / "tiny")
+    doc = tmp_path / "docs" / "benchmarks.md"
+    doc.parent.mkdir()
+    config = HarnessConfig(
+        concurrency=(1,), users=2, first_steps=4, second_steps=4, requests_per_level=2, baseline_repeats=1,
+        triton_concurrency=(1,), fused=False, perf_window_ms=500, out=tmp_path / "bench-out", doc=doc,
+        export_cache=cache,
+    )  # fmt: skip
+    results = run_harness(config)
+    level = results.level("triton", "N users", 1)
+    assert level is not None and [r.faces for r in level.requests] == [1, 1]
+    assert results.perf_analyzer_error == "" and results.perf_analyzer[0]["throughput"] > 0
+    models = results.triton_models
+    for counts in models.values():
+        assert counts.inferences >= counts.executions > 0 and counts.compute_infer_s > 0
+    # Triton counted the rows the capacity arithmetic plans for the sweep's two requests, and no
+    # text encoder: the warm-ups cached each user's prompts.
+    first, second = (replace(settings, steps=4) for settings in (FIRST_PASS, SECOND_PASS))
+    planned = planned_rows(GenerateOptions(first_pass=first, second_pass=second), 1)
+    controlnets = sum(
+        counts.inferences for model, counts in models.items() if model.startswith("controlnet_")
+    )
+    assert (models["unet"].inferences, controlnets) == (2 * planned.unet, 2 * planned.controlnet)
+    assert models["vae_encoder"].inferences == models["vae_decoder"].inferences == 2 * planned.vae_encode
+    assert "text_encoder" not in models
+    with (config.out / "triton_models.csv").open() as handle:
+        written = {row["model"]: int(row["executions"]) for row in csv.DictReader(handle)}
+    assert written == {model: counts.executions for model, counts in models.items()}
+    text = doc.read_text()
+    assert f"| unet | {models['unet'].executions} | {models['unet'].inferences} |" in text
