@@ -6,6 +6,7 @@ rows as dicts; what differs between them is how a worker claims the next job ato
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -56,15 +57,34 @@ def open_database(location: str | Path) -> Database:
     return SqliteDatabase(Path(text))
 
 
+SQLITE_BUSY_S = 30.0  # how long a statement waits for another connection's lock
+
+
 class SqliteDatabase:
     conflict: tuple[type[Exception], ...] = (sqlite3.IntegrityError,)
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+        self._db = sqlite3.connect(
+            str(path), check_same_thread=False, isolation_level=None, timeout=SQLITE_BUSY_S
+        )
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._use_wal()
         self._db.execute("PRAGMA synchronous=FULL")
+
+    def _use_wal(self) -> None:
+        """Write-ahead logging, retried while it is locked: when several connections open a new file
+        at once, the switch can answer "database is locked" at once instead of waiting its busy
+        timeout (measured: 5 of 150 rounds of six openers)."""
+        deadline = time.monotonic() + SQLITE_BUSY_S
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def rows(self, sql: str, args: tuple[Any, ...] | list[Any] = ()) -> list[dict[str, Any]]:
         return [dict(row) for row in self._db.execute(sql, args).fetchall()]
