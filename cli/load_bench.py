@@ -82,6 +82,7 @@ class HarnessConfig:
     # Triton runs one model of at least this many MB of weights at a time (ServingSettings).
     rate_limit_mb: float | None = None
     perf_window_ms: int = 3000  # perf_analyzer's measurement window
+    perf_stability_percent: float = 10.0  # how far apart its windows may be to count as stable
     out: Path = Path("bench-out")
     doc: Path = Path("docs/benchmarks.md")
     # The Triton export, kept between runs (a role is exported again only when it changed).
@@ -450,6 +451,7 @@ def _triton_sweep(
                 config.triton_concurrency,
                 "user0@v1",
                 config.perf_window_ms,
+                config.perf_stability_percent,
             )
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
             output = (error.stdout or b"").decode(errors="replace")[-400:].strip()

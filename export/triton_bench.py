@@ -71,11 +71,13 @@ def run_perf_analyzer(
     concurrency: tuple[int, ...] = CONCURRENCY,
     string_data: str | None = None,
     window_ms: int = 3000,
+    stability_percent: float = 10.0,
 ) -> list[dict[str, float]]:
     """perf_analyzer's rows at each concurrency; ``string_data`` fills every string input (a
     model serving users' adapters takes the adapter's name there: give one the repository has).
     ``window_ms``: each measurement window, long enough for several inferences (perf_analyzer
-    takes up to ten windows to find three that agree)."""
+    takes up to ten windows to find three that agree); ``stability_percent``: how far apart their
+    throughput and latency may be to agree (perf_analyzer's default, 10)."""
     binary, env = perf_analyzer(install)
     strings = ["--string-data", string_data] if string_data is not None else []
     rows = []
@@ -85,6 +87,7 @@ def run_perf_analyzer(
             command = [
                 str(binary), "-m", description.name, "-u", grpc_url, "-i", "grpc", "-b", "1",
                 "--concurrency-range", str(level), "--measurement-interval", str(window_ms),
+                "--stability-percentage", f"{stability_percent:g}",
                 "-f", str(report), *_shape_flags(description), *strings,
             ]  # fmt: skip
             timeout = max(300, window_ms * 12 / 1000)  # ten windows and the warm-up
