@@ -341,7 +341,7 @@ def _sweep(
                 level = _run_level(stub, template, users, concurrency, config, server, progress)
                 results.levels.append(Level(backend, mode, concurrency, *level))
         if triton is not None:
-            results.triton_models = statistics_since(triton.statistics(), before)
+            results.triton_models = statistics_since(triton.settled_statistics(), before)
 
 
 def _run_level(

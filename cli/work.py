@@ -8,7 +8,7 @@ measured: the bench measures what a device reaches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from easyphoto.engines.models.work import RowFlops, row_flops
 from easyphoto.server.options import GenerateOptions
@@ -27,7 +27,7 @@ class FaceWork:
         """Per model: rows of the request and FLOPs of one row."""
         return {
             name: (getattr(self.rows, name), getattr(self.flops, name))
-            for name in ("unet", "controlnet", "vae_encode", "vae_decode")
+            for name in (column.name for column in fields(ModelRows))
         }
 
     @property

@@ -204,6 +204,20 @@ class TritonServer:
             counts[entry["name"]] = counts[entry["name"]] + model if entry["name"] in counts else model
         return counts
 
+    def settled_statistics(self, quiet_s: float = 0.2, within_s: float = 5.0) -> dict[str, ModelStatistics]:
+        """:meth:`statistics` once two readings ``quiet_s`` apart agree (or after ``within_s``): Triton
+        may answer a call before it has counted it (a full suite run read a count one short right
+        after the reply), so a reading right after a call can miss that call."""
+        deadline = time.monotonic() + within_s
+        counts = self.statistics()
+        while time.monotonic() < deadline:
+            time.sleep(quiet_s)
+            again = self.statistics()
+            if again == counts:
+                break
+            counts = again
+        return counts
+
     def stop(self) -> None:
         self.process.terminate()
         try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
@@ -98,27 +97,11 @@ def _random_lora(tiny: ModelFamily, seed: int) -> LoraWeights:
     return random_user_lora(lora_targets(tiny.lora_roots()), f"random-{seed}", seed)
 
 
-def _inference_count(server: TritonServer, model: str, metric: str = "nv_inference_count") -> float:
-    """Triton's count of inferences (rows) of a model, or with ``nv_inference_exec_count`` of its
-    executions (model runs)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports['metrics']}/metrics", timeout=5) as reply:
-        for line in reply.read().decode().splitlines():
-            if line.startswith(f'{metric}{{model="{model}",'):
-                return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
-def _count_once_at(
-    server: TritonServer, model: str, expected: float, metric: str = "nv_inference_count"
-) -> float:
-    """The count once it reaches ``expected``, or as it is after 5 s: Triton may answer a call before
-    it has counted it (a full suite run read the count one short right after the reply)."""
-    deadline = time.monotonic() + 5.0
-    count = _inference_count(server, model, metric)
-    while count < expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-        count = _inference_count(server, model, metric)
-    return count
+def _inference_count(server: TritonServer, model: str, runs: bool = False) -> int:
+    """Triton's count of inferences (rows) of a model, or with ``runs`` of its executions (model
+    runs), once its statistics have settled."""
+    counts = server.settled_statistics()[model]
+    return counts.executions if runs else counts.inferences
 
 
 def test_a_whole_generate_through_triton_equals_torch(
@@ -212,7 +195,7 @@ def test_a_call_ends_with_the_request_deadline(server: TritonServer, triton_back
         triton_backend.infer("text_encoder", text)  # not sent at all
     with request_deadline(60.0):
         triton_backend.infer("text_encoder", text)
-    assert _count_once_at(server, "text_encoder", before + 1) == before + 1
+    assert _inference_count(server, "text_encoder") == before + 1
 
 
 def test_users_adapters_reach_triton_by_name_and_one_model_run_computes_both(
@@ -244,12 +227,11 @@ def test_users_adapters_reach_triton_by_name_and_one_model_run_computes_both(
     ]
     ours = local.infer("unet", sample, local_rows)["noise_pred"]
     rows_before = _inference_count(server, "unet")
-    runs_before = _inference_count(server, "unet", "nv_inference_exec_count")
+    runs_before = _inference_count(server, "unet", runs=True)
     theirs = triton_backend.infer("unet", sample, rows)["noise_pred"]
     assert float((theirs - ours).abs().max()) <= 1e-4 * float(ours.abs().max())
-    assert _count_once_at(server, "unet", rows_before + len(rows)) == rows_before + len(rows)  # 4 rows...
-    runs = _count_once_at(server, "unet", runs_before + 1, "nv_inference_exec_count")
-    assert runs == runs_before + 1  # ...of two users, one run
+    assert _inference_count(server, "unet") == rows_before + len(rows)  # four rows of two users...
+    assert _inference_count(server, "unet", runs=True) == runs_before + 1  # ...one run
     base = triton_backend.infer("unet", sample)["noise_pred"]
     assert not torch.allclose(base[0], theirs[0], atol=1e-3) and torch.allclose(base[2], theirs[2], atol=1e-5)
     canny = triton_backend.roles["controlnet_canny"].sample_inputs("min")
@@ -554,7 +536,7 @@ def test_two_users_requests_arriving_together_are_one_model_run(
         ]
         calls = [(clients[0], rows[0]), (clients[1], rows[1]), (clients[0], None)]
         alone = [client.infer("unet", sample, row)["noise_pred"] for client, row in calls]
-        runs = _inference_count(server, "unet", "nv_inference_exec_count")
+        runs = _inference_count(server, "unet", runs=True)
         results: list[torch.Tensor] = [torch.empty(0)] * len(calls)
         start = threading.Barrier(len(calls))
 
@@ -568,8 +550,7 @@ def test_two_users_requests_arriving_together_are_one_model_run(
             thread.start()
         for thread in threads:
             thread.join(60)
-        # Three requests, one run.
-        assert _count_once_at(server, "unet", runs + 1, "nv_inference_exec_count") == runs + 1
+        assert _inference_count(server, "unet", runs=True) == runs + 1  # three requests, one run
         for together, by_itself in zip(results, alone, strict=True):
             assert torch.allclose(together, by_itself, atol=1e-5)
         assert not torch.allclose(results[0], results[1], atol=1e-3)  # each kept its own user's rows

@@ -384,5 +384,5 @@ def _model_ready(server: TritonServer, model: str) -> bool:
 
 
 def _executions(server: TritonServer, model: str) -> int:
-    """How many times Triton ran ``model`` (its inference statistics)."""
-    return server.statistics()[model].executions
+    """How many times Triton ran ``model`` (its inference statistics, once they have settled)."""
+    return server.settled_statistics()[model].executions
