@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -318,6 +320,62 @@ def test_a_version_killed_before_current_keeps_its_number_after_a_delete(
     assert users.versions("ann") == [1] and users.current_version("ann") is None
     users.delete("ann")
     assert users.publish("ann", lambda folder: (folder / LORA_FILE).write_bytes(b"new"), {}) == 2
+
+
+# A publisher in its own process: it waits for the go file, then publishes ``ann`` ``times`` times
+# and prints the versions it got. Reading the last version number and writing a version each take
+# 50 ms, as on a slow shared volume, so that two publishers' steps interleave unless they take turns.
+PUBLISHER = """
+import json, sys, time
+from pathlib import Path
+from easyphoto.users.store import UserStore
+root, job_id, times = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+read_last = UserStore._last_version
+def slow_last(self, user_id):
+    last = read_last(self, user_id)
+    time.sleep(0.05)
+    return last
+UserStore._last_version = slow_last
+while not (root / "go").exists():
+    time.sleep(0.005)
+def write(folder):
+    (folder / "lora.safetensors").write_bytes(job_id.encode())
+    time.sleep(0.05)
+meta = {"job_id": job_id} if job_id != "-" else {}
+print(json.dumps([UserStore(root).publish("ann", write, meta) for _ in range(times)]))
+"""
+
+
+def _publish_at_once(root: Path, job_ids: list[str], times: int) -> list[list[int]]:
+    """Each of ``job_ids`` published by its own process at the same moment."""
+    root.mkdir(parents=True, exist_ok=True)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", PUBLISHER, str(root), job_id, str(times)], stdout=subprocess.PIPE
+        )
+        for job_id in job_ids
+    ]
+    time.sleep(1.0)  # both have imported the store and are waiting
+    (root / "go").touch()
+    outputs = [process.communicate(timeout=60)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0] * len(processes)
+    return [json.loads(output) for output in outputs]
+
+
+def test_processes_publishing_one_user_at_once_take_turns(tmp_path: Path) -> None:
+    got = _publish_at_once(tmp_path, ["-", "-"], times=4)
+    assert sorted(got[0] + got[1]) == list(range(1, 9))  # none lost to a clash, none numbered twice
+    users = UserStore(tmp_path)
+    assert users.versions("ann") == list(range(1, 9)) and users.current_version("ann") == 8
+    assert not list(users.user_dir("ann").glob(".staging-*"))
+
+
+def test_two_replicas_publishing_one_job_publish_it_once(tmp_path: Path) -> None:
+    got = _publish_at_once(tmp_path, ["job-1", "job-1"], times=1)  # a lease taken over from a live owner
+    assert got == [[1], [1]]
+    users = UserStore(tmp_path)
+    assert users.versions("ann") == [1] and users.current_version("ann") == 1
+    assert users.version_of_job("ann", "job-1") == 1
 
 
 def test_user_ids_cannot_name_the_stores_hidden_folders() -> None:

@@ -7,7 +7,9 @@ Layout under the data root: ``users/<user_id>/v<N>/`` holding ``lora.safetensors
 temporary name and renamed into place, and ``CURRENT`` is replaced atomically, so a reader sees a
 whole version or none. Version numbers are never reused, even after the user is deleted
 (``version-counters/<user_id>`` keeps the last one), so a cache keyed by (user, version) cannot
-serve a deleted identity.
+serve a deleted identity. A user's versions change under ``locks/<user_id>`` (``flock``), so
+processes sharing the root (trainer replicas, the serving side's admin calls) take turns, and a
+job publishes at most one version even when two replicas both believe they own it.
 
 ``training/<user_id>/<job_id>`` marks a training job that is queued or running: the trainer writes
 it at submission and removes it when the job publishes, fails or is cancelled. Every orchestrator
@@ -17,13 +19,13 @@ replica reading the same root can so tell a user still training from an unknown 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +111,6 @@ def check_stored_id(user_id: str, field_name: str) -> None:
 class UserStore:
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._publish_lock = threading.Lock()
 
     @property
     def adapter_dir(self) -> Path:
@@ -194,11 +195,16 @@ class UserStore:
 
     def publish(self, user_id: str, write: Callable[[Path], None], meta: dict[str, Any]) -> int:
         """Publishes a new version: ``write`` fills a temporary folder, which is renamed to
-        ``v<N>`` and then named by ``CURRENT``. Returns N."""
+        ``v<N>`` and then named by ``CURRENT``. Returns N. When ``meta["job_id"]`` already
+        published a version, that version is named current and returned; ``write`` is not called."""
         check_stored_id(user_id, "user_id")
         directory = self.user_dir(user_id)
-        directory.mkdir(parents=True, exist_ok=True)
-        with self._publish_lock:
+        with self._user_lock(user_id):
+            directory.mkdir(parents=True, exist_ok=True)
+            job_id = meta.get("job_id")
+            if job_id and (published := self.version_of_job(user_id, str(job_id))) is not None:
+                self._name_current_unless_newer(user_id, published)
+                return published
             version = max([*self.versions(user_id), self._last_version(user_id)]) + 1
             # Counted before anything is written: a publisher killed after its rename and before
             # CURRENT, then a delete, must not let the next publish take the same number.
@@ -225,10 +231,23 @@ class UserStore:
     def name_current(self, user_id: str, version: int) -> None:
         """Names ``version`` by ``CURRENT`` unless a newer one is named: a publish's last step,
         redone by a resumed job whose trainer stopped between the rename and the pointer."""
-        with self._publish_lock:
-            current = self.current_version(user_id)
-            if current is None or current < version:
-                self._name_current(user_id, version)
+        with self._user_lock(user_id):
+            self._name_current_unless_newer(user_id, version)
+
+    @contextlib.contextmanager
+    def _user_lock(self, user_id: str) -> Iterator[None]:
+        """Exclusive use of ``user_id``'s versions among every thread and process on this root
+        (each ``open`` is its own lock holder for ``flock``, so threads of one process wait too)."""
+        path = self.root / "locks" / user_id
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield  # closing the file releases the lock, also when this process dies
+
+    def _name_current_unless_newer(self, user_id: str, version: int) -> None:
+        current = self.current_version(user_id)
+        if current is None or current < version:
+            self._name_current(user_id, version)
 
     def _name_current(self, user_id: str, version: int) -> None:
         write_atomically(self.user_dir(user_id) / "CURRENT", str(version).encode())
@@ -251,15 +270,17 @@ class UserStore:
     def delete(self, user_id: str) -> int:
         """Removes every version of the user; returns how many there were."""
         check_stored_id(user_id, "user_id")
-        count = len(self.versions(user_id))
-        if not self.user_dir(user_id).is_dir():
-            raise UnknownUser(f"no user {user_id!r}", field="user_id")
-        # Renamed first so that no reader sees a half-deleted user.
-        doomed = self.root / "users" / f".deleting-{user_id}-{os.getpid()}"
-        os.rename(self.user_dir(user_id), doomed)
-        shutil.rmtree(doomed)
-        for derived in self.adapter_dir.glob(f"{adapter_prefix(user_id)}*"):  # the LoRA must not outlive them
-            derived.unlink(missing_ok=True)
+        with self._user_lock(user_id):
+            count = len(self.versions(user_id))
+            if not self.user_dir(user_id).is_dir():
+                raise UnknownUser(f"no user {user_id!r}", field="user_id")
+            # Renamed first so that no reader sees a half-deleted user.
+            doomed = self.root / "users" / f".deleting-{user_id}-{os.getpid()}"
+            os.rename(self.user_dir(user_id), doomed)
+            shutil.rmtree(doomed)
+            # The factors serving derived from the LoRA must not outlive it.
+            for derived in self.adapter_dir.glob(f"{adapter_prefix(user_id)}*"):
+                derived.unlink(missing_ok=True)
         return count
 
     def clean_staging(self, older_than: float = 0.0) -> list[Path]:
