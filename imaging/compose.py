@@ -89,12 +89,14 @@ def shift_color(
     mean and spread over ``box`` moved to ``reference``'s over the same box, and taken through
     ``mask`` box-blurred by ``blur`` px inside the box, so the shift fades out with no edge."""
     x0, y0, x1, y1 = box
-    inside = np.zeros(image.shape[:2], np.uint8)
-    inside[y0:y1, x0:x1] = 255
-    shifted = transfer_color(image, reference, inside)
-    weight = np.zeros(image.shape[:2], np.float32)
-    weight[y0:y1, x0:x1] = cv2.blur(mask[y0:y1, x0:x1], (blur, blur)).astype(np.float32) / 255.0
-    return mix(shifted, image, weight)
+    inner, inner_reference = image[y0:y1, x0:x1], reference[y0:y1, x0:x1]
+    out = image.copy()  # nothing outside the box changes: the work is done on the box alone
+    if inner.size == 0:
+        return out
+    shifted = transfer_color(inner, inner_reference, np.full(inner.shape[:2], 255, np.uint8))
+    weight = cv2.blur(mask[y0:y1, x0:x1], (blur, blur)).astype(np.float32) / 255.0
+    out[y0:y1, x0:x1] = mix(shifted, inner, weight)
+    return out
 
 
 def mix(front: np.ndarray, back: np.ndarray, weight: np.ndarray) -> np.ndarray:

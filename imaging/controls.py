@@ -32,8 +32,9 @@ def color_control(image: np.ndarray, blur_ratio: float = COLOR_BLUR_RATIO) -> np
     large_w, large_h = round_to_multiple(width * scale, 64), round_to_multiple(height * scale, 64)
     large = resize(image, large_w, large_h)
     small_size = (max(1, int(large_w // blur_ratio)), max(1, int(large_h // blur_ratio)))
-    small = cv2.resize(large, small_size, interpolation=cv2.INTER_CUBIC)
-    large = cv2.resize(small, (large_w, large_h), interpolation=cv2.INTER_NEAREST)
+    if small_size != (large_w, large_h):  # at the same size both resizes copy the image
+        small = cv2.resize(large, small_size, interpolation=cv2.INTER_CUBIC)
+        large = cv2.resize(small, (large_w, large_h), interpolation=cv2.INTER_NEAREST)
     return cv2.resize(large, (width, height), interpolation=cv2.INTER_CUBIC)
 
 

@@ -137,6 +137,23 @@ def border_ring(mask: np.ndarray, radius: int) -> np.ndarray:
     return cv2.subtract(cv2.dilate(mask, kernel), cv2.erode(mask, kernel))
 
 
+def close(mask: np.ndarray, grow: int, shrink: int) -> np.ndarray:
+    """``mask`` dilated by a disc of ``grow`` then eroded by one of ``shrink``, as on the whole
+    image (the border does not erode), computed inside the mask's bounding rectangle widened by
+    both radii: beyond it the dilation is 0, so the erosion there is too."""
+    closed = np.zeros_like(mask)
+    found = bounds(mask)
+    if found is None:
+        return closed
+    margin = grow + shrink + 1
+    rows, cols = (
+        slice(max(0, s.start - margin), min(size, s.stop + margin))
+        for s, size in zip(found, mask.shape, strict=True)
+    )
+    closed[rows, cols] = cv2.erode(cv2.dilate(mask[rows, cols], disc(grow)), disc(shrink))
+    return closed
+
+
 def feather(mask: np.ndarray, radius: int) -> np.ndarray:
     """A soft 0..1 float mask: eroded by ``radius`` then blurred, so it fades to exactly 0 at its
     edge (the image border counts as outside)."""

@@ -129,6 +129,23 @@ def test_inpaint_mask_closes_and_grows_by_a_square_of_a_tenth_of_the_face() -> N
     assert (mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] == 255).all()  # square corners
 
 
+def test_closing_a_mask_in_its_bounds_equals_closing_the_whole_image() -> None:
+    rng = np.random.default_rng(3)
+    for centre in ((40, 50), (3, 120), (195, 2), (100, 198)):  # inside, and against each border
+        mask = np.zeros((200, 210), np.uint8)
+        cv2.ellipse(mask, centre, (30, 18), 20, 0, 360, 255, -1)
+        mask[rng.random(mask.shape) < 0.002] = 255  # specks far from the blob widen its bounds
+        for grow, shrink in ((1, 2), (5, 10), (12, 24)):
+            whole = cv2.erode(cv2.dilate(mask, masks.disc(grow)), masks.disc(shrink))
+            assert np.array_equal(masks.close(mask, grow, shrink), whole), (centre, grow, shrink)
+    square = np.zeros((100, 100), np.uint8)
+    square[40:60, 30:70] = 255  # its dilation fills its bounds to their edges: they must erode
+    assert np.array_equal(
+        masks.close(square, 5, 10), cv2.erode(cv2.dilate(square, masks.disc(5)), masks.disc(10))
+    )
+    assert not masks.close(np.zeros((20, 20), np.uint8), 2, 4).any()
+
+
 def test_second_pass_ring_crosses_the_face_border_at_the_reference_kernels() -> None:
     """Dilated by a 32 px square less eroded by a 16 px one at a 512 px crop (16 px out, 8 in);
     half of that at a 256 px crop; the eyes and lips whole."""
@@ -158,6 +175,7 @@ def test_colour_shift_takes_the_face_box_statistics_through_a_blurred_mask() -> 
     across = shifted[100, 40:100, 0].astype(float) - cast[100, 40:100, 0]  # box edge to the centre
     assert abs(across[0]) < 1 and across[-1] < -25  # from no shift to all of it
     assert np.abs(np.diff(across)).max() < 6  # ... without a step: a hard mask jumps about 40
+    assert np.array_equal(compose.shift_color(cast, template, (40, 30, 40, 170), mask, blur=32), cast)
 
 
 def test_the_last_colour_shift_mask_leaves_the_mouth_out() -> None:
@@ -267,6 +285,20 @@ def test_paint_boxes_white() -> None:
     out = compose.paint_boxes_white(image, [(10, 10, 20, 30)])
     assert out[15, 15].tolist() == [255, 255, 255] and out[5, 5].tolist() == [0, 0, 0]
     assert image.max() == 0
+
+
+def test_model_tensors_are_the_plain_formula_and_round_trip() -> None:
+    import torch
+
+    image = np.random.default_rng(4).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    plain = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+    tensor = codec.to_model(image)
+    assert tensor.is_contiguous() and torch.equal(tensor, plain * 2 - 1)
+    assert torch.equal(codec.to_model(image[..., 0], signed=False), plain[:, :1])
+    assert np.array_equal(codec.from_model(tensor), image)
+    assert np.array_equal(
+        codec.from_model(codec.to_model(image[..., 1], signed=False), signed=False), image[..., 1]
+    )
 
 
 def test_decode_rejects_bad_images() -> None:

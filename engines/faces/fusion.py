@@ -22,7 +22,7 @@ import onnx
 
 from easyphoto.imaging.compose import mix, transfer_color
 from easyphoto.imaging.geometry import Face, align_face, similarity_transform
-from easyphoto.imaging.masks import below_brows, disc, feather, union
+from easyphoto.imaging.masks import below_brows, close, disc, feather, union
 
 from .onnx_runner import OnnxRunner
 from .parts import Parser
@@ -67,7 +67,7 @@ def fusion_weights(
     if within is not None:
         both = np.minimum(both, within)
     grow, shrink = max(1, round(face.width / 20)), max(1, round(face.width / 10))
-    region = cv2.erode(cv2.dilate(both, disc(grow)), disc(shrink))
+    region = close(both, grow, shrink)
     alpha = feather(region, grow) * ratio
     eyes = cv2.dilate(np.minimum(moved_parts["eyes"], region), disc(grow))
     alpha = np.maximum(alpha, feather(eyes, grow))
