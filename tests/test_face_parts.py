@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import cv2
@@ -25,7 +26,7 @@ from easyphoto.engines.faces.parts import (
 )
 from easyphoto.fixtures.photos import sample_photo
 from easyphoto.imaging import geometry
-from easyphoto.imaging.masks import only_parts
+from easyphoto.imaging.masks import face_part_masks, only_parts
 from easyphoto.rpc.errors import ModelMissing
 
 
@@ -67,6 +68,21 @@ def test_landmark_parser_is_the_default_geometry(faces: FaceAnalyzer) -> None:
     face = faces.largest(image)
     parts = LandmarkParser()(image, face)
     assert parts["eyes"][round(face.landmarks[0][1]), round(face.landmarks[0][0])] == 255
+
+
+def test_the_landmark_parser_answers_a_face_again_with_its_shared_masks(faces: FaceAnalyzer) -> None:
+    image = sample_photo("astronaut")
+    face = faces.largest(image)
+    parser = LandmarkParser()
+    parts = parser(image, face)
+    assert parser(image[::-1].copy(), face) is parts  # the pixels do not matter, the geometry does
+    with pytest.raises(ValueError):
+        parts["skin"][0, 0] = 255  # shared: no caller may change them
+    moved = dataclasses.replace(face, landmarks=face.landmarks + 3)
+    for other_image, other_face in ((image, moved), (image[:400], face)):
+        again = parser(other_image, other_face)
+        expected = face_part_masks(other_image.shape[:2], other_face.landmarks)
+        assert again is not parts and all(np.array_equal(again[k], expected[k]) for k in expected)
 
 
 def test_grabcut_matte_keeps_the_person_and_drops_the_border(faces: FaceAnalyzer) -> None:

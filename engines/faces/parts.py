@@ -55,12 +55,23 @@ PARSING_SIZE = 512
 
 
 class LandmarkParser:
-    """Face parts from 5-landmark geometry (the default)."""
+    """Face parts from 5-landmark geometry (the default). The masks depend on the image's size and
+    the landmarks only, and a face's fusions, colour shifts and masks ask for the same ones about six
+    times: the last answer is kept, read-only so that every caller can share it."""
 
     sees_hair = False
+    _last: tuple[tuple[tuple[int, ...], bytes], dict[str, np.ndarray]] | None = None
 
     def __call__(self, image: np.ndarray, face: Face) -> dict[str, np.ndarray]:
-        return face_part_masks(image.shape[:2], face.landmarks)
+        key = (image.shape[:2], np.asarray(face.landmarks, np.float64).tobytes())
+        last = self._last  # one read: requests on other threads may replace it meanwhile
+        if last is not None and last[0] == key:
+            return last[1]
+        parts = face_part_masks(image.shape[:2], face.landmarks)
+        for mask in parts.values():
+            mask.setflags(write=False)
+        self._last = (key, parts)
+        return parts
 
 
 class BiSeNetParser:
