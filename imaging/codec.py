@@ -86,8 +86,9 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def to_model(image: np.ndarray, signed: bool = True) -> torch.Tensor:
     """HxWx3 uint8 (or HxW mask) to 1xCxHxW float: [-1, 1] when ``signed``, else [0, 1]."""
-    # In numpy, in place, and with torch's rounding: the request thread runs no torch kernel (its
-    # thread pool would contend with the step loop's) and allocates the output only.
+    # In numpy and in place (the same float32 arithmetic as a torch version, bitwise): the request
+    # thread runs no torch kernel (its thread pool would contend with the step loop's) and
+    # allocates the output only.
     channels = image if image.ndim == 3 else image[..., None]
     array = channels.transpose(2, 0, 1).astype(np.float32, order="C")
     array /= np.float32(255.0)

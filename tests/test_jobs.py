@@ -322,20 +322,22 @@ def test_a_version_killed_before_current_keeps_its_number_after_a_delete(
     assert users.publish("ann", lambda folder: (folder / LORA_FILE).write_bytes(b"new"), {}) == 2
 
 
-# A publisher in its own process: it waits for the go file, then publishes ``ann`` ``times`` times
-# and prints the versions it got. Reading the last version number and writing a version each take
-# 50 ms, as on a slow shared volume, so that two publishers' steps interleave unless they take turns.
+# A publisher in its own process: it says it is ready, waits for the go file, then publishes ``ann``
+# ``times`` times and prints the versions it got. Reading the last version number and writing a
+# version each take 50 ms, as on a slow shared volume, so that two publishers' steps interleave
+# unless they take turns.
 PUBLISHER = """
 import json, sys, time
 from pathlib import Path
 from easyphoto.users.store import UserStore
-root, job_id, times = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+root, job_id, times, name = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 read_last = UserStore._last_version
 def slow_last(self, user_id):
     last = read_last(self, user_id)
     time.sleep(0.05)
     return last
 UserStore._last_version = slow_last
+(root / f"ready-{name}").touch()
 while not (root / "go").exists():
     time.sleep(0.005)
 def write(folder):
@@ -351,11 +353,16 @@ def _publish_at_once(root: Path, job_ids: list[str], times: int) -> list[list[in
     root.mkdir(parents=True, exist_ok=True)
     processes = [
         subprocess.Popen(
-            [sys.executable, "-c", PUBLISHER, str(root), job_id, str(times)], stdout=subprocess.PIPE
+            [sys.executable, "-c", PUBLISHER, str(root), job_id, str(times), str(index)],
+            stdout=subprocess.PIPE,
         )
-        for job_id in job_ids
+        for index, job_id in enumerate(job_ids)
     ]
-    time.sleep(1.0)  # both have imported the store and are waiting
+    ready = [root / f"ready-{index}" for index in range(len(job_ids))]
+    deadline = time.monotonic() + 60
+    while not all(path.exists() for path in ready):  # each has imported the store and waits
+        assert time.monotonic() < deadline and all(process.poll() is None for process in processes)
+        time.sleep(0.01)
     (root / "go").touch()
     outputs = [process.communicate(timeout=60)[0] for process in processes]
     assert [process.returncode for process in processes] == [0] * len(processes)
