@@ -4,6 +4,7 @@ graceful stop, and user versions that are never reused."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -300,9 +301,39 @@ def test_version_numbers_are_never_reused_after_a_delete(tmp_path: Path) -> None
     users.delete("ann")
     assert users.user_ids() == []
     assert [p.name for p in users.adapter_dir.iterdir()] == ["anna@v1.unet.npz"]  # ann's factors went too
+    assert not (tmp_path / "locks" / "ann").exists()  # and her lock file
+    with pytest.raises(UnknownUser):
+        users.delete("bob")
+    assert not (tmp_path / "locks" / "bob").exists()
     assert users.publish("ann", write, {}) == 2
     meta = json.loads((users.user_dir("ann") / "v2" / "meta.json").read_text())
     assert meta["lora_sha256"] == sha256_file(users.user_dir("ann") / "v2" / LORA_FILE)
+
+
+def test_a_publisher_that_waited_through_a_delete_holds_the_users_new_lock(tmp_path: Path) -> None:
+    """A delete removes the user's lock file while holding it. A publisher that waited on it then
+    locks the file there now, so that nobody else can take the user while it publishes."""
+    users = UserStore(tmp_path)
+    writing, finish = threading.Event(), threading.Event()
+
+    def write(folder: Path) -> None:
+        writing.set()
+        finish.wait(10)
+        (folder / LORA_FILE).write_bytes(b"weights")
+
+    publisher = threading.Thread(target=users.publish, args=("ann", write, {}))
+    with users._user_lock("ann"):
+        publisher.start()
+        time.sleep(0.2)  # the publisher waits on the lock
+        (tmp_path / "locks" / "ann").unlink()  # as a delete does, holding the lock
+    try:
+        assert writing.wait(10)
+        with (tmp_path / "locks" / "ann").open("a") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        finish.set()
+        publisher.join(10)
+    assert users.versions("ann") == [1]
 
 
 def test_a_version_killed_before_current_keeps_its_number_after_a_delete(

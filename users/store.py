@@ -7,9 +7,9 @@ Layout under the data root: ``users/<user_id>/v<N>/`` holding ``lora.safetensors
 temporary name and renamed into place, and ``CURRENT`` is replaced atomically, so a reader sees a
 whole version or none. Version numbers are never reused, even after the user is deleted
 (``version-counters/<user_id>`` keeps the last one), so a cache keyed by (user, version) cannot
-serve a deleted identity. A user's versions change under ``locks/<user_id>`` (``flock``), so
-processes sharing the root (trainer replicas, the serving side's admin calls) take turns, and a
-job publishes at most one version even when two replicas both believe they own it.
+serve a deleted identity. A user's versions change under ``locks/<user_id>`` (``flock``, removed
+with the user), so processes sharing the root (trainer replicas, the serving side's admin calls)
+take turns, and a job publishes at most one version even when two replicas both believe they own it.
 
 ``training/<user_id>/<job_id>`` marks a training job that is queued or running: the trainer writes
 it at submission and removes it when the job publishes, fails or is cancelled. Every orchestrator
@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -240,9 +240,13 @@ class UserStore:
         (each ``open`` is its own lock holder for ``flock``, so threads of one process wait too)."""
         path = self.root / "locks" / user_id
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            yield  # closing the file releases the lock, also when this process dies
+        while True:
+            with path.open("a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                # A delete removes the file while holding it: who waited on it locks the new one.
+                if _is_file_at(handle, path):
+                    yield  # closing the file releases the lock, also when this process dies
+                    return
 
     def _name_current_unless_newer(self, user_id: str, version: int) -> None:
         current = self.current_version(user_id)
@@ -270,6 +274,8 @@ class UserStore:
     def delete(self, user_id: str) -> int:
         """Removes every version of the user; returns how many there were."""
         check_stored_id(user_id, "user_id")
+        if not self.user_dir(user_id).is_dir():  # asked before the lock, so an unknown id leaves no file
+            raise UnknownUser(f"no user {user_id!r}", field="user_id")
         with self._user_lock(user_id):
             count = len(self.versions(user_id))
             if not self.user_dir(user_id).is_dir():
@@ -281,6 +287,7 @@ class UserStore:
             # The factors serving derived from the LoRA must not outlive it.
             for derived in self.adapter_dir.glob(f"{adapter_prefix(user_id)}*"):
                 derived.unlink(missing_ok=True)
+            (self.root / "locks" / user_id).unlink()
         return count
 
     def clean_staging(self, older_than: float = 0.0) -> list[Path]:
@@ -292,3 +299,11 @@ class UserStore:
         for path in leftovers:
             shutil.rmtree(path, ignore_errors=True)
         return leftovers
+
+
+def _is_file_at(handle: IO[str], path: Path) -> bool:
+    """Whether the open ``handle`` is still the file named ``path`` (not removed or replaced)."""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
