@@ -17,7 +17,14 @@ import numpy as np
 import pytest
 import torch
 from recording_engines import random_user_lora
-from triton_fixtures import adapter_dir_beside, fused_stages, publish_trained_user, repository_of
+from triton_fixtures import (
+    adapter_dir_beside,
+    executions,
+    fused_stages,
+    inferences,
+    publish_trained_user,
+    repository_of,
+)
 
 from easyphoto.diffusion.passes import FIRST_PASS, SECOND_PASS, reference_stages
 from easyphoto.engines.backends.torch_backend import TorchBackend
@@ -97,13 +104,6 @@ def _random_lora(tiny: ModelFamily, seed: int) -> LoraWeights:
     return random_user_lora(lora_targets(tiny.lora_roots()), f"random-{seed}", seed)
 
 
-def _inference_count(server: TritonServer, model: str, runs: bool = False) -> int:
-    """Triton's count of inferences (rows) of a model, or with ``runs`` of its executions (model
-    runs), once its statistics have settled."""
-    counts = server.settled_statistics()[model]
-    return counts.executions if runs else counts.inferences
-
-
 def test_a_whole_generate_through_triton_equals_torch(
     server: TritonServer,
     triton_backend: TritonBackend,
@@ -122,7 +122,7 @@ def test_a_whole_generate_through_triton_equals_torch(
     images, scores = [], []
     fused = describe_stage(tiny, reference_stages()[0]).name
     # The second pass's stage is not in the repository: its steps call the tile ControlNet there.
-    before = {model: _inference_count(server, model) for model in (fused, "controlnet_tile", "face_embedder")}
+    before = {model: inferences(server, model) for model in (fused, "controlnet_tile", "face_embedder")}
     for backend in (triton_backend, TorchBackend(tiny, "cpu", faces=face_models)):
         engines = Engines(backend, tiny.tokenizer, float(tiny.vae.config.scaling_factor))
         analyzer = face_models.analyzer(backend)
@@ -133,7 +133,7 @@ def test_a_whole_generate_through_triton_equals_torch(
         images.append(generation.image)
         scores.append(generation.faces[0].identity_score)
     # Triton ran the first pass as one fused call per step, the second's nets, and dlib's embedder.
-    assert all(_inference_count(server, model) > count for model, count in before.items())
+    assert all(inferences(server, model) > count for model, count in before.items())
     # The images differ by rounding (below); the score moves with them through MTCNN's landmarks and
     # dlib's chip: measured 0.006 alone and 0.034 once within the whole suite (same code).
     assert scores[0] == pytest.approx(scores[1], abs=0.05)
@@ -190,12 +190,12 @@ def test_a_call_ends_with_the_request_deadline(server: TritonServer, triton_back
     with request_deadline(0.1), pytest.raises(DeadlineExceeded, match="triton controlnet_canny"):
         triton_backend.infer("controlnet_canny", large)
     text = triton_backend.roles["text_encoder"].sample_inputs("min")
-    before = _inference_count(server, "text_encoder")
+    before = inferences(server, "text_encoder")
     with request_deadline(0.0), pytest.raises(DeadlineExceeded, match="before an engine call"):
         triton_backend.infer("text_encoder", text)  # not sent at all
     with request_deadline(60.0):
         triton_backend.infer("text_encoder", text)
-    assert _inference_count(server, "text_encoder") == before + 1
+    assert inferences(server, "text_encoder") == before + 1
 
 
 def test_users_adapters_reach_triton_by_name_and_one_model_run_computes_both(
@@ -226,12 +226,12 @@ def test_users_adapters_reach_triton_by_name_and_one_model_run_computes_both(
         for row in rows
     ]
     ours = local.infer("unet", sample, local_rows)["noise_pred"]
-    rows_before = _inference_count(server, "unet")
-    runs_before = _inference_count(server, "unet", runs=True)
+    rows_before = inferences(server, "unet")
+    runs_before = executions(server, "unet")
     theirs = triton_backend.infer("unet", sample, rows)["noise_pred"]
     assert float((theirs - ours).abs().max()) <= 1e-4 * float(ours.abs().max())
-    assert _inference_count(server, "unet") == rows_before + len(rows)  # four rows of two users...
-    assert _inference_count(server, "unet", runs=True) == runs_before + 1  # ...one run
+    assert inferences(server, "unet") == rows_before + len(rows)  # four rows of two users...
+    assert executions(server, "unet") == runs_before + 1  # ...one run
     base = triton_backend.infer("unet", sample)["noise_pred"]
     assert not torch.allclose(base[0], theirs[0], atol=1e-3) and torch.allclose(base[2], theirs[2], atol=1e-5)
     canny = triton_backend.roles["controlnet_canny"].sample_inputs("min")
@@ -536,7 +536,7 @@ def test_two_users_requests_arriving_together_are_one_model_run(
         ]
         calls = [(clients[0], rows[0]), (clients[1], rows[1]), (clients[0], None)]
         alone = [client.infer("unet", sample, row)["noise_pred"] for client, row in calls]
-        runs = _inference_count(server, "unet", runs=True)
+        runs = executions(server, "unet")
         results: list[torch.Tensor] = [torch.empty(0)] * len(calls)
         start = threading.Barrier(len(calls))
 
@@ -550,7 +550,7 @@ def test_two_users_requests_arriving_together_are_one_model_run(
             thread.start()
         for thread in threads:
             thread.join(60)
-        assert _inference_count(server, "unet", runs=True) == runs + 1  # three requests, one run
+        assert executions(server, "unet") == runs + 1  # three requests, one run
         for together, by_itself in zip(results, alone, strict=True):
             assert torch.allclose(together, by_itself, atol=1e-5)
         assert not torch.allclose(results[0], results[1], atol=1e-3)  # each kept its own user's rows

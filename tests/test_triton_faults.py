@@ -18,7 +18,14 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recording_engines import random_user_lora
-from triton_fixtures import adapter_dir_beside, fused_stages, kill_server, publish_trained_user, repository_of
+from triton_fixtures import (
+    adapter_dir_beside,
+    executions,
+    fused_stages,
+    kill_server,
+    publish_trained_user,
+    repository_of,
+)
 
 from easyphoto.diffusion.passes import reference_stages
 from easyphoto.engines.adapters import SampleAdapter
@@ -303,7 +310,7 @@ def test_a_triton_restarted_with_another_repository_is_used_as_it_is_now(
         for role, sample in inputs.items():  # each where it is served now, both as the local one
             theirs, ours = backend.infer(role, sample), local.infer(role, sample)
             assert all(torch.allclose(theirs[k], ours[k], atol=1e-4) for k in ours), role
-        assert _executions(triton, "face_rnet") == 1
+        assert executions(triton, "face_rnet") == 1
     finally:
         backend.close()
         triton.stop()
@@ -352,7 +359,7 @@ def test_a_model_triton_drops_between_probes_runs_without_it_from_the_next_call(
     try:
         assert backend.ready() and backend.remote_roles == {*nets, stage.name, "face_pnet"}
         fused, detected = engines.predict_noise(*step, rows), backend.infer("face_pnet", face)
-        assert _executions(triton, stage.name) == 1 and _executions(triton, "face_pnet") == 1
+        assert executions(triton, stage.name) == 1 and executions(triton, "face_pnet") == 1
         for model in (stage.name, "face_pnet"):
             _unload(triton, model)
         assert torch.allclose(engines.predict_noise(*step, rows), fused, atol=1e-4)
@@ -360,7 +367,7 @@ def test_a_model_triton_drops_between_probes_runs_without_it_from_the_next_call(
         assert all(torch.allclose(again[name], value, atol=1e-4) for name, value in detected.items())
         assert backend.remote_roles == set(nets)
         assert backend.ready()  # Triton says it is not ready (a model is missing); its nets are
-        assert _executions(triton, controlnet_role(kinds[0])) == 1  # the step ran as its nets
+        assert executions(triton, controlnet_role(kinds[0])) == 1  # the step ran as its nets
     finally:
         backend.close()
         triton.stop()
@@ -381,8 +388,3 @@ def _model_ready(server: TritonServer, model: str) -> bool:
             return reply.status == 200
     except OSError:  # 400: not ready, or unknown
         return False
-
-
-def _executions(server: TritonServer, model: str) -> int:
-    """How many times Triton ran ``model`` (its inference statistics, once they have settled)."""
-    return server.settled_statistics()[model].executions

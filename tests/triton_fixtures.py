@@ -97,6 +97,16 @@ def publish_trained_user(root: Path, faces: FaceAnalyzer, tiny: ModelFamily, use
     (root / "users" / user_id / "CURRENT").write_text("1")
 
 
+def inferences(server: TritonServer, model: str) -> int:
+    """Triton's count of ``model``'s inferences (rows), once its statistics have settled."""
+    return server.settled_statistics()[model].inferences
+
+
+def executions(server: TritonServer, model: str) -> int:
+    """Triton's count of ``model``'s executions (model runs), once its statistics have settled."""
+    return server.settled_statistics()[model].executions
+
+
 def kill_server(server: TritonServer) -> None:
     """SIGKILLs tritonserver, as a crash would, then what it leaves behind, as the end of its
     container would: its python backend stubs (one was seen still running minutes later) and their
