@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from easyphoto.engines.faces.paths import FaceModelPaths
+
 if TYPE_CHECKING:  # grpc is imported where a client is made, not at the command's start
     from easyphoto.rpc.wire import ClientSecurity
 
@@ -33,30 +35,24 @@ def add_service_arguments(parser: argparse.ArgumentParser, port: int, metrics_po
     security.add_argument("--tls-key", default=None, help="and this private key (PEM)")
     security.add_argument("--tls-client-ca", default=None, help="require client certificates of this CA")
     faces = parser.add_argument_group("face models (give the trainer and the orchestrator the same)")
-    faces.add_argument(
-        "--face-models",
-        default=None,
-        help="an insightface pack directory (SCRFD + ArcFace ONNX), not MTCNN + dlib",
-    )
-    faces.add_argument("--face-parsing", default=None, help="a BiSeNet face parsing ONNX file")
-    faces.add_argument("--face-saliency", default=None, help="a saliency matte ONNX file")
-    faces.add_argument("--face-enhancer", default=None, help="a face upscaler ONNX file")
-    faces.add_argument(
-        "--face-swapper", default=None, help="an inswapper-style face swap ONNX file (needs --face-models)"
-    )
-    faces.add_argument(
-        "--pose-model", default=None, help="a DWPose/RTMPose-style whole-body keypoint ONNX file"
-    )
-    faces.add_argument(
-        "--skin-retoucher",
-        default=None,
-        help="an image-to-image skin retouching ONNX file (else a bilateral smoothing of the skin)",
-    )
+    for name, option in FaceModelPaths.OPTIONS.items():
+        faces.add_argument(option, default=None, help=FACE_MODEL_HELP[name])
+
+
+# What each of FaceModelPaths' fields is, for its option's help.
+FACE_MODEL_HELP = {
+    "pack": "an insightface pack directory (SCRFD + ArcFace ONNX), not MTCNN + dlib",
+    "parsing": "a BiSeNet face parsing ONNX file",
+    "saliency": "a saliency matte ONNX file",
+    "enhancer": "a face upscaler ONNX file",
+    "swapper": "an inswapper-style face swap ONNX file (needs --face-models)",
+    "pose": "a DWPose/RTMPose-style whole-body keypoint ONNX file",
+    "retoucher": "an image-to-image skin retouching ONNX file (else a bilateral smoothing of the skin)",
+}
 
 
 def service_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The config fields :func:`add_service_arguments` sets (ServerConfig and TrainerConfig both)."""
-    from easyphoto.engines.faces.models import FaceModelPaths
     from easyphoto.rpc.server import Security
     from easyphoto.users.store import default_data_root
 
@@ -78,15 +74,14 @@ def service_settings(args: argparse.Namespace) -> dict[str, Any]:
             tls_client_ca=path(args.tls_client_ca),
         ),
         "faces": FaceModelPaths(
-            pack=path(args.face_models),
-            parsing=path(args.face_parsing),
-            saliency=path(args.face_saliency),
-            enhancer=path(args.face_enhancer),
-            swapper=path(args.face_swapper),
-            pose=path(args.pose_model),
-            retoucher=path(args.skin_retoucher),
+            **{name: path(getattr(args, _dest(option))) for name, option in FaceModelPaths.OPTIONS.items()}
         ),
     }
+
+
+def _dest(option: str) -> str:
+    """argparse's attribute for ``option``."""
+    return option.lstrip("-").replace("-", "_")
 
 
 def add_client_security(parser: argparse.ArgumentParser, prefix: str = "", whose: str = "the server") -> None:

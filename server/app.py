@@ -19,7 +19,8 @@ import grpc
 from easyphoto.diffusion.steps import StepEngine
 from easyphoto.engines.adapters import DEFAULT_CACHE_BYTES
 from easyphoto.engines.backends.torch_backend import TorchBackend
-from easyphoto.engines.faces.models import FaceModelPaths, FaceModels
+from easyphoto.engines.faces.models import FaceModels
+from easyphoto.engines.faces.paths import FaceModelPaths
 from easyphoto.engines.interface import Backend, Engines
 from easyphoto.engines.models.loading import resolve_family
 from easyphoto.engines.models.sdxl import SdxlFacts, SdxlLoadError, resolve_sdxl_family

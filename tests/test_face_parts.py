@@ -194,7 +194,7 @@ def test_optional_onnx_models_replace_the_classical_defaults(tmp_path: Path) -> 
 
 
 def test_a_face_model_file_that_is_not_there_names_its_option(tmp_path: Path) -> None:
-    from easyphoto.engines.faces.models import FaceModelPaths
+    from easyphoto.engines.faces.paths import FaceModelPaths
 
     missing = tmp_path / "retouch.onnx"
     with pytest.raises(ModelMissing) as raised:

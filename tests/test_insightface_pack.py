@@ -152,10 +152,26 @@ def test_scrfd_decoding_of_known_outputs(pack: Path) -> None:
     assert np.allclose(faces[0].landmarks, (np.array([cx, cy]) + offsets) / 2)
 
 
+def test_each_face_model_option_sets_its_own_field() -> None:
+    """The options users pass (their names are the interface) land in the field each names."""
+    from easyphoto.cli.main import build_parser
+    from easyphoto.cli.service_args import service_settings
+    from easyphoto.engines.faces.paths import FaceModelPaths
+
+    fields = {
+        "--face-models": "pack", "--face-parsing": "parsing", "--face-saliency": "saliency",
+        "--face-enhancer": "enhancer", "--face-swapper": "swapper", "--pose-model": "pose",
+        "--skin-retoucher": "retoucher",
+    }  # fmt: skip
+    argv = ["trainer", *(part for option in fields for part in (option, f"{option[2:]}.onnx"))]
+    given = FaceModelPaths(**{field: Path(f"{option[2:]}.onnx") for option, field in fields.items()})
+    assert service_settings(build_parser().parse_args(argv))["faces"] == given
+
+
 def test_both_services_take_the_same_face_model_options(pack: Path, tmp_path: Path) -> None:
     from easyphoto.cli.main import build_parser
     from easyphoto.cli.service_args import service_settings
-    from easyphoto.engines.faces.models import FaceModelPaths
+    from easyphoto.engines.faces.paths import FaceModelPaths
     from easyphoto.server.app import EngineHolder, ServerConfig
     from easyphoto.trainer.app import TrainerConfig, build_trainer
 

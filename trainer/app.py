@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from easyphoto.engines.backends.torch_backend import TorchBackend, default_device
-from easyphoto.engines.faces.models import FaceModelPaths, FaceModels
+from easyphoto.engines.faces.models import FaceModels
+from easyphoto.engines.faces.paths import FaceModelPaths
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.models.loading import resolve_family
 from easyphoto.rpc.metrics import DEFAULT_HOST, Metrics
