@@ -534,7 +534,7 @@ def _plots(results: Results, stages: dict[tuple[str, str], float]) -> None:
     figure.savefig(results.config.out / "concurrency.png", dpi=110)
     plt.close(figure)
 
-    figure, axis = plt.subplots(figsize=(8, 4))
+    figure, axis = plt.subplots(figsize=(9, 4))
     backends = sorted({backend for backend, _ in stages})
     names = [
         s
@@ -550,7 +550,8 @@ def _plots(results: Results, stages: dict[tuple[str, str], float]) -> None:
     axis.bar(backends, other, bottom=bottom, label="orchestrator (outside the models)")
     axis.set_ylabel("seconds per request (concurrency 1)")
     axis.set_title("where a request's time goes")
-    axis.legend(fontsize=7)
+    handles, labels = axis.get_legend_handles_labels()  # listed top to bottom, as the bars stack
+    axis.legend(handles[::-1], labels[::-1], fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(results.config.out / "stages.png", dpi=110)
     plt.close(figure)
