@@ -100,7 +100,12 @@ def to_model(image: np.ndarray, signed: bool = True) -> torch.Tensor:
 
 def from_model(tensor: torch.Tensor, signed: bool = True) -> np.ndarray:
     """1xCxHxW float to HxWxC uint8 (the first image of the batch)."""
-    values = tensor[0].detach().float().cpu()
-    values = (values / 2 + 0.5) if signed else values
-    array = (values.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return array[..., 0] if array.shape[-1] == 1 else array
+    # In numpy, for the reason to_model is: the same float32 arithmetic as the torch formula, bitwise
+    # (np.rint rounds half to even, as torch.round does).
+    values = tensor[0].detach().float().cpu().numpy()
+    array = values / np.float32(2.0) + np.float32(0.5) if signed else values.copy()
+    np.clip(array, 0.0, 1.0, out=array)
+    array *= np.float32(255.0)
+    np.rint(array, out=array)
+    image = array.astype(np.uint8).transpose(1, 2, 0)
+    return image[..., 0] if image.shape[-1] == 1 else image

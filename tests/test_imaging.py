@@ -301,6 +301,19 @@ def test_model_tensors_are_the_plain_formula_and_round_trip() -> None:
     )
 
 
+def test_model_output_to_pixels_is_the_torch_formula_bitwise() -> None:
+    """Out-of-range values, and halves that round to even, as the torch formula converts them."""
+    import torch
+
+    values = torch.randn(1, 3, 37, 29, generator=torch.Generator().manual_seed(5)) * 0.8
+    values[0, 0, 0, :5] = torch.tensor([-3.0, 3.0, (2 * 0.5 / 255) - 1, (2 * 1.5 / 255) - 1, 0.0])
+    for signed in (True, False):
+        scaled = (values[0] / 2 + 0.5) if signed else values[0]
+        expected = (scaled.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        assert np.array_equal(codec.from_model(values, signed=signed), expected)
+    assert codec.from_model(values[:, :1]).shape == (37, 29)
+
+
 def test_decode_rejects_bad_images() -> None:
     with pytest.raises(ImageUnreadable) as junk:
         codec.decode_image(b"not an image", field="templates[0]")
