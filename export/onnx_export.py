@@ -23,6 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -83,6 +84,22 @@ class ExportResult:
     # LoRA file module name -> ONNX initializer (and TensorRT weight) name, for refit.
     lora_weights: dict[str, str] = field(default_factory=dict)
 
+    @classmethod
+    def from_meta(cls, path: Path, meta: dict[str, Any], seconds: float, skipped: bool) -> ExportResult:
+        """The result ``export.json`` (``meta``) records for the graph at ``path``."""
+        fp16 = meta["checks"].get("fp16")
+        return cls(
+            meta["role"],
+            path,
+            meta["max_abs_diff"],
+            meta["ok"],
+            seconds,
+            skipped,
+            path.with_name(fp16["graph"]) if fp16 else None,
+            fp16["difference"] if fp16 else 0.0,
+            meta.get("lora_weights", {}),
+        )
+
 
 def weights_hash(module: nn.Module) -> str:
     digest = hashlib.sha256()
@@ -118,27 +135,50 @@ def export_role(
     if not force and meta_path.is_file() and path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("key") == key:
-            fp16 = meta["checks"].get("fp16")
-            return ExportResult(
-                description.name,
-                path,
-                meta["max_abs_diff"],
-                meta["ok"],
-                0.0,
-                skipped=True,
-                fp16_path=role_dir / FP16_FILE if fp16 else None,
-                fp16_rel_diff=fp16["difference"] if fp16 else 0.0,
-                lora_weights=meta.get("lora_weights", {}),
-            )
+            return ExportResult.from_meta(path, meta, seconds=0.0, skipped=True)
     started = time.perf_counter()
-    role_dir.mkdir(parents=True, exist_ok=True)
+    _trace(description, module, path)
+    checks = _check(description, module, path, fp16_graph and description.fp16)
+    lora_weights, shared = lora_weight_names(description, module, lora_roots or {}, initializer_names(path))
+    if shared:
+        log.warning(
+            "%s: %d LoRA-targeted layers share their weight with another (not refittable alone): %s",
+            description.name,
+            len(shared),
+            shared[:3],
+        )
+    meta = {
+        "key": key,
+        "role": description.name,
+        "exporter": EXPORTER_VERSION,
+        "max_abs_diff": max(checks[point].difference for point in POINTS),
+        "ok": all(check.passed for check in checks.values()),
+        "checks": {
+            name: {"difference": c.difference, "tolerance": c.tolerance, "graph": c.graph.name}
+            for name, c in checks.items()
+        },
+        "description": description.manifest(),
+        "parameters": [name for name, _ in module.named_parameters()],
+        "lora_weights": lora_weights,
+        "lora_weights_shared": shared,
+    }
+    meta_path.write_text(json.dumps(meta, indent=2))
+    result = ExportResult.from_meta(path, meta, seconds=time.perf_counter() - started, skipped=False)
+    log.info(
+        "exported %s in %.1fs (max |ort - torch| = %.2e)", result.role, result.seconds, result.max_abs_diff
+    )
+    return result
+
+
+def _trace(description: RoleDescription, module: nn.Module, path: Path) -> None:
+    """The fp32 graph at ``path``, traced at the opt point, with the description's names and axes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     sample = description.sample_inputs("opt")
-    args = tuple(sample[spec.name] for spec in description.inputs)
     dynamic_axes = {spec.name: spec.dynamic_axes() for spec in (*description.inputs, *description.outputs)}
     with torch.no_grad():
         torch.onnx.export(
             module,
-            args,
+            tuple(sample[spec.name] for spec in description.inputs),
             str(path),
             input_names=[spec.name for spec in description.inputs],
             output_names=[spec.name for spec in description.outputs],
@@ -149,52 +189,6 @@ def export_role(
         )
     gather_external_data(path)  # a graph past 2 GB: its weights in one file beside it
     onnx.checker.check_model(str(path))
-    checks = _check(description, module, path, fp16_graph and description.fp16)
-    seconds = time.perf_counter() - started
-    parameters = [name for name, _ in module.named_parameters()]
-    diff = max(checks[point].difference for point in POINTS)
-    ok = all(check.passed for check in checks.values())
-    fp16 = checks.get("fp16")
-    lora_weights, shared = lora_weight_names(description, module, lora_roots or {}, initializer_names(path))
-    if shared:
-        log.warning(
-            "%s: %d LoRA-targeted layers share their weight with another (not refittable alone): %s",
-            description.name,
-            len(shared),
-            shared[:3],
-        )
-    meta_path.write_text(
-        json.dumps(
-            {
-                "key": key,
-                "role": description.name,
-                "exporter": EXPORTER_VERSION,
-                "max_abs_diff": diff,
-                "ok": ok,
-                "checks": {
-                    name: {"difference": c.difference, "tolerance": c.tolerance, "graph": c.graph.name}
-                    for name, c in checks.items()
-                },
-                "description": description.manifest(),
-                "parameters": parameters,
-                "lora_weights": lora_weights,
-                "lora_weights_shared": shared,
-            },
-            indent=2,
-        )
-    )
-    log.info("exported %s in %.1fs (max |ort - torch| = %.2e)", description.name, seconds, diff)
-    return ExportResult(
-        description.name,
-        path,
-        diff,
-        ok,
-        seconds,
-        False,
-        fp16.graph if fp16 else None,
-        fp16.difference if fp16 else 0.0,
-        lora_weights,
-    )
 
 
 def _check(description: RoleDescription, module: nn.Module, path: Path, fp16: bool) -> dict[str, GraphCheck]:
