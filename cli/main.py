@@ -185,6 +185,12 @@ def _bench(args: argparse.Namespace) -> int:
         section = lcm_section(args.models)
         write_section(out, section)
         print(section)
+    if args.only in ("all", "lora"):
+        from easyphoto.server.lora_bench import lora_section
+
+        section = lora_section(args.models, repeats=args.repeats)
+        write_section(out, section)
+        print(section)
     if args.only in ("all", "harness"):
         _harness(args, out)
     return 0
@@ -507,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=50)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument(
-        "--only", choices=["all", "faces", "first-pass", "triton", "lcm", "harness"], default="all"
+        "--only", choices=["all", "faces", "first-pass", "triton", "lcm", "lora", "harness"], default="all"
     )
     bench.add_argument(
         "--quick", action="store_true", help="harness: the tiny family, fewer steps (under 10 min on 2 cores)"

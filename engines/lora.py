@@ -150,7 +150,7 @@ def fuse_lora(root: nn.Module, lora: LoraWeights, target: str, weight: float) ->
             if layer.target == target:
                 parameter = submodule(root, layer.module).weight
                 assert isinstance(parameter, torch.Tensor)
-                parameter.add_((layer.delta() * weight).to(parameter.dtype))
+                parameter.add_((layer.delta() * weight).to(parameter.device, parameter.dtype))
 
 
 def fused_copy(model: ModelMixin, lora: LoraWeights, target: str, weight: float) -> ModelMixin:
