@@ -205,7 +205,8 @@ def _harness(args: argparse.Namespace, doc: Path) -> None:
     from easyphoto.cli.load_bench import FULL_CPU, FULL_GPU, QUICK, print_against_targets, run_harness
 
     config = QUICK if args.quick else FULL_GPU if torch.cuda.is_available() else FULL_CPU
-    results = run_harness(replace(config, out=Path(args.harness_out), doc=doc))
+    config = replace(config, out=Path(args.harness_out), doc=doc)
+    results = run_harness(replace(config, triton_concurrency=()) if args.no_triton else config)
     for line in print_against_targets(results.summary()):
         print(line)
 
@@ -519,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="harness: the tiny family, fewer steps (under 10 min on 2 cores)"
     )
     bench.add_argument("--harness-out", default="bench-out", help="harness: CSV, plots and summary.json")
+    bench.add_argument(
+        "--no-triton", action="store_true", help="harness: the torch backend only (no tritonserver here)"
+    )
     bench.set_defaults(run=_bench)
 
     soak = commands.add_parser(

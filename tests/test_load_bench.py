@@ -70,12 +70,19 @@ def test_a_miniature_run_writes_csv_plots_summary_and_the_doc_section(tmp_path: 
     assert summary["models"] == "tiny" and summary["throughput_ratio_c8"] is None  # no 8 in this sweep
     assert summary["ratio_vs_diffusers_single"] > 0 and summary["baseline_both_passes_s"] > 0
     assert summary == results.summary()
+    assert summary["peak_faces_per_s"] == pytest.approx(max(float(r["faces_per_s"]) for r in rows), rel=1e-3)
     for name in ("concurrency.png", "stages.png"):
         assert (config.out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (doc.parent / "images" / f"harness_tiny_{name}").is_file()
     text = doc.read_text()
     assert "kept" in text and "| torch | N users | 2 | 2 |" in text and "lora_switch_ms" in text
     assert "<!-- bench:harness:tiny:begin -->" in text
+
+
+def test_a_gpu_run_keeps_its_own_section_and_plots_beside_the_cpu_run() -> None:
+    config = HarnessConfig(models="sd15-random")
+    assert Results(config, "cuda: NVIDIA H200").label == "sd15-random-gpu"
+    assert Results(config, "cpu (Intel(R) Xeon(R) Processor, 2 cores)").label == "sd15-random"
 
 
 def test_the_section_accounts_for_the_triton_sweep_by_model() -> None:
