@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from easyphoto.engines.backends.torch_backend import default_device
+from easyphoto.engines.backends.torch_backend import TorchBackend, default_device
+from easyphoto.engines.faces.paths import FaceModelPaths
 from easyphoto.engines.interface import ControlInput
 from easyphoto.engines.lora import LoraWeights
 from easyphoto.engines.models.family import ModelFamily
@@ -53,6 +54,8 @@ from easyphoto.server.bench import (
     run_concurrently,
     write_section,
 )
+from easyphoto.server.options import resolve_options
+from easyphoto.server.pipeline import face_crop
 from easyphoto.users.store import UserStore
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
@@ -61,6 +64,7 @@ MARK = "<!-- bench:harness:{models}:{end} -->"
 # The stages whose seconds are model calls (diffusion passes, face detection and embedding).
 MODEL_STAGES = ("first_diffusion", "second_diffusion", "seam_pass", "background_restore", "detect", "score")
 FIRST_KINDS, SECOND_KINDS = ("canny", "openpose", "color"), ("canny", "tile")
+TEMPLATE = "astronaut"  # a one-face template (easyphoto.fixtures.photos)
 TARGETS_FILE = Path("docs/design.md")
 PLOTS = ("concurrency.png", "stages.png")
 
@@ -250,19 +254,19 @@ def time_baseline(family: ModelFamily, config: HarnessConfig) -> list[float]:
     with canny, openpose and colour ControlNets, the second with canny and tile), at the working
     size and steps our requests use, one after another, with user0's LoRA loaded as diffusers
     loads one (our requests paint users too)."""
-    size = min(512, family.image_sizes[2])
+    width, height = template_crop_size(family)
     device = default_device()  # where the server's torch backend runs, in its dtype
     family.to(device, torch.float16 if device.type == "cuda" else torch.float32)
     generator = torch.Generator().manual_seed(0)
-    image = torch.rand(1, 3, size, size, generator=generator)
-    mask = torch.zeros(1, 1, size, size)
-    mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
+    image = torch.rand(1, 3, height, width, generator=generator)
+    mask = torch.zeros(1, 1, height, width)
+    mask[..., height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 1
     first = baseline_pipeline(family, list(FIRST_KINDS))
     second = baseline_pipeline(family, list(SECOND_KINDS))
 
     def controls(kinds: tuple[str, ...], scale: float) -> list[ControlInput]:
         return [
-            ControlInput(kind, torch.rand(1, 3, size, size, generator=generator), scale) for kind in kinds
+            ControlInput(kind, torch.rand(1, 3, height, width, generator=generator), scale) for kind in kinds
         ]
 
     def both_passes() -> None:
@@ -281,6 +285,19 @@ def time_baseline(family: ModelFamily, config: HarnessConfig) -> list[float]:
             both_passes()
             times.append(time.perf_counter() - started)
     return times
+
+
+def template_crop_size(family: ModelFamily) -> tuple[int, int]:
+    """(width, height) of the crop our server paints the template's face at, with a request's
+    default crop options: the baseline paints as many pixels (the astronaut's is 512 x 576 at
+    full SD 1.5 size, not 512 x 512)."""
+    models = FaceModelPaths().load()
+    template = sample_photo(TEMPLATE)
+    face = models.analyzer(TorchBackend(faces=models, device="cpu")).largest(template)
+    height, width = template.shape[:2]
+    options = resolve_options(generator_pb2.GenerateRequest())
+    _, size = face_crop(face.box, width, height, options, family.image_multiple, family.image_sizes[2])
+    return size
 
 
 # ---- our server and its clients ----
@@ -341,7 +358,7 @@ def _sweep(
     progress: tqdm,
     triton: TritonServer | None = None,  # its statistics of the measured requests are kept
 ) -> None:
-    template = encode_png(sample_photo("astronaut"))
+    template = encode_png(sample_photo(TEMPLATE))
     with grpc.insecure_channel(
         server.address, options=[("grpc.max_receive_message_length", 64 << 20)]
     ) as channel:

@@ -37,6 +37,7 @@ from easyphoto.imaging.codec import from_model, to_model
 from easyphoto.imaging.compose import paint_boxes_white, paste_back, paste_face, shift_color
 from easyphoto.imaging.controls import CONTROL_IMAGES, ControlSource, Pose, draw_pose
 from easyphoto.imaging.geometry import (
+    Box,
     Face,
     fit_size,
     grow_box,
@@ -381,13 +382,9 @@ class Orchestrator:
         options = ctx.run.options
         height, width = image.shape[:2]
         working = paint_boxes_white(image, other_boxes)
-        box = (
-            grow_box(face.box, options.crop_scale, width, height)
-            if options.crop_face
-            else (0, 0, width, height)
+        (x0, y0, x1, y1), size = face_crop(
+            face.box, width, height, options, self.engines.image_multiple, self.engines.max_image_side
         )
-        x0, y0, x1, y1 = int_box(box)
-        size = self._model_size(x1 - x0, y1 - y0, options)
         crop = resize(working[y0:y1, x0:x1], *size)
         # Detected once, in the template: the crop's transform carries the face into it.
         crop_face = face.in_crop((x0, y0, x1, y1), size)
@@ -453,9 +450,7 @@ class Orchestrator:
         return warp_reference(user, reference.reference_face, target_face, target.shape[:2])
 
     def _model_size(self, width: int, height: int, options: GenerateOptions) -> tuple[int, int]:
-        """Short side ``crop_short_side`` in the models' multiples, long side within their maximum."""
-        limit = self.engines.max_image_side
-        return fit_size(width, height, options.crop_short_side, self.engines.image_multiple, limit)
+        return model_size(width, height, options, self.engines.image_multiple, self.engines.max_image_side)
 
     def _native_size(self, image: np.ndarray, width: int, height: int) -> np.ndarray:
         """Back to the crop's size in the template; growing goes through the enhancer (Lanczos
@@ -640,3 +635,22 @@ def _blend_into(
     original = image[y0:y1, x0:x1]
     blended = (patch * alpha + original * (1 - alpha)).round().astype(np.uint8)
     return paste_back(image, blended, box, feather_px=0)
+
+
+def face_crop(
+    face_box: Box, width: int, height: int, options: GenerateOptions, multiple: int, max_side: int
+) -> tuple[tuple[int, int, int, int], tuple[int, int]]:
+    """The box of a ``width`` x ``height`` template a face is painted in (the face box grown by
+    ``crop_scale``, or the whole template), and the model size its crop is resized to."""
+    box: Box = (0, 0, width, height)
+    if options.crop_face:
+        box = grow_box(face_box, options.crop_scale, width, height)
+    x0, y0, x1, y1 = int_box(box)
+    return (x0, y0, x1, y1), model_size(x1 - x0, y1 - y0, options, multiple, max_side)
+
+
+def model_size(
+    width: int, height: int, options: GenerateOptions, multiple: int, max_side: int
+) -> tuple[int, int]:
+    """Short side ``crop_short_side`` in the models' multiples, long side within their maximum."""
+    return fit_size(width, height, options.crop_short_side, multiple, max_side)

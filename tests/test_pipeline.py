@@ -32,7 +32,7 @@ from easyphoto.rpc.errors import (
     UserNotReady,
 )
 from easyphoto.server.options import GenerateOptions
-from easyphoto.server.pipeline import Orchestrator, planned_rows
+from easyphoto.server.pipeline import Orchestrator, face_crop, planned_rows
 from easyphoto.users.store import UserStore
 
 FAST = PassOptions(True, 4, 0.5, 7.0, canny_weight=0.5, color_weight=0.85)
@@ -483,3 +483,21 @@ def test_skin_retouching_runs_on_each_painted_faces_skin_only_when_asked(orchest
     # Nothing changes outside the painted faces' skin (the skipped face 1 included).
     skin = union([only_parts(LandmarkParser()(plain.image, face), ("skin", "nose")) for face in painted])
     assert changed.any() and not changed[skin == 0].any()
+
+
+def test_the_harness_baseline_paints_the_crop_the_orchestrator_paints(
+    orchestrator: Orchestrator, tiny: ModelFamily
+) -> None:
+    from easyphoto.cli.load_bench import TEMPLATE, template_crop_size
+
+    off = replace(FAST, enabled=False)
+    options = GenerateOptions(first_pass=off, second_pass=off, seam_pass=off, return_intermediates=True)
+    kept = dict(orchestrator.generate(sample_photo(TEMPLATE), ["alice"], options, seed=1).intermediates)
+    height, width = kept["face0_crop"].shape[:2]
+    assert template_crop_size(tiny) == (width, height)
+    # At full SD 1.5 size (multiples of 64, sides up to 1024) the face's box of 3x its size is not
+    # square: its crop has more pixels than the 512 x 512 a plain baseline would paint.
+    face = orchestrator.analyzer.detect(sample_photo(TEMPLATE))[0]
+    template = sample_photo(TEMPLATE)
+    _, size = face_crop(face.box, template.shape[1], template.shape[0], GenerateOptions(), 64, 1024)
+    assert size[0] == 512 and size[1] > 512
