@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from easyphoto.engines.backends.torch_backend import TorchBackend, default_device
+from easyphoto.engines.backends.torch_backend import TorchBackend, default_device, default_dtype
 from easyphoto.engines.faces.paths import FaceModelPaths
 from easyphoto.engines.interface import ControlInput
 from easyphoto.engines.lora import LoraWeights
@@ -256,7 +256,7 @@ def time_baseline(family: ModelFamily, config: HarnessConfig) -> list[float]:
     loads one (our requests paint users too)."""
     width, height = template_crop_size(family)
     device = default_device()  # where the server's torch backend runs, in its dtype
-    family.to(device, torch.float16 if device.type == "cuda" else torch.float32)
+    family.to(device, default_dtype(device))
     generator = torch.Generator().manual_seed(0)
     image = torch.rand(1, 3, height, width, generator=generator)
     mask = torch.zeros(1, 1, height, width)

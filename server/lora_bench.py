@@ -19,7 +19,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from easyphoto.engines.adapters import Adapter, AdapterHooks, SampleAdapter
-from easyphoto.engines.backends.torch_backend import default_device
+from easyphoto.engines.backends.torch_backend import default_device, default_dtype
 from easyphoto.engines.lora import LoraWeights, fuse_lora, lora_targets
 from easyphoto.engines.models.family import ModelFamily
 from easyphoto.engines.models.loading import resolve_family
@@ -28,6 +28,7 @@ from easyphoto.fixtures.users import random_lora
 from .bench import device_name
 
 RANK = 128
+PRECISION = {torch.float16: "fp16", torch.float32: "fp32"}
 PROMPT_TOKENS = 77
 
 
@@ -51,6 +52,7 @@ class LoraTimes:
     cold_load: float  # one LoRA's factors onto the device (an adapter into the hot cache)
     layers: int
     parameters: int
+    device: str  # the device type the UNet ran on ("cuda", "cpu")
 
 
 def lora_section(
@@ -58,8 +60,8 @@ def lora_section(
 ) -> str:
     device = default_device()
     batches = batches or ((2, 8, 32) if device.type == "cuda" else (2,))
-    family = resolve_family(models).to(device, torch.float16 if device.type == "cuda" else torch.float32)
-    return _section(models, time_lora(family, batches, repeats), repeats)
+    family = resolve_family(models).to(device, default_dtype(device))
+    return _section(models, time_lora(family, batches, repeats), repeats, family.unet.dtype)
 
 
 def time_lora(family: ModelFamily, batches: tuple[int, ...], repeats: int) -> LoraTimes:
@@ -69,18 +71,18 @@ def time_lora(family: ModelFamily, batches: tuple[int, ...], repeats: int) -> Lo
     targets = lora_targets(family.lora_roots())
     loras = [random_lora(family, f"user{index}", RANK, index) for index in range(max(batches))]
     unet_layers = [layer for layer in loras[0].layers if layer.target == "unet"]
-    adapters = []
+    adapters, loads = [], []
     for lora in loras:
         started = _synced(device)
         adapters.append(Adapter.from_lora(lora.name, lora, device, dtype))
-        cold_load = _synced(device) - started
+        loads.append(_synced(device) - started)
     hooks = AdapterHooks.on({"unet": unet}, targets)
     steps = [_time_batch(unet, hooks, adapters, batch, repeats, dtype) for batch in batches]
     hooks.remove()
     cached = _on_device(loras[0], device)  # a merge from the hot cache, not from host memory
     (switch,) = _medians([lambda: _merge_and_unmerge(unet, cached)], repeats, device)
     parameters = sum(layer.down.numel() + layer.up.numel() for layer in unet_layers)
-    return LoraTimes(steps, switch, cold_load, len(unet_layers), parameters)
+    return LoraTimes(steps, switch, statistics.median(loads), len(unet_layers), parameters, device.type)
 
 
 def _time_batch(
@@ -156,20 +158,18 @@ def _synced(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def _section(models: str, times: LoraTimes, repeats: int) -> str:
-    device = default_device()
-    dtype = "fp16" if device.type == "cuda" else "fp32"
-    key = f"{models}:{device.type}"
+def _section(models: str, times: LoraTimes, repeats: int, dtype: torch.dtype) -> str:
+    key = f"{models}:{times.device}"
     lines = [
         f"<!-- bench:lora:{key}:begin -->",
         f"### Users' LoRAs as per-sample adapters against the base weights ({models}, {device_name()})",
         "",
         f"`easyphoto bench --only lora --models {models}`: one UNet step (64x64 latents, a 77-token"
-        f" context), torch {torch.__version__}, {dtype}, median of {repeats}. Each user's LoRA is rank"
-        f" {RANK} on all {times.layers} LoRA-targeted UNet layers ({times.parameters / 1e6:.1f} M"
-        " parameters); the base weights are what merged weights cost a step. Mixed: a different user"
-        " on every row, the most adapters one call can carry (a request's CFG pair shares one), the"
-        " three timed in turn.",
+        f" context), torch {torch.__version__}, {PRECISION.get(dtype, str(dtype))}, median of {repeats}."
+        f" Each user's LoRA is rank {RANK} on all {times.layers} LoRA-targeted UNet layers"
+        f" ({times.parameters / 1e6:.1f} M parameters); the base weights are what merged weights cost a"
+        " step. Mixed: a different user on every row, the most adapters one call can carry (a"
+        " request's CFG pair shares one), the three timed in turn.",
         "",
         "| rows | base ms | one user ms | mixed users ms | one user | mixed users |",
         "| --- | --- | --- | --- | --- | --- |",

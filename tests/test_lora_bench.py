@@ -3,6 +3,8 @@ merge it times is undone, and its section holds what it measured."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -32,12 +34,14 @@ def test_hooks_that_change_nothing_are_refused_rather_than_timed() -> None:
 
 
 def test_the_section_reports_each_batch_against_the_base_weights() -> None:
-    times = LoraTimes(
-        [StepTimes(2, 0.100, 0.120, 0.125)], switch=0.5, cold_load=0.01, layers=3, parameters=2e6
-    )
-    text = _section("tiny", times, repeats=3)
+    step = StepTimes(2, 0.100, 0.120, 0.125)
+    times = LoraTimes([step], switch=0.5, cold_load=0.01, layers=3, parameters=2_000_000, device="cpu")
+    text = _section("tiny", times, repeats=3, dtype=torch.float32)
     assert text.startswith("<!-- bench:lora:tiny:cpu:begin -->") and text.endswith(
         "<!-- bench:lora:tiny:cpu:end -->"
     )
     assert "| 2 | 100.0 | 120.0 | 125.0 | +20% | +25% |" in text
     assert "500.0 ms" in text and "10.0 ms" in text and "all 3 LoRA-targeted" in text
+    assert "fp32, median of 3" in text
+    on_gpu = _section("tiny", replace(times, device="cuda"), repeats=3, dtype=torch.float16)
+    assert on_gpu.startswith("<!-- bench:lora:tiny:cuda:begin -->") and "fp16, median of 3" in on_gpu

@@ -497,7 +497,7 @@ def test_the_harness_baseline_paints_the_crop_the_orchestrator_paints(
     assert template_crop_size(tiny) == (width, height)
     # At full SD 1.5 size (multiples of 64, sides up to 1024) the face's box of 3x its size is not
     # square: its crop has more pixels than the 512 x 512 a plain baseline would paint.
-    face = orchestrator.analyzer.detect(sample_photo(TEMPLATE))[0]
     template = sample_photo(TEMPLATE)
+    face = orchestrator.analyzer.detect(template)[0]
     _, size = face_crop(face.box, template.shape[1], template.shape[0], GenerateOptions(), 64, 1024)
     assert size[0] == 512 and size[1] > 512

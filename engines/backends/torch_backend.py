@@ -35,6 +35,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The diffusion roles' dtype on ``device``: fp16 on CUDA, fp32 elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
 class TorchBackend:
     """Serves the roles of a model family, the face models and/or an SDXL family's.
 
@@ -54,7 +59,7 @@ class TorchBackend:
         sdxl: SdxlFamily | None = None,
     ) -> None:
         self._device = torch.device(device) if device is not None else default_device()
-        self._dtype = dtype or (torch.float16 if self._device.type == "cuda" else torch.float32)
+        self._dtype = dtype or default_dtype(self._device)
         self.family = family
         self._roles: dict[str, RoleDescription] = {}
         if family is not None:
