@@ -365,7 +365,7 @@ def _sweep(
         stub = generator_pb2_grpc.GeneratorStub(channel)
         for index in range(config.users):  # every user's adapter loaded once, as in steady serving
             _generate(stub, template, f"user{index}", config, warming=True)
-        before = triton.statistics() if triton is not None else {}
+        before = triton.settled_statistics() if triton is not None else {}  # the warm-ups counted
         modes = ("one user", "N users") if backend == "torch" else ("N users",)
         for mode in modes:
             for concurrency in levels:
