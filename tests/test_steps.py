@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from easyphoto.engines.adapters import SampleAdapter
 from easyphoto.engines.backends.torch_backend import TorchBackend
 from easyphoto.engines.interface import ControlInput, Engines
 from easyphoto.engines.models.family import ModelFamily
+from easyphoto.engines.models.loading import tiny_family
 from easyphoto.rpc.deadline import request_deadline
 from easyphoto.rpc.errors import Cancelled, DeadlineExceeded, EngineUnavailable
 
@@ -79,6 +81,34 @@ def test_concurrent_passes_of_different_users_share_calls_and_end_as_alone(
     assert max(jobs for _, jobs, _ in steps) == 5 and max(rows for *_, rows in steps) == 10
     assert len(steps) < 5 * 5  # 5 passes of 5 steps in fewer calls than one each
     assert any(call[0] == "encode" and call[1] > 1 for call in calls)  # the VAE batches too
+
+
+def test_half_precision_batches_of_users_paint_what_fp32_paints(
+    engines: Engines, tiny: ModelFamily, cache_dir: Path
+) -> None:
+    """The CUDA default, fp16 weights, factors and latents, run on this CPU: a batch of two users'
+    passes and a base one ends as the fp32 passes do, so the half path holds no dtype mismatch
+    before a GPU ever runs it."""
+    family = tiny_family(cache_dir)  # modules of its own: the backend casts them in place
+    half = Engines(TorchBackend(family, "cpu", torch.float16), family.tokenizer, engines.vae_scaling_factor)
+    users = [_adapter(half, f"half{i}@v1", i) for i in range(2)]
+    assert {layer.up.dtype for user in users for layer in user.adapter.layers.values()} == {torch.float16}
+    makers = [_pass(half, seed, adapter=users[seed]) for seed in range(2)] + [_pass(half, 2)]
+    calls: list[tuple[str, int, int]] = []
+    engine = StepEngine(half, family.scheduler_config, on_call=lambda *call: calls.append(call))
+    try:
+        together = run_together(engine, makers)
+    finally:
+        engine.close()
+    assert any(call[0] == "denoise" and call[1] > 1 for call in calls)
+    full_users = [_adapter(engines, f"half{i}@v1", i) for i in range(2)]
+    full_makers = [_pass(engines, seed, adapter=full_users[seed]) for seed in range(2)] + [_pass(engines, 2)]
+    for index, (got, make) in enumerate(zip(together, full_makers, strict=True)):
+        assert isinstance(got, torch.Tensor), got
+        expected = run_inpaint(engines, make(), tiny.scheduler_config)
+        # Measured 32-35 dB (fp16 rounding over 5 steps of random weights); the same passes in fp32
+        # without their users' adapters are 22 dB away.
+        assert _psnr(got.float(), expected) > 28, (index, _psnr(got.float(), expected))
 
 
 def test_passes_that_cannot_share_a_call_still_all_run(engines: Engines, tiny: ModelFamily) -> None:
