@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -54,6 +55,21 @@ def _pass(engines: Engines, seed: int, size: int = 64, **options: object) -> Cal
     return make
 
 
+Call = tuple[str, int, int]  # what the step engine ran: kind, jobs, rows
+
+
+def _together(
+    engines: Engines, scheduler_config: dict[str, Any], makers: list[Callable[[], InpaintPass]]
+) -> tuple[list[torch.Tensor | BaseException], list[Call]]:
+    """The passes run at once through a step engine of their own, and the calls it made."""
+    calls: list[Call] = []
+    engine = StepEngine(engines, scheduler_config, on_call=lambda *call: calls.append(call))
+    try:
+        return run_together(engine, makers), calls
+    finally:
+        engine.close()
+
+
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = float(((a - b) / 2).pow(2).mean())  # images in [-1, 1]: a range of 2
     return float("inf") if mse == 0 else -10 * torch.log10(torch.tensor(mse)).item()
@@ -65,12 +81,7 @@ def test_concurrent_passes_of_different_users_share_calls_and_end_as_alone(
     users = [_adapter(engines, f"user{i}@v1", i) for i in range(3)]
     makers = [_pass(engines, seed, adapter=users[seed % 3]) for seed in range(4)]
     makers.append(_pass(engines, 4))  # and a pass with the base model
-    calls: list[tuple[str, int, int]] = []
-    engine = StepEngine(engines, tiny.scheduler_config, on_call=lambda *call: calls.append(call))
-    try:
-        together = run_together(engine, makers)
-    finally:
-        engine.close()
+    together, calls = _together(engines, tiny.scheduler_config, makers)
     alone = [run_inpaint(engines, make(), tiny.scheduler_config) for make in makers]
     for index, (got, expected) in enumerate(zip(together, alone, strict=True)):
         assert isinstance(got, torch.Tensor), got
@@ -94,12 +105,7 @@ def test_half_precision_batches_of_users_paint_what_fp32_paints(
     users = [_adapter(half, f"half{i}@v1", i) for i in range(2)]
     assert {layer.up.dtype for user in users for layer in user.adapter.layers.values()} == {torch.float16}
     makers = [_pass(half, seed, adapter=users[seed]) for seed in range(2)] + [_pass(half, 2)]
-    calls: list[tuple[str, int, int]] = []
-    engine = StepEngine(half, family.scheduler_config, on_call=lambda *call: calls.append(call))
-    try:
-        together = run_together(engine, makers)
-    finally:
-        engine.close()
+    together, calls = _together(half, family.scheduler_config, makers)
     assert any(call[0] == "denoise" and call[1] > 1 for call in calls)
     full_users = [_adapter(engines, f"half{i}@v1", i) for i in range(2)]
     full_makers = [_pass(engines, seed, adapter=full_users[seed]) for seed in range(2)] + [_pass(engines, 2)]
@@ -113,12 +119,7 @@ def test_half_precision_batches_of_users_paint_what_fp32_paints(
 
 def test_passes_that_cannot_share_a_call_still_all_run(engines: Engines, tiny: ModelFamily) -> None:
     makers = [_pass(engines, 0, size=64), _pass(engines, 1, size=128), _pass(engines, 2, steps=6)]
-    calls: list[tuple[str, int, int]] = []
-    engine = StepEngine(engines, tiny.scheduler_config, on_call=lambda *call: calls.append(call))
-    try:
-        results = run_together(engine, makers)
-    finally:
-        engine.close()
+    results, calls = _together(engines, tiny.scheduler_config, makers)
     assert all(isinstance(result, torch.Tensor) for result in results), results
     assert results[1].shape[-1] == 128  # type: ignore[union-attr]
     assert all(jobs <= 2 for _, jobs, _ in calls)  # the 128 px pass never joins the 64 px ones
@@ -153,12 +154,8 @@ def test_a_pass_whose_batched_call_fails_fails_alone(engines: Engines, tiny: Mod
         inpaint.controls = [ControlInput("canny", small, 0.5), inpaint.controls[1]]
         return inpaint
 
-    calls: list[tuple[str, int, int]] = []
-    engine = StepEngine(engines, tiny.scheduler_config, on_call=lambda *call: calls.append(call))
-    try:
-        results = run_together(engine, [misshapen, _pass(engines, 1), _pass(engines, 2)])
-    finally:
-        engine.close()
+    makers = [misshapen, _pass(engines, 1), _pass(engines, 2)]
+    results, calls = _together(engines, tiny.scheduler_config, makers)
     assert isinstance(results[0], Exception) and not isinstance(results[0], torch.Tensor)
     assert isinstance(results[1], torch.Tensor) and isinstance(results[2], torch.Tensor)
     assert any(call[0] == "denoise" and call[1] == 2 for call in calls)  # the others still share
