@@ -64,6 +64,14 @@ def test_the_kubernetes_manifests_validate_strictly() -> None:
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)  # raises on any error
 
 
+def test_every_namespace_the_manifests_use_they_create() -> None:
+    """So that the README's one `kubectl apply` works on a fresh cluster."""
+    manifests = _manifests()
+    created = {d["metadata"]["name"] for d in manifests if d["kind"] == "Namespace"}
+    used = {d["metadata"]["namespace"] for d in manifests if d["kind"] != "Namespace"}
+    assert used <= created, used - created
+
+
 def test_the_validator_rejects_a_misspelt_field() -> None:
     deployment = _kind("Deployment", "trainer")
     deployment["spec"]["template"]["spec"]["containers"][0]["portz"] = []
