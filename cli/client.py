@@ -23,7 +23,13 @@ import grpc
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from easyphoto.rpc.wire import MAX_MESSAGE_BYTES, ClientSecurity, error_details
+from easyphoto.rpc.wire import (
+    MAX_MESSAGE_BYTES,
+    ClientSecurity,
+    error_details,
+    route_by_user_options,
+    route_metadata,
+)
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -178,7 +184,9 @@ def build_request(
 class GeneratorClient:
     """Generate and GenerateStream on one channel to ``target``. Every call gets ``timeout``
     seconds (None: no deadline) unless it passes its own, and ``metadata``; failures raise
-    :class:`ServiceError`."""
+    :class:`ServiceError`. With ``route_by_user``, a target of several orchestrators (a headless
+    Service's name, or ``ipv4:HOST:PORT,HOST:PORT``) gets each user's calls on one of them, where
+    that user's adapter stays hot (:func:`easyphoto.rpc.wire.route_by_user_options`)."""
 
     def __init__(
         self,
@@ -187,12 +195,14 @@ class GeneratorClient:
         metadata: Sequence[tuple[str, str]] = (),
         channel: grpc.Channel | None = None,
         security: ClientSecurity | None = None,
+        route_by_user: bool = False,
     ) -> None:
-        limits = [
+        options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *(route_by_user_options() if route_by_user else []),
         ]
-        self._channel = channel or (security or ClientSecurity()).channel(target, options=limits)
+        self._channel = channel or (security or ClientSecurity()).channel(target, options=options)
         self._stub = generator_pb2_grpc.GeneratorStub(self._channel)
         self.timeout = timeout
         self.metadata = tuple(metadata)
@@ -207,7 +217,9 @@ class GeneratorClient:
     ) -> generator_pb2.GenerateResponse:
         request = build_request(templates, user_ids, options)
         try:
-            return self._stub.Generate(request, timeout=self._timeout(timeout), metadata=self.metadata)
+            return self._stub.Generate(
+                request, timeout=self._timeout(timeout), metadata=self._metadata(user_ids)
+            )
         except grpc.RpcError as error:
             raise ServiceError.from_rpc(error) from None
 
@@ -221,7 +233,9 @@ class GeneratorClient:
     ) -> Iterator[generator_pb2.Progress | generator_pb2.GenerateResponse]:
         """Progress messages, then the response once the call ended OK; stopping early cancels it."""
         request = build_request(templates, user_ids, options)
-        call = self._stub.GenerateStream(request, timeout=self._timeout(timeout), metadata=self.metadata)
+        call = self._stub.GenerateStream(
+            request, timeout=self._timeout(timeout), metadata=self._metadata(user_ids)
+        )
         results = []
         try:
             for event in call:
@@ -239,6 +253,9 @@ class GeneratorClient:
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
+
+    def _metadata(self, user_ids: Sequence[str]) -> tuple[tuple[str, str], ...]:
+        return (*self.metadata, *route_metadata(user_ids))
 
     def close(self) -> None:
         self._channel.close()

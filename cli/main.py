@@ -46,7 +46,10 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         options = _generate_options(args)
         security = client_security(args)
-        with GeneratorClient(args.server, timeout=args.timeout, security=security) as client:
+        client = GeneratorClient(
+            args.server, timeout=args.timeout, security=security, route_by_user=args.route_by_user
+        )
+        with client:
             events = client.generate_stream(templates, args.user, **options)
             response = _follow_generation(events, several=len(templates) > 1)
     except (ValueError, OSError, ServiceError) as error:
@@ -419,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--out", default="generate-out")
     generate.add_argument("--server", default="127.0.0.1:50051")
+    generate.add_argument(
+        "--route-by-user",
+        action="store_true",
+        help="--server names several orchestrators: send each user's requests to the same one",
+    )
     add_client_security(generate)
     generate.add_argument("--seed", type=int, default=None)
     generate.add_argument("--steps-first", type=int, default=None, help="first pass steps (default 50)")

@@ -23,6 +23,7 @@ def _trainer(args: argparse.Namespace) -> int:
             **service_settings(args),
             orchestrator=args.orchestrator,
             orchestrator_security=client_security(args, "orchestrator-"),
+            orchestrator_route_by_user=args.orchestrator_route_by_user,
             job_store=args.job_store,
             **({"replica": args.replica} if args.replica else {}),
             lease_seconds=args.lease_seconds,
@@ -170,6 +171,11 @@ def register(commands: Any) -> None:
     add_service_arguments(trainer, port=50052, metrics_port=9465, data="jobs and user artifacts")
     trainer.add_argument("--orchestrator", default="", help="host:port to tell when a user is published")
     add_client_security(trainer, "orchestrator-", "the orchestrator (a service key)")
+    trainer.add_argument(
+        "--orchestrator-route-by-user",
+        action="store_true",
+        help="--orchestrator names several orchestrators: tell the one each user's requests go to",
+    )
     trainer.add_argument(
         "--job-store",
         default="",

@@ -1,11 +1,14 @@
 """What servers and clients agree on about the wire, with nothing of the server side: the
-message-size limit and the decoding of a failed call's google.rpc details. Imports only grpc and
+message-size limit, the decoding of a failed call's google.rpc details and the routing of a user's
+calls to one replica. Imports only grpc and
 the google.rpc messages, so clients (``easyphoto.cli.client``) use it without torch or the
 server machinery of :mod:`rpc.server`, which packs those details.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,13 @@ from grpc_status import rpc_status
 # Encoded images are at most 20 MiB each; a request (several templates or photos) at most 256 MiB.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 ERROR_DOMAIN = "easyphoto.serve"
+# Routing by user: a call carries its user in this header, and a channel whose target resolves to
+# several orchestrators (a headless Service) sends equal values to the same one with gRPC's
+# ring_hash policy hashing the header (gRFC A76), so a user's adapter stays hot on one replica.
+ROUTE_HEADER = "x-easyphoto-route"
+# grpcio (1.85 here) reads ring_hash's requestHashHeader only with this set; it is read when a
+# channel's policy is configured, so setting it then is in time.
+_RING_HASH_HEADER_SWITCH = "GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY"
 
 
 def error_details(error: grpc.RpcError) -> dict[str, Any]:
@@ -44,6 +54,21 @@ def error_details(error: grpc.RpcError) -> dict[str, Any]:
             detail.Unpack(bad)
             result["fields"] = {v.field: v.description for v in bad.field_violations}
     return result
+
+
+def route_by_user_options() -> list[tuple[str, Any]]:
+    """Channel options that route each call by its :data:`ROUTE_HEADER` over the target's addresses
+    (one address: every call goes there, as without them)."""
+    os.environ.setdefault(_RING_HASH_HEADER_SWITCH, "true")
+    policy = {"ring_hash_experimental": {"requestHashHeader": ROUTE_HEADER}}
+    return [("grpc.service_config", json.dumps({"loadBalancingConfig": [policy]}))]
+
+
+def route_metadata(user_ids: Sequence[str]) -> list[tuple[str, str]]:
+    """The routing header of a call for ``user_ids``: its first user's, so a group photo goes where
+    that user's own requests go. None without a user (ring_hash then picks at random)."""
+    first = next((user for user in user_ids if user), "")
+    return [(ROUTE_HEADER, first)] if first else []
 
 
 @dataclass(frozen=True)

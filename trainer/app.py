@@ -20,7 +20,7 @@ from easyphoto.engines.models.loading import resolve_family
 from easyphoto.rpc.metrics import DEFAULT_HOST, Metrics
 from easyphoto.rpc.server import GrpcApp, Security, Service
 from easyphoto.rpc.termination import TERMINATION
-from easyphoto.rpc.wire import ClientSecurity
+from easyphoto.rpc.wire import ClientSecurity, route_by_user_options, route_metadata
 from easyphoto.users.store import UserStore, default_data_root
 from easyphoto.v1 import (
     generator_pb2,
@@ -64,20 +64,29 @@ class TrainerConfig:
     # How to reach a secured orchestrator: its service API key (RefreshUser for every tenant's
     # users) and the CA of its certificate.
     orchestrator_security: ClientSecurity = field(default_factory=ClientSecurity)
+    # Several orchestrators behind one name: RefreshUser reaches the one the user's Generates are
+    # routed to (clients routing by user, rpc/wire.py), where the adapter is then hot.
+    orchestrator_route_by_user: bool = False
 
     @property
     def job_store_location(self) -> str | Path:
         return self.job_store or self.data / "trainer.sqlite3"
 
 
-def refresh_notifier(address: str, security: ClientSecurity | None = None) -> Notify:
-    """Calls the orchestrator's Serving.RefreshUser for each published version."""
+def refresh_notifier(
+    address: str, security: ClientSecurity | None = None, route_by_user: bool = False
+) -> Notify:
+    """Calls the orchestrator's Serving.RefreshUser for each published version (routed by the
+    user, with ``route_by_user``, as the user's Generates are)."""
+    options = route_by_user_options() if route_by_user else []
 
     def notify(user_id: str, version: int) -> None:
-        with (security or ClientSecurity()).channel(address) as channel:
+        with (security or ClientSecurity()).channel(address, options) as channel:
             stub = generator_pb2_grpc.ServingStub(channel)
             request = generator_pb2.RefreshUserRequest(user_id=user_id, version=version)
-            reply = stub.RefreshUser(request, timeout=REFRESH_TIMEOUT_SECONDS)
+            reply = stub.RefreshUser(
+                request, timeout=REFRESH_TIMEOUT_SECONDS, metadata=route_metadata([user_id])
+            )
         log.info("orchestrator %s made %s v%d ready in %.2fs", address, user_id, version, reply.seconds)
 
     return notify
@@ -152,7 +161,9 @@ def _runner(
         load_family=load_family,
         face_models=models,
         analyzer=models.analyzer(backend),
-        notify=refresh_notifier(config.orchestrator, config.orchestrator_security)
+        notify=refresh_notifier(
+            config.orchestrator, config.orchestrator_security, config.orchestrator_route_by_user
+        )
         if config.orchestrator
         else None,
         metrics=metrics,
