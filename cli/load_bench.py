@@ -26,13 +26,14 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import astuple, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from easyphoto.engines.backends.torch_backend import TorchBackend, default_device, default_dtype
@@ -141,6 +142,10 @@ class Level:
     requests: list[Request]
     wall_seconds: float
     rss_mb: float
+    # The server's step engine over the level: batched denoising calls, and the passes' steps
+    # they served (one request at a time: one call a step; batching: fewer).
+    denoise_calls: float = 0.0
+    denoise_steps: float = 0.0
 
     def row(self) -> dict[str, Any]:
         latencies = [r.seconds for r in self.requests]
@@ -159,6 +164,7 @@ class Level:
             "lora_switch_ms": 1000
             * statistics.median(r.timings.get("lora_switch", 0.0) for r in self.requests),
             "rss_mb": self.rss_mb,
+            "denoise_calls_per_step": self.denoise_calls / self.denoise_steps if self.denoise_steps else None,
         }
 
 
@@ -307,9 +313,28 @@ def template_crop_size(family: ModelFamily) -> tuple[int, int]:
 class _Server:
     process: subprocess.Popen[bytes]
     address: str
+    metrics_port: int
 
     def rss_mb(self) -> float:
         return rss_mb(self.process.pid)
+
+    def denoising(self) -> tuple[float, float]:
+        """The step engine's denoising calls and the steps they served so far (its /metrics)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as page:
+            return denoising_counts(page.read().decode())
+
+
+def denoising_counts(exposition: str) -> tuple[float, float]:
+    """``easyphoto_engine_calls_total{phase="denoise"}`` and every stage's
+    ``easyphoto_denoising_steps_total`` from a Prometheus text page."""
+    calls = steps = 0.0
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == "easyphoto_engine_calls_total" and sample.labels.get("phase") == "denoise":
+                calls += sample.value
+            elif sample.name == "easyphoto_denoising_steps_total":
+                steps += sample.value
+    return calls, steps
 
 
 @contextmanager
@@ -324,7 +349,7 @@ def _orchestrator(config: HarnessConfig, data: Path, backend_args: list[str]) ->
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     try:
         wait_ready(process, metrics_port, timeout=1800)
-        yield _Server(process, f"127.0.0.1:{port}")
+        yield _Server(process, f"127.0.0.1:{port}", metrics_port)
     finally:
         process.terminate()
         try:
@@ -371,7 +396,7 @@ def _sweep(
             for concurrency in levels:
                 users = ["user0"] if mode == "one user" else [f"user{i}" for i in range(config.users)]
                 level = _run_level(stub, template, users, concurrency, config, server, progress)
-                results.levels.append(Level(backend, mode, concurrency, *level))
+                results.levels.append(replace(level, backend=backend, users=mode))
         if triton is not None:
             results.triton_models = statistics_since(triton.settled_statistics(), before)
 
@@ -384,11 +409,13 @@ def _run_level(
     config: HarnessConfig,
     server: _Server,
     progress: tqdm,
-) -> tuple[list[Request], float, float]:
+) -> Level:
     """``requests_at(concurrency)`` requests from ``concurrency`` clients sending back to back,
-    user by user in turn; their records, the wall time and the server's largest RSS."""
+    user by user in turn: their records, the wall time, the server's largest RSS and its step
+    engine's denoising calls and steps over them (backend and users mode left for the caller)."""
     rss = [server.rss_mb()]
     lock = threading.Lock()
+    calls, steps = server.denoising()
 
     def one(index: int) -> Request:
         request = _generate(stub, template, users[index % len(users)], config)
@@ -398,7 +425,8 @@ def _run_level(
         return request
 
     wall, done = run_concurrently(config.requests_at(concurrency), concurrency, one)
-    return done, wall, max(rss)
+    calls_after, steps_after = server.denoising()
+    return Level("", "", concurrency, done, wall, max(rss), calls_after - calls, steps_after - steps)
 
 
 def _generate(
@@ -601,15 +629,16 @@ def markdown(results: Results, rows: list[dict[str, Any]], summary: dict[str, An
         " process; plots in `bench-out/` (`concurrency.png`, `stages.png`).",
         "",
         "| backend | users | conc. | requests | p50 s | p95 s | p99 s | faces/s | model ms/face |"
-        " orchestrator ms/face | LoRA switch ms | RSS MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        " orchestrator ms/face | LoRA switch ms | RSS MB | denoise calls / step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         lines.append(
             f"| {row['backend']} | {row['users']} | {row['concurrency']} | {row['requests']}"
             f" | {row['p50_s']:.2f} | {row['p95_s']:.2f} | {row['p99_s']:.2f} | {row['faces_per_s']:.3f}"
             f" | {row['model_ms_per_face']:.0f} | {row['orchestrator_ms_per_face']:.0f}"
-            f" | {row['lora_switch_ms']:.1f} | {row['rss_mb']:.0f} |"
+            f" | {row['lora_switch_ms']:.1f} | {row['rss_mb']:.0f}"
+            f" | {_per_step(row['denoise_calls_per_step'])} |"
         )
     lines += [
         "",
@@ -702,6 +731,10 @@ def meets(value: Any, target: str, on_gpu: bool = False) -> bool:
     device = "GPU" if on_gpu else "CPU"
     sign, limit, _ = next((c for c in clauses if f"on a {device}" in c[2]), clauses[0])
     return value <= float(limit) if sign == "≤" else value >= float(limit)
+
+
+def _per_step(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _format(value: Any) -> str:

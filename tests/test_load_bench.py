@@ -8,12 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from easyphoto.cli.load_bench import (
     HarnessConfig,
     Level,
     Request,
     Results,
+    denoising_counts,
     meets,
     read_targets,
     run_harness,
@@ -21,6 +23,7 @@ from easyphoto.cli.load_bench import (
 )
 from easyphoto.export.triton_server import ModelStatistics
 from easyphoto.server.bench import run_concurrently
+from easyphoto.server.metrics import GeneratorMetrics
 
 REQUIRED = ("ratio_vs_diffusers_single", "throughput_ratio_c8", "orchestrator_ms_per_face", "lora_switch_ms")
 
@@ -66,6 +69,9 @@ def test_a_miniature_run_writes_csv_plots_summary_and_the_doc_section(tmp_path: 
     for row in rows:
         assert int(row["requests"]) == 2 and float(row["faces_per_s"]) > 0 and float(row["rss_mb"]) > 100
         assert float(row["p50_s"]) <= float(row["p95_s"]) <= float(row["p99_s"])
+    # One request at a time: one denoising call a step; two in flight share some.
+    assert {float(r["denoise_calls_per_step"]) for r in rows if r["concurrency"] == "1"} == {1.0}
+    assert all(float(r["denoise_calls_per_step"]) <= 1.0 for r in rows)
     summary = json.loads((config.out / "summary.json").read_text())
     assert summary["models"] == "tiny" and summary["throughput_ratio_c8"] is None  # no 8 in this sweep
     assert summary["ratio_vs_diffusers_single"] > 0 and summary["baseline_both_passes_s"] > 0
@@ -77,6 +83,18 @@ def test_a_miniature_run_writes_csv_plots_summary_and_the_doc_section(tmp_path: 
     text = doc.read_text()
     assert "kept" in text and "| torch | N users | 2 | 2 |" in text and "lora_switch_ms" in text
     assert "<!-- bench:harness:tiny:begin -->" in text
+
+
+def test_denoising_calls_and_steps_are_read_from_the_orchestrators_metrics() -> None:
+    registry = CollectorRegistry()
+    metrics = GeneratorMetrics(registry)
+    for _ in range(3):
+        metrics.step("first_diffusion")
+        metrics.step("second_diffusion")
+    metrics.engine_call("denoise", passes=2, rows=4)
+    metrics.engine_call("denoise", passes=1, rows=2)
+    metrics.engine_call("encode", passes=2, rows=2)  # not a denoising call
+    assert denoising_counts(generate_latest(registry).decode()) == (2.0, 6.0)
 
 
 def test_a_gpu_run_keeps_its_own_section_and_plots_beside_the_cpu_run() -> None:
