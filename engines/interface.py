@@ -76,6 +76,11 @@ class Backend(Protocol):
         newer one is published); a batch running with one keeps it until it ends."""
         ...
 
+    def warm_adapter(self, adapter: Adapter) -> None:
+        """Readies ``adapter`` wherever the models keep adapters (RefreshUser, for a newly published
+        user), so that its first request loads nothing."""
+        ...
+
     def close(self) -> None:
         """Releases connections and shared memory (the server calls it when it stops)."""
         ...

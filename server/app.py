@@ -280,7 +280,7 @@ class EngineHolder:
 class ServingService(generator_pb2_grpc.ServingServicer):
     """Internal: the trainer calls RefreshUser after publishing, so the user's first Generate finds
     the faces and embedding loaded and the user's adapter ready (in the torch backend's hot cache,
-    or written where Triton's models read it)."""
+    or written where Triton's models read it, and loaded by them)."""
 
     def __init__(self, orchestrator: Callable[[], Orchestrator]) -> None:
         self._orchestrator = orchestrator
@@ -293,7 +293,7 @@ class ServingService(generator_pb2_grpc.ServingServicer):
         try:
             user_id = namespace.user(request.user_id, "user_id")
             with request_deadline(context.time_remaining()):
-                reference = self._orchestrator().prepare_user(user_id, "user_id")
+                reference = self._orchestrator().refresh_user(user_id, "user_id")
             if reference.artifacts.version < request.version:
                 raise UserNotReady(
                     f"user {user_id!r} v{request.version} is not published here"

@@ -341,6 +341,15 @@ class Orchestrator:
         self._adapter(reference, field_name)
         return reference
 
+    def refresh_user(self, user_id: str, field_name: str = "user_id") -> _Reference:
+        """What RefreshUser does for a newly published version: :meth:`prepare_user`, and the
+        adapter warmed where the models keep theirs (Triton's model processes read it now)."""
+        reference = self.prepare_user(user_id, field_name)
+        adapter = self._adapter(reference, field_name)
+        if adapter is not None:
+            self.engines.backend.warm_adapter(adapter)
+        return reference
+
     def _load_reference(self, user_id: str, field_name: str) -> _Reference:
         artifacts = self.users.load(user_id, field_name)
         face_id_face = artifacts.face("face_id") or self.analyzer.largest(

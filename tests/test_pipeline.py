@@ -231,12 +231,12 @@ def test_a_new_version_is_warmed_and_served_without_a_restart(
     adapters = orchestrator.engines.backend.adapters  # type: ignore[attr-defined]
     _publish(root, "frank", face)
     _save_random_lora(tiny, root / "users" / "frank" / "v1" / "lora.safetensors", seed=3)
-    orchestrator.prepare_user("frank")  # what RefreshUser does
+    orchestrator.refresh_user("frank")  # what RefreshUser does
     assert "frank@v1" in adapters
     first = orchestrator.generate(astronaut, ["frank"], options, seed=2).image
     _publish(root, "frank", face, version=2)
     _save_random_lora(tiny, root / "users" / "frank" / "v2" / "lora.safetensors", seed=4)
-    orchestrator.prepare_user("frank")
+    orchestrator.refresh_user("frank")
     assert "frank@v2" in adapters and "frank@v1" not in adapters  # v1 retired: nobody asks for it
     assert [key for key in orchestrator._references.keys if key[0] == "frank"] == [("frank", 2)]
     second = orchestrator.generate(astronaut, ["frank"], options, seed=2).image

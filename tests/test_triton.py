@@ -240,6 +240,27 @@ def test_users_adapters_reach_triton_by_name_and_one_model_run_computes_both(
         triton_backend.infer("controlnet_canny", canny, [SampleAdapter(ann, 0.9)])
 
 
+def test_a_warmed_adapter_is_in_tritons_models_before_any_request(
+    triton_backend: TritonBackend, tiny: ModelFamily
+) -> None:
+    """RefreshUser's warm-up: every model taking the user's adapter loads its factors then, so the
+    first request needs no file; a user never warmed still reads its file on first use."""
+    from easyphoto.engines.adapters import SampleAdapter
+
+    cal = triton_backend.adapter("cal@v1", lambda: _random_lora(tiny, 5))
+    dan = triton_backend.adapter("dan@v1", lambda: _random_lora(tiny, 6))
+    triton_backend.warm_adapter(cal)
+    for name in ("cal@v1", "dan@v1"):
+        for path in _adapter_dir_of(triton_backend).glob(f"{name}.*.npz"):
+            path.unlink()  # only what the models already hold can serve them now
+    for role in ("unet", "text_encoder"):
+        sample = triton_backend.roles[role].sample_inputs("opt", seed=3)
+        rows = len(next(iter(sample.values())))
+        triton_backend.infer(role, sample, [SampleAdapter(cal, 0.8)] * rows)
+        with pytest.raises(Exception, match="dan@v1"):
+            triton_backend.infer(role, sample, [SampleAdapter(dan, 0.8)] * rows)
+
+
 def _adapter_dir_of(backend: TritonBackend) -> Path:
     assert backend.adapter_dir is not None
     return backend.adapter_dir

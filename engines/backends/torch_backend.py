@@ -107,6 +107,9 @@ class TorchBackend:
     def retire_adapters(self, which: Callable[[str], bool]) -> None:
         self.adapters.discard(which)
 
+    def warm_adapter(self, adapter: Adapter) -> None:
+        """In process: an adapter from :meth:`adapter` is already on the device, in the hot cache."""
+
     def adapter(self, name: str, load: Callable[[], LoraWeights]) -> Adapter:
         """The adapter ``name`` from the hot cache; on a miss ``load()``'s LoRA, checked against the
         targeted layers and put on the device."""

@@ -48,7 +48,15 @@ from easyphoto.rpc.errors import (
     Unimplemented,
 )
 
-from ..adapters import Adapter, AdapterCache, AdapterRows, active_rows, adapter_factors, adapter_from_lora
+from ..adapters import (
+    Adapter,
+    AdapterCache,
+    AdapterRows,
+    SampleAdapter,
+    active_rows,
+    adapter_factors,
+    adapter_from_lora,
+)
 from ..interface import Backend, Tensors
 from ..lora import LoraTargets, LoraWeights
 from ..roles.description import RoleDescription
@@ -245,6 +253,17 @@ class TritonBackend:
         """The LoRA checked against the manifest's targeted layers (it has to fit before anything is
         sent), its factors written once into the adapter folder the served models read them from."""
         return self.adapters.get(name, lambda: self._publish_adapter(name, load()))
+
+    def warm_adapter(self, adapter: Adapter) -> None:
+        """Each of Triton's models that takes ``adapter`` (text encoder, UNet, fused stages) loads its
+        factors now, through one call at the smallest shapes it serves: a model reads an adapter's
+        file on first use, and that use is then RefreshUser's instead of the user's first request."""
+        for role in sorted(self._served.adapters):
+            description = self.roles[role]
+            if description.lora_target not in adapter.targets:
+                continue
+            inputs = description.sample_inputs("min")
+            self.infer(role, inputs, [SampleAdapter(adapter, 1.0)] * len(next(iter(inputs.values()))))
 
     def _publish_adapter(self, name: str, lora: LoraWeights) -> Adapter:
         adapter = adapter_from_lora(name, lora, self._lora_targets, torch.device("cpu"), torch.float32)
