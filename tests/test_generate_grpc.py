@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import io
 import re
+import shutil
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,7 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from easyphoto.engines.models.family import ModelFamily
 from easyphoto.fixtures.photos import sample_photo
+from easyphoto.fixtures.users import publish_photo_user, random_lora
 from easyphoto.imaging.codec import encode_png
 from easyphoto.rpc.deadline import request_deadline, time_left
 from easyphoto.rpc.errors import DeadlineExceeded
@@ -22,6 +26,7 @@ from easyphoto.rpc.server import GrpcApp, Service
 from easyphoto.rpc.wire import error_details
 from easyphoto.server.pipeline import Generation
 from easyphoto.server.service import GeneratorService
+from easyphoto.users.store import LORA_FILE, UserStore
 from easyphoto.v1 import generator_pb2, generator_pb2_grpc
 
 
@@ -290,6 +295,53 @@ def test_concurrent_generates_share_engine_calls_and_equal_their_runs_alone(alic
     for got, expected in zip(together_images, alone, strict=True):
         mse = float(np.mean((got.astype(float) - expected.astype(float)) ** 2))
         assert mse == 0 or 10 * np.log10(255**2 / mse) > 35  # the issue's bar for a batched twin
+
+
+def test_a_user_whose_adapter_cannot_load_fails_alone(
+    alice_data: Path, tmp_path: Path, tiny: ModelFamily
+) -> None:
+    """Three users' requests arrive together; the one whose LoRA file is corrupt is refused,
+    naming that user, and the others paint what they paint alone."""
+    from easyphoto.server.app import ServerConfig, build_app
+
+    data = tmp_path / "data"
+    shutil.copytree(alice_data, data)
+    store = UserStore(data)
+    face = store.load("alice").face_id
+    publish_photo_user(store, "dave", face, random_lora(tiny, "dave", rank=4, seed=1))
+
+    def corrupt(folder: Path) -> None:
+        for name in ("face_id.png", "reference.png"):
+            (folder / name).write_bytes(encode_png(face))
+        (folder / LORA_FILE).write_bytes(b"not a safetensors file")
+
+    store.publish("mallory", corrupt, {})
+    app, holder = build_app(ServerConfig(port=0, models="tiny", data=data, metrics_port=0))
+    app.start()
+    try:
+        holder.load()
+        app.set_serving(True)
+        requests = {
+            user: _request(sample_photo("astronaut"), [user]) for user in ("alice", "dave", "mallory")
+        }
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            stub = generator_pb2_grpc.GeneratorStub(channel)
+            calls = {user: stub.Generate.future(request, timeout=120) for user, request in requests.items()}
+            with pytest.raises(grpc.RpcError) as refused:
+                calls["mallory"].result(timeout=120)
+            together = {user: _pixels(calls[user].result(timeout=120)) for user in ("alice", "dave")}
+            alone = {user: _pixels(stub.Generate(requests[user], timeout=120)) for user in together}
+    finally:
+        app.stop(0)
+        holder.close()
+    details = error_details(refused.value)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert "'mallory' v1: cannot read LoRA file" in details["message"]
+    assert details["fields"].keys() == {"user_ids[0]"}
+    assert not np.array_equal(together["alice"], together["dave"])  # dave's adapter painted
+    for user, got in together.items():
+        mse = float(np.mean((got.astype(float) - alone[user].astype(float)) ** 2))
+        assert mse == 0 or 10 * np.log10(255**2 / mse) > 35, user
 
 
 def _pixels(response: generator_pb2.GenerateResponse) -> np.ndarray:
