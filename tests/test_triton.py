@@ -6,6 +6,7 @@ installed (``make triton-setup``; ``make test`` runs it)."""
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from recording_engines import random_user_lora
+from test_deploy import plotted_series
 from triton_fixtures import (
     adapter_dir_beside,
     executions,
@@ -151,6 +153,10 @@ def test_triton_health_and_metrics_answer(server: TritonServer, triton_backend: 
     with urllib.request.urlopen(metrics, timeout=5) as reply:
         text = reply.read().decode()
     assert 'nv_inference_count{model="text_encoder",version="1"}' in text
+    # Every Triton series the Grafana dashboard plots is one this tritonserver exports.
+    exported = set(re.findall(r"^(nv_[a-z0-9_]+)\{", text, re.MULTILINE))
+    plotted = plotted_series(("nv",))
+    assert len(plotted) >= 4 and plotted <= exported, plotted - exported
 
 
 def test_triton_statistics_count_what_a_call_ran(server: TritonServer, triton_backend: TritonBackend) -> None:
