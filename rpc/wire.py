@@ -65,8 +65,9 @@ def route_by_user_options() -> list[tuple[str, Any]]:
 
 
 def route_metadata(user_ids: Sequence[str]) -> list[tuple[str, str]]:
-    """The routing header of a call for ``user_ids``: its first user's, so a group photo goes where
-    that user's own requests go. None without a user (ring_hash then picks at random)."""
+    """The routing header of a call for ``user_ids`` (as their tenant's clients name them): its first
+    user's, so a group photo goes where that user's own requests go. None without a user (ring_hash
+    then picks at random). Two tenants' ``alice`` share a replica, which costs nothing."""
     first = next((user for user in user_ids if user), "")
     return [(ROUTE_HEADER, first)] if first else []
 

@@ -101,10 +101,10 @@ def test_refresh_warms_the_replica_the_users_requests_reach(
     started, seen = replicas
     notify = refresh_notifier(_target(started), route_by_user=True)
     for user in USERS:
-        notify(user, 1)
+        notify(f"acme+{user}", 1)  # the trainer names users by stored id; acme's clients say user
     with GeneratorClient(_target(started), timeout=10, route_by_user=True) as client:
         _generate_all(client, rounds=1)
-    assert all(seen[f"refresh:{user}"] == seen[user] for user in USERS), dict(seen)
+    assert all(seen[f"refresh:acme+{user}"] == seen[user] for user in USERS), dict(seen)
 
 
 def test_a_replica_gone_moves_only_its_users(

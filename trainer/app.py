@@ -21,7 +21,7 @@ from easyphoto.rpc.metrics import DEFAULT_HOST, Metrics
 from easyphoto.rpc.server import GrpcApp, Security, Service
 from easyphoto.rpc.termination import TERMINATION
 from easyphoto.rpc.wire import ClientSecurity, route_by_user_options, route_metadata
-from easyphoto.users.store import UserStore, default_data_root
+from easyphoto.users.store import TENANT_SEPARATOR, UserStore, default_data_root
 from easyphoto.v1 import (
     generator_pb2,
     generator_pb2_grpc,
@@ -84,8 +84,10 @@ def refresh_notifier(
         with (security or ClientSecurity()).channel(address, options) as channel:
             stub = generator_pb2_grpc.ServingStub(channel)
             request = generator_pb2.RefreshUserRequest(user_id=user_id, version=version)
+            # Routed by the id as the user's tenant names it, as its clients' Generates are.
+            shown = user_id.rpartition(TENANT_SEPARATOR)[2]
             reply = stub.RefreshUser(
-                request, timeout=REFRESH_TIMEOUT_SECONDS, metadata=route_metadata([user_id])
+                request, timeout=REFRESH_TIMEOUT_SECONDS, metadata=route_metadata([shown])
             )
         log.info("orchestrator %s made %s v%d ready in %.2fs", address, user_id, version, reply.seconds)
 
