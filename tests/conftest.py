@@ -52,9 +52,34 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+# The session's tiny family as built, and its weights then (tiny_stays_as_built compares).
+_TINY_AS_BUILT: list[tuple[ModelFamily, dict[str, tuple[float, float]]]] = []
+
+
 @pytest.fixture(scope="session")
 def tiny(cache_dir: Path) -> ModelFamily:
-    return tiny_family(cache_dir)
+    family = tiny_family(cache_dir)
+    _TINY_AS_BUILT.append((family, _weights(family)))
+    return family
+
+
+def _weights(family: ModelFamily) -> dict[str, tuple[float, float]]:
+    """Each tensor's sum and sum of squares: a change anywhere shows."""
+    return {
+        f"{model}.{name}": (float(value.double().sum()), float(value.double().square().sum()))
+        for model, module in family.modules().items()
+        for name, value in module.state_dict().items()
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_stays_as_built(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A module that changes the session's tiny family (fusing a LoRA into it, say) and leaves it
+    changed makes the later modules of its worker compare against weights they do not expect."""
+    yield
+    for family, built in _TINY_AS_BUILT:
+        changed = sorted(name for name, value in _weights(family).items() if built.get(name) != value)
+        assert not changed, f"{request.module.__name__} left the session's tiny family changed: {changed[:4]}"
 
 
 @pytest.fixture(scope="session")

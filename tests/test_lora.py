@@ -82,6 +82,8 @@ def test_an_adapter_equals_diffusers_fused_lora(tiny: ModelFamily, engines: Engi
     adapter = _adapter(engines, "peft@v1", lora)
     ours = _unet_out(engines, SampleAdapter(adapter, 0.7))
     base = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
+    # diffusers fuses the file's text-encoder layers too: both go back, the family is the session's.
+    base_text = {k: v.clone() for k, v in tiny.text_encoder.state_dict().items()}
     pipe = baseline_pipeline(tiny, ["canny"])
     try:
         pipe.load_lora_weights(str(path), adapter_name="user")
@@ -92,6 +94,7 @@ def test_an_adapter_equals_diffusers_fused_lora(tiny: ModelFamily, engines: Engi
         theirs = _unet_out(engines)  # the fused weights, no adapter
     finally:
         tiny.unet.load_state_dict(base)
+        tiny.text_encoder.load_state_dict(base_text)
     scale = float(theirs.abs().max())
     assert float((ours - theirs).abs().max()) <= 1e-4 * scale
 
