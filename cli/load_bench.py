@@ -26,7 +26,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import astuple, dataclass, field, fields, replace
+from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -394,9 +394,8 @@ def _sweep(
         modes = ("one user", "N users") if backend == "torch" else ("N users",)
         for mode in modes:
             for concurrency in levels:
-                users = ["user0"] if mode == "one user" else [f"user{i}" for i in range(config.users)]
-                level = _run_level(stub, template, users, concurrency, config, server, progress)
-                results.levels.append(replace(level, backend=backend, users=mode))
+                level = _run_level(stub, template, backend, mode, concurrency, config, server, progress)
+                results.levels.append(level)
         if triton is not None:
             results.triton_models = statistics_since(triton.settled_statistics(), before)
 
@@ -404,15 +403,17 @@ def _sweep(
 def _run_level(
     stub: generator_pb2_grpc.GeneratorStub,
     template: bytes,
-    users: list[str],
+    backend: str,
+    mode: str,
     concurrency: int,
     config: HarnessConfig,
     server: _Server,
     progress: tqdm,
 ) -> Level:
     """``requests_at(concurrency)`` requests from ``concurrency`` clients sending back to back,
-    user by user in turn: their records, the wall time, the server's largest RSS and its step
-    engine's denoising calls and steps over them (backend and users mode left for the caller)."""
+    user by user in turn (``mode``: one user or all of them): their records, the wall time, the
+    server's largest RSS and its step engine's denoising calls and steps over them."""
+    users = ["user0"] if mode == "one user" else [f"user{i}" for i in range(config.users)]
     rss = [server.rss_mb()]
     lock = threading.Lock()
     calls, steps = server.denoising()
@@ -426,7 +427,7 @@ def _run_level(
 
     wall, done = run_concurrently(config.requests_at(concurrency), concurrency, one)
     calls_after, steps_after = server.denoising()
-    return Level("", "", concurrency, done, wall, max(rss), calls_after - calls, steps_after - steps)
+    return Level(backend, mode, concurrency, done, wall, max(rss), calls_after - calls, steps_after - steps)
 
 
 def _generate(

@@ -21,7 +21,7 @@ from easyphoto.rpc.metrics import DEFAULT_HOST, Metrics
 from easyphoto.rpc.server import GrpcApp, Security, Service
 from easyphoto.rpc.termination import TERMINATION
 from easyphoto.rpc.wire import ClientSecurity, route_by_user_options, route_metadata
-from easyphoto.users.store import TENANT_SEPARATOR, UserStore, default_data_root
+from easyphoto.users.store import UserStore, default_data_root, split_stored_id
 from easyphoto.v1 import (
     generator_pb2,
     generator_pb2_grpc,
@@ -85,7 +85,7 @@ def refresh_notifier(
             stub = generator_pb2_grpc.ServingStub(channel)
             request = generator_pb2.RefreshUserRequest(user_id=user_id, version=version)
             # Routed by the id as the user's tenant names it, as its clients' Generates are.
-            shown = user_id.rpartition(TENANT_SEPARATOR)[2]
+            _, shown = split_stored_id(user_id)
             reply = stub.RefreshUser(
                 request, timeout=REFRESH_TIMEOUT_SECONDS, metadata=route_metadata([shown])
             )

@@ -100,10 +100,16 @@ def check_user_id(user_id: str, field_name: str) -> None:
         )
 
 
+def split_stored_id(user_id: str) -> tuple[str, str]:
+    """A stored id's tenant ("" for the open server's users) and the id its tenant's clients use."""
+    tenant, _, own = user_id.rpartition(TENANT_SEPARATOR)
+    return tenant, own
+
+
 def check_stored_id(user_id: str, field_name: str) -> None:
     """A user id as the store keeps it: ``tenant+id`` for a named tenant's user, else the id."""
-    tenant, separator, own = user_id.rpartition(TENANT_SEPARATOR)
-    if separator and not TENANT_NAME.match(tenant):
+    tenant, own = split_stored_id(user_id)
+    if TENANT_SEPARATOR in user_id and not TENANT_NAME.match(tenant):
         raise InvalidArgument(f"user id {user_id!r} names no tenant", field=field_name)
     check_user_id(own, field_name)
 
